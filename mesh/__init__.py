@@ -1,0 +1,1 @@
+"""The shared core of meshgate: proxy, identity, discovery, metrics, configuration and the CLI."""
