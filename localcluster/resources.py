@@ -24,7 +24,7 @@ class ResourceType:
     namespaced: bool
     model: str | None = None
     """Name of the kubernetes client model class (built-ins), e.g. ``V1Service``."""
-    schema: dict[str, Any] | None = None
+    schema: dict[str, Any] | None = field(default=None, hash=False)
     """openAPIV3Schema of a custom resource version."""
     singular: str = ""
     short_names: tuple[str, ...] = ()

@@ -1,0 +1,46 @@
+# meshgate: `make demo` to try it, `make test` to check it.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# Debian tools the tests drive, as command:package; installed when missing.
+DEB_TOOLS := openssl:openssl
+
+.PHONY: test demo bench lint typecheck pytest tools venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+tools:
+	@missing=""; for pair in $(DEB_TOOLS); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+pytest: $(STAMP) tools
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
+
+test: lint typecheck pytest
+
+demo: $(STAMP)
+	$(PY) -m localcluster.demo --state-dir demo-state
+
+bench: $(STAMP)
+	$(PY) bench/apiserver.py
+
+clean:
+	rm -rf $(VENV) demo-state .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,171 @@
+"""One embedded cluster's API server process: state directory, keys, storage,
+controllers and HTTPS listener, and the kubeconfig that points at them."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from localcluster.admission import Admission
+from localcluster.apiserver import ApiHandler
+from localcluster.auth import Authorizer, TokenAuthority
+from localcluster.catalog import Catalog
+from localcluster.controllers import Controllers
+from localcluster.pki import ensure_pki
+from localcluster.registry import CRD_KEY, Registry
+from localcluster.store import Store
+from mesh.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 3 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    """0 reuses the port of an existing kubeconfig when it is free, else picks a free one."""
+    service_cidr: str = "10.96.0.0/16"
+    watch_history: int = 10_000
+    """How many events a watch can resume across; older resourceVersions get 410 Gone."""
+    bookmark_interval: float = 60.0
+    synchronous: str = "FULL"
+
+
+def _free_port(host: str, preferred: int) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise ConfigError(f"no free port on {host}")
+
+
+def _previous_port(kubeconfig: Path) -> int:
+    try:
+        doc = yaml.safe_load(kubeconfig.read_text())
+        server = doc["clusters"][0]["cluster"]["server"]
+        return int(server.rsplit(":", 1)[1])
+    except (OSError, ValueError, KeyError, IndexError, TypeError, yaml.YAMLError):
+        return 0
+
+
+def write_kubeconfig(path: Path, *, name: str, server: str, ca_pem: bytes, token: str) -> None:
+    doc: dict[str, Any] = {
+        "apiVersion": "v1", "kind": "Config", "preferences": {},
+        "clusters": [{"name": name, "cluster": {
+            "server": server,
+            "certificate-authority-data": base64.b64encode(ca_pem).decode()}}],
+        "users": [{"name": f"{name}-admin", "user": {"token": token}}],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": f"{name}-admin",
+                                                "namespace": "default"}}],
+        "current-context": name,
+    }
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(doc, f, sort_keys=False)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+class ClusterServer:
+    """Start with `start()`, stop with `stop()`; `kubeconfig` is ready once started."""
+
+    def __init__(self, config: ClusterConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.kubeconfig = config.state_dir / "kubeconfig"
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self.store: Store | None = None
+        self.controllers: Controllers | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        shown = f"[{host}]" if ":" in host else host
+        return f"https://{shown}:{self.port}"
+
+    async def start(self) -> None:
+        cfg = self.config
+        try:
+            ipaddress.ip_network(cfg.service_cidr)
+        except ValueError as e:
+            raise ConfigError(f"--service-cidr {cfg.service_cidr!r} is not a network: {e}") from e
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.port = cfg.port or _free_port(cfg.host, _previous_port(self.kubeconfig))
+        api_ip = str(ipaddress.ip_network(cfg.service_cidr).network_address + 1)
+        hosts = [cfg.host, "127.0.0.1", "localhost", api_ip, "kubernetes", "kubernetes.default",
+                 "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"]
+        pki = ensure_pki(cfg.state_dir, cluster=cfg.name, hosts=hosts)
+        store = Store(cfg.state_dir / "cluster.db", history=cfg.watch_history,
+                      synchronous=cfg.synchronous)
+        self.store = store
+        catalog = Catalog()
+        catalog.load(store.items(CRD_KEY))
+        tokens = TokenAuthority(issuer=f"https://kubernetes.default.svc.{cfg.name}",
+                                key=pki.sa_key, admin_token=pki.admin_token,
+                                lookup=store.get, clock=self.clock)
+        admission = Admission(store, catalog, service_cidr=cfg.service_cidr, tokens=tokens,
+                              ca_pem=pki.ca_cert_pem, clock=self.clock)
+        registry = Registry(store, catalog, admission, clock=self.clock)
+        authorizer = Authorizer(store.items, store.get)
+        handler = ApiHandler(registry, tokens, authorizer,
+                             server_address=lambda: f"{cfg.host}:{self.port}",
+                             max_body=MAX_BODY, bookmark_interval=cfg.bookmark_interval)
+        self.controllers = Controllers(registry, ca_pem=pki.ca_cert_pem)
+        await self.controllers.bootstrap(api_ip, cfg.host, self.port)
+        self.controllers.start()
+
+        app = web.Application(client_max_size=MAX_BODY * 2)
+        app.router.add_route("*", "/{tail:.*}", handler)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(pki.serving_cert, pki.serving_key)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                     handler_cancellation=True, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.host, self.port, ssl_context=ctx,
+                           reuse_address=True)
+        await site.start()
+        write_kubeconfig(self.kubeconfig, name=cfg.name, server=self.url,
+                         ca_pem=pki.ca_cert_pem, token=pki.admin_token)
+        log.info("cluster serving name=%s url=%s kubeconfig=%s", cfg.name, self.url,
+                 self.kubeconfig)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.controllers is not None:
+            await self.controllers.stop()
+        if self.store is not None:
+            self.store.close()
+
+
+async def serve_forever(config: ClusterConfig, ready: Callable[[ClusterServer], None]) -> None:
+    server = ClusterServer(config)
+    await server.start()
+    ready(server)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()

@@ -1,0 +1,126 @@
+"""The ``meshgate`` command: one entry point with a sub-command per capability.
+
+Errors a person can fix (bad flags, unusable state directories, ports in use)
+end the command with exit status 2 and one line saying what to change; they
+never end in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mesh.errors import MeshError
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = value, "0"
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: the port must be a number") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r}: the port must be 0-65535")
+    return host, number
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be greater than zero")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be greater than zero")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshgate", description=(
+        "Join Kubernetes clusters and VMs into one mutual-TLS service mesh."))
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    cluster = commands.add_parser("cluster", help="the embedded Kubernetes-compatible cluster")
+    cluster_cmds = cluster.add_subparsers(dest="cluster_command", required=True)
+    serve = cluster_cmds.add_parser("serve", help="run an embedded cluster's API server in the "
+                                    "foreground")
+    serve.add_argument("--name", required=True, help="cluster name (kubeconfig context)")
+    serve.add_argument("--state-dir", required=True, type=Path,
+                       help="directory for the SQLite store, keys and kubeconfig")
+    serve.add_argument("--listen", type=_listen, default=("127.0.0.1", 0),
+                       help="HOST:PORT to serve on (default 127.0.0.1 and a free port)")
+    serve.add_argument("--service-cidr", default="10.96.0.0/16",
+                       help="range Service ClusterIPs are allocated from")
+    serve.add_argument("--watch-history", type=_positive_int, default=10_000,
+                       help="events kept for watches to resume from (older: 410 Gone)")
+    serve.add_argument("--bookmark-interval", type=_positive_float, default=60.0,
+                       help="seconds between watch bookmarks")
+    serve.set_defaults(func=_cluster_serve)
+    return parser
+
+
+def _cluster_serve(args: argparse.Namespace) -> int:
+    from localcluster.server import ClusterConfig, ClusterServer
+
+    host, port = args.listen
+    config = ClusterConfig(name=args.name, state_dir=args.state_dir, host=host, port=port,
+                           service_cidr=args.service_cidr, watch_history=args.watch_history,
+                           bookmark_interval=args.bookmark_interval)
+
+    async def run() -> None:
+        server = ClusterServer(config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await server.start()
+        except OSError as e:
+            await server.stop()
+            raise MeshError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+        print(f"cluster {config.name} serving at {server.url}", flush=True)
+        print(f"kubeconfig: {server.kubeconfig}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        return int(args.func(args))
+    except MeshError as e:
+        print(f"meshgate: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Test helpers: run `meshgate cluster serve` as a real process and talk to it
+with the official kubernetes client, kubectl, or raw HTTPS."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from kubernetes import client, config
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], *, timeout: float = 10.0, interval: float = 0.02,
+             what: str = "condition") -> T:
+    """Poll until ``predicate`` returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as e:  # the condition may raise until it holds
+            last_error = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last error: "
+                         f"{last_error!r}")
+
+
+@dataclass
+class Cluster:
+    state_dir: Path
+    proc: subprocess.Popen[str]
+    args: list[str]
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state_dir / "kubeconfig"
+
+    @property
+    def server(self) -> str:
+        doc = yaml.safe_load(self.kubeconfig.read_text())
+        return str(doc["clusters"][0]["cluster"]["server"])
+
+    @property
+    def token(self) -> str:
+        return (self.state_dir / "admin.token").read_text().strip()
+
+    def api(self, token: str | None = None) -> client.ApiClient:
+        """An ApiClient from the kubeconfig, optionally with another bearer token."""
+        api = config.new_client_from_config(config_file=str(self.kubeconfig))
+        if token is not None:
+            api.configuration.refresh_api_key_hook = None
+            api.configuration.api_key = {"BearerToken": f"Bearer {token}"}
+        return api
+
+    def raw(self, method: str, path: str, body: bytes | None = None, *,
+            content_type: str = "application/json", token: str | None = None
+            ) -> tuple[int, Any]:
+        """One HTTPS request; returns (status, decoded JSON body or text)."""
+        ctx = ssl.create_default_context(cafile=str(self.state_dir / "ca.crt"))
+        req = urllib.request.Request(self.server + path, data=body, method=method)
+        req.add_header("Content-Type", content_type)
+        req.add_header("Authorization", f"Bearer {self.token if token is None else token}")
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+                status, data = resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            status, data = e.code, e.read()
+        try:
+            return status, json.loads(data)
+        except ValueError:
+            return status, data.decode(errors="replace")
+
+    def kubectl(self, *args: str, check: bool = True, timeout: float = 30,
+                input: str | None = None) -> subprocess.CompletedProcess[str]:
+        exe = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or "kubectl"
+        proc = subprocess.run([exe, "--kubeconfig", str(self.kubeconfig), *args],
+                              capture_output=True, text=True, timeout=timeout, input=input)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def start_cluster(state_dir: Path, *extra: str, name: str = "test",
+                  timeout: float = 30.0) -> Cluster:
+    args = [sys.executable, "-m", "mesh.cli", "cluster", "serve", "--name", name,
+            "--state-dir", str(state_dir), *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    cluster = Cluster(state_dir, proc, args)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            cluster.output.append(line)
+            cluster.lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = cluster.lines.get(timeout=0.2)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        if line.startswith("kubeconfig:"):
+            return cluster
+    cluster.stop()
+    raise AssertionError("cluster did not start:\n" + "".join(cluster.output))
