@@ -226,9 +226,7 @@ class Admission:
             raise ApiError.invalid("CustomResourceDefinition", name,
                                    [Cause("spec.names.plural", f"Invalid value: {conflict}")],
                                    group="apiextensions.k8s.io")
-        names = dict(obj["spec"]["names"])
-        names.setdefault("singular", names["plural"])
-        names.setdefault("listKind", names["kind"] + "List")
+        names = crd.crd_with_defaults(obj)["spec"]["names"]
         stamp = obj["metadata"]["creationTimestamp"]
         obj["status"] = {
             "acceptedNames": names,

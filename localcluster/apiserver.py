@@ -15,7 +15,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from localcluster import discovery, reviews
-from localcluster.auth import ANONYMOUS, Attributes, Authorizer, TokenAuthority, User, forbidden_message
+from localcluster.auth import (
+    ANONYMOUS,
+    Attributes,
+    Authorizer,
+    TokenAuthority,
+    User,
+    forbidden_message,
+)
 from localcluster.errors import ApiError
 from localcluster.registry import Registry, WriteOptions
 from localcluster.resources import ResourceType
@@ -26,7 +33,9 @@ log = logging.getLogger("localcluster.apiserver")
 
 PUBLIC_PATHS = {"/healthz", "/livez", "/readyz", "/version", "/version/"}
 YAML_TYPES = {"application/yaml", "application/x-yaml", "text/yaml"}
-JSON_TYPES = {"application/json", "", "application/vnd.kubernetes.protobuf"}
+JSON_TYPES = {"application/json", ""}
+PATCH_TYPES = {"application/merge-patch+json", "application/strategic-merge-patch+json",
+               "application/json-patch+json"}
 DEFAULT_WATCH_TIMEOUT = 1800.0
 
 
@@ -220,7 +229,11 @@ class ApiHandler:
         raw = await request.content.read(self.max_body + 1)
         if len(raw) > self.max_body:
             raise ApiError.too_large(self.max_body)
-        ctype = request.content_type
+        # aiohttp reports a missing Content-Type as octet-stream; kube reads such bodies as JSON.
+        ctype = request.content_type if "Content-Type" in request.headers else ""
+        if raw and ctype not in YAML_TYPES | JSON_TYPES | PATCH_TYPES:
+            # kube's answer to a body it cannot decode; client-go retries such requests as JSON.
+            raise ApiError.unsupported_media_type(ctype)
         try:
             if ctype in YAML_TYPES:
                 return yaml.safe_load(raw)
@@ -274,8 +287,9 @@ class ApiHandler:
         except ValueError as e:
             raise ApiError.bad_request(f"limit must be an integer: {e}") from e
         ns = t.namespace if t.rt.namespaced else None
-        return respond(self.registry.list(t.rt, ns, labels=labels, fields=fields, limit=limit,
-                                          continue_token=request.query.get("continue", "")))
+        return respond(self.registry.list_objects(
+            t.rt, ns, labels=labels, fields=fields, limit=limit,
+            continue_token=request.query.get("continue", "")))
 
     async def _watch(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
         labels, fields = self._selectors(request, t.rt)
@@ -291,7 +305,7 @@ class ApiHandler:
             timeout=timeout)
         initial = None
         if rv in ("", "0"):
-            initial = self.registry.list(t.rt, req.namespace, labels=labels,
+            initial = self.registry.list_objects(t.rt, req.namespace, labels=labels,
                                          fields=fields)["items"]
         storage = self.catalog.storage_type(t.rt.key)
         return await serve_watch(request, req, self.registry.store,

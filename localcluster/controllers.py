@@ -233,7 +233,8 @@ class Controllers:
         meta = svc["metadata"]
         subsets = []
         for ports, pods in groups.items():
-            ready, not_ready = [], []
+            ready: list[dict[str, Any]] = []
+            not_ready: list[dict[str, Any]] = []
             for pod in sorted(pods, key=lambda p: p["status"]["podIP"]):
                 addr = {"ip": pod["status"]["podIP"], "targetRef": {
                     "kind": "Pod", "namespace": pod["metadata"]["namespace"],

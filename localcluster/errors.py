@@ -80,13 +80,16 @@ class ApiError(MeshError):
         return cls(401, "Unauthorized", message)
 
     @classmethod
-    def forbidden(cls, message: str, *, group: str = "", kind: str = "", name: str = "") -> ApiError:
+    def forbidden(
+        cls, message: str, *, group: str = "", kind: str = "", name: str = ""
+    ) -> ApiError:
         return cls(403, "Forbidden", message, group=group, kind=kind, name=name)
 
     @classmethod
     def not_found(cls, plural: str, name: str, *, group: str = "") -> ApiError:
         qualified = f"{plural}.{group}" if group else plural
-        message = f'{qualified} "{name}" not found' if name else "the server could not find the requested resource"
+        message = (f'{qualified} "{name}" not found' if name
+                   else "the server could not find the requested resource")
         return cls(404, "NotFound", message, group=group, kind=plural, name=name)
 
     @classmethod
@@ -130,8 +133,13 @@ class ApiError(MeshError):
 
     @classmethod
     def unsupported_media_type(cls, content_type: str) -> ApiError:
-        return cls(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/merge-patch+json, application/strategic-merge-patch+json, application/json-patch+json; got {content_type!r}")
+        return cls(415, "UnsupportedMediaType",
+                   "the body of the request was in an unknown format - accepted media types "
+                   "include: application/json, application/yaml, application/merge-patch+json, "
+                   "application/strategic-merge-patch+json, application/json-patch+json, "
+                   f"application/vnd.kubernetes.protobuf (built-in kinds); got {content_type!r}")
 
     @classmethod
     def method_not_allowed(cls, verb: str, plural: str) -> ApiError:
-        return cls(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource ({verb} {plural})")
+        return cls(405, "MethodNotAllowed", "the server does not allow this method on the "
+                   f"requested resource ({verb} {plural})")

@@ -87,7 +87,7 @@ class Registry:
             raise ApiError.not_found(rt.plural, name, group=rt.group)
         return self.present(rt, obj)
 
-    def list(
+    def list_objects(
         self, rt: ResourceType, namespace: str | None, *, labels: LabelSelector | None = None,
         fields: FieldSelector | None = None, limit: int = 0, continue_token: str = "",
     ) -> dict[str, Any]:
@@ -120,7 +120,9 @@ class Registry:
 
     # -- decoding ------------------------------------------------------------------
 
-    def decode(self, rt: ResourceType, body: Any, opts: WriteOptions) -> tuple[dict[str, Any], list[str]]:
+    def decode(
+        self, rt: ResourceType, body: Any, opts: WriteOptions
+    ) -> tuple[dict[str, Any], list[str]]:
         """Check a request body against the kind's schema: prune, warn or refuse."""
         if not isinstance(body, dict):
             raise ApiError.bad_request(f"{rt.kind} in version \"{rt.version}\" cannot be "
@@ -359,7 +361,7 @@ class Registry:
                                 labels: LabelSelector | None = None,
                                 fields: FieldSelector | None = None,
                                 opts: WriteOptions = WriteOptions()) -> dict[str, Any]:
-        listed = self.list(rt, namespace, labels=labels, fields=fields)
+        listed = self.list_objects(rt, namespace, labels=labels, fields=fields)
         deleted = []
         for obj in listed["items"]:
             meta = obj["metadata"]

@@ -56,7 +56,7 @@ class ResourceType:
 
     @property
     def qualified_plural(self) -> str:
-        """The name kube-apiserver uses in messages: ``services``, ``leases.coordination.k8s.io``."""
+        """The name kube-apiserver uses in messages: ``leases.coordination.k8s.io``."""
         return f"{self.plural}.{self.group}" if self.group else self.plural
 
     @property

@@ -93,34 +93,19 @@ _PATCH: dict[tuple[str, str], tuple[str, str | None]] = {
 # Only fields kube-apiserver itself rejects when missing; the client marks more
 # (e.g. CRD versions' `served`) that kube merely decodes as zero values.
 _REQUIRED: dict[str, tuple[str, ...]] = {
-    "V1ServicePort": ("port",),
-    "CoreV1EndpointPort": ("port",),
-    "V1EndpointAddress": ("ip",),
-    "V1PodSpec": ("containers",),
-    "V1Container": ("name",),
-    "V1EphemeralContainer": ("name",),
-    "V1ContainerPort": ("containerPort",),
-    "V1EnvVar": ("name",),
-    "V1Volume": ("name",),
-    "V1VolumeMount": ("name", "mountPath"),
-    "V1KeyToPath": ("key", "path"),
-    "V1HostAlias": ("ip",),
-    "V1HTTPGetAction": ("port",),
-    "V1TCPSocketAction": ("port",),
-    "V1SecretKeySelector": ("key",),
-    "V1ConfigMapKeySelector": ("key",),
-    "V1ObjectFieldSelector": ("fieldPath",),
-    "V1ResourceFieldSelector": ("resource",),
+    "V1ServicePort": ("port",), "CoreV1EndpointPort": ("port",), "V1EndpointAddress": ("ip",),
+    "V1PodSpec": ("containers",), "V1Container": ("name",), "V1EphemeralContainer": ("name",),
+    "V1ContainerPort": ("containerPort",), "V1EnvVar": ("name",), "V1Volume": ("name",),
+    "V1VolumeMount": ("name", "mountPath"), "V1KeyToPath": ("key", "path"),
+    "V1HostAlias": ("ip",), "V1HTTPGetAction": ("port",), "V1TCPSocketAction": ("port",),
+    "V1SecretKeySelector": ("key",), "V1ConfigMapKeySelector": ("key",),
+    "V1ObjectFieldSelector": ("fieldPath",), "V1ResourceFieldSelector": ("resource",),
     "V1LabelSelectorRequirement": ("key", "operator"),
     "V1OwnerReference": ("apiVersion", "kind", "name", "uid"),
-    "V1EndpointSlice": ("addressType",),
-    "V1Endpoint": ("addresses",),
-    "V1PolicyRule": ("verbs",),
-    "RbacV1Subject": ("kind", "name"),
-    "V1RoleRef": ("kind", "name"),
-    "V1RoleBinding": ("roleRef",),
-    "V1ClusterRoleBinding": ("roleRef",),
-    "V1CustomResourceDefinition": ("spec",),
+    "V1EndpointSlice": ("addressType",), "V1Endpoint": ("addresses",),
+    "V1PolicyRule": ("verbs",), "RbacV1Subject": ("kind", "name"),
+    "V1RoleRef": ("kind", "name"), "V1RoleBinding": ("roleRef",),
+    "V1ClusterRoleBinding": ("roleRef",), "V1CustomResourceDefinition": ("spec",),
     "V1CustomResourceDefinitionSpec": ("group", "names", "scope", "versions"),
     "V1CustomResourceDefinitionNames": ("kind", "plural"),
     "V1CustomResourceDefinitionVersion": ("name",),
@@ -163,7 +148,7 @@ def builtin_schema(model: str) -> dict[str, Any]:
             prop = _field_schema(model, name, type_name)
             description = getattr(field_info.get(attr), "description", None)
             if description:
-                prop = {"description": description, **prop}
+                prop = {**prop, "description": description}  # the field says more than its type
             properties[name] = prop
     finally:
         _building.discard(model)

@@ -133,7 +133,7 @@ class Requirement:
 
     @classmethod
     def build(cls, key: str, operator: Operator, values: Iterable[str] = ()) -> Requirement:
-        """Validate like labels.NewRequirement; the message lists every problem found."""
+        """Validate like labels.NewRequirement; a 400 lists every problem found."""
         listed = sorted(set(values))
         errors: list[str] = []
         key_problems = _key_errors(key)
@@ -158,7 +158,7 @@ class Requirement:
             if problems:
                 errors.append(f'Invalid value: "{value}": {"; ".join(problems)}')
         if errors:
-            raise ValueError(_aggregate(errors))
+            raise ApiError.bad_request(_aggregate(errors))
         return cls(key, operator, tuple(listed))
 
     def matches(self, labels: Mapping[str, str]) -> bool:
@@ -282,7 +282,7 @@ class _Parser:
                 raise ValueError(f"found '{lit}', expected: !, identifier, or 'end of string'")
             try:
                 requirements.append(self._requirement())
-            except ValueError as exc:
+            except (ValueError, ApiError) as exc:
                 raise ValueError(f"unable to parse requirement: {exc}") from None
             tok, lit = self._take()
             if tok is _Tok.END:
@@ -412,14 +412,11 @@ class LabelSelector:
             raise ApiError.bad_request(
                 "a label selector's matchLabels must be an object and matchExpressions a list"
             )
-        requirements: list[Requirement] = []
-        try:
-            for key, value in match_labels.items():
-                requirements.append(Requirement.build(str(key), Operator.EQUALS, [str(value)]))
-            for expr in expressions:
-                requirements.append(_expression(expr))
-        except ValueError as exc:
-            raise ApiError.bad_request(str(exc)) from None
+        requirements = [
+            Requirement.build(str(key), Operator.EQUALS, [str(value)])
+            for key, value in match_labels.items()
+        ]
+        requirements.extend(_expression(expr) for expr in expressions)
         return cls.of(requirements)
 
     @classmethod
@@ -448,14 +445,18 @@ class LabelSelector:
 
 def _expression(expr: Any) -> Requirement:
     if not isinstance(expr, Mapping) or not isinstance(expr.get("key"), str):
-        raise ValueError(f"a label selector requirement must be an object with a key: {expr!r}")
+        raise ApiError.bad_request(
+            f"a label selector requirement must be an object with a key: {expr!r}"
+        )
     name = expr.get("operator")
     operator = _EXPRESSION_OPERATORS.get(name) if isinstance(name, str) else None
     if operator is None:
-        raise ValueError(f'"{name}" is not a valid label selector operator')
+        raise ApiError.bad_request(f'"{name}" is not a valid label selector operator')
     values = expr.get("values") or []
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise ValueError(f"values of label selector requirement {expr['key']!r} must be strings")
+        raise ApiError.bad_request(
+            f"values of label selector requirement {expr['key']!r} must be strings"
+        )
     return Requirement.build(expr["key"], operator, values)
 
 

@@ -157,7 +157,8 @@ def _service(obj: Mapping[str, Any]) -> list[Cause]:
         if proto not in ("TCP", "UDP", "SCTP"):
             causes.append(_unsupported(f"{path}.protocol", proto, ["SCTP", "TCP", "UDP"]))
         if (port, proto) in seen:
-            causes.append(Cause(f"{path}", f"Duplicate value: {json.dumps({'port': port, 'protocol': proto})}", "FieldValueDuplicate"))
+            dup = json.dumps({"port": port, "protocol": proto})
+            causes.append(Cause(path, f"Duplicate value: {dup}", "FieldValueDuplicate"))
         seen.add((port, proto))
         target = p.get("targetPort")
         if isinstance(target, int) and not 1 <= target <= 65535:

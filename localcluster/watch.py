@@ -85,7 +85,8 @@ class Watcher:
             return ev.wire()
         obj = dict(ev.obj)
         obj["apiVersion"], obj["kind"] = self.req.rt.api_version, self.req.rt.kind
-        return json.dumps({"type": typ.value, "object": obj}, separators=(",", ":")).encode() + b"\n"
+        line = json.dumps({"type": typ.value, "object": obj}, separators=(",", ":"))
+        return line.encode() + b"\n"
 
 
 def _error_line(err: ApiError) -> bytes:
@@ -153,7 +154,7 @@ async def _follow(resp: web.StreamResponse, watcher: Watcher, bookmark_interval:
         batch = [first]
         while not watcher.queue.empty():
             batch.append(watcher.queue.get_nowait())
-        lines = []
+        lines: list[bytes] = []
         for ev in batch:
             if ev is None:
                 log.info("watch closed: backlog over %d events resource=%s", MAX_BACKLOG,

@@ -146,7 +146,7 @@ def test_deleting_crd_removes_resources(cluster: Cluster) -> None:
         "apiVersion": f"{GROUP}/v1alpha1", "kind": "Gateway", "metadata": {"name": "g"},
         "spec": {"targetClusterName": "east"}})
     ext.delete_custom_resource_definition(f"gateways.{GROUP}")
-    status, body = cluster.raw("GET", f"/apis/{GROUP}/v1alpha1/namespaces/{ns}/gateways")
+    status, _ = cluster.raw("GET", f"/apis/{GROUP}/v1alpha1/namespaces/{ns}/gateways")
     assert status == 404
     ext.create_custom_resource_definition(_crd("gateways", "Gateway"))
     assert co.list_namespaced_custom_object(GROUP, "v1alpha1", ns, "gateways")["items"] == []

@@ -168,7 +168,8 @@ def test_endpoints_slices_leases_events(cluster: Cluster) -> None:
         "metadata": {"name": "ext-1", "labels": {"kubernetes.io/service-name": "ext"}},
         "addressType": "IPv4", "endpoints": [{"addresses": ["192.0.2.10"]}],
         "ports": [{"port": 80, "protocol": "TCP"}]})
-    slices = disc.list_namespaced_endpoint_slice(ns, label_selector="kubernetes.io/service-name=ext")
+    slices = disc.list_namespaced_endpoint_slice(
+        ns, label_selector="kubernetes.io/service-name=ext")
     assert [s.metadata.name for s in slices.items] == ["ext-1"]
     lease = coord.create_namespaced_lease(ns, {"metadata": {"name": "leader"},
                                                "spec": {"holderIdentity": "a"}})

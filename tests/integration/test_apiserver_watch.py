@@ -76,7 +76,8 @@ def test_bookmarks(cluster: Cluster) -> None:
     ns = _ns(cluster)
     rv = client.CoreV1Api(cluster.api()).list_namespaced_config_map(ns).metadata.resource_version
     events = _events(cluster, f"/api/v1/namespaces/{ns}/configmaps?watch=true&resourceVersion="
-                     f"{rv}&allowWatchBookmarks=true&timeoutSeconds=5", count=1)
+                     f"{rv}&allowWatchBookmarks=true&timeoutSeconds=5"
+                     "&fieldSelector=metadata.name%3Dnothing-matches", count=1)
     assert events[0]["type"] == "BOOKMARK"
     assert int(events[0]["object"]["metadata"]["resourceVersion"]) >= int(rv)
     assert events[0]["object"]["kind"] == "ConfigMap"

@@ -64,7 +64,8 @@ def test_merge_patch_keeps_nulls_inside_lists_and_does_not_alias_the_patch() -> 
 
 DEPLOYMENT = {
     "metadata": {"name": "web", "labels": {"app": "web"}},
-    "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "app", "image": "a:1"}]}}},
+    "spec": {"replicas": 1,
+             "template": {"spec": {"containers": [{"name": "app", "image": "a:1"}]}}},
 }
 
 
@@ -94,7 +95,7 @@ def test_json_patch_applies_operations_in_order() -> None:
             {"name": "proxy", "image": "p:1", "args": ["-v"]},
         ]}}},
     }
-    assert DEPLOYMENT == before
+    assert before == DEPLOYMENT
     assert operations == ops_before
 
 
@@ -145,7 +146,7 @@ def test_json_patch_operation_that_does_not_apply_is_invalid(
         json_patch(DEPLOYMENT, operations)
     assert (caught.value.code, caught.value.reason) == (422, "Invalid")
     assert message in caught.value.message
-    assert DEPLOYMENT == before
+    assert before == DEPLOYMENT
 
 
 def test_json_patch_limits_the_number_of_operations() -> None:
@@ -305,7 +306,9 @@ def test_replace_directive_in_a_list_replaces_it() -> None:
 def test_primitive_merge_list_is_a_set_union_with_deletions_and_order() -> None:
     live = {"metadata": {"finalizers": ["a", "b", "c"]}}
     union = strategic_merge_patch(live, {"metadata": {"finalizers": ["b", "d"]}}, SERVICE_SCHEMA)
-    assert union["metadata"]["finalizers"] == ["a", "b", "c", "d"]
+    # Patch items keep the patch's order and are interleaved with the live ones
+    # by their live positions; "d" has none, so it follows "b" at once.
+    assert union["metadata"]["finalizers"] == ["a", "b", "d", "c"]
     deleted = strategic_merge_patch(
         live, {"metadata": {"$deleteFromPrimitiveList/finalizers": ["b", "zz"]}}, SERVICE_SCHEMA
     )
@@ -516,9 +519,10 @@ def test_malformed_strategic_patches_are_bad_requests(patch: dict[str, Any], mes
 
 
 def test_strategic_patch_must_be_an_object() -> None:
-    for patch in ([], "x", None):
+    not_objects: list[Any] = [[], "x", None]
+    for patch in not_objects:
         with pytest.raises(ApiError) as caught:
-            strategic_merge_patch({}, patch, None)  # type: ignore[arg-type]
+            strategic_merge_patch({}, patch, None)
         assert caught.value.code == 400
 
 

@@ -53,7 +53,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
                 "args": ["-g", "daemon off;"],
                 "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
                 "env": [{"name": "MODE", "value": "prod"},
-                        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                        {"name": "POD_IP",
+                         "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
                 "resources": {"limits": {"cpu": 1, "memory": "256Mi"},
                               "requests": {"cpu": "100m", "memory": 0.5}},
                 "volumeMounts": [{"name": "config", "mountPath": "/etc/web", "readOnly": True}],
@@ -64,7 +65,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
                                     "capabilities": {"drop": ["ALL"]}},
             }],
             "volumes": [{"name": "config", "configMap": {"name": "web", "items": [
-                {"key": "a", "path": "a.conf"}]}}, {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
+                {"key": "a", "path": "a.conf"}]}},
+                {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
             "tolerations": [{"key": "k", "operator": "Exists", "effect": "NoSchedule"}],
             "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
                 "nodeSelectorTerms": [{"matchExpressions": [
@@ -75,7 +77,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
                    "conditions": [{"type": "Ready", "status": "True"}],
                    "containerStatuses": [{"name": "web", "image": "nginx:1.27", "imageID": "",
                                           "ready": True, "restartCount": 0,
-                                          "state": {"running": {"startedAt": "2024-05-01T10:00:01Z"}}}]},
+                                          "state": {"running": {
+                                              "startedAt": "2024-05-01T10:00:01Z"}}}]},
     },
     "Secret": {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
                "type": "Opaque", "data": {"token": "c2VjcmV0"}, "stringData": {"k": "v"}},
@@ -153,8 +156,9 @@ SAMPLES: dict[str, dict[str, Any]] = {
                            "listKind": "LinkList", "shortNames": ["lk"]},
                  "versions": [{"name": "v1alpha1", "served": True, "storage": True,
                                "subresources": {"status": {}},
-                               "additionalPrinterColumns": [{"name": "Age", "type": "date",
-                                                             "jsonPath": ".metadata.creationTimestamp"}],
+                               "additionalPrinterColumns": [{
+                                   "name": "Age", "type": "date",
+                                   "jsonPath": ".metadata.creationTimestamp"}],
                                "schema": {"openAPIV3Schema": {
                                    "type": "object",
                                    "properties": {"spec": {"type": "object", "properties": {
