@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import socket
+import sqlite3
 import ssl
 import time
 from collections.abc import Callable
@@ -112,14 +113,25 @@ class ClusterServer:
             ipaddress.ip_network(cfg.service_cidr)
         except ValueError as e:
             raise ConfigError(f"--service-cidr {cfg.service_cidr!r} is not a network: {e}") from e
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            probe = cfg.state_dir / ".writable"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"state directory {cfg.state_dir}: {e.strerror or e}; pass a "
+                              "writable directory with --state-dir") from e
         self.port = cfg.port or _free_port(cfg.host, _previous_port(self.kubeconfig))
         api_ip = str(ipaddress.ip_network(cfg.service_cidr).network_address + 1)
         hosts = [cfg.host, "127.0.0.1", "localhost", api_ip, "kubernetes", "kubernetes.default",
                  "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"]
         pki = ensure_pki(cfg.state_dir, cluster=cfg.name, hosts=hosts)
-        store = Store(cfg.state_dir / "cluster.db", history=cfg.watch_history,
-                      synchronous=cfg.synchronous)
+        db_path = cfg.state_dir / "cluster.db"
+        try:
+            store = Store(db_path, history=cfg.watch_history, synchronous=cfg.synchronous)
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(f"{db_path}: {e}; the cluster's store is damaged, move it away to "
+                              "start an empty cluster") from e
         self.store = store
         catalog = Catalog()
         catalog.load(store.items(CRD_KEY))
@@ -146,7 +158,11 @@ class ClusterServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, self.port, ssl_context=ctx,
                            reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {cfg.host}:{self.port}: {e.strerror or e}; "
+                              "choose another address with --listen") from e
         write_kubeconfig(self.kubeconfig, name=cfg.name, server=self.url,
                          ca_pem=pki.ca_cert_pem, token=pki.admin_token)
         log.info("cluster serving name=%s url=%s kubeconfig=%s", cfg.name, self.url,

@@ -94,9 +94,9 @@ def _cluster_serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             await server.start()
-        except OSError as e:
+        except BaseException:
             await server.stop()
-            raise MeshError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+            raise
         print(f"cluster {config.name} serving at {server.url}", flush=True)
         print(f"kubeconfig: {server.kubeconfig}", flush=True)
         try:

@@ -1,0 +1,207 @@
+"""Benchmark the embedded API server against the limit it is built on.
+
+Runs `meshgate cluster serve` as its own process and, in the same run, the
+same number of single-row SQLite transactions with the server's durability
+settings (WAL, synchronous=FULL): the ceiling for durable creates on this
+machine. Prints creates/s and the ratio to that ceiling, the time to list
+every Service, watch delivery latency (p50/p99) to concurrent watchers, and
+the server's resident memory.
+
+    .venv/bin/python bench/apiserver.py [--services 5000] [--watchers 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sqlite3
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+
+def service(i: int) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": f"svc-{i}", "labels": {"app": f"app-{i % 50}", "bench": "yes"}},
+            "spec": {"selector": {"app": f"app-{i % 50}"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080},
+                               {"name": "metrics", "port": 9090}]}}
+
+
+def sqlite_ceiling(n: int, directory: Path) -> float:
+    """Single-row durable transactions per second, as the server's store commits them."""
+    db = sqlite3.connect(directory / "ceiling.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE objects (k TEXT PRIMARY KEY, rv INTEGER, data TEXT)")
+    body = json.dumps(service(0))
+    start = time.perf_counter()
+    for i in range(n):
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO objects VALUES (?, ?, ?)", (f"svc-{i}", i, body))
+        db.execute("COMMIT")
+    elapsed = time.perf_counter() - start
+    db.close()
+    return n / elapsed
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def start_server(state: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh.cli", "--log-level", "warning", "cluster", "serve",
+         "--name", "bench", "--state-dir", str(state)],
+        stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:
+        if line.startswith("kubeconfig:"):
+            return proc
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+class Client:
+    def __init__(self, state: Path) -> None:
+        kc = yaml.safe_load((state / "kubeconfig").read_text())
+        self.base = kc["clusters"][0]["cluster"]["server"]
+        token = kc["users"][0]["user"]["token"]
+        self.ssl = ssl.create_default_context(cafile=str(state / "ca.crt"))
+        self.session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {token}"},
+            connector=aiohttp.TCPConnector(ssl=self.ssl, limit=200))
+
+    async def request(self, method: str, path: str, body: Any = None,
+                      content_type: str = "application/json") -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        async with self.session.request(method, self.base + path, data=data,
+                                        headers={"Content-Type": content_type}) as resp:
+            out: dict[str, Any] = await resp.json()
+            if resp.status >= 300:
+                raise RuntimeError(f"{method} {path}: {resp.status} {out.get('message')}")
+            return out
+
+
+async def create_all(c: Client, n: int, concurrency: int) -> float:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            await c.request("POST", "/api/v1/namespaces/bench/services", service(i))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return n / (time.perf_counter() - start)
+
+
+async def watch_fanout(c: Client, watchers: int, updates: int) -> list[float]:
+    """Latency from sending each update to each watcher receiving it, in ms."""
+    rv = (await c.request("GET", "/api/v1/namespaces/bench/services?limit=1"))[
+        "metadata"]["resourceVersion"]
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+    ready = asyncio.Semaphore(0)
+
+    async def watcher() -> None:
+        url = (f"{c.base}/api/v1/namespaces/bench/services?watch=true&resourceVersion={rv}"
+               f"&fieldSelector=metadata.name%3Dsvc-0&timeoutSeconds=120")
+        seen = 0
+        async with c.session.get(url) as resp:
+            ready.release()
+            async for line in resp.content:
+                now = time.perf_counter()
+                ev = json.loads(line)
+                marker = ev["object"]["metadata"].get("annotations", {}).get("bench/marker")
+                if marker in sent:
+                    latencies.append((now - sent[marker]) * 1000)
+                    seen += 1
+                    if seen == updates:
+                        return
+
+    tasks = [asyncio.create_task(watcher()) for _ in range(watchers)]
+    for _ in range(watchers):
+        await ready.acquire()
+    for u in range(updates):
+        marker = f"u{u}"
+        sent[marker] = time.perf_counter()
+        await c.request("PATCH", "/api/v1/namespaces/bench/services/svc-0",
+                        {"metadata": {"annotations": {"bench/marker": marker}}},
+                        "application/merge-patch+json")
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+    return latencies
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
+
+
+async def run(args: argparse.Namespace, state: Path, pid: int) -> None:
+    c = Client(state)
+    try:
+        await c.request("POST", "/api/v1/namespaces", {"metadata": {"name": "bench"}})
+        rate = await create_all(c, args.services, args.concurrency)
+        t = time.perf_counter()
+        listed = await c.request("GET", "/api/v1/namespaces/bench/services")
+        list_s = time.perf_counter() - t
+        assert len(listed["items"]) == args.services
+        latencies = await watch_fanout(c, args.watchers, args.updates)
+    finally:
+        await c.session.close()
+    rss, hwm = rss_kib(pid)
+    ceiling = sqlite_ceiling(args.services, state)
+    print(f"services created          {args.services} ({args.concurrency} concurrent clients)")
+    print(f"creates/s                 {rate:,.0f}")
+    print(f"sqlite durable tx/s       {ceiling:,.0f}  (limit: WAL, synchronous=FULL, 1 row/tx)")
+    print(f"ratio to limit            {rate / ceiling:.2f}x  (goal >= 0.25x)")
+    print(f"list {args.services} services     {list_s * 1000:,.0f} ms")
+    print(f"watch delivery            {len(latencies)} deliveries to {args.watchers} watchers: "
+          f"p50 {statistics.median(latencies):.1f} ms, p99 {pct(latencies, 0.99):.1f} ms")
+    print(f"server RSS                {rss / 1024:.0f} MiB (peak {hwm / 1024:.0f} MiB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--services", type=int, default=5000)
+    parser.add_argument("--watchers", type=int, default=100)
+    parser.add_argument("--updates", type=int, default=50)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="meshgate-bench-") as tmp:
+        state = Path(tmp) / "cluster"
+        proc = start_server(state)
+        try:
+            asyncio.run(run(args, state, proc.pid))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()
