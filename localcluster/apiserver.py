@@ -14,7 +14,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from localcluster import discovery, reviews
+from localcluster import discovery, protobuf, reviews
 from localcluster.auth import (
     ANONYMOUS,
     Attributes,
@@ -231,6 +231,8 @@ class ApiHandler:
             raise ApiError.too_large(self.max_body)
         # aiohttp reports a missing Content-Type as octet-stream; kube reads such bodies as JSON.
         ctype = request.content_type if "Content-Type" in request.headers else ""
+        if raw and ctype == protobuf.CONTENT_TYPE:
+            return protobuf.decode(raw)
         if raw and ctype not in YAML_TYPES | JSON_TYPES | PATCH_TYPES:
             # kube's answer to a body it cannot decode; client-go retries such requests as JSON.
             raise ApiError.unsupported_media_type(ctype)

@@ -83,9 +83,12 @@ def test_imperative_create_commands(cluster: Cluster) -> None:
     ns = _ns(cluster)
     cluster.kubectl("create", "serviceaccount", "bot", "-n", ns)
     cluster.kubectl("create", "secret", "generic", "creds", "-n", ns, "--from-literal=k=v")
-    token = cluster.kubectl("create", "token", "bot", "-n", ns, "--audience",
-                            "identity.meshgate.io").stdout.strip()
+    token = cluster.kubectl("create", "token", "bot", "-n", ns).stdout.strip()
     assert token.count(".") == 2
+    # A token for another audience does not open the API.
+    foreign = cluster.kubectl("create", "token", "bot", "-n", ns, "--audience",
+                              "identity.meshgate.io").stdout.strip()
+    assert cluster.raw("GET", f"/api/v1/namespaces/{ns}/services", token=foreign)[0] == 401
     cluster.kubectl("create", "role", "reader", "-n", ns, "--verb=get,list",
                     "--resource=services")
     cluster.kubectl("create", "rolebinding", "reader", "-n", ns, "--role=reader",
