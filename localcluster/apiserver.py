@@ -14,7 +14,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from localcluster import discovery, protobuf, reviews
+from localcluster import discovery, protobuf, reviews, tables
 from localcluster.auth import (
     ANONYMOUS,
     Attributes,
@@ -280,7 +280,11 @@ class ApiHandler:
         return (t.namespace or "") if t.rt.namespaced else ""
 
     async def _get(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
-        return respond(self.registry.get(t.rt, self._scope(t), t.name))
+        obj = self.registry.get(t.rt, self._scope(t), t.name)
+        if tables.wants_table(request.headers.get("Accept", "")):
+            return respond(tables.table(t.rt, [obj], {"resourceVersion": str(
+                self.registry.store.rv)}))
+        return respond(obj)
 
     async def _list(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
         labels, fields = self._selectors(request, t.rt)
@@ -289,9 +293,12 @@ class ApiHandler:
         except ValueError as e:
             raise ApiError.bad_request(f"limit must be an integer: {e}") from e
         ns = t.namespace if t.rt.namespaced else None
-        return respond(self.registry.list_objects(
+        listed = self.registry.list_objects(
             t.rt, ns, labels=labels, fields=fields, limit=limit,
-            continue_token=request.query.get("continue", "")))
+            continue_token=request.query.get("continue", ""))
+        if tables.wants_table(request.headers.get("Accept", "")):
+            return respond(tables.table(t.rt, listed["items"], listed["metadata"]))
+        return respond(listed)
 
     async def _watch(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
         labels, fields = self._selectors(request, t.rt)
@@ -310,9 +317,13 @@ class ApiHandler:
             initial = self.registry.list_objects(t.rt, req.namespace, labels=labels,
                                          fields=fields)["items"]
         storage = self.catalog.storage_type(t.rt.key)
+        transform = None
+        if tables.wants_table(request.headers.get("Accept", "")):
+            def transform(obj: dict[str, Any]) -> dict[str, Any]:
+                return tables.table(t.rt, [obj])
         return await serve_watch(request, req, self.registry.store,
                                  bookmark_interval=self.bookmark_interval, initial=initial,
-                                 rewrite_version=storage is not t.rt)
+                                 rewrite_version=storage is not t.rt, transform=transform)
 
     async def _create(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
         body = await self._body(request)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,8 @@ from localcluster.store import Event, EventType, Store
 log = logging.getLogger(__name__)
 
 MAX_BACKLOG = 50_000
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+"""Turns an event's object into what this watcher asked for (e.g. a Table)."""
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,14 @@ class WatchRequest:
 
 
 class Watcher:
-    def __init__(self, req: WatchRequest, store: Store, rewrite_version: bool) -> None:
+    def __init__(self, req: WatchRequest, store: Store, rewrite_version: bool,
+                 transform: Transform | None) -> None:
         self.req = req
         self.store = store
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self.overflowed = False
         self._rewrite = rewrite_version
+        self._transform = transform
 
     def matches(self, obj: Mapping[str, Any] | None) -> bool:
         if obj is None:
@@ -81,12 +85,16 @@ class Watcher:
                 typ = EventType.ADDED
         if not now:
             return None
-        if typ is ev.type and not self._rewrite:
+        if typ is ev.type and not self._rewrite and self._transform is None:
             return ev.wire()
         obj = dict(ev.obj)
         obj["apiVersion"], obj["kind"] = self.req.rt.api_version, self.req.rt.kind
-        line = json.dumps({"type": typ.value, "object": obj}, separators=(",", ":"))
-        return line.encode() + b"\n"
+        return self.line(typ.value, obj)
+
+    def line(self, typ: str, obj: dict[str, Any]) -> bytes:
+        if self._transform is not None:
+            obj = self._transform(obj)
+        return json.dumps({"type": typ, "object": obj}, separators=(",", ":")).encode() + b"\n"
 
 
 def _error_line(err: ApiError) -> bytes:
@@ -95,9 +103,10 @@ def _error_line(err: ApiError) -> bytes:
 
 async def serve_watch(request: web.Request, req: WatchRequest, store: Store,
                       *, bookmark_interval: float, initial: list[dict[str, Any]] | None,
-                      rewrite_version: bool) -> web.StreamResponse:
+                      rewrite_version: bool, transform: Transform | None = None
+                      ) -> web.StreamResponse:
     """Stream events until the client leaves, the timeout passes or the server stops."""
-    watcher = Watcher(req, store, rewrite_version)
+    watcher = Watcher(req, store, rewrite_version, transform)
     backlog: list[Event] | None = []
     if initial is None:
         try:
@@ -115,8 +124,7 @@ async def serve_watch(request: web.Request, req: WatchRequest, store: Store,
             await resp.write(_error_line(ApiError.gone(
                 f"too old resource version: {req.resource_version} ({store.trimmed_upto + 1})")))
             return resp
-        lines = [json.dumps({"type": "ADDED", "object": o}, separators=(",", ":")).encode()
-                 + b"\n" for o in initial or () if watcher.matches(o)]
+        lines = [watcher.line("ADDED", o) for o in initial or () if watcher.matches(o)]
         lines += [line for ev in backlog if (line := watcher.encode(ev))]
         if lines:
             await resp.write(b"".join(lines))

@@ -33,7 +33,12 @@ def _ns(cluster: Cluster) -> str:
 
 def test_get_namespaces_and_api_resources(cluster: Cluster) -> None:
     out = cluster.kubectl("get", "namespaces").stdout
-    assert "kube-system" in out and "default" in out
+    assert out.splitlines()[0].split() == ["NAME", "STATUS", "AGE"]
+    assert any(line.split()[:2] == ["kube-system", "Active"] for line in out.splitlines())
+    svc = cluster.kubectl("get", "service", "kubernetes", "-o", "wide").stdout.splitlines()
+    assert svc[0].split() == ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE",
+                              "SELECTOR"]
+    assert svc[1].split()[:5] == ["kubernetes", "ClusterIP", "10.96.0.1", "<none>", "443/TCP"]
     resources = cluster.kubectl("api-resources").stdout
     for line in ("services", "endpointslices", "customresourcedefinitions", "leases"):
         assert line in resources

@@ -1,0 +1,190 @@
+"""Server-side printing: the ``meta.k8s.io/v1`` Table that ``kubectl get`` asks
+for, with kube's columns for the built-in kinds and a CRD's
+additionalPrinterColumns for custom resources."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from localcluster.resources import ResourceType
+
+Cell = Callable[[Mapping[str, Any]], Any]
+
+
+def wants_table(accept: str) -> bool:
+    return "as=Table" in accept
+
+
+def human_duration(seconds: float) -> str:
+    """kube's duration.HumanDuration, as shown in AGE columns."""
+    if seconds < -1:
+        return "<invalid>"
+    s = int(max(seconds, 0))
+    if s < 120:
+        return f"{s}s"
+    minutes = s // 60
+    if minutes < 10:
+        return f"{minutes}m" if s % 60 == 0 else f"{minutes}m{s % 60}s"
+    if minutes < 180:
+        return f"{minutes}m"
+    hours = s // 3600
+    if hours < 8:
+        return f"{hours}h" if minutes % 60 == 0 else f"{hours}h{minutes % 60}m"
+    if hours < 48:
+        return f"{hours}h"
+    if hours < 24 * 8:
+        return f"{hours // 24}d" if hours % 24 == 0 else f"{hours // 24}d{hours % 24}h"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24}d"
+    if hours < 24 * 365 * 8:
+        years = hours // 24 // 365
+        return f"{years}y{hours // 24 - years * 365}d"
+    return f"{hours // 24 // 365}y"
+
+
+def _age(obj: Mapping[str, Any]) -> str:
+    stamp = (obj.get("metadata") or {}).get("creationTimestamp")
+    if not stamp:
+        return "<unknown>"
+    created = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    return human_duration(time.time() - created.timestamp())
+
+
+def _dig(obj: Mapping[str, Any], path: str) -> Any:
+    cur: Any = obj
+    for part in path.strip(".").split("."):
+        if not isinstance(cur, Mapping):
+            return None
+        cur = cur.get(part)
+    return cur
+
+
+def _ports(svc: Mapping[str, Any]) -> str:
+    ports = (svc.get("spec") or {}).get("ports") or []
+    return ",".join(f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in ports) or "<none>"
+
+
+def _endpoints(ep: Mapping[str, Any]) -> str:
+    pairs = [f"{a['ip']}:{p['port']}" for s in ep.get("subsets") or []
+             for p in s.get("ports") or [] for a in s.get("addresses") or []]
+    if not pairs:
+        return "<none>"
+    shown = ",".join(pairs[:3])
+    return shown + (f" + {len(pairs) - 3} more..." if len(pairs) > 3 else "")
+
+
+def _slice_endpoints(s: Mapping[str, Any]) -> str:
+    addrs = [a for e in s.get("endpoints") or [] for a in e.get("addresses") or []]
+    if not addrs:
+        return "<unset>"
+    return ",".join(addrs[:3]) + (f" + {len(addrs) - 3} more..." if len(addrs) > 3 else "")
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> str:
+    containers = (pod.get("spec") or {}).get("containers") or []
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return f"{sum(1 for s in statuses if s.get('ready'))}/{len(containers)}"
+
+
+def _col(name: str, cell: Cell, *, priority: int = 0, kind: str = "string",
+         fmt: str = "") -> tuple[dict[str, Any], Cell]:
+    return ({"name": name, "type": kind, "format": fmt, "description": "",
+             "priority": priority}, cell)
+
+
+_NAME = _col("Name", lambda o: o["metadata"]["name"], fmt="name")
+_AGE = _col("Age", _age)
+_CREATED = _col("Created At", lambda o: o["metadata"].get("creationTimestamp", ""),
+                kind="date")
+
+COLUMNS: dict[tuple[str, str], list[tuple[dict[str, Any], Cell]]] = {
+    ("", "namespaces"): [_NAME, _col("Status", lambda o: _dig(o, "status.phase") or ""), _AGE],
+    ("", "services"): [
+        _NAME, _col("Type", lambda o: _dig(o, "spec.type") or "ClusterIP"),
+        _col("Cluster-IP", lambda o: _dig(o, "spec.clusterIP") or "<none>"),
+        _col("External-IP", lambda o: ",".join(_dig(o, "spec.externalIPs") or []) or "<none>"),
+        _col("Port(s)", _ports), _AGE,
+        _col("Selector", lambda o: ",".join(
+            f"{k}={v}" for k, v in (_dig(o, "spec.selector") or {}).items()) or "<none>",
+            priority=1)],
+    ("", "pods"): [
+        _NAME, _col("Ready", _pod_ready), _col("Status", lambda o: _dig(o, "status.phase") or ""),
+        _col("Restarts", lambda o: sum(s.get("restartCount", 0) for s in
+                                       _dig(o, "status.containerStatuses") or []),
+             kind="integer"),
+        _AGE, _col("IP", lambda o: _dig(o, "status.podIP") or "<none>", priority=1),
+        _col("Node", lambda o: _dig(o, "spec.nodeName") or "<none>", priority=1)],
+    ("", "endpoints"): [_NAME, _col("Endpoints", _endpoints), _AGE],
+    ("discovery.k8s.io", "endpointslices"): [
+        _NAME, _col("AddressType", lambda o: o.get("addressType", "")),
+        _col("Ports", lambda o: ",".join(str(p.get("port")) for p in o.get("ports") or [])
+             or "<unset>"),
+        _col("Endpoints", _slice_endpoints), _AGE],
+    ("", "secrets"): [_NAME, _col("Type", lambda o: o.get("type", "")),
+                      _col("Data", lambda o: len(o.get("data") or {}), kind="integer"), _AGE],
+    ("", "configmaps"): [_NAME, _col("Data", lambda o: len(o.get("data") or {}) + len(
+        o.get("binaryData") or {}), kind="integer"), _AGE],
+    ("", "serviceaccounts"): [_NAME, _col("Secrets", lambda o: len(o.get("secrets") or []),
+                                          kind="integer"), _AGE],
+    ("coordination.k8s.io", "leases"): [
+        _NAME, _col("Holder", lambda o: _dig(o, "spec.holderIdentity") or ""), _AGE],
+    ("rbac.authorization.k8s.io", "roles"): [_NAME, _CREATED],
+    ("rbac.authorization.k8s.io", "clusterroles"): [_NAME, _CREATED],
+    ("rbac.authorization.k8s.io", "rolebindings"): [
+        _NAME, _col("Role", lambda o: f"{_dig(o, 'roleRef.kind')}/{_dig(o, 'roleRef.name')}"),
+        _AGE],
+    ("rbac.authorization.k8s.io", "clusterrolebindings"): [
+        _NAME, _col("Role", lambda o: f"{_dig(o, 'roleRef.kind')}/{_dig(o, 'roleRef.name')}"),
+        _AGE],
+    ("apiextensions.k8s.io", "customresourcedefinitions"): [_NAME, _CREATED],
+    ("", "events"): [
+        _col("Last Seen", lambda o: o.get("lastTimestamp") or ""),
+        _col("Type", lambda o: o.get("type", "")), _col("Reason", lambda o: o.get("reason", "")),
+        _col("Object", lambda o: f"{_dig(o, 'involvedObject.kind')}/"
+                                 f"{_dig(o, 'involvedObject.name')}".lower()),
+        _col("Message", lambda o: o.get("message", ""))],
+}
+
+
+def _printer_column(spec: Mapping[str, Any]) -> tuple[dict[str, Any], Cell]:
+    path = str(spec.get("jsonPath", ""))
+    kind = str(spec.get("type", "string"))
+
+    def cell(o: Mapping[str, Any]) -> Any:
+        value = _dig(o, path)
+        if kind == "date" and value:
+            created = dt.datetime.strptime(str(value), "%Y-%m-%dT%H:%M:%SZ")
+            return human_duration(time.time() - created.replace(tzinfo=dt.UTC).timestamp())
+        if isinstance(value, (dict, list)):
+            return json.dumps(value)
+        return value if value is not None else ""
+
+    return _col(str(spec.get("name", path)), cell, priority=int(spec.get("priority", 0)),
+                kind="string" if kind == "date" else kind)
+
+
+def columns(rt: ResourceType) -> list[tuple[dict[str, Any], Cell]]:
+    if rt.key in COLUMNS:
+        return COLUMNS[rt.key]
+    extra = rt.extra.get("additionalPrinterColumns") or []
+    return [_NAME, *(_printer_column(c) for c in extra)] if extra else [_NAME, _AGE]
+
+
+def _row(cols: Sequence[tuple[dict[str, Any], Cell]], obj: Mapping[str, Any]) -> dict[str, Any]:
+    meta = {k: v for k, v in obj["metadata"].items() if k != "managedFields"}
+    return {"cells": [cell(obj) for _, cell in cols],
+            "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                       "metadata": meta}}
+
+
+def table(rt: ResourceType, objs: Sequence[Mapping[str, Any]],
+          list_meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    cols = columns(rt)
+    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1",
+            "metadata": dict(list_meta or {}),
+            "columnDefinitions": [c for c, _ in cols],
+            "rows": [_row(cols, o) for o in objs]}
