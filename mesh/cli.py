@@ -12,7 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mesh.errors import MeshError
@@ -32,24 +32,20 @@ def _listen(value: str) -> tuple[str, int]:
     return host, number
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be greater than zero")
-    return n
+def _positive(number: type[int] | type[float]) -> Callable[[str], float]:
+    """An argparse type for numbers above zero (whole numbers when ``number`` is int)."""
 
+    def parse(value: str) -> float:
+        try:
+            n = number(value)
+        except ValueError:
+            what = "a whole number" if number is int else "a number"
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}") from None
+        if n <= 0:
+            raise argparse.ArgumentTypeError(f"{value!r} must be greater than zero")
+        return n
 
-def _positive_float(value: str) -> float:
-    try:
-        n = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be greater than zero")
-    return n
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HOST:PORT to serve on (default 127.0.0.1 and a free port)")
     serve.add_argument("--service-cidr", default="10.96.0.0/16",
                        help="range Service ClusterIPs are allocated from")
-    serve.add_argument("--watch-history", type=_positive_int, default=10_000,
+    serve.add_argument("--watch-history", type=_positive(int), default=10_000,
                        help="events kept for watches to resume from (older: 410 Gone)")
-    serve.add_argument("--bookmark-interval", type=_positive_float, default=60.0,
+    serve.add_argument("--bookmark-interval", type=_positive(float), default=60.0,
                        help="seconds between watch bookmarks")
     serve.set_defaults(func=_cluster_serve)
     return parser
