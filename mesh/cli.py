@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mesh.errors import MeshError
+from mesh.identity.commands import add_identity_commands, add_vm_commands
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--bookmark-interval", type=_positive(float), default=60.0,
                        help="seconds between watch bookmarks")
     serve.set_defaults(func=_cluster_serve)
+    add_identity_commands(commands)
+    add_vm_commands(commands)
     return parser
 
 
