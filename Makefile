@@ -39,8 +39,9 @@ test: lint typecheck pytest
 demo: $(STAMP)
 	$(PY) -m localcluster.demo --state-dir demo-state
 
-bench: $(STAMP)
+bench: $(STAMP) tools
 	$(PY) bench/apiserver.py
+	$(PY) bench/identity.py
 
 clean:
 	rm -rf $(VENV) demo-state .mypy_cache .ruff_cache .pytest_cache .hypothesis
