@@ -39,7 +39,7 @@ from mesh.identity import ca, jointoken
 from mesh.identity.bundle import TrustBundle
 from mesh.identity.ca import CertKey, CsrRefused, IssuerDir
 from mesh.identity.names import Identity
-from mesh.identity.tls import load_identity
+from mesh.identity.tls import load_identity, peer_chain
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +231,22 @@ class IdentityService:
             raise Refusal(400, "malformed", "the request must be a JSON object")
         return body
 
-    @staticmethod
-    def _peer_cert(request: web.Request) -> x509.Certificate | None:
+    def _peer_cert(self, request: web.Request) -> x509.Certificate | None:
+        """The caller's certificate, if it presented one that the current bundle trusts.
+
+        The TLS layer checked it against every anchor the listener ever loaded;
+        an anchor removed since must not let its leaves renew, so check again.
+        """
         sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
-        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-        return x509.load_der_x509_certificate(der) if der else None
+        if sslobj is None or not sslobj.getpeercert(binary_form=True):
+            return None
+        chain = peer_chain(sslobj, verified=False)
+        try:
+            self.issuer().bundle.verify(chain, now=self._now())
+        except IdentityError as e:
+            raise Refusal(401, "untrusted-certificate", f"the certificate presented for "
+                          f"renewal is no longer trusted: {e}") from e
+        return chain[0]
 
     async def status(self, request: web.Request) -> web.Response:
         cur = self.issuer()

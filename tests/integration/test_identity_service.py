@@ -209,3 +209,28 @@ async def test_renewal_with_current_certificate(cluster: Cluster, service: Servi
     status, body = await service.post({"csr": _csr(Identity(ns, "admin", DOMAIN))[0]},
                                       chain=chain, key=key_pem)
     assert (status, body["error"]) == (403, "identity-mismatch")
+
+
+async def test_removed_anchor_cannot_renew(cluster: Cluster, service: Service) -> None:
+    from mesh.identity.rotation import Rotation
+
+    ns = _sa(cluster)
+    me = Identity(ns, "web", DOMAIN)
+    csr, key = _csr(me)
+    status, body = await service.post({"csr": csr, "token": _token(cluster, ns, "web")})
+    assert status == 200
+    old_chain = body["chain"].encode()
+    rotation = Rotation(service.issuers.path, leaf_lifetime=dt.timedelta(hours=24))
+    now = dt.datetime.now(dt.UTC)
+    rotation.add_anchor(now=now, anchor_lifetime=dt.timedelta(days=30), trust_domain=DOMAIN)
+    rotation.reissue_issuer(now=now, issuer_lifetime=dt.timedelta(days=7), trust_domain=DOMAIN,
+                            force=True)
+    # While both anchors are trusted, the old certificate still renews.
+    status, body = await service.post({"csr": _csr(me)[0]}, chain=old_chain,
+                                      key=ca.key_pem(key))
+    assert status == 200, body
+    rotation.remove_anchor(now=now, force=True)
+    status, body = await service.post({"csr": _csr(me)[0]}, chain=old_chain,
+                                      key=ca.key_pem(key))
+    assert (status, body["error"]) == (401, "untrusted-certificate")
+    assert "root.cluster.local" in body["message"]
