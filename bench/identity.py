@@ -41,6 +41,20 @@ from mesh.identity.tls import load_identity
 DOMAIN = "cluster.local"
 
 
+async def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"nothing listens on 127.0.0.1:{port}") from None
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,7 +126,7 @@ async def handshake_rates(store: CertStore, files: dict[str, Path], seconds: int
     port = free_port()
     stop = asyncio.Event()
     task = asyncio.create_task(certstore_server(store, port, stop))
-    await asyncio.sleep(0.2)
+    await wait_port(port)
     ours = await asyncio.to_thread(s_time, port, files, seconds)
     stop.set()
     await task
@@ -123,7 +137,7 @@ async def handshake_rates(store: CertStore, files: dict[str, Path], seconds: int
                                  str(files["bundle"]), "-Verify", "1", "-tls1_3", "-quiet",
                                  "-www"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        await asyncio.sleep(0.5)
+        await wait_port(port)
         theirs = await asyncio.to_thread(s_time, port, files, seconds)
     finally:
         baseline.send_signal(signal.SIGTERM)
