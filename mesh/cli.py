@@ -74,7 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_cluster_serve)
     add_identity_commands(commands)
     add_vm_commands(commands)
+
+    proxy = commands.add_parser("proxy", help="the data-plane proxy")
+    proxy_cmds = proxy.add_subparsers(dest="proxy_command", required=True)
+    run = proxy_cmds.add_parser("run", help="run a proxy in the foreground")
+    run.add_argument("--config", required=True, type=Path, help="YAML or JSON proxy config")
+    run.add_argument("--workers", type=_positive(int), default=1,
+                     help="processes sharing the listeners (SO_REUSEPORT)")
+    run.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                     help="event loop (uvloop's start_tls does not yet work for inbound)")
+    run.set_defaults(func=_proxy_run)
     return parser
+
+
+def _proxy_run(args: argparse.Namespace) -> int:
+    from mesh.config import ProxyConfig, load_model
+    from mesh.proxy.main import run
+
+    config = load_model(args.config, ProxyConfig, what="proxy config")
+    run(config, workers=int(args.workers), loop=args.loop)
+    return 0
 
 
 def _cluster_serve(args: argparse.Namespace) -> int:

@@ -20,8 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mesh.identity import ca
 from mesh.identity.certstore import CertStore, Issued
 from mesh.identity.errors import IssuanceRefused, ServiceUnavailable
-from mesh.identity.names import Identity
-from mesh.identity.service import service_identity
+from mesh.identity.names import Identity, service_identity
 from mesh.identity.tls import load_identity
 
 TokenSource = Callable[[], str | None]

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from mesh.config import parse_duration
 from mesh.errors import ConfigError
-from mesh.identity import ca, jointoken
+from mesh.identity import ca
 from mesh.identity.ca import IssuerDir
 from mesh.identity.names import Identity
 from mesh.identity.rotation import NotYet, Rotation
@@ -203,6 +203,7 @@ def _vm_token(args: argparse.Namespace) -> int:
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
+    from mesh.identity import jointoken
     from mesh.kube import api_client
 
     core = client.CoreV1Api(api_client(args.kubeconfig))

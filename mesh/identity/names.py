@@ -15,6 +15,9 @@ from cryptography import x509
 from mesh.errors import IdentityError
 
 DEFAULT_CONTROL_NS = "meshgate"
+SERVICE_AUDIENCE = "identity.meshgate.io"
+"""The audience of ServiceAccount tokens that the identity service accepts."""
+IDENTITY_SERVICE_ACCOUNT = "meshgate-identity"
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _MARKER = ".serviceaccount.identity."
@@ -101,3 +104,8 @@ def presented_name(cert: x509.Certificate) -> str:
     except x509.ExtensionNotFound:
         pass
     return cert.subject.rfc4514_string() or "<no name>"
+
+
+def service_identity(trust_domain: str, control_ns: str = DEFAULT_CONTROL_NS) -> Identity:
+    """The identity the identity service itself presents; its clients check for it."""
+    return Identity(control_ns, IDENTITY_SERVICE_ACCOUNT, trust_domain, control_ns)

@@ -38,19 +38,13 @@ from mesh.errors import IdentityError
 from mesh.identity import ca, jointoken
 from mesh.identity.bundle import TrustBundle
 from mesh.identity.ca import CertKey, CsrRefused, IssuerDir
-from mesh.identity.names import Identity
+from mesh.identity.names import SERVICE_AUDIENCE, Identity, service_identity
 from mesh.identity.tls import load_identity, peer_chain
 
 log = logging.getLogger(__name__)
 
-AUDIENCE = "identity.meshgate.io"
-SERVICE_ACCOUNT = "meshgate-identity"
+AUDIENCE = SERVICE_AUDIENCE
 MAX_BODY = 64 * 1024
-
-
-def service_identity(trust_domain: str, control_ns: str) -> Identity:
-    """The identity the service itself presents; clients check for it."""
-    return Identity(control_ns, SERVICE_ACCOUNT, trust_domain, control_ns)
 
 
 class Refusal(Exception):

@@ -1,0 +1,60 @@
+"""Metric families with Linkerd's names, labels and buckets, so that Linkerd
+dashboards and queries work against meshgate proxies unchanged.
+
+prometheus-client adds the ``_total`` suffix to counters itself: the family
+``tcp_open`` is exposed as ``tcp_open_total``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Linkerd's proxy buckets (linkerd2-proxy: metrics/latency.rs).
+LATENCY_MS_BUCKETS = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500, 1000, 2000,
+                      3000, 4000, 5000, 10000, 20000, 30000, 40000, 50000)
+DURATION_MS_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
+
+TCP_LABELS = ("direction", "peer", "tls", "client_id", "server_id", "target_addr",
+              "dst_service")
+HTTP_LABELS = ("direction", "authority", "tls", "client_id", "server_id", "target_addr",
+               "dst_service")
+AUTHZ_LABELS = ("direction", "tls", "client_id", "target_addr")
+
+
+@dataclass
+class ProxyMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.tcp_open = Counter("tcp_open", "Connections opened", TCP_LABELS, registry=r)
+        self.tcp_close = Counter("tcp_close", "Connections closed", (*TCP_LABELS, "errno"),
+                                 registry=r)
+        self.tcp_open_connections = Gauge("tcp_open_connections", "Connections open now",
+                                          TCP_LABELS, registry=r)
+        self.tcp_read_bytes = Counter("tcp_read_bytes", "Bytes read from the peer",
+                                      TCP_LABELS, registry=r)
+        self.tcp_write_bytes = Counter("tcp_write_bytes", "Bytes written to the peer",
+                                       TCP_LABELS, registry=r)
+        self.tcp_connection_duration = Histogram(
+            "tcp_connection_duration_ms", "How long connections lived",
+            (*TCP_LABELS, "errno"), buckets=DURATION_MS_BUCKETS, registry=r)
+        self.request = Counter("request", "HTTP requests", HTTP_LABELS, registry=r)
+        self.response = Counter("response", "HTTP responses",
+                                (*HTTP_LABELS, "status_code", "classification", "error"),
+                                registry=r)
+        self.response_latency = Histogram(
+            "response_latency_ms", "Time from request to response headers",
+            (*HTTP_LABELS, "status_code"), buckets=LATENCY_MS_BUCKETS, registry=r)
+        self.tcp_authz_allow = Counter("inbound_tcp_authz_allow", "Connections authorized",
+                                       AUTHZ_LABELS, registry=r)
+        self.tcp_authz_deny = Counter("inbound_tcp_authz_deny", "Connections refused",
+                                      (*AUTHZ_LABELS, "reason"), registry=r)
+        self.protocol_errors = Counter("proxy_protocol_errors", "Connections closed for "
+                                       "malformed or unexpected bytes, by cause",
+                                       ("direction", "cause"), registry=r)
+        self.endpoint_ejections = Counter("outbound_endpoint_ejections",
+                                          "Endpoints ejected by failure accrual",
+                                          ("dst_service", "endpoint"), registry=r)

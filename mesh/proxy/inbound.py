@@ -1,0 +1,177 @@
+"""The inbound side (port 4143): terminate mTLS from other proxies, read the
+transport header, authorize the caller, and relay to the local application.
+
+Every refusal closes only the connection at fault, counts it, and logs one
+line naming the peer, the identity and the cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+from mesh.errors import IdentityError, ProtocolError
+from mesh.identity.tls import ALPN, check_peer
+from mesh.metrics import ProxyMetrics
+from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
+from mesh.proxy.transport_header import HeaderDecoder, TransportHeader
+
+log = logging.getLogger("mesh.proxy.inbound")
+
+
+@dataclass(frozen=True)
+class InboundPolicy:
+    app_host: str
+    authorized: frozenset[str]
+    """Identity names allowed in, or {"*"} for any identity the trust bundle vouches for."""
+    handshake_timeout: float = 10.0
+    header_timeout: float = 10.0
+
+    def allows(self, identity: str) -> bool:
+        return "*" in self.authorized or identity in self.authorized
+
+
+class Inbound:
+    def __init__(self, policy: InboundPolicy, server_context: Callable[[], ssl.SSLContext],
+                 metrics: ProxyMetrics, flows: FlowMetrics) -> None:
+        self.policy = policy
+        self.server_context = server_context
+        self.metrics = metrics
+        self.flows = flows
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def protocol(self) -> asyncio.Protocol:
+        """A fresh protocol for one accepted TCP connection."""
+        return _Accepted(self)
+
+    def _refuse(self, peer: str, cause: str, *, identity: str = "", exc: BaseException | None
+                = None) -> None:
+        self.metrics.protocol_errors.labels("inbound", cause).inc()
+        log.info("inbound connection refused peer=%s identity=%s cause=%s detail=%s", peer,
+                 identity or "-", cause, exc or "-")
+
+    async def handle(self, transport: asyncio.Transport, protocol: Half) -> None:
+        peer = describe(transport)
+        loop = asyncio.get_running_loop()
+        early: list[bytes] = []
+        protocol.on_data = early.append  # the header may follow the handshake at once
+        try:
+            tls = await loop.start_tls(transport, protocol, self.server_context(),
+                                       server_side=True,
+                                       ssl_handshake_timeout=self.policy.handshake_timeout)
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
+            transport.close()
+            self._refuse(peer, "tls-handshake", exc=e)
+            return
+        if tls is None:
+            return
+        protocol.connection_made(tls)
+        sslobj = tls.get_extra_info("ssl_object")
+        if sslobj is None or sslobj.selected_alpn_protocol() != ALPN:
+            tls.close()
+            self._refuse(peer, "no-transport-alpn")
+            return
+        try:
+            client = check_peer(sslobj, expected=None, side="client", peer=peer)
+        except IdentityError as e:
+            tls.close()
+            self._refuse(peer, "no-identity", exc=e)
+            return
+        labels: Labels = {"direction": "inbound", "peer": "src", "tls": "true",
+                          "client_id": str(client), "server_id": "", "target_addr": "",
+                          "dst_service": ""}
+        if not self.policy.allows(str(client)):
+            self.metrics.tcp_authz_deny.labels("inbound", "true", str(client), "",
+                                               "unauthorized").inc()
+            log.info("inbound connection denied peer=%s identity=%s cause=not-authorized",
+                     peer, client)
+            tls.close()
+            return
+        header = await self._read_header(tls, protocol, peer, str(client), early)
+        if header is None:
+            return
+        target = f"{self.policy.app_host}:{header.port}"
+        labels["target_addr"] = target
+        self.metrics.tcp_authz_allow.labels("inbound", "true", str(client), target).inc()
+        await self._connect_app(protocol, tls, header, labels, peer, str(client))
+
+    async def _read_header(self, tls: asyncio.Transport, protocol: Half, peer: str,
+                           client: str, early: list[bytes]) -> TransportHeader | None:
+        decoder = HeaderDecoder()
+        done: asyncio.Future[TransportHeader] = asyncio.get_running_loop().create_future()
+
+        def feed(data: bytes) -> None:
+            if done.done():
+                protocol.hold(data)
+                return
+            try:
+                decoder.receive_data(data)
+                event = decoder.next_event()
+            except ProtocolError as e:
+                done.set_exception(e)
+                return
+            if isinstance(event, TransportHeader):
+                protocol.hold(decoder.trailing_data)
+                done.set_result(event)
+
+        protocol.on_data = feed
+        protocol.flow.waiter = done
+        for chunk in early:
+            feed(chunk)
+        try:
+            return await asyncio.wait_for(done, self.policy.header_timeout)
+        except (ProtocolError, TimeoutError, ConnectionError) as e:
+            tls.close()
+            cause = "header-timeout" if isinstance(e, TimeoutError) else "bad-header"
+            self._refuse(peer, cause, identity=client, exc=e)
+            return None
+
+    async def _connect_app(self, protocol: Half, tls: asyncio.Transport,
+                           header: TransportHeader, labels: Labels, peer: str,
+                           client: str) -> None:
+        flow = protocol.flow
+        flow.labels = labels
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_connection(lambda: flow.server, self.policy.app_host, header.port)
+        except OSError as e:
+            self._refuse(peer, "app-unreachable", identity=client, exc=e)
+            tls.close()
+            return
+        if flow.closed:  # the caller left while the application was being dialled
+            if flow.server.transport is not None:
+                flow.server.transport.close()
+            return
+        self.flows.open(labels)
+        flow.upstream_labels = None
+        protocol.start_relaying()
+        flow.server.start_relaying()
+
+
+class _Accepted(asyncio.Protocol):
+    """Plain TCP until the TLS handshake; then the client `Half` of a flow."""
+
+    def __init__(self, inbound: Inbound) -> None:
+        self.inbound = inbound
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Leave the ClientHello in the socket until start_tls has put TLS in place.
+        cast(asyncio.Transport, transport).pause_reading()
+        flow = Flow({}, self._closed)
+        self.flow = flow
+        task = asyncio.get_running_loop().create_task(self.inbound.handle(
+            cast(asyncio.Transport, transport), flow.client))
+        self.inbound._tasks.add(task)
+        task.add_done_callback(self.inbound._tasks.discard)
+
+    def _closed(self, flow: Flow, exc: BaseException | None) -> None:
+        if flow.labels and flow.server.transport is not None:
+            self.inbound.flows.close(flow, exc)
+
+    def data_received(self, data: bytes) -> None:
+        # start_tls pauses reading before the handshake, so nothing can arrive here.
+        raise AssertionError("bytes before the TLS handshake started")

@@ -1,0 +1,208 @@
+"""One proxy process: its identity, discovery, listeners and admin server.
+
+Listeners: inbound (4143, mTLS from other proxies), outbound (4140) plus one
+redirected listener per service address in discovery, and admin (4191:
+``/metrics``, ``/ready``, ``/live``). Listening sockets set SO_REUSEPORT so
+that ``--workers N`` processes share them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from mesh.config import ProxyConfig, split_address
+from mesh.errors import ConfigError
+from mesh.identity.bundle import TrustBundle
+from mesh.identity.names import Identity
+from mesh.identity.static import StaticIdentity
+from mesh.metrics import ProxyMetrics
+from mesh.proxy.discovery import Discovery, StaticDiscovery
+from mesh.proxy.inbound import Inbound, InboundPolicy
+from mesh.proxy.outbound import Outbound
+from mesh.proxy.relay import FlowMetrics
+
+log = logging.getLogger("mesh.proxy")
+
+
+class _Workload(Protocol):
+    """What the proxy needs of its identity, whatever provides it."""
+
+    @property
+    def identity(self) -> Identity: ...
+    def server_context(self) -> ssl.SSLContext: ...
+    def client_context(self) -> ssl.SSLContext: ...
+
+
+class Proxy:
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.metrics = ProxyMetrics()
+        m = self.metrics
+        self.flows = FlowMetrics(opened=m.tcp_open, closed=m.tcp_close,
+                                 open_now=m.tcp_open_connections, read=m.tcp_read_bytes,
+                                 written=m.tcp_write_bytes, duration=m.tcp_connection_duration)
+        self.servers: list[asyncio.AbstractServer] = []
+        self.admin: web.AppRunner | None = None
+        self.workload: _Workload | None = None
+        self._renewal: asyncio.Task[None] | None = None
+        self.ready = False
+
+    async def _identity(self) -> _Workload:
+        cfg = self.config.identity
+        if cfg.cert_file is not None and cfg.key_file is not None:
+            return StaticIdentity.load(cfg.cert_file, cfg.key_file, cfg.trust_bundle)
+        from mesh.identity.certstore import CertStore
+        from mesh.identity.client import HttpRequester
+
+        assert cfg.server is not None and cfg.token_file is not None
+        token_file = cfg.token_file
+        bundle_pem = cfg.trust_bundle.read_bytes()
+        identity = Identity.parse(cfg.name)
+        store = CertStore(identity, HttpRequester(
+            cfg.server, bundle_pem=bundle_pem, trust_domain=identity.trust_domain,
+            control_ns=identity.control_ns, token=lambda: _read_token(token_file)),
+            bundle=TrustBundle.from_pem(bundle_pem), registry=self.metrics.registry)
+        await store.start()
+        self._renewal = asyncio.create_task(store.run())
+        return store
+
+    def _discovery(self) -> Discovery:
+        if self.config.discovery is None:
+            return StaticDiscovery.empty()
+        return StaticDiscovery.load(self.config.discovery)
+
+    async def _listen(self, factory: Callable[[], asyncio.BaseProtocol], address: str,
+                      what: str) -> None:
+        host, port = split_address(address)
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(factory, host, port, reuse_port=True,
+                                              backlog=1024)
+        except OSError as e:
+            raise ConfigError(f"{what} listener cannot bind {address}: {e.strerror or e}") from e
+        self.servers.append(server)
+
+    async def start(self) -> None:
+        self.workload = await self._identity()
+        workload = self.workload
+        if str(workload.identity) != self.config.identity.name:
+            raise ConfigError(f"identity.name is {self.config.identity.name} but the "
+                              f"certificate names {workload.identity}")
+        discovery = self._discovery()
+        inbound = Inbound(InboundPolicy(app_host=self.config.inbound.app_host,
+                                        authorized=frozenset(self.config.inbound.authorized),
+                                        header_timeout=self.config.detect_timeout.total_seconds()),
+                          workload.server_context, self.metrics, self.flows)
+        outbound = Outbound(discovery, workload.client_context, self.metrics, self.flows,
+                            connect_timeout=self.config.outbound.connect_timeout.total_seconds(),
+                            own_identity=lambda: workload.identity)
+        await self._listen(inbound.protocol, self.config.inbound.listen, "inbound")
+        await self._listen(outbound.protocol, self.config.outbound.listen, "outbound")
+        if self.config.outbound.redirect:
+            for service in discovery.services():
+                await self._listen(outbound.protocol, service.address,
+                                   f"service {service.name}")
+        await self._start_admin()
+        self.ready = True
+        log.info("proxy ready identity=%s inbound=%s outbound=%s services=%d",
+                 workload.identity, self.config.inbound.listen, self.config.outbound.listen,
+                 len(discovery.services()))
+
+    async def _start_admin(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/ready", self._ready)
+        app.router.add_get("/live", self._live)
+        self.admin = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.admin.setup()
+        host, port = split_address(self.config.admin.listen)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            raise ConfigError(f"admin listener cannot bind {self.config.admin.listen}: "
+                              f"{e.strerror or e}") from e
+        await web.SockSite(self.admin, sock).start()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            content_type="text/plain", charset="utf-8")
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        return web.Response(text="ready\n" if self.ready else "not ready\n",
+                            status=200 if self.ready else 503)
+
+    async def _live(self, request: web.Request) -> web.Response:
+        return web.Response(text="live\n")
+
+    async def stop(self) -> None:
+        self.ready = False
+        for server in self.servers:
+            server.close()
+        if self._renewal is not None:
+            self._renewal.cancel()
+        if self.admin is not None:
+            await self.admin.cleanup()
+
+
+def _read_token(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError as e:
+        log.warning("token file unreadable path=%s cause=%s", path, e.strerror)
+        return None
+
+
+def run(config: ProxyConfig, *, workers: int = 1, loop: str = "asyncio") -> None:
+    """Run the proxy until SIGINT/SIGTERM, in ``workers`` processes."""
+    children: list[int] = []
+    for _ in range(workers - 1):
+        pid = os.fork()
+        if pid == 0:
+            children = []
+            break
+        children.append(pid)
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.install()
+
+    async def main() -> None:
+        proxy = Proxy(config)
+        stop = asyncio.Event()
+        ev = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            ev.add_signal_handler(sig, stop.set)
+        try:
+            await proxy.start()
+            print(f"proxy {proxy.workload.identity if proxy.workload else ''} ready "
+                  f"(pid {os.getpid()})", flush=True)
+            await stop.wait()
+        finally:
+            await proxy.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,157 @@
+"""The outbound side: an application dials a service address, the proxy picks an
+endpoint, opens mTLS to that endpoint's proxy verifying the identity it must
+present, sends the transport header, and relays.
+
+The service comes from the address the application dialled, read with
+``getsockname()`` on a redirected listener (DESIGN.md: the service range is
+made local, so the proxy owns every service address). Endpoints without an
+identity are outside the mesh and get plain TCP, counted as ``tls="no_identity"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+
+from mesh.errors import IdentityError
+from mesh.identity.names import Identity
+from mesh.identity.tls import check_peer
+from mesh.metrics import ProxyMetrics
+from mesh.proxy.balancer import Balancer
+from mesh.proxy.discovery import Discovery, EndpointSpec, ServiceSpec
+from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
+from mesh.proxy.transport_header import TransportHeader
+
+log = logging.getLogger("mesh.proxy.outbound")
+CONNECT_ATTEMPTS = 3
+
+
+def split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Outbound:
+    def __init__(self, discovery: Discovery, client_context: Callable[[], ssl.SSLContext],
+                 metrics: ProxyMetrics, flows: FlowMetrics, *, connect_timeout: float,
+                 own_identity: Callable[[], Identity]) -> None:
+        self.discovery = discovery
+        self.client_context = client_context
+        self.metrics = metrics
+        self.flows = flows
+        self.connect_timeout = connect_timeout
+        self.own_identity = own_identity
+        self.balancers: dict[str, Balancer] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        for service in discovery.services():
+            self._update(service)
+        discovery.subscribe(self._update)
+
+    def _update(self, service: ServiceSpec) -> None:
+        balancer = self.balancers.get(service.address)
+        if balancer is None:
+            balancer = self.balancers[service.address] = Balancer()
+        balancer.update(service.endpoints)
+
+    def protocol(self) -> asyncio.Protocol:
+        flow = Flow({}, self._closed)
+        return _Accepted(flow, self)
+
+    def _closed(self, flow: Flow, exc: BaseException | None) -> None:
+        if flow.labels:
+            self.flows.close(flow, exc)
+
+    def _refuse(self, peer: str, cause: str, *, service: str = "", identity: str = "",
+                exc: BaseException | None = None) -> None:
+        self.metrics.protocol_errors.labels("outbound", cause).inc()
+        log.info("outbound connection failed peer=%s service=%s identity=%s cause=%s "
+                 "detail=%s", peer, service or "-", identity or "-", cause, exc or "-")
+
+    async def handle(self, client: Half) -> None:
+        transport = client.transport
+        assert transport is not None
+        client.hold(b"")
+        peer = describe(transport)
+        host, port = transport.get_extra_info("sockname")[:2]
+        service = self.discovery.resolve((host, port))
+        if service is None:
+            transport.close()
+            self._refuse(peer, "no-service", service=f"{host}:{port}")
+            return
+        balancer = self.balancers.get(service.address)
+        flow = client.flow
+        for _attempt in range(CONNECT_ATTEMPTS):
+            pick = balancer.pick() if balancer is not None else None
+            if pick is None:
+                transport.close()
+                self._refuse(peer, "no-endpoints", service=service.name)
+                return
+            endpoint = pick.endpoint
+            started = time.monotonic()
+            try:
+                labels = await self._connect(flow, service, endpoint.spec)
+            except (OSError, TimeoutError, ssl.SSLError, IdentityError) as e:
+                pick.failed()
+                if flow.server.transport is not None:
+                    flow.server.transport.close()
+                flow.server.transport = None
+                self._refuse(peer, "connect-failed", service=service.name,
+                             identity=endpoint.spec.identity or "", exc=e)
+                if flow.closed:
+                    return
+                continue
+            pick.succeeded(time.monotonic() - started)
+            if flow.closed:
+                if flow.server.transport is not None:
+                    flow.server.transport.close()
+                return
+            flow.labels = labels
+            self.flows.open(labels)
+            flow.server.start_relaying()
+            client.start_relaying()
+            return
+        transport.close()
+
+    async def _connect(self, flow: Flow, service: ServiceSpec, endpoint: EndpointSpec
+                       ) -> Labels:
+        loop = asyncio.get_running_loop()
+        host, port = split(endpoint.address)
+        labels: Labels = {"direction": "outbound", "peer": "dst", "tls": "true",
+                          "client_id": str(self.own_identity()), "server_id": "",
+                          "target_addr": endpoint.address, "dst_service": service.name}
+        if endpoint.identity is None:
+            labels["tls"] = "no_identity"
+            await asyncio.wait_for(loop.create_connection(lambda: flow.server, host, port),
+                                   self.connect_timeout)
+            return labels
+        expected = Identity.parse(endpoint.identity)
+        transport, _ = await asyncio.wait_for(loop.create_connection(
+            lambda: flow.server, host, port, ssl=self.client_context(),
+            server_hostname=endpoint.identity, ssl_handshake_timeout=self.connect_timeout),
+            self.connect_timeout)
+        check_peer(transport.get_extra_info("ssl_object"), expected=expected, side="server",
+                   peer=endpoint.address)
+        labels["server_id"] = str(expected)
+        transport.write(TransportHeader(port=endpoint.target_port, name=service.name).encode())
+        return labels
+
+
+class _Accepted(Half):
+    """The application's side of an outbound flow; routing starts once it connects."""
+
+    def __init__(self, flow: Flow, outbound: Outbound) -> None:
+        super().__init__(flow)
+        flow.client = self
+        self.peer = flow.server
+        flow.server.peer = self
+        self.outbound = outbound
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.on_data = self.hold
+        task = asyncio.get_running_loop().create_task(self.outbound.handle(self))
+        self.outbound._tasks.add(task)
+        task.add_done_callback(self.outbound._tasks.discard)

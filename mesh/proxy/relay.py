@@ -1,0 +1,179 @@
+"""Relaying bytes between two transports, with back-pressure and accounting.
+
+A relayed connection is two `Half` protocols, each forwarding what it reads to
+the other's transport. When a transport's write buffer fills
+(``pause_writing``), the *other* side stops reading until it drains, so a slow
+reader bounds the memory a connection can hold. Bytes read before the other
+side exists (a transport header being parsed, an upstream still connecting)
+are held in ``pending`` with reading paused.
+
+Accounting lives in one `Flow` per relayed connection and reaches the metric
+families once, when the flow ends, so the hot path touches no labels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from prometheus_client import Counter, Gauge, Histogram
+
+log = logging.getLogger("mesh.proxy")
+
+Labels = dict[str, str]
+
+
+class Flow:
+    """One relayed connection: its two halves, byte counts and end-of-life."""
+
+    __slots__ = ("_on_close", "client", "closed", "labels", "opened", "server",
+                 "upstream_labels", "waiter")
+
+    def __init__(self, labels: Labels, on_close: Callable[[Flow, BaseException | None], None]
+                 ) -> None:
+        self.labels = labels
+        self.upstream_labels: Labels | None = None
+        self.opened = time.monotonic()
+        self.closed = False
+        self._on_close = on_close
+        self.client = Half(self)
+        self.server = Half(self)
+        self.client.peer, self.server.peer = self.server, self.client
+        self.waiter: asyncio.Future[Any] | None = None
+        """Set while the flow is being set up; a close fails it, so setup stops waiting."""
+
+    def close(self, exc: BaseException | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError(f"connection closed: {exc or 'EOF'}"))
+        for half in (self.client, self.server):
+            if half.transport is not None and not half.transport.is_closing():
+                half.transport.close()
+        self._on_close(self, exc)
+
+
+class Half(asyncio.Protocol):
+    """One side of a flow: what it reads is written to its peer."""
+
+    __slots__ = ("eof", "flow", "on_data", "peer", "pending", "read_bytes", "transport")
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
+        self.peer: Half | None = None
+        self.transport: asyncio.Transport | None = None
+        self.pending: list[bytes] = []
+        self.read_bytes = 0
+        self.eof = False
+        self.on_data: Callable[[bytes], None] | None = None
+        """While set, reads go here instead of to the peer (headers, detection)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.read_bytes += len(data)
+        if self.on_data is not None:
+            self.on_data(data)
+            return
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.write(data)
+        else:
+            self.hold(data)
+
+    def hold(self, data: bytes) -> None:
+        """Keep ``data`` for the peer, and stop reading until the peer is there."""
+        if data:
+            self.pending.append(data)
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def start_relaying(self) -> None:
+        """Send what was held to the peer and let bytes flow both ways."""
+        self.on_data = None
+        peer = self.peer
+        assert peer is not None and peer.transport is not None
+        if self.pending:
+            peer.transport.write(b"".join(self.pending))
+            self.pending.clear()
+        if self.eof:
+            self._forward_eof()
+        elif self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.on_data is None and self.peer is not None and self.peer.transport is not None:
+            self._forward_eof()
+        # Keeping a half-closed transport open is only possible without TLS.
+        return self.transport is not None and self.transport.can_write_eof()
+
+    def _forward_eof(self) -> None:
+        peer = self.peer
+        assert peer is not None and peer.transport is not None
+        if peer.eof or not peer.transport.can_write_eof():
+            # asyncio's TLS transports cannot half-close, so an end of input
+            # ends the flow; close() still delivers what is buffered.
+            self.flow.close()
+        else:
+            peer.transport.write_eof()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and peer.on_data is None and \
+                not peer.transport.is_closing():
+            peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.flow.close(exc)
+
+
+def errno_label(exc: BaseException | None) -> str:
+    if isinstance(exc, OSError) and exc.errno:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    return ""
+
+
+class FlowMetrics:
+    """Records a flow's life in the TCP families when it ends."""
+
+    def __init__(self, *, opened: Counter, closed: Counter, open_now: Gauge, read: Counter,
+                 written: Counter, duration: Histogram) -> None:
+        self.opened, self.closed, self.open_now = opened, closed, open_now
+        self.read, self.written, self.duration = read, written, duration
+
+    def open(self, labels: Labels) -> None:
+        self.opened.labels(**labels).inc()
+        self.open_now.labels(**labels).inc()
+
+    def close(self, flow: Flow, exc: BaseException | None) -> None:
+        err = errno_label(exc)
+        ms = (time.monotonic() - flow.opened) * 1000
+        for labels, half, other in ((flow.labels, flow.client, flow.server),
+                                    (flow.upstream_labels, flow.server, flow.client)):
+            if labels is None:
+                continue
+            self.open_now.labels(**labels).dec()
+            self.closed.labels(**labels, errno=err).inc()
+            self.read.labels(**labels).inc(half.read_bytes)
+            self.written.labels(**labels).inc(other.read_bytes)
+            self.duration.labels(**labels, errno=err).observe(ms)
+
+
+def describe(transport: asyncio.BaseTransport | None, key: str = "peername") -> str:
+    info: Any = transport.get_extra_info(key) if transport is not None else None
+    if isinstance(info, tuple) and len(info) >= 2:
+        host = f"[{info[0]}]" if ":" in str(info[0]) else info[0]
+        return f"{host}:{info[1]}"
+    return "?"
