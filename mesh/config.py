@@ -97,6 +97,7 @@ class OutboundConfig(_Model):
     redirect: bool = True
     """Also listen on every service address in discovery (the redirected listeners)."""
     connect_timeout: Duration = Field(timedelta(seconds=1), alias="connectTimeout")
+    request_timeout: Duration = Field(timedelta(seconds=10), alias="requestTimeout")
     opaque_ports: list[int] = Field(default_factory=list, alias="opaquePorts")
 
 

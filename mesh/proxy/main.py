@@ -28,6 +28,7 @@ from mesh.identity.names import Identity
 from mesh.identity.static import StaticIdentity
 from mesh.metrics import ProxyMetrics
 from mesh.proxy.discovery import Discovery, StaticDiscovery
+from mesh.proxy.http import HttpOutbound, Pool
 from mesh.proxy.inbound import Inbound, InboundPolicy
 from mesh.proxy.outbound import Outbound
 from mesh.proxy.relay import FlowMetrics
@@ -104,9 +105,16 @@ class Proxy:
                                         authorized=frozenset(self.config.inbound.authorized),
                                         header_timeout=self.config.detect_timeout.total_seconds()),
                           workload.server_context, self.metrics, self.flows)
-        outbound = Outbound(discovery, workload.client_context, self.metrics, self.flows,
-                            connect_timeout=self.config.outbound.connect_timeout.total_seconds(),
+        out_cfg = self.config.outbound
+        http = HttpOutbound(Pool(workload.client_context,
+                                 connect_timeout=out_cfg.connect_timeout.total_seconds()),
+                            self.metrics, request_timeout=out_cfg.request_timeout.total_seconds(),
                             own_identity=lambda: workload.identity)
+        outbound = Outbound(discovery, workload.client_context, self.metrics, self.flows,
+                            connect_timeout=out_cfg.connect_timeout.total_seconds(),
+                            own_identity=lambda: workload.identity, http=http,
+                            detect_timeout=self.config.detect_timeout.total_seconds(),
+                            opaque_ports=frozenset(out_cfg.opaque_ports))
         await self._listen(inbound.protocol, self.config.inbound.listen, "inbound")
         await self._listen(outbound.protocol, self.config.outbound.listen, "outbound")
         if self.config.outbound.redirect:

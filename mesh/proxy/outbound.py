@@ -21,7 +21,9 @@ from mesh.identity.names import Identity
 from mesh.identity.tls import check_peer
 from mesh.metrics import ProxyMetrics
 from mesh.proxy.balancer import Balancer
+from mesh.proxy.detect import Detected, Detector, ProtocolKind, opaque_for
 from mesh.proxy.discovery import Discovery, EndpointSpec, ServiceSpec
+from mesh.proxy.http import HttpOutbound
 from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
 from mesh.proxy.transport_header import TransportHeader
 
@@ -37,7 +39,12 @@ def split(address: str) -> tuple[str, int]:
 class Outbound:
     def __init__(self, discovery: Discovery, client_context: Callable[[], ssl.SSLContext],
                  metrics: ProxyMetrics, flows: FlowMetrics, *, connect_timeout: float,
-                 own_identity: Callable[[], Identity]) -> None:
+                 own_identity: Callable[[], Identity], http: HttpOutbound | None = None,
+                 detect_timeout: float = 10.0, opaque_ports: frozenset[int] = frozenset()
+                 ) -> None:
+        self.http = http
+        self.detect_timeout = detect_timeout
+        self.opaque_ports = opaque_ports
         self.discovery = discovery
         self.client_context = client_context
         self.metrics = metrics
@@ -82,6 +89,12 @@ class Outbound:
             self._refuse(peer, "no-service", service=f"{host}:{port}")
             return
         balancer = self.balancers.get(service.address)
+        if self.http is not None and balancer is not None and not service.opaque and \
+                not opaque_for(port, self.opaque_ports):
+            detected = await self._detect(client)
+            if detected.protocol is ProtocolKind.HTTP1:
+                await self._serve_http(client, service, balancer, peer)
+                return
         flow = client.flow
         for _attempt in range(CONNECT_ATTEMPTS):
             pick = balancer.pick() if balancer is not None else None
@@ -114,6 +127,57 @@ class Outbound:
             client.start_relaying()
             return
         transport.close()
+
+    async def _detect(self, client: Half) -> Detected:
+        """Read until the protocol is known (or the detect timeout); keep every byte."""
+        detector = Detector()
+        decided: asyncio.Future[Detected] = asyncio.get_running_loop().create_future()
+
+        def settle() -> None:
+            # From here on bytes queue behind what the detector saw, in order.
+            client.on_data = client.hold
+            client.hold(detector.buffered)
+
+        def feed(data: bytes) -> None:
+            detector.receive_data(data)
+            result = detector.result()
+            if result is not None:
+                settle()
+                decided.set_result(result)
+
+        client.on_data = feed
+        client.flow.waiter = decided
+        assert client.transport is not None
+        client.transport.resume_reading()
+        try:
+            result = await asyncio.wait_for(decided, self.detect_timeout)
+        except TimeoutError:
+            result = detector.timeout_result()
+            settle()
+        except ConnectionError:
+            result = detector.connection_closed()
+            settle()
+        client.flow.waiter = None
+        return result
+
+    async def _serve_http(self, client: Half, service: ServiceSpec, balancer: Balancer,
+                          peer: str) -> None:
+        """Hand the connection to the HTTP layer, as a stream with the bytes read so far."""
+        assert self.http is not None and client.transport is not None
+        loop = asyncio.get_running_loop()
+        transport = client.transport
+        reader = asyncio.StreamReader(limit=2**20, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        for chunk in client.pending:
+            reader.feed_data(chunk)
+        client.pending.clear()
+        if client.eof:
+            reader.feed_eof()
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        transport.resume_reading()
+        await self.http.serve(reader, writer, service, balancer, peer)
 
     async def _connect(self, flow: Flow, service: ServiceSpec, endpoint: EndpointSpec
                        ) -> Labels:
