@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,22 +56,23 @@ class Inbound:
         log.info("inbound connection refused peer=%s identity=%s cause=%s detail=%s", peer,
                  identity or "-", cause, exc or "-")
 
-    async def handle(self, transport: asyncio.Transport, protocol: Half) -> None:
-        peer = describe(transport)
+    async def handle(self, sock: socket.socket, peer: str, protocol: Half) -> None:
         loop = asyncio.get_running_loop()
         early: list[bytes] = []
         protocol.on_data = early.append  # the header may follow the handshake at once
         try:
-            tls = await loop.start_tls(transport, protocol, self.server_context(),
-                                       server_side=True,
-                                       ssl_handshake_timeout=self.policy.handshake_timeout)
+            context = self.server_context()  # the store's current one, for each connection
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            # From here the loop owns the socket and closes it if the handshake fails.
+            tls, _ = await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=context,
+                ssl_handshake_timeout=self.policy.handshake_timeout)
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
-            transport.close()
             self._refuse(peer, "tls-handshake", exc=e)
             return
-        if tls is None:
-            return
-        protocol.connection_made(tls)
         sslobj = tls.get_extra_info("ssl_object")
         if sslobj is None or sslobj.selected_alpn_protocol() != ALPN:
             tls.close()
@@ -153,18 +156,36 @@ class Inbound:
 
 
 class _Accepted(asyncio.Protocol):
-    """Plain TCP until the TLS handshake; then the client `Half` of a flow."""
+    """An accepted TCP connection, handed over to TLS before anything is read.
+
+    The listener's plain transport is never read from: `connection_made` gives
+    a duplicate of its socket to ``loop.connect_accepted_socket`` (with the
+    server context current for this connection) and aborts the plain transport.
+    Pausing the plain transport and calling ``start_tls`` later does not work
+    with uvloop, which starts reading right after `connection_made` returns,
+    whatever ``pause_reading()`` was called there: a ClientHello sent at once
+    reached this protocol instead of the TLS one.
+    """
 
     def __init__(self, inbound: Inbound) -> None:
         self.inbound = inbound
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Leave the ClientHello in the socket until start_tls has put TLS in place.
-        cast(asyncio.Transport, transport).pause_reading()
+        peer = describe(transport)
+        plain = cast(asyncio.Transport, transport)
+        # Aborting inside connection_made means neither loop ever reads the plain
+        # transport; its descriptor closes, the connection lives on in the duplicate.
+        try:
+            sock = socket.socket(fileno=os.dup(plain.get_extra_info("socket").fileno()))
+        except OSError as e:  # out of descriptors, say
+            plain.abort()
+            self.inbound._refuse(peer, "tls-handshake", exc=e)
+            return
+        plain.abort()
         flow = Flow({}, self._closed)
         self.flow = flow
-        task = asyncio.get_running_loop().create_task(self.inbound.handle(
-            cast(asyncio.Transport, transport), flow.client))
+        task = asyncio.get_running_loop().create_task(self.inbound.handle(sock, peer,
+                                                                          flow.client))
         self.inbound._tasks.add(task)
         task.add_done_callback(self.inbound._tasks.discard)
 
@@ -173,5 +194,5 @@ class _Accepted(asyncio.Protocol):
             self.inbound.flows.close(flow, exc)
 
     def data_received(self, data: bytes) -> None:
-        # start_tls pauses reading before the handshake, so nothing can arrive here.
-        raise AssertionError("bytes before the TLS handshake started")
+        # The transport was aborted in connection_made, before it could read.
+        raise AssertionError("bytes read from the plain transport of an inbound connection")

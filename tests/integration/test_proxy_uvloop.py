@@ -13,6 +13,7 @@ the transport header arriving in the same read as the end of the handshake.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -248,10 +249,8 @@ class Running:
             return got
         finally:
             writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await writer.wait_closed()
-            except (ConnectionError, ssl.SSLError):
-                pass
 
     async def refused(self, ctx: ssl.SSLContext) -> bool:
         """The connection ends (alert, reset or EOF) without relaying a byte."""
@@ -367,10 +366,8 @@ def test_header_timeout(setup: Setup, loop_name: str) -> None:
                                                            ssl=client, server_hostname="echo")
             writer.write(b"transport.l5d")  # then nothing
             started = asyncio.get_running_loop().time()
-            try:
+            with contextlib.suppress(ssl.SSLError, ConnectionError):
                 assert await reader.read() == b""
-            except (ssl.SSLError, ConnectionError):
-                pass
             assert asyncio.get_running_loop().time() - started < 5
             writer.close()
             assert running.count("header-timeout") == 1

@@ -1,0 +1,56 @@
+"""`meshgate proxy run --workers N`: N processes share the listeners, all stop together."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+from pathlib import Path
+
+import yaml
+
+from mesh.identity.names import Identity
+from tests.cluster import wait_for
+from tests.meshproxy import DOMAIN, Trust, free_port, start_proxy
+
+
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_workers_share_listeners_and_stop_together(tmp_path: Path) -> None:
+    trust = Trust.create(tmp_path)
+    app = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    app.daemon_threads = True
+    threading.Thread(target=app.serve_forever, daemon=True).start()
+    server = start_proxy(tmp_path, "server", {"identity": trust.workload("default", "echo")},
+                         extra=("--workers", "2"))
+    port = free_port()
+    (tmp_path / "services.yaml").write_text(yaml.safe_dump({"services": [{
+        "name": f"echo.default.svc.{DOMAIN}", "address": f"127.0.4.10:{port}",
+        "endpoints": [{"address": f"127.0.0.1:{server.inbound[1]}",
+                       "targetPort": app.server_address[1],
+                       "identity": Identity("default", "echo", DOMAIN).dns_name}]}]}))
+    client = start_proxy(tmp_path, "client", {"identity": trust.workload("default", "c"),
+                                              "discovery": str(tmp_path / "services.yaml")},
+                         extra=("--workers", "2"))
+    try:
+        workers = _children(server.proc.pid)
+        assert len(workers) == 1  # the parent is the first worker
+        for i in range(40):
+            with socket.create_connection(("127.0.4.10", port), timeout=5) as s:
+                s.sendall(b"ping %d" % i)
+                assert s.recv(100) == b"ping %d" % i
+    finally:
+        client.stop()
+        server.stop()
+        app.shutdown()
+    wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers),
+             what="worker processes to exit")
