@@ -27,7 +27,7 @@ from mesh.identity.bundle import TrustBundle
 from mesh.identity.names import Identity
 from mesh.identity.static import StaticIdentity
 from mesh.metrics import ProxyMetrics
-from mesh.proxy.discovery import Discovery, StaticDiscovery
+from mesh.proxy.discovery import Discovery, ServiceSpec, StaticDiscovery
 from mesh.proxy.http import HttpOutbound, Pool
 from mesh.proxy.inbound import Inbound, InboundPolicy
 from mesh.proxy.outbound import Outbound
@@ -58,6 +58,9 @@ class Proxy:
         self.workload: _Workload | None = None
         self._renewal: asyncio.Task[None] | None = None
         self.ready = False
+        self.discovery: Discovery | None = None
+        self.outbound: Outbound | None = None
+        self.redirected: set[str] = set()
 
     async def _identity(self) -> _Workload:
         cfg = self.config.identity
@@ -117,15 +120,33 @@ class Proxy:
                             opaque_ports=frozenset(out_cfg.opaque_ports))
         await self._listen(inbound.protocol, self.config.inbound.listen, "inbound")
         await self._listen(outbound.protocol, self.config.outbound.listen, "outbound")
+        self.discovery, self.outbound = discovery, outbound
         if self.config.outbound.redirect:
             for service in discovery.services():
-                await self._listen(outbound.protocol, service.address,
-                                   f"service {service.name}")
+                await self._redirect(service)
+            discovery.subscribe(self._service_changed)
         await self._start_admin()
         self.ready = True
         log.info("proxy ready identity=%s inbound=%s outbound=%s services=%d",
                  workload.identity, self.config.inbound.listen, self.config.outbound.listen,
                  len(discovery.services()))
+
+    async def _redirect(self, service: ServiceSpec) -> None:
+        """Listen on a service's address, once, for as long as the proxy runs."""
+        if service.address in self.redirected or self.outbound is None:
+            return
+        self.redirected.add(service.address)
+        await self._listen(self.outbound.protocol, service.address, f"service {service.name}")
+
+    def _service_changed(self, service: ServiceSpec) -> None:
+        if service.address not in self.redirected and service.endpoints:
+            task = asyncio.get_running_loop().create_task(self._redirect(service))
+            task.add_done_callback(_log_failure)
+
+    def reload(self) -> None:
+        """Re-read the discovery file (SIGHUP); the last good data stays on failure."""
+        if isinstance(self.discovery, StaticDiscovery) and self.discovery.path is not None:
+            self.discovery.reload()
 
     async def _start_admin(self) -> None:
         app = web.Application()
@@ -167,6 +188,11 @@ class Proxy:
             await self.admin.cleanup()
 
 
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("redirected listener failed cause=%s", task.exception())
+
+
 def _read_token(path: Path) -> str | None:
     try:
         return path.read_text().strip() or None
@@ -195,6 +221,7 @@ def run(config: ProxyConfig, *, workers: int = 1, loop: str = "asyncio") -> None
         ev = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             ev.add_signal_handler(sig, stop.set)
+        ev.add_signal_handler(signal.SIGHUP, proxy.reload)
         try:
             await proxy.start()
             print(f"proxy {proxy.workload.identity if proxy.workload else ''} ready "

@@ -233,3 +233,32 @@ def test_refusing_upstream_closes_only_that_connection(mesh: Mesh) -> None:
     wait_for(lambda: mesh.server.metric("proxy_protocol_errors_total",
                                         cause="app-unreachable") >= 1, what="refusal counted")
     assert mesh.call(b"ok") == b"ok"
+
+
+def test_sighup_reloads_discovery_and_keeps_last_good_data(mesh: Mesh) -> None:
+    import signal
+
+    import yaml
+
+    path = Path(mesh.client.config["discovery"])
+    original = path.read_text()
+    doc = yaml.safe_load(original)
+    late = dict(doc["services"][0], name=f"late.default.svc.{DOMAIN}",
+                address=f"127.0.1.13:{mesh.service[1]}")
+    path.write_text(yaml.safe_dump({"services": [*doc["services"], late]}))
+    mesh.client.proc.send_signal(signal.SIGHUP)
+
+    def late_answers() -> bool:
+        with socket.create_connection(("127.0.1.13", mesh.service[1]), timeout=5) as s:
+            s.sendall(b"late")
+            return s.recv(10) == b"late"
+
+    wait_for(late_answers, what="the service added by reload to answer")
+    try:
+        path.write_text("services: [{name: broken")
+        mesh.client.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: any("discovery reload failed" in line for line in mesh.client.output),
+                 what="the failed reload to be logged")
+        assert mesh.call(b"still here") == b"still here"
+    finally:
+        path.write_text(original)
