@@ -1,0 +1,15 @@
+"""The proxy must not load the kubernetes client: it is memory every sidecar pays for."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_proxy_process_does_not_import_kubernetes() -> None:
+    code = ("import sys, mesh.cli, mesh.proxy.main, mesh.identity.certstore, "
+            "mesh.identity.client; mesh.cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
