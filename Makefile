@@ -42,6 +42,7 @@ demo: $(STAMP)
 bench: $(STAMP) tools
 	$(PY) bench/apiserver.py
 	$(PY) bench/identity.py
+	$(PY) bench/dataplane.py
 
 clean:
 	rm -rf $(VENV) demo-state .mypy_cache .ruff_cache .pytest_cache .hypothesis

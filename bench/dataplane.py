@@ -503,7 +503,7 @@ def _latency_ms(text: str) -> float:
     m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
     if not m:
         raise BenchError(f"unreadable wrk latency {text!r}")
-    return float(m.group(1)) * _UNITS_MS[m.group(2)]
+    return round(float(m.group(1)) * _UNITS_MS[m.group(2)], 3)
 
 
 def parse_wrk(out: str) -> WrkResult:
