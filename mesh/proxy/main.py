@@ -9,6 +9,7 @@ that ``--workers N`` processes share them.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -201,8 +202,25 @@ def _read_token(path: Path) -> str | None:
         return None
 
 
+def _return_freed_buffers_to_the_os() -> None:
+    """Serve large per-connection buffers from mmap, so that they go back when freed.
+
+    asyncio's TLS layer gives every connection a 256 KiB read buffer. glibc's
+    adaptive threshold soon moves such blocks onto the heap, where freed ones
+    stay resident: RSS then keeps the peak of a connection burst for good.
+    A fixed threshold (M_MMAP_THRESHOLD) keeps them mmapped.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to tune
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+
+
 def run(config: ProxyConfig, *, workers: int = 1, loop: str = "asyncio") -> None:
     """Run the proxy until SIGINT/SIGTERM, in ``workers`` processes."""
+    _return_freed_buffers_to_the_os()
     children: list[int] = []
     for _ in range(workers - 1):
         pid = os.fork()
