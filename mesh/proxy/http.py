@@ -18,6 +18,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mesh.errors import IdentityError, ProtocolError
 from mesh.identity.names import Identity
@@ -106,6 +107,31 @@ class Pool:
             up.writer.close()
 
 
+class _Series:
+    """Metric children for one label set, with per-status children made on first use."""
+
+    def __init__(self, metrics: ProxyMetrics, labels: dict[str, str]) -> None:
+        self.metrics, self.labels = metrics, labels
+        self.request = metrics.request.labels(**labels)
+        self._latency: dict[int, Any] = {}
+        self._response: dict[tuple[int, str], Any] = {}
+
+    def latency(self, status: int) -> Any:
+        child = self._latency.get(status)
+        if child is None:
+            child = self._latency[status] = self.metrics.response_latency.labels(
+                **self.labels, status_code=str(status))
+        return child
+
+    def response(self, status: int, classification: str) -> Any:
+        child = self._response.get((status, classification))
+        if child is None:
+            child = self._response[(status, classification)] = self.metrics.response.labels(
+                **self.labels, status_code=str(status), classification=classification,
+                error="")
+        return child
+
+
 class HttpOutbound:
     def __init__(self, pool: Pool, metrics: ProxyMetrics, *, request_timeout: float,
                  own_identity: Callable[[], Identity]) -> None:
@@ -114,6 +140,7 @@ class HttpOutbound:
         self.request_timeout = request_timeout
         self.own_identity = own_identity
         self.budgets: dict[str, RetryBudget] = {}
+        self._cache: dict[tuple[str, ...], _Series] = {}
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     service: ServiceSpec, balancer: Balancer, peer: str) -> None:
@@ -175,6 +202,16 @@ class HttpOutbound:
                 return parts, isinstance(event, http1.Paused) or event is http1.PAUSED
         return parts, False
 
+    def _series(self, labels: dict[str, str]) -> _Series:
+        """The metric children of one label set, looked up once, not per request."""
+        key = tuple(labels.values())
+        series = self._cache.get(key)
+        if series is None:
+            if len(self._cache) > 10_000:  # bound memory against unbounded authorities
+                self._cache.clear()
+            series = self._cache[key] = _Series(self.metrics, labels)
+        return series
+
     def _labels(self, head: http1.Head, service: ServiceSpec, server_id: str,
                 target: str) -> dict[str, str]:
         host = head.values(b"host")
@@ -203,11 +240,12 @@ class HttpOutbound:
             ep = pick.endpoint.spec
             labels = self._labels(head, service, ep.identity or "", ep.address)
             if not tried[1:]:
-                self.metrics.request.labels(**labels).inc()
+                self._series(labels).request.inc()
             try:
-                return await asyncio.wait_for(self._attempt(
-                    head, body, complete, requests, reader, writer, service, ep, pick, labels,
-                    started), self.request_timeout)
+                # asyncio.timeout costs no task per request, unlike wait_for on 3.11.
+                async with asyncio.timeout(self.request_timeout):
+                    return await self._attempt(head, body, complete, requests, reader, writer,
+                                               service, ep, pick, labels, started)
             except TimeoutError:
                 pick.failed()
                 last = UpstreamError(504, f"request to {service.name} timed out after "
@@ -261,13 +299,12 @@ class HttpOutbound:
             up.writer.close()
             raise UpstreamError(status, f"{ep.address} answered {status}", retryable=True)
         latency = time.monotonic() - started
-        self.metrics.response_latency.labels(**labels, status_code=str(status)).observe(
-            latency * 1000)
+        series = self._series(labels)
+        series.latency(status).observe(latency * 1000)
         writer.write(first.raw)
         ok = await self._relay_response(responses, up, writer)
         classification = "failure" if status >= 500 else "success"
-        self.metrics.response.labels(**labels, status_code=str(status),
-                                     classification=classification, error="").inc()
+        series.response(status, classification).inc()
         if status >= 500:
             pick.failed()
         else:
