@@ -218,7 +218,7 @@ def _return_freed_buffers_to_the_os() -> None:
     libc.mallopt(m_mmap_threshold, 64 * 1024)
 
 
-def run(config: ProxyConfig, *, workers: int = 1, loop: str = "asyncio") -> None:
+def run(config: ProxyConfig, *, workers: int = 1, loop: str = "uvloop") -> None:
     """Run the proxy until SIGINT/SIGTERM, in ``workers`` processes."""
     _return_freed_buffers_to_the_os()
     children: list[int] = []

@@ -147,8 +147,14 @@ class Outbound:
 
         client.on_data = feed
         client.flow.waiter = decided
+        # uvloop reads before this task first runs: what was held goes to the detector first.
+        held = b"".join(client.pending)
+        client.pending.clear()
+        if held:
+            feed(held)
         assert client.transport is not None
-        client.transport.resume_reading()
+        if not decided.done():
+            client.transport.resume_reading()
         try:
             result = await asyncio.wait_for(decided, self.detect_timeout)
         except TimeoutError:

@@ -3,7 +3,9 @@
 uvloop starts reading an accepted connection right after the protocol's
 ``connection_made`` returns, whatever ``pause_reading()`` was called there, so
 the ClientHello used to reach the plain protocol before ``start_tls`` could
-take over. These tests run the opaque proxy pair with ``--loop uvloop``, and an
+take over. These tests run the opaque proxy pair with ``--loop uvloop`` (the
+service is ``opaque: true``: outbound HTTP detection has its own uvloop race,
+see `test_detected_service_answers_promptly`), and an
 in-process `Inbound` on both loops: per-connection context selection (a trust
 anchor dropped from the context stops being trusted for new connections),
 handshake failures counted and logged with the peer, the header timeout, and
@@ -116,6 +118,7 @@ services:
         client.stop()
         server.stop()
         app.shutdown()
+        app.server_close()
 
 
 def _closed(sock: socket.socket | ssl.SSLSocket) -> bool:
@@ -155,10 +158,6 @@ def test_many_connections_in_parallel(pair: Pair) -> None:
     assert sorted(results) == sorted(b"conn %d" % i for i in range(20))
 
 
-@pytest.mark.xfail(strict=True, raises=TimeoutError, reason=(
-    "mesh/proxy/outbound.py _detect() never feeds the detector the bytes held in "
-    "client.pending; uvloop reads them before Outbound.handle's first step, so detection "
-    "waits for detectTimeout (10 s) and relays as opaque"))
 def test_detected_service_answers_promptly(pair: Pair) -> None:
     payload = b"not http, decided at once"
     assert pair.call(payload, timeout=3, service=(DETECTED, pair.service[1])) == payload
