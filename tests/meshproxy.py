@@ -6,8 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import queue
-import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -24,8 +24,36 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh.identity import ca
 from mesh.identity.ca import IssuerDir
 from mesh.identity.names import Identity
+from tests.cluster import stop_process
 
 DOMAIN = "cluster.local"
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+def echo_app() -> socketserver.ThreadingTCPServer:
+    """A TCP echo server on 127.0.0.1, serving from a daemon thread; shut it down after."""
+    app = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    app.daemon_threads = True
+    threading.Thread(target=app.serve_forever, daemon=True).start()
+    return app
+
+
+def call(address: tuple[str, int], payload: bytes, timeout: float = 5) -> bytes:
+    """Send ``payload`` and read until as many bytes came back (or the connection ended)."""
+    with socket.create_connection(address, timeout=timeout) as s:
+        s.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
 
 
 def free_port() -> int:
@@ -97,13 +125,7 @@ class ProxyProcess:
                    if all(lbls.get(k) == want for k, want in labels.items()))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def start_proxy(root: Path, name: str, config: dict[str, Any], *,

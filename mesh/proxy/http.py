@@ -174,11 +174,7 @@ class HttpOutbound:
                 return event
             if isinstance(event, http1.ConnectionClosed):
                 return None
-            data = await reader.read(READ_SIZE)
-            if not data:
-                requests.connection_closed()
-            else:
-                requests.receive_data(data)
+            await _pull(requests, reader)
 
     async def _read_body_for_retry(self, requests: http1.MessageReader,
                                    reader: asyncio.StreamReader) -> tuple[list[bytes], bool]:
@@ -193,11 +189,7 @@ class HttpOutbound:
                 parts.append(event.data)
                 size += len(event.data)
             elif event is http1.NEED_DATA:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    requests.connection_closed()
-                else:
-                    requests.receive_data(data)
+                await _pull(requests, reader)
             else:
                 return parts, isinstance(event, http1.Paused) or event is http1.PAUSED
         return parts, False
@@ -328,11 +320,7 @@ class HttpOutbound:
                 out.write(event.data)
                 await out.drain()
             elif event is http1.NEED_DATA:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    requests.connection_closed()
-                else:
-                    requests.receive_data(data)
+                await _pull(requests, reader)
             else:
                 return
 
@@ -348,11 +336,7 @@ class HttpOutbound:
             if isinstance(event, http1.ConnectionClosed):
                 raise UpstreamError(502, "the upstream closed the connection before answering",
                                     retryable=reused)
-            data = await up.reader.read(READ_SIZE)
-            if not data:
-                responses.connection_closed()
-            else:
-                responses.receive_data(data)
+            await _pull(responses, up.reader)
 
     async def _relay_response(self, responses: http1.MessageReader, up: Upstream,
                               writer: asyncio.StreamWriter) -> str:
@@ -371,11 +355,16 @@ class HttpOutbound:
             elif isinstance(event, http1.ConnectionClosed):
                 return "closed"
             else:
-                data = await up.reader.read(READ_SIZE)
-                if not data:
-                    responses.connection_closed()
-                else:
-                    responses.receive_data(data)
+                await _pull(responses, up.reader)
+
+
+async def _pull(parser: http1.MessageReader, stream: asyncio.StreamReader) -> None:
+    """Give the parser the next bytes from the stream, or tell it the stream ended."""
+    data = await stream.read(READ_SIZE)
+    if data:
+        parser.receive_data(data)
+    else:
+        parser.connection_closed()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

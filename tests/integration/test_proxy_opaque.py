@@ -4,9 +4,7 @@ header, and every bad-input case on the inbound side."""
 from __future__ import annotations
 
 import socket
-import socketserver
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,18 +17,7 @@ from mesh.identity.bundle import TrustBundle
 from mesh.identity.names import Identity
 from mesh.proxy.transport_header import TransportHeader
 from tests.cluster import wait_for
-from tests.meshproxy import DOMAIN, ProxyProcess, Trust, free_port, start_proxy
-
-
-class Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        while data := self.request.recv(65536):
-            self.request.sendall(data)
-
-
-class App(socketserver.ThreadingTCPServer):
-    allow_reuse_address = True
-    daemon_threads = True
+from tests.meshproxy import DOMAIN, ProxyProcess, Trust, call, echo_app, free_port, start_proxy
 
 
 class Mesh:
@@ -40,23 +27,14 @@ class Mesh:
         self.server, self.client, self.service = server, client, service
 
     def call(self, payload: bytes, timeout: float = 5) -> bytes:
-        with socket.create_connection(self.service, timeout=timeout) as s:
-            s.sendall(payload)
-            got = b""
-            while len(got) < len(payload):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                got += chunk
-            return got
+        return call(self.service, payload, timeout)
 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     root = tmp_path_factory.mktemp("mesh")
     trust = Trust.create(root)
-    app = App(("127.0.0.1", 0), Echo)
-    threading.Thread(target=app.serve_forever, daemon=True).start()
+    app = echo_app()
     app_port = app.server_address[1]
     server = start_proxy(root, "server", {
         "identity": trust.workload("default", "echo"),

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import socket
-import socketserver
 import ssl
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -37,22 +36,11 @@ from mesh.proxy.inbound import Inbound, InboundPolicy
 from mesh.proxy.relay import FlowMetrics
 from mesh.proxy.transport_header import TransportHeader
 from tests.cluster import wait_for
-from tests.meshproxy import DOMAIN, ProxyProcess, Trust, free_port, start_proxy
+from tests.meshproxy import DOMAIN, ProxyProcess, Trust, call, echo_app, free_port, start_proxy
 
 UVLOOP = ("--loop", "uvloop")
 DETECTED = "127.0.1.21"
 """A service without ``opaque: true``: the outbound side reads to detect HTTP first."""
-
-
-class Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        while data := self.request.recv(65536):
-            self.request.sendall(data)
-
-
-class App(socketserver.ThreadingTCPServer):
-    allow_reuse_address = True
-    daemon_threads = True
 
 
 class Pair:
@@ -63,23 +51,14 @@ class Pair:
 
     def call(self, payload: bytes, timeout: float = 5, *,
              service: tuple[str, int] | None = None) -> bytes:
-        with socket.create_connection(service or self.service, timeout=timeout) as s:
-            s.sendall(payload)
-            got = b""
-            while len(got) < len(payload):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                got += chunk
-            return got
+        return call(service or self.service, payload, timeout)
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     root = tmp_path_factory.mktemp("uvmesh")
     trust = Trust.create(root)
-    app = App(("127.0.0.1", 0), Echo)
-    threading.Thread(target=app.serve_forever, daemon=True).start()
+    app = echo_app()
     app_port = app.server_address[1]
     server = start_proxy(root, "server", {
         "identity": trust.workload("default", "echo"),

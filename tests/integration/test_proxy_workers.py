@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-import socketserver
-import threading
 from pathlib import Path
 
 import yaml
 
 from mesh.identity.names import Identity
 from tests.cluster import wait_for
-from tests.meshproxy import DOMAIN, Trust, free_port, start_proxy
-
-
-class Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        while data := self.request.recv(65536):
-            self.request.sendall(data)
+from tests.meshproxy import DOMAIN, Trust, call, echo_app, free_port, start_proxy
 
 
 def _children(pid: int) -> list[int]:
@@ -27,9 +18,7 @@ def _children(pid: int) -> list[int]:
 
 def test_workers_share_listeners_and_stop_together(tmp_path: Path) -> None:
     trust = Trust.create(tmp_path)
-    app = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
-    app.daemon_threads = True
-    threading.Thread(target=app.serve_forever, daemon=True).start()
+    app = echo_app()
     server = start_proxy(tmp_path, "server", {"identity": trust.workload("default", "echo")},
                          extra=("--workers", "2"))
     port = free_port()
@@ -45,9 +34,7 @@ def test_workers_share_listeners_and_stop_together(tmp_path: Path) -> None:
         workers = _children(server.proc.pid)
         assert len(workers) == 1  # the parent is the first worker
         for i in range(40):
-            with socket.create_connection(("127.0.4.10", port), timeout=5) as s:
-                s.sendall(b"ping %d" % i)
-                assert s.recv(100) == b"ping %d" % i
+            assert call(("127.0.4.10", port), b"ping %d" % i) == b"ping %d" % i
     finally:
         client.stop()
         server.stop()
