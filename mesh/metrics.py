@@ -50,6 +50,8 @@ class ProxyMetrics:
             (*HTTP_LABELS, "status_code"), buckets=LATENCY_MS_BUCKETS, registry=r)
         self.tcp_authz_allow = Counter("inbound_tcp_authz_allow", "Connections authorized",
                                        AUTHZ_LABELS, registry=r)
+        self.http_authz_allow = Counter("inbound_http_authz_allow", "Requests authorized",
+                                        AUTHZ_LABELS, registry=r)
         self.tcp_authz_deny = Counter("inbound_tcp_authz_deny", "Connections refused",
                                       (*AUTHZ_LABELS, "reason"), registry=r)
         self.protocol_errors = Counter("proxy_protocol_errors", "Connections closed for "

@@ -19,8 +19,9 @@ from typing import cast
 from mesh.errors import IdentityError, ProtocolError
 from mesh.identity.tls import ALPN, check_peer
 from mesh.metrics import ProxyMetrics
+from mesh.proxy.observe import HttpObserver
 from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
-from mesh.proxy.transport_header import HeaderDecoder, TransportHeader
+from mesh.proxy.transport_header import HeaderDecoder, SessionProtocol, TransportHeader
 
 log = logging.getLogger("mesh.proxy.inbound")
 
@@ -151,6 +152,12 @@ class Inbound:
             return
         self.flows.open(labels)
         flow.upstream_labels = None
+        if header.protocol is SessionProtocol.HTTP1:
+            observer = HttpObserver(self.metrics, {
+                "direction": "inbound", "authority": "", "tls": "true", "client_id": client,
+                "server_id": "", "target_addr": labels["target_addr"], "dst_service": ""})
+            protocol.observe = observer.from_client
+            flow.server.observe = observer.from_server
         protocol.start_relaying()
         flow.server.start_relaying()
 

@@ -61,7 +61,8 @@ class Flow:
 class Half(asyncio.Protocol):
     """One side of a flow: what it reads is written to its peer."""
 
-    __slots__ = ("eof", "flow", "on_data", "peer", "pending", "read_bytes", "transport")
+    __slots__ = ("eof", "flow", "observe", "on_data", "peer", "pending", "read_bytes",
+                 "transport")
 
     def __init__(self, flow: Flow) -> None:
         self.flow = flow
@@ -72,6 +73,8 @@ class Half(asyncio.Protocol):
         self.eof = False
         self.on_data: Callable[[bytes], None] | None = None
         """While set, reads go here instead of to the peer (headers, detection)."""
+        self.observe: Callable[[bytes], None] | None = None
+        """Sees a copy of every byte relayed from this side (HTTP metrics)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but behave as one.
@@ -82,6 +85,8 @@ class Half(asyncio.Protocol):
         if self.on_data is not None:
             self.on_data(data)
             return
+        if self.observe is not None:
+            self.observe(data)
         peer = self.peer
         if peer is not None and peer.transport is not None:
             peer.transport.write(data)
@@ -101,8 +106,11 @@ class Half(asyncio.Protocol):
         peer = self.peer
         assert peer is not None and peer.transport is not None
         if self.pending:
-            peer.transport.write(b"".join(self.pending))
+            held = b"".join(self.pending)
             self.pending.clear()
+            if self.observe is not None:
+                self.observe(held)
+            peer.transport.write(held)
         if self.eof:
             self._forward_eof()
         elif self.transport is not None and not self.transport.is_closing():

@@ -243,3 +243,24 @@ def test_malformed_request_is_400(mesh: Mesh) -> None:
         answer = s.recv(4096)
     assert answer.startswith(b"HTTP/1.1 400") and b"l5d-proxy-error: malformed request" in answer
     wait_for(lambda: mesh.get("/ok")[0] == 200, what="proxy still serving")
+
+
+def test_inbound_counts_requests_it_relays(mesh: Mesh) -> None:
+    server = mesh.servers[0]
+    client_id = Identity("default", "client", DOMAIN).dns_name
+    before = server.metric("response_total", direction="inbound", status_code="200",
+                           client_id=client_id)
+    c = mesh.conn()
+    for _ in range(3):
+        c.request("GET", "/ok", headers={"Host": "web.example"})
+        assert c.getresponse().read().startswith(b"ok")
+    c.close()
+    wait_for(lambda: server.metric("response_total", direction="inbound", status_code="200",
+                                   client_id=client_id, authority="web.example") >= 3,
+             what="inbound responses counted")
+    assert server.metric("response_total", direction="inbound", status_code="200",
+                         client_id=client_id) >= before + 3
+    assert server.metric("request_total", direction="inbound", authority="web.example") >= 3
+    assert server.metric("inbound_http_authz_allow_total", client_id=client_id) >= 3
+    assert server.metric("response_latency_ms_count", direction="inbound",
+                         status_code="200") >= 3
