@@ -36,7 +36,11 @@ MAX_RETRY_BODY = 64 * 1024
 IDLE_PER_ENDPOINT = 64
 READ_SIZE = 64 * 1024
 REASONS = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
-           400: "Bad Request"}
+           400: "Bad Request", 408: "Request Timeout"}
+
+
+class HeadTimeout(Exception):
+    """A client started a request head and did not finish it in time (slowloris)."""
 
 
 class UpstreamError(Exception):
@@ -134,10 +138,11 @@ class _Series:
 
 class HttpOutbound:
     def __init__(self, pool: Pool, metrics: ProxyMetrics, *, request_timeout: float,
-                 own_identity: Callable[[], Identity]) -> None:
+                 own_identity: Callable[[], Identity], head_timeout: float = 10.0) -> None:
         self.pool = pool
         self.metrics = metrics
         self.request_timeout = request_timeout
+        self.head_timeout = head_timeout
         self.own_identity = own_identity
         self.budgets: dict[str, RetryBudget] = {}
         self._cache: dict[tuple[str, ...], _Series] = {}
@@ -161,6 +166,11 @@ class HttpOutbound:
             log.info("outbound request refused peer=%s service=%s cause=%s", peer, service.name, e)
             with contextlib.suppress(ConnectionError):
                 writer.write(error_response(400, f"malformed request: {e}"))
+        except HeadTimeout as e:
+            self.metrics.protocol_errors.labels("outbound", "head-timeout").inc()
+            log.info("outbound request refused peer=%s service=%s cause=%s", peer, service.name, e)
+            with contextlib.suppress(ConnectionError):
+                writer.write(error_response(408, str(e)))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -168,13 +178,25 @@ class HttpOutbound:
 
     async def _next_head(self, requests: http1.MessageReader,
                          reader: asyncio.StreamReader) -> http1.Head | None:
+        """The next request head. An idle keep-alive connection may wait as long as it
+        likes; once a head has started, it must be complete within ``head_timeout``."""
+        started = False
         while True:
             event = requests.next_event()
             if isinstance(event, http1.Head):
                 return event
             if isinstance(event, http1.ConnectionClosed):
                 return None
-            await _pull(requests, reader)
+            if not started:
+                await _pull(requests, reader)
+                started = True
+                continue
+            try:
+                async with asyncio.timeout(self.head_timeout):
+                    await _pull(requests, reader)
+            except TimeoutError:
+                raise HeadTimeout(f"the request head was not complete within "
+                                  f"{self.head_timeout:g}s") from None
 
     async def _read_body_for_retry(self, requests: http1.MessageReader,
                                    reader: asyncio.StreamReader) -> tuple[list[bytes], bool]:

@@ -114,7 +114,8 @@ class Proxy:
         http = HttpOutbound(Pool(workload.client_context,
                                  connect_timeout=out_cfg.connect_timeout.total_seconds()),
                             self.metrics, request_timeout=out_cfg.request_timeout.total_seconds(),
-                            own_identity=lambda: workload.identity)
+                            own_identity=lambda: workload.identity,
+                            head_timeout=self.config.detect_timeout.total_seconds())
         outbound = Outbound(discovery, workload.client_context, self.metrics, self.flows,
                             connect_timeout=out_cfg.connect_timeout.total_seconds(),
                             own_identity=lambda: workload.identity, http=http,

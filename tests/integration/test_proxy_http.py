@@ -129,7 +129,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     ]}))
     client = start_proxy(root, "client", {
         "identity": trust.workload("default", "client"), "discovery": str(discovery),
-        "outbound": {"listen": f"127.0.0.1:{free_port()}", "requestTimeout": "1s"}})
+        "outbound": {"listen": f"127.0.0.1:{free_port()}", "requestTimeout": "1s"},
+        "detectTimeout": "1s"})
     try:
         yield Mesh(client, servers, addresses)
     finally:
@@ -264,3 +265,13 @@ def test_inbound_counts_requests_it_relays(mesh: Mesh) -> None:
     assert server.metric("inbound_http_authz_allow_total", client_id=client_id) >= 3
     assert server.metric("response_latency_ms_count", direction="inbound",
                          status_code="200") >= 3
+
+
+def test_slowloris_request_head_gets_408(mesh: Mesh) -> None:
+    host, port = mesh.addresses["web"]
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(b"GET /ok HTTP/1.1\r\nHost: web\r\n")  # and the blank line never comes
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408") and b"l5d-proxy-error: the request head" in answer
+    assert mesh.client.metric("proxy_protocol_errors_total", cause="head-timeout") >= 1
+    assert mesh.get("/ok")[0] == 200
