@@ -99,8 +99,7 @@ class Rotation:
 
     def add_anchor(self, *, now: dt.datetime, anchor_lifetime: dt.timedelta,
                    trust_domain: str) -> TrustBundle:
-        state = self._require(Phase.STEADY, now, force=True)
-        del state
+        self._require(Phase.STEADY, now, force=True)
         bundle = self.issuers.load_bundle()
         issuer = self.issuers.load_issuer()
         if len(bundle.anchors) != 1:

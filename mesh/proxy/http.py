@@ -78,8 +78,8 @@ class Pool:
 
     async def get(self, service: ServiceSpec, ep: EndpointSpec) -> tuple[Upstream, bool]:
         """A connection to ``ep`` and whether it was reused from the pool."""
-        host, _, port = ep.address.rpartition(":")
-        key = (host, int(port), ep.target_port)
+        host, port = ep.host_port
+        key = (host, port, ep.target_port)
         idle = self.idle.get(key)
         while idle:
             up = idle.pop()
@@ -88,10 +88,10 @@ class Pool:
             up.writer.close()
         if ep.identity is None:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host.strip("[]"), int(port)), self.connect_timeout)
+                asyncio.open_connection(host, port), self.connect_timeout)
             return Upstream(reader, writer, key, ""), False
         reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            host.strip("[]"), int(port), ssl=self.client_context(), server_hostname=ep.identity,
+            host, port, ssl=self.client_context(), server_hostname=ep.identity,
             ssl_handshake_timeout=self.connect_timeout), self.connect_timeout)
         try:
             check_peer(writer.get_extra_info("ssl_object"), expected=Identity.parse(ep.identity),
@@ -213,7 +213,8 @@ class HttpOutbound:
             elif event is http1.NEED_DATA:
                 await _pull(requests, reader)
             else:
-                return parts, isinstance(event, http1.Paused) or event is http1.PAUSED
+                # PAUSED: an upgrade request, whose (absent) body is all in hand.
+                return parts, event is http1.PAUSED
         return parts, False
 
     def _series(self, labels: dict[str, str]) -> _Series:

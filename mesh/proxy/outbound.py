@@ -31,11 +31,6 @@ log = logging.getLogger("mesh.proxy.outbound")
 CONNECT_ATTEMPTS = 3
 
 
-def split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 class Outbound:
     def __init__(self, discovery: Discovery, client_context: Callable[[], ssl.SSLContext],
                  metrics: ProxyMetrics, flows: FlowMetrics, *, connect_timeout: float,
@@ -188,7 +183,7 @@ class Outbound:
     async def _connect(self, flow: Flow, service: ServiceSpec, endpoint: EndpointSpec
                        ) -> Labels:
         loop = asyncio.get_running_loop()
-        host, port = split(endpoint.address)
+        host, port = endpoint.host_port
         labels: Labels = {"direction": "outbound", "peer": "dst", "tls": "true",
                           "client_id": str(self.own_identity()), "server_id": "",
                           "target_addr": endpoint.address, "dst_service": service.name}
