@@ -123,6 +123,10 @@ class TrustBundle:
         """PEM text for ``SSLContext.load_verify_locations(cadata=...)``."""
         return self.to_pem().decode("ascii")
 
+    def signer_of(self, cert: x509.Certificate) -> x509.Certificate | None:
+        """The anchor that signed ``cert`` directly (an issuer), or None."""
+        return next((a for a in self.anchors if issued_by(cert, a)), None)
+
     def contains(self, cert: x509.Certificate) -> bool:
         fp = fingerprint(cert)
         return any(fingerprint(a) == fp for a in self.anchors)

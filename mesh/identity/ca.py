@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.errors import IdentityError
-from mesh.identity.bundle import TrustBundle, describe, is_ca, issued_by, rfc3339
+from mesh.identity.bundle import TrustBundle, describe, is_ca, rfc3339
 from mesh.identity.errors import TrustSetupError
 from mesh.identity.names import DEFAULT_CONTROL_NS, Identity, InvalidName, check_trust_domain
 
@@ -517,7 +517,7 @@ class IssuerDir:
         """
         issuer = self._pair(self.issuer_cert, self.issuer_key)
         bundle = self.load_bundle()
-        if not any(issued_by(issuer.cert, a) for a in bundle.anchors):
+        if bundle.signer_of(issuer.cert) is None:
             raise TrustSetupError(
                 f"{self.issuer_cert} ({describe(issuer.cert)}, issued by "
                 f"{issuer.cert.issuer.rfc4514_string()}) does not chain to any anchor in "

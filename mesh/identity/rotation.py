@@ -136,7 +136,7 @@ class Rotation:
         bundle = self.issuers.load_bundle()
         remaining = bundle.without_anchor(state.old_anchor)
         issuer = self.issuers.load_issuer()
-        if not any(issued_by(issuer.cert, a) for a in remaining.anchors):
+        if remaining.signer_of(issuer.cert) is None:
             raise TrustSetupError("the issuer does not chain to the anchors that would remain")
         self.issuers.save_bundle(remaining)
         self._save(RotationState(Phase.STEADY, None))
@@ -148,7 +148,7 @@ class Rotation:
         bundle = self.issuers.load_bundle()
         lines = ["anchors trusted: " + ", ".join(bundle.describe(a) for a in bundle.anchors)]
         issuer = self.issuers.load_issuer().cert
-        signer = next((a for a in bundle.anchors if issued_by(issuer, a)), None)
+        signer = bundle.signer_of(issuer)
         lines.append(f"issuer: {issuer.subject.rfc4514_string()}, signed by "
                      f"{bundle.describe(signer) if signer else 'an anchor not in the bundle'}, "
                      f"valid until {issuer.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")

@@ -234,3 +234,15 @@ async def test_removed_anchor_cannot_renew(cluster: Cluster, service: Service) -
                                       key=ca.key_pem(key))
     assert (status, body["error"]) == (401, "untrusted-certificate")
     assert "root.cluster.local" in body["message"]
+
+
+async def test_status_names_the_issuer_and_its_anchor(service: Service) -> None:
+    async with aiohttp.ClientSession() as s, s.get(
+            f"{service.url}/v1/status", ssl=service.context(),
+            server_hostname=service.svc.identity.dns_name) as resp:
+        assert resp.status == 200
+        doc = await resp.json()
+    anchor = service.issuers.load_bundle().anchors[0]
+    assert doc["trustDomain"] == DOMAIN
+    assert doc["issuer"]["anchor"] == service.issuers.load_bundle().describe(anchor)
+    assert doc["anchors"] == [doc["issuer"]["anchor"]]
