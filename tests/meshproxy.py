@@ -56,6 +56,26 @@ def call(address: tuple[str, int], payload: bytes, timeout: float = 5) -> bytes:
         return got
 
 
+def endpoint(proxy_port: int, target_port: int, service_account: str, *,
+             priority: int = 0) -> dict[str, Any]:
+    """A discovery endpoint: a proxy's inbound port on 127.0.0.1 serving default/SA."""
+    return {"address": f"127.0.0.1:{proxy_port}", "targetPort": target_port,
+            "identity": Identity("default", service_account, DOMAIN).dns_name,
+            "priority": priority}
+
+
+def service(name: str, address: str, *endpoints: dict[str, Any],
+            opaque: bool = False) -> dict[str, Any]:
+    """A discovery service ``<name>.default.svc`` at ``address`` (VIP:port)."""
+    return {"name": f"{name}.default.svc.{DOMAIN}", "address": address, "opaque": opaque,
+            "endpoints": list(endpoints)}
+
+
+def services_file(path: Path, *services: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump({"services": list(services)}))
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,10 +7,8 @@ from concurrent import futures
 
 import grpc
 import pytest
-import yaml
 
-from mesh.identity.names import Identity
-from tests.meshproxy import DOMAIN, Trust, free_port, start_proxy
+from tests.meshproxy import Trust, endpoint, free_port, service, services_file, start_proxy
 
 METHOD = "/meshgate.test.Echo/Shout"
 
@@ -34,10 +32,8 @@ def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "identity": trust.workload("default", "grpc"),
         "inbound": {"listen": f"127.0.0.1:{free_port()}"}})
     port = free_port()
-    (root / "services.yaml").write_text(yaml.safe_dump({"services": [{
-        "name": f"grpc.default.svc.{DOMAIN}", "address": f"127.0.3.10:{port}",
-        "endpoints": [{"address": f"127.0.0.1:{inbound.inbound[1]}", "targetPort": app_port,
-                       "identity": Identity("default", "grpc", DOMAIN).dns_name}]}]}))
+    services_file(root / "services.yaml", service(
+        "grpc", f"127.0.3.10:{port}", endpoint(inbound.inbound[1], app_port, "grpc")))
     outbound = start_proxy(root, "grpc-client", {
         "identity": trust.workload("default", "caller"),
         "discovery": str(root / "services.yaml")})

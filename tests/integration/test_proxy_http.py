@@ -13,11 +13,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mesh.identity.names import Identity
 from tests.cluster import wait_for
-from tests.meshproxy import DOMAIN, ProxyProcess, Trust, free_port, start_proxy
+from tests.meshproxy import (
+    DOMAIN,
+    ProxyProcess,
+    Trust,
+    endpoint,
+    free_port,
+    service,
+    services_file,
+    start_proxy,
+)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -105,7 +113,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     root = tmp_path_factory.mktemp("http")
     trust = Trust.create(root)
     apps = [_app() for _ in range(2)]
-    server_id = Identity("default", "web", DOMAIN).dns_name
     servers = [start_proxy(root, f"server{i}", {
         "identity": trust.workload("default", "web"),
         "inbound": {"listen": f"127.0.0.1:{free_port()}"}}) for i in range(2)]
@@ -113,20 +120,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     addresses = {"web": ("127.0.2.10", port), "failover": ("127.0.2.11", port),
                  "dead": ("127.0.2.12", port)}
     dead_port = free_port()
-    def endpoint(proxy_port: int, app_port: int, priority: int = 0) -> dict[str, object]:
-        return {"address": f"127.0.0.1:{proxy_port}", "targetPort": app_port,
-                "identity": server_id, "priority": priority}
-
-    discovery = root / "services.yaml"
-    discovery.write_text(yaml.safe_dump({"services": [
-        {"name": f"web.default.svc.{DOMAIN}", "address": f"127.0.2.10:{port}",
-         "endpoints": [endpoint(servers[0].inbound[1], apps[0][1])]},
-        {"name": f"failover.default.svc.{DOMAIN}", "address": f"127.0.2.11:{port}",
-         "endpoints": [endpoint(dead_port, apps[0][1], 0),
-                       endpoint(servers[1].inbound[1], apps[1][1], 1)]},
-        {"name": f"dead.default.svc.{DOMAIN}", "address": f"127.0.2.12:{port}",
-         "endpoints": [endpoint(dead_port, apps[0][1])]},
-    ]}))
+    discovery = services_file(
+        root / "services.yaml",
+        service("web", f"127.0.2.10:{port}", endpoint(servers[0].inbound[1], apps[0][1], "web")),
+        service("failover", f"127.0.2.11:{port}", endpoint(dead_port, apps[0][1], "web"),
+                endpoint(servers[1].inbound[1], apps[1][1], "web", priority=1)),
+        service("dead", f"127.0.2.12:{port}", endpoint(dead_port, apps[0][1], "web")))
     client = start_proxy(root, "client", {
         "identity": trust.workload("default", "client"), "discovery": str(discovery),
         "outbound": {"listen": f"127.0.0.1:{free_port()}", "requestTimeout": "1s"},

@@ -17,7 +17,18 @@ from mesh.identity.bundle import TrustBundle
 from mesh.identity.names import Identity
 from mesh.proxy.transport_header import TransportHeader
 from tests.cluster import wait_for
-from tests.meshproxy import DOMAIN, ProxyProcess, Trust, call, echo_app, free_port, start_proxy
+from tests.meshproxy import (
+    DOMAIN,
+    ProxyProcess,
+    Trust,
+    call,
+    echo_app,
+    endpoint,
+    free_port,
+    service,
+    services_file,
+    start_proxy,
+)
 
 
 class Mesh:
@@ -42,34 +53,17 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                     "authorized": [Identity("default", "client", DOMAIN).dns_name,
                                    Identity("default", "tester", DOMAIN).dns_name]},
         "detectTimeout": "1s"})
-    service = ("127.0.1.10", free_port())
-    host, port = server.inbound
-    discovery = root / "services.yaml"
-    discovery.write_text(f"""
-services:
-- name: echo.default.svc.{DOMAIN}
-  address: "{service[0]}:{service[1]}"
-  endpoints:
-  - address: "{host}:{port}"
-    targetPort: {app_port}
-    identity: {Identity("default", "echo", DOMAIN).dns_name}
-- name: impostor.default.svc.{DOMAIN}
-  address: "127.0.1.11:{service[1]}"
-  endpoints:
-  - address: "{host}:{port}"
-    targetPort: {app_port}
-    identity: {Identity("default", "other", DOMAIN).dns_name}
-- name: refused.default.svc.{DOMAIN}
-  address: "127.0.1.12:{service[1]}"
-  endpoints:
-  - address: "{host}:{port}"
-    targetPort: {free_port()}
-    identity: {Identity("default", "echo", DOMAIN).dns_name}
-""")
+    vip = ("127.0.1.10", free_port())
+    inbound = server.inbound[1]
+    discovery = services_file(
+        root / "services.yaml",
+        service("echo", f"{vip[0]}:{vip[1]}", endpoint(inbound, app_port, "echo")),
+        service("impostor", f"127.0.1.11:{vip[1]}", endpoint(inbound, app_port, "other")),
+        service("refused", f"127.0.1.12:{vip[1]}", endpoint(inbound, free_port(), "echo")))
     client = start_proxy(root, "client", {
         "identity": trust.workload("default", "client"), "discovery": str(discovery)})
     try:
-        yield Mesh(trust, app_port, server, client, service)
+        yield Mesh(trust, app_port, server, client, vip)
     finally:
         client.stop()
         server.stop()

@@ -36,7 +36,18 @@ from mesh.proxy.inbound import Inbound, InboundPolicy
 from mesh.proxy.relay import FlowMetrics
 from mesh.proxy.transport_header import TransportHeader
 from tests.cluster import wait_for
-from tests.meshproxy import DOMAIN, ProxyProcess, Trust, call, echo_app, free_port, start_proxy
+from tests.meshproxy import (
+    DOMAIN,
+    ProxyProcess,
+    Trust,
+    call,
+    echo_app,
+    endpoint,
+    free_port,
+    service,
+    services_file,
+    start_proxy,
+)
 
 UVLOOP = ("--loop", "uvloop")
 DETECTED = "127.0.1.21"
@@ -65,25 +76,13 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         "inbound": {"listen": f"127.0.0.1:{free_port()}",
                     "authorized": [Identity("default", "client", DOMAIN).dns_name]},
         "detectTimeout": "1s"}, extra=UVLOOP)
-    service = ("127.0.1.20", free_port())
-    host, port = server.inbound
-    discovery = root / "services.yaml"
-    discovery.write_text(f"""
-services:
-- name: echo.default.svc.{DOMAIN}
-  address: "{service[0]}:{service[1]}"
-  opaque: true
-  endpoints:
-  - address: "{host}:{port}"
-    targetPort: {app_port}
-    identity: {Identity("default", "echo", DOMAIN).dns_name}
-- name: detected.default.svc.{DOMAIN}
-  address: "{DETECTED}:{service[1]}"
-  endpoints:
-  - address: "{host}:{port}"
-    targetPort: {app_port}
-    identity: {Identity("default", "echo", DOMAIN).dns_name}
-""")
+    vip = ("127.0.1.20", free_port())
+    inbound = server.inbound[1]
+    discovery = services_file(
+        root / "services.yaml",
+        service("echo", f"{vip[0]}:{vip[1]}", endpoint(inbound, app_port, "echo"),
+                opaque=True),
+        service("detected", f"{DETECTED}:{vip[1]}", endpoint(inbound, app_port, "echo")))
     try:
         client = start_proxy(root, "client", {
             "identity": trust.workload("default", "client"), "discovery": str(discovery)},
@@ -92,7 +91,7 @@ services:
         server.stop()
         raise
     try:
-        yield Pair(trust, app_port, server, client, service)
+        yield Pair(trust, app_port, server, client, vip)
     finally:
         client.stop()
         server.stop()

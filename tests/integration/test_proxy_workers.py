@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-from mesh.identity.names import Identity
 from tests.cluster import wait_for
-from tests.meshproxy import DOMAIN, Trust, call, echo_app, free_port, start_proxy
+from tests.meshproxy import (
+    Trust,
+    call,
+    echo_app,
+    endpoint,
+    free_port,
+    service,
+    services_file,
+    start_proxy,
+)
 
 
 def _children(pid: int) -> list[int]:
@@ -22,11 +28,8 @@ def test_workers_share_listeners_and_stop_together(tmp_path: Path) -> None:
     server = start_proxy(tmp_path, "server", {"identity": trust.workload("default", "echo")},
                          extra=("--workers", "2"))
     port = free_port()
-    (tmp_path / "services.yaml").write_text(yaml.safe_dump({"services": [{
-        "name": f"echo.default.svc.{DOMAIN}", "address": f"127.0.4.10:{port}",
-        "endpoints": [{"address": f"127.0.0.1:{server.inbound[1]}",
-                       "targetPort": app.server_address[1],
-                       "identity": Identity("default", "echo", DOMAIN).dns_name}]}]}))
+    services_file(tmp_path / "services.yaml", service(
+        "echo", f"127.0.4.10:{port}", endpoint(server.inbound[1], app.server_address[1], "echo")))
     client = start_proxy(tmp_path, "client", {"identity": trust.workload("default", "c"),
                                               "discovery": str(tmp_path / "services.yaml")},
                          extra=("--workers", "2"))
