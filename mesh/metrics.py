@@ -7,9 +7,13 @@ prometheus-client adds the ``_total`` suffix to counters itself: the family
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as _values
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Linkerd's proxy buckets (linkerd2-proxy: metrics/latency.rs).
 LATENCY_MS_BUCKETS = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500, 1000, 2000,
@@ -33,7 +37,7 @@ class ProxyMetrics:
         self.tcp_close = Counter("tcp_close", "Connections closed", (*TCP_LABELS, "errno"),
                                  registry=r)
         self.tcp_open_connections = Gauge("tcp_open_connections", "Connections open now",
-                                          TCP_LABELS, registry=r)
+                                          TCP_LABELS, registry=r, multiprocess_mode="livesum")
         self.tcp_read_bytes = Counter("tcp_read_bytes", "Bytes read from the peer",
                                       TCP_LABELS, registry=r)
         self.tcp_write_bytes = Counter("tcp_write_bytes", "Bytes written to the peer",
@@ -60,3 +64,28 @@ class ProxyMetrics:
         self.endpoint_ejections = Counter("outbound_endpoint_ejections",
                                           "Endpoints ejected by failure accrual",
                                           ("dst_service", "endpoint"), registry=r)
+
+
+_SHARED_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_between_processes(directory: Path) -> None:
+    """Keep this process's metric values in files under `directory`, so that any
+    of several worker processes can expose the sum of all of them.
+
+    prometheus-client's multiprocess mode; call it before the first metric is
+    made, in the parent before forking workers. `exposition()` then reads every
+    worker's files, so a scrape that lands on any worker sees the whole proxy.
+    """
+    os.environ[_SHARED_ENV] = str(directory)
+    _values.ValueClass = _values.MultiProcessValue()
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The text exposition of `registry`, or of all worker processes when shared."""
+    directory = os.environ.get(_SHARED_ENV)
+    if directory is None:
+        return generate_latest(registry)
+    combined = CollectorRegistry()
+    MultiProcessCollector(combined, path=directory)
+    return generate_latest(combined)

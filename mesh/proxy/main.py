@@ -12,22 +12,23 @@ import asyncio
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from aiohttp import web
-from prometheus_client import generate_latest
 
 from mesh.config import ProxyConfig, split_address
 from mesh.errors import ConfigError
 from mesh.identity.bundle import TrustBundle
 from mesh.identity.names import Identity
 from mesh.identity.static import StaticIdentity
-from mesh.metrics import ProxyMetrics
+from mesh.metrics import ProxyMetrics, exposition, share_between_processes
 from mesh.proxy.discovery import Discovery, ServiceSpec, StaticDiscovery
 from mesh.proxy.http import HttpOutbound, Pool
 from mesh.proxy.inbound import Inbound, InboundPolicy
@@ -172,7 +173,7 @@ class Proxy:
         await web.SockSite(self.admin, sock).start()
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry),
+        return web.Response(body=exposition(self.metrics.registry),
                             content_type="text/plain", charset="utf-8")
 
     async def _ready(self, request: web.Request) -> web.Response:
@@ -226,10 +227,15 @@ async def return_freed_memory(interval: float = 10.0) -> None:
 def run(config: ProxyConfig, *, workers: int = 1, loop: str = "uvloop") -> None:
     """Run the proxy until SIGINT/SIGTERM, in ``workers`` processes."""
     children: list[int] = []
+    shared: str | None = None
+    if workers > 1:
+        # Every worker answers /metrics with the sum of all workers.
+        shared = tempfile.mkdtemp(prefix="meshgate-metrics-")
+        share_between_processes(Path(shared))
     for _ in range(workers - 1):
         pid = os.fork()
         if pid == 0:
-            children = []
+            children, shared = [], None
             break
         children.append(pid)
     if loop == "uvloop":
@@ -259,7 +265,7 @@ def run(config: ProxyConfig, *, workers: int = 1, loop: str = "uvloop") -> None:
             try:
                 os.kill(pid, signal.SIGTERM)
                 os.waitpid(pid, 0)
-            except ChildProcessError:
+            except (ChildProcessError, ProcessLookupError):
                 pass
-            except ProcessLookupError:
-                pass
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)

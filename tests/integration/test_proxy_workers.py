@@ -38,6 +38,12 @@ def test_workers_share_listeners_and_stop_together(tmp_path: Path) -> None:
         assert len(workers) == 1  # the parent is the first worker
         for i in range(40):
             assert call(("127.0.4.10", port), b"ping %d" % i) == b"ping %d" % i
+        # The connections landed on both workers, yet every scrape, whichever
+        # worker answers it, counts all 40.
+        for _ in range(6):
+            assert client.metric("tcp_open_total", direction="outbound",
+                                 dst_service="echo.default.svc.cluster.local") == 40
+            assert server.metric("tcp_open_total", direction="inbound") >= 40
     finally:
         client.stop()
         server.stop()
