@@ -1,0 +1,1 @@
+"""The per-cluster control plane: identity, destination and policy served to proxies."""
