@@ -47,6 +47,9 @@ class ClusterConfig:
     """How many events a watch can resume across; older resourceVersions get 410 Gone."""
     bookmark_interval: float = 60.0
     synchronous: str = "FULL"
+    also_listen: tuple[tuple[str, str, int], ...] = ()
+    """(network namespace, host, port): more listeners, each in its own namespace, such
+    as a cluster node's, so that workloads there reach the same server."""
 
 
 def _free_port(host: str, preferred: int) -> int:
@@ -89,6 +92,21 @@ def write_kubeconfig(path: Path, *, name: str, server: str, ca_pem: bytes, token
     os.replace(tmp, path)
 
 
+def _listener_in(netns: str, host: str, port: int) -> socket.socket:
+    from localcluster.netns import socket_in_namespace
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket_in_namespace(netns, family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} in network namespace {netns}: "
+                          f"{e.strerror or e}") from e
+    return sock
+
+
 class ClusterServer:
     """Start with `start()`, stop with `stop()`; `kubeconfig` is ready once started."""
 
@@ -124,7 +142,8 @@ class ClusterServer:
         self.port = cfg.port or _free_port(cfg.host, _previous_port(self.kubeconfig))
         api_ip = str(ipaddress.ip_network(cfg.service_cidr).network_address + 1)
         hosts = [cfg.host, "127.0.0.1", "localhost", api_ip, "kubernetes", "kubernetes.default",
-                 "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"]
+                 "kubernetes.default.svc", "kubernetes.default.svc.cluster.local",
+                 *(host for _, host, _ in cfg.also_listen)]
         pki = ensure_pki(cfg.state_dir, cluster=cfg.name, hosts=hosts)
         db_path = cfg.state_dir / "cluster.db"
         try:
@@ -163,6 +182,9 @@ class ClusterServer:
         except OSError as e:
             raise ConfigError(f"cannot listen on {cfg.host}:{self.port}: {e.strerror or e}; "
                               "choose another address with --listen") from e
+        for netns, host, port in cfg.also_listen:
+            await web.SockSite(self._runner, _listener_in(netns, host, port),
+                               ssl_context=ctx).start()
         write_kubeconfig(self.kubeconfig, name=cfg.name, server=self.url,
                          ca_pem=pki.ca_cert_pem, token=pki.admin_token)
         log.info("cluster serving name=%s url=%s kubeconfig=%s", cfg.name, self.url,

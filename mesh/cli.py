@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from localcluster.commands import add_cluster_commands
 from mesh.errors import MeshError
 from mesh.identity.commands import add_identity_commands, add_vm_commands
 
@@ -31,6 +32,14 @@ def _listen(value: str) -> tuple[str, int]:
     if not 0 <= number <= 65535:
         raise argparse.ArgumentTypeError(f"{value!r}: the port must be 0-65535")
     return host, number
+
+
+def _netns_listen(value: str) -> tuple[str, str, int]:
+    netns, sep, address = value.partition("=")
+    if not sep or not netns:
+        raise argparse.ArgumentTypeError(f"{value!r} is not NETNS=HOST:PORT")
+    host, port = _listen(address)
+    return netns, host, port
 
 
 def _positive(number: type[int] | type[float]) -> Callable[[str], float]:
@@ -71,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="events kept for watches to resume from (older: 410 Gone)")
     serve.add_argument("--bookmark-interval", type=_positive(float), default=60.0,
                        help="seconds between watch bookmarks")
+    serve.add_argument("--also-listen", type=_netns_listen, action="append", default=[],
+                       metavar="NETNS=HOST:PORT",
+                       help="also listen in that network namespace (repeatable)")
     serve.set_defaults(func=_cluster_serve)
+    add_cluster_commands(cluster_cmds)
     add_identity_commands(commands)
     add_vm_commands(commands)
 
@@ -85,6 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="event loop: uvloop (measured about half the CPU per request) "
                      "or the standard library's")
     run.set_defaults(func=_proxy_run)
+
+    control = commands.add_parser("control", help="the per-cluster control plane")
+    control_cmds = control.add_subparsers(dest="control_command", required=True)
+    crun = control_cmds.add_parser("run", help="serve identity and destination in the "
+                                   "foreground")
+    crun.add_argument("--kubeconfig", required=True, type=Path)
+    crun.add_argument("--identity-dir", required=True, type=Path,
+                      help="the issuer directory (`meshgate identity init --out`)")
+    crun.add_argument("--trust-domain", required=True)
+    crun.add_argument("--listen", type=_listen, default=("0.0.0.0", 8086),
+                      help="HOST:PORT of the mTLS listener (default 0.0.0.0:8086)")
+    crun.add_argument("--cluster-domain", default="cluster.local",
+                      help="the DNS domain of Service names (<svc>.<ns>.svc.<domain>)")
+    crun.add_argument("--cluster-name", help="this cluster's name, for logs")
+    crun.add_argument("--control-namespace", default="meshgate")
+    crun.add_argument("--heartbeat", type=_positive(float), default=10.0,
+                      help="seconds of silence after which a destination watch gets a "
+                      "heartbeat")
+    crun.set_defaults(func=_control_run)
     return parser
 
 
@@ -97,13 +129,24 @@ def _proxy_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control_run(args: argparse.Namespace) -> int:
+    from mesh.control.run import ControlSettings, run
+
+    run(ControlSettings(kubeconfig=args.kubeconfig, identity_dir=args.identity_dir,
+                        trust_domain=args.trust_domain, listen=args.listen,
+                        cluster_domain=args.cluster_domain, cluster_name=args.cluster_name,
+                        control_ns=args.control_namespace, heartbeat=args.heartbeat))
+    return 0
+
+
 def _cluster_serve(args: argparse.Namespace) -> int:
     from localcluster.server import ClusterConfig, ClusterServer
 
     host, port = args.listen
     config = ClusterConfig(name=args.name, state_dir=args.state_dir, host=host, port=port,
                            service_cidr=args.service_cidr, watch_history=args.watch_history,
-                           bookmark_interval=args.bookmark_interval)
+                           bookmark_interval=args.bookmark_interval,
+                           also_listen=tuple(args.also_listen))
 
     async def run() -> None:
         server = ClusterServer(config)

@@ -1,0 +1,172 @@
+"""``meshgate control run``: the per-cluster control-plane process.
+
+One mTLS listener serves the identity service (``/v1/certify``,
+``/v1/status``) and the destination API (``/v1/destinations``), with one
+``/metrics`` page for both and a ``/ready`` that holds until the cluster has
+been read. The listener accepts callers without a certificate, since a
+workload asks for its first certificate with a token; the destination API
+refuses those itself (see `mesh.discovery.server`). The server presents the
+identity service's own identity (`service_identity`), which is what proxies
+check for.
+
+Errors a person can fix (a kubeconfig that cannot be used, a missing or
+broken identity directory, a trust domain that is not the directory's, an
+address in use) end the command with exit status 2 and one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from mesh.discovery.index import DestinationIndex
+from mesh.discovery.server import DestinationService
+from mesh.errors import ConfigError
+from mesh.identity.ca import IssuerDir
+from mesh.identity.commands import _trust_domain
+from mesh.identity.names import DEFAULT_CONTROL_NS
+from mesh.identity.service import MAX_BODY, IdentityService
+from mesh.kube import api_client
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    kubeconfig: Path
+    identity_dir: Path
+    trust_domain: str
+    listen: tuple[str, int] = ("0.0.0.0", 8086)
+    cluster_domain: str = "cluster.local"
+    cluster_name: str | None = None
+    control_ns: str = DEFAULT_CONTROL_NS
+    heartbeat: float = 10.0
+    leaf_lifetime: dt.timedelta = dt.timedelta(hours=24)
+
+
+class ControlPlane:
+    """Identity and destination on one listener; `start` returns once it listens."""
+
+    def __init__(self, settings: ControlSettings) -> None:
+        self.settings = settings
+        self.kube = api_client(settings.kubeconfig)
+        _check_identity_dir(settings.identity_dir, settings.trust_domain)
+        self.registry = CollectorRegistry()
+        self.identity = IdentityService(settings.identity_dir, self.kube,
+                                        trust_domain=settings.trust_domain,
+                                        control_ns=settings.control_ns,
+                                        leaf_lifetime=settings.leaf_lifetime,
+                                        registry=self.registry)
+        self.index = DestinationIndex(trust_domain=settings.trust_domain,
+                                      cluster_domain=settings.cluster_domain,
+                                      control_ns=settings.control_ns)
+        self.destinations = DestinationService(
+            self.index, trust=lambda: self.identity.issuer().bundle, registry=self.registry,
+            heartbeat=settings.heartbeat)
+        self.address: tuple[str, int] | None = None
+        self._runner: web.AppRunner | None = None
+        self._maintain: asyncio.Task[None] | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY * 2)
+        # Every route of the identity service but its /ready, which knows nothing of
+        # the cluster; /metrics serves the registry both services share.
+        for route in self.identity.app().router.routes():
+            path = route.resource.canonical if route.resource is not None else ""
+            if path != "/ready":
+                app.router.add_route(route.method, path, route.handler)
+        self.destinations.add_routes(app)
+        app.router.add_get("/ready", self.destinations.ready_page)
+        return app
+
+    async def start(self) -> None:
+        sock = _bind(*self.settings.listen)
+        try:
+            ctx = self.identity.server_context()  # loads the issuer: a broken one fails here
+        except BaseException:
+            sock.close()
+            raise
+        self.address = sock.getsockname()[:2]
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                               shutdown_timeout=1.0)
+        await runner.setup()
+        self._runner = runner
+        try:
+            await web.SockSite(runner, sock, ssl_context=ctx, backlog=1024).start()
+        except OSError as e:
+            sock.close()
+            raise ConfigError(f"cannot listen on {_hostport(self.settings.listen)}: "
+                              f"{e.strerror or e}") from e
+        self.destinations.watch_cluster(self.kube, asyncio.get_running_loop())
+        self._maintain = asyncio.create_task(self.identity.maintain())
+
+    async def stop(self) -> None:
+        if self._maintain is not None:
+            self._maintain.cancel()
+        self.destinations.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def url(self) -> str:
+        assert self.address is not None
+        return f"https://{_hostport(self.address)}"
+
+
+def _check_identity_dir(path: Path, trust_domain: str) -> None:
+    if not path.is_dir():
+        raise ConfigError(f"identity directory {path} does not exist; create it with "
+                          f"`meshgate identity init --trust-domain {trust_domain} --out {path}`")
+    found = _trust_domain(IssuerDir(path))
+    if found != trust_domain:
+        raise ConfigError(f"identity directory {path} holds the anchor of trust domain "
+                          f"{found}, not {trust_domain}; pass --trust-domain {found} or the "
+                          "directory of that trust domain")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {_hostport((host, port))}: {e.strerror or e}; "
+                          "choose another address with --listen") from e
+    return sock
+
+
+def _hostport(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run(settings: ControlSettings) -> None:
+    """Run the control plane until SIGINT or SIGTERM."""
+    plane = ControlPlane(settings)  # kubeconfig and identity directory checked here
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await plane.start()
+            cluster = f" of cluster {settings.cluster_name}" if settings.cluster_name else ""
+            print(f"control plane{cluster} for {settings.trust_domain} serving at {plane.url} "
+                  f"as {plane.identity.identity}", flush=True)
+            await stop.wait()
+        finally:
+            await plane.stop()
+
+    asyncio.run(main())
+

@@ -1,0 +1,345 @@
+"""The destination index: what each Service port resolves to, as the proxy's
+`ServiceSpec`, kept current from Services, EndpointSlices and Pods.
+
+The index is fed watch events as plain dicts (`service_event`, `slice_event`,
+`pod_event`) and answers with the `Change`s they cause; it does no I/O, so it
+is tested with dicts and served by whoever feeds it. Updates are incremental:
+a Service or EndpointSlice event recomputes that one Service, and a Pod event
+recomputes only the Services whose slices point at that Pod (``targetRef``),
+and only when what the index reads from the Pod (its inbound port annotation
+and ServiceAccount) changed.
+
+One `ServiceSpec` per Service port (TCP only; headless and ExternalName
+Services have no address to redirect and are skipped): named
+``<svc>.<ns>.svc.<cluster-domain>``, at ``<clusterIP>:<port>``, opaque when
+the Service's ``config.meshgate.io/opaque-ports`` annotation lists the port
+(by number, range or name). Its endpoints are the ready endpoints of the
+Service's slices, on the slice port of the same name. A meshed Pod (annotation
+``meshgate.io/inbound-port``) is reached on that port with the identity of its
+ServiceAccount; an unmeshed one directly on the target port, without identity.
+An endpoint whose Pod the index has not seen (yet, or any more) is left out
+until the Pod shows up: reaching a meshed Pod in plain text would fail.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from mesh.errors import IdentityError
+from mesh.identity.names import DEFAULT_CONTROL_NS, Identity
+from mesh.informer import DELETED
+from mesh.proxy.discovery import EndpointSpec, ServiceSpec, canonical_address, explain
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+INBOUND_PORT_ANNOTATION = "meshgate.io/inbound-port"
+OPAQUE_PORTS_ANNOTATION = "config.meshgate.io/opaque-ports"
+
+Obj = Mapping[str, Any]
+ObjKey = tuple[str, str]
+"""(namespace, name)"""
+Address = tuple[str, int]
+"""A canonical (host, port), as `canonical_address` spells it."""
+
+
+@dataclass(frozen=True)
+class ServiceUpdated:
+    """A service port appeared or changed; `service` is its whole new state."""
+
+    service: ServiceSpec
+
+
+@dataclass(frozen=True)
+class ServiceRemoved:
+    """A service port went away (its Service was deleted, lost the port or its VIP)."""
+
+    address: str
+    name: str
+
+
+Change = ServiceUpdated | ServiceRemoved
+
+
+@dataclass(frozen=True)
+class _PodView:
+    """What the index reads from a Pod; Pod events that leave it alone change nothing."""
+
+    inbound_port: int | None
+    service_account: str
+
+
+def address_key(change: Change) -> Address:
+    """The canonical VIP:port a change is about."""
+    if isinstance(change, ServiceUpdated):
+        return canonical_address(*change.service.host_port)
+    host, _, port = change.address.rpartition(":")
+    return canonical_address(host.strip("[]"), int(port))
+
+
+class DestinationIndex:
+    def __init__(self, *, trust_domain: str, cluster_domain: str = "cluster.local",
+                 control_ns: str = DEFAULT_CONTROL_NS) -> None:
+        self.trust_domain = trust_domain
+        self.cluster_domain = cluster_domain.rstrip(".")
+        self.control_ns = control_ns
+        self._services: dict[ObjKey, Obj] = {}
+        self._slices: dict[ObjKey, dict[str, Obj]] = {}
+        """Service key -> slice name -> slice."""
+        self._slice_owner: dict[ObjKey, ObjKey] = {}
+        """Slice key -> the Service key its label named when last seen."""
+        self._pods: dict[ObjKey, _PodView] = {}
+        self._pod_refs: dict[ObjKey, set[ObjKey]] = {}
+        """Pod key -> Services whose slices reference it."""
+        self._service_pods: dict[ObjKey, set[ObjKey]] = {}
+        self._specs: dict[ObjKey, dict[Address, ServiceSpec]] = {}
+        self._by_address: dict[Address, ServiceSpec] = {}
+        self._by_name: dict[tuple[str, int], ServiceSpec] = {}
+
+    # -- lookups -------------------------------------------------------------------
+
+    def services(self) -> list[ServiceSpec]:
+        return list(self._by_address.values())
+
+    def by_address(self, host: str, port: int) -> ServiceSpec | None:
+        """The service whose VIP:port is ``host:port``."""
+        return self._by_address.get(canonical_address(host, port))
+
+    def by_name(self, name: str, port: int) -> ServiceSpec | None:
+        """The service ``name`` (``<svc>.<ns>.svc.<domain>``) on VIP port ``port``."""
+        return self._by_name.get((name.lower().rstrip("."), port))
+
+    def __len__(self) -> int:
+        return len(self._by_address)
+
+    # -- events --------------------------------------------------------------------
+
+    def service_event(self, event: str, obj: Obj) -> list[Change]:
+        key = _key(obj)
+        if event == DELETED:
+            self._services.pop(key, None)
+        else:
+            self._services[key] = obj
+        return self._recompute(key)
+
+    def slice_event(self, event: str, obj: Obj) -> list[Change]:
+        key = _key(obj)
+        owner = self._slice_owner.pop(key, None)
+        changes: list[Change] = []
+        if owner is not None:
+            self._slices.get(owner, {}).pop(key[1], None)
+            if not self._slices.get(owner):
+                self._slices.pop(owner, None)
+        service = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+        new_owner = (key[0], service) if service and event != DELETED else None
+        if new_owner is not None:
+            self._slices.setdefault(new_owner, {})[key[1]] = obj
+            self._slice_owner[key] = new_owner
+        # A slice relabelled to another Service leaves its old one too.
+        for svc in dict.fromkeys(k for k in (owner, new_owner) if k is not None):
+            changes += self._recompute(svc)
+        return changes
+
+    def pod_event(self, event: str, obj: Obj) -> list[Change]:
+        key = _key(obj)
+        view, problem = (None, None) if event == DELETED else _pod_view(obj)
+        if self._pods.get(key) == view:
+            return []
+        if problem:
+            log.warning("pod treated as not meshed pod=%s/%s cause=%s", key[0], key[1], problem)
+        if view is None:
+            self._pods.pop(key, None)
+        else:
+            self._pods[key] = view
+        changes: list[Change] = []
+        for svc in sorted(self._pod_refs.get(key, ())):
+            changes += self._recompute(svc)
+        return changes
+
+    # -- computing one Service -----------------------------------------------------
+
+    def _recompute(self, key: ObjKey) -> list[Change]:
+        svc = self._services.get(key)
+        new = self._build(key, svc) if svc is not None else {}
+        old = self._specs.pop(key, {})
+        if new:
+            self._specs[key] = new
+        self._track_pods(key, svc is not None)
+        changes: list[Change] = []
+        for addr, spec in old.items():
+            if addr not in new:
+                if self._by_address.get(addr) is spec:
+                    del self._by_address[addr]
+                if self._by_name.get((spec.name, addr[1])) is spec:
+                    del self._by_name[(spec.name, addr[1])]
+                changes.append(ServiceRemoved(spec.address, spec.name))
+        for addr, spec in new.items():
+            before = old.get(addr)
+            if before is not None and before == spec:
+                new[addr] = before  # keep the object clients' caches already hold
+                continue
+            self._by_address[addr] = spec
+            self._by_name[(spec.name, addr[1])] = spec
+            changes.append(ServiceUpdated(spec))
+        return changes
+
+    def _track_pods(self, key: ObjKey, exists: bool) -> None:
+        """Remember which Pods this Service's slices name, so Pod events find it."""
+        pods: set[ObjKey] = set()
+        if exists:
+            for slice_obj in self._slices.get(key, {}).values():
+                for ep in slice_obj.get("endpoints") or []:
+                    ref = ep.get("targetRef") or {}
+                    if ref.get("kind") == "Pod" and ref.get("name"):
+                        pods.add((ref.get("namespace") or key[0], ref["name"]))
+        before = self._service_pods.pop(key, set())
+        if pods:
+            self._service_pods[key] = pods
+        for pod in before - pods:
+            refs = self._pod_refs.get(pod)
+            if refs is not None:
+                refs.discard(key)
+                if not refs:
+                    del self._pod_refs[pod]
+        for pod in pods - before:
+            self._pod_refs.setdefault(pod, set()).add(key)
+
+    def _build(self, key: ObjKey, svc: Obj) -> dict[Address, ServiceSpec]:
+        spec = svc.get("spec") or {}
+        vip = spec.get("clusterIP")
+        if not vip or vip == "None" or spec.get("type") == "ExternalName":
+            return {}  # headless or ExternalName: no address for the proxy to take
+        try:
+            ipaddress.ip_address(vip)
+        except ValueError:
+            log.warning("service skipped service=%s/%s cause=clusterIP %r is not an IP address",
+                        key[0], key[1], vip)
+            return {}
+        ports = [p for p in spec.get("ports") or [] if (p.get("protocol") or "TCP") == "TCP"
+                 and isinstance(p.get("port"), int)]
+        annotations = (svc.get("metadata") or {}).get("annotations") or {}
+        opaque = _opaque_ports(annotations.get(OPAQUE_PORTS_ANNOTATION), ports, key)
+        name = f"{key[1]}.{key[0]}.svc.{self.cluster_domain}"
+        out: dict[Address, ServiceSpec] = {}
+        for port in ports:
+            number = int(port["port"])
+            try:
+                built = ServiceSpec(name=name, address=_join(vip, number),
+                                    opaque=number in opaque,
+                                    endpoints=self._endpoints(key, port.get("name") or ""))
+            except ValidationError as e:
+                log.warning("service port skipped service=%s/%s port=%d cause=%s", key[0],
+                            key[1], number, _one_line(e))
+                continue
+            out[canonical_address(vip, number)] = built
+        return out
+
+    def _endpoints(self, key: ObjKey, port_name: str) -> list[EndpointSpec]:
+        found: dict[tuple[str, int], EndpointSpec] = {}
+        slices = self._slices.get(key, {})
+        for slice_name in sorted(slices):
+            slice_obj = slices[slice_name]
+            target = _slice_port(slice_obj, port_name)
+            if target is None:
+                continue  # these endpoints do not serve this Service port
+            for ep in slice_obj.get("endpoints") or []:
+                built = self._endpoint(key, slice_name, ep, target)
+                if built is not None:
+                    found.setdefault((built.address, built.target_port), built)
+        return [found[k] for k in sorted(found)]
+
+    def _endpoint(self, key: ObjKey, slice_name: str, ep: Obj, target: int
+                  ) -> EndpointSpec | None:
+        # Kubernetes: an unknown (absent) ready condition is to be read as ready.
+        if (ep.get("conditions") or {}).get("ready") is False:
+            return None
+        addresses = ep.get("addresses") or []
+        if not addresses:
+            return None
+        host = str(addresses[0])
+        ref = ep.get("targetRef") or {}
+        identity: str | None = None
+        port = target
+        if ref.get("kind") == "Pod":
+            pod_key = (ref.get("namespace") or key[0], str(ref.get("name")))
+            pod = self._pods.get(pod_key)
+            if pod is None:
+                return None  # not seen yet, or gone: its slice will follow
+            if pod.inbound_port is not None:
+                try:
+                    identity = Identity(pod_key[0], pod.service_account, self.trust_domain,
+                                        self.control_ns).dns_name
+                except IdentityError as e:
+                    log.warning("endpoint skipped pod=%s/%s cause=%s", *pod_key, e)
+                    return None
+                port = pod.inbound_port
+        try:
+            return EndpointSpec(address=_join(host, port), target_port=target,
+                                identity=identity, zone=str(ep.get("zone") or ""))
+        except ValidationError as e:
+            log.warning("endpoint skipped service=%s/%s slice=%s address=%s cause=%s", key[0],
+                        key[1], slice_name, host, _one_line(e))
+            return None
+
+
+def _pod_view(pod: Obj) -> tuple[_PodView, str | None]:
+    """What the index reads from a Pod, and why its annotation was unusable, if it was."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    sa = str((pod.get("spec") or {}).get("serviceAccountName") or "default")
+    raw = annotations.get(INBOUND_PORT_ANNOTATION)
+    if raw is None:
+        return _PodView(None, sa), None
+    text = str(raw).strip()
+    if text.isascii() and text.isdigit() and 1 <= int(text) <= 65535:
+        return _PodView(int(text), sa), None
+    return _PodView(None, sa), f"annotation {INBOUND_PORT_ANNOTATION}={raw!r} is not a port number"
+
+
+def _key(obj: Obj) -> ObjKey:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name"))
+
+
+def _slice_port(slice_obj: Obj, name: str) -> int | None:
+    """The slice's port for the Service port called ``name`` ("" when unnamed)."""
+    for p in slice_obj.get("ports") or []:
+        if (p.get("name") or "") == name and (p.get("protocol") or "TCP") == "TCP":
+            port = p.get("port")
+            return port if isinstance(port, int) and 1 <= port <= 65535 else None
+    return None
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _opaque_ports(value: Any, ports: Iterable[Obj], key: ObjKey) -> set[int]:
+    """The Service port numbers the annotation marks opaque; it lists port numbers,
+    ``low-high`` ranges and port names, comma separated."""
+    if not value:
+        return set()
+    names = {int(p["port"]): str(p.get("name") or "") for p in ports}
+    out: set[int] = set()
+    for item in (part.strip() for part in str(value).split(",")):
+        low, dash, high = item.partition("-")
+        if item.isascii() and item.isdigit():
+            out.update(n for n in names if n == int(item))
+        elif dash and low.isascii() and low.isdigit() and high.isascii() and high.isdigit():
+            out.update(n for n in names if int(low) <= n <= int(high))
+        elif item and item in names.values():
+            out.update(n for n, name in names.items() if name == item)
+        elif item:
+            log.warning("opaque port ignored service=%s/%s annotation=%s item=%r cause=not a "
+                        "port, range or port name of the Service", key[0], key[1],
+                        OPAQUE_PORTS_ANNOTATION, item)
+    return out
+
+
+def _one_line(error: ValidationError) -> str:
+    return "; ".join(f"{where}: {reason}" for where, reason in explain(error))
