@@ -1,0 +1,80 @@
+"""`meshgate cluster up | run-pod | down`: a whole cluster on this machine."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_cluster_commands(commands: Any) -> None:
+    """Add up, run-pod and down to the `cluster` command's sub-commands."""
+    up = commands.add_parser("up", help="start a cluster in network namespaces, in the "
+                             "background")
+    up.add_argument("--name", required=True)
+    up.add_argument("--state-dir", required=True, type=Path)
+    up.add_argument("--pod-cidr", default="10.244.0.0/16")
+    up.add_argument("--service-cidr", default="10.96.0.0/16")
+    up.add_argument("--cluster-domain", default="cluster.local")
+    up.add_argument("--identity-dir", type=Path,
+                    help="a trust anchor from `meshgate identity init`; the cluster gets its "
+                    "own issuer under it (clusters that share an anchor trust each other)")
+    up.add_argument("--trust-domain", default="cluster.local",
+                    help="without --identity-dir: the trust domain of the cluster's own anchor")
+    up.set_defaults(func=_up)
+
+    pod = commands.add_parser("run-pod", help="run a command as a meshed pod, in the "
+                              "foreground")
+    pod.add_argument("--cluster", required=True)
+    pod.add_argument("--namespace", default="default")
+    pod.add_argument("--name", required=True)
+    pod.add_argument("--service-account", default="default")
+    pod.add_argument("--label", action="append", default=[], type=_label, metavar="KEY=VALUE")
+    pod.add_argument("--port", action="append", default=[], type=int,
+                     help="a port the command listens on (the pod is ready when it answers)")
+    pod.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
+    pod.set_defaults(func=_run_pod)
+
+    down = commands.add_parser("down", help="stop a cluster and remove its network")
+    down.add_argument("--name", required=True)
+    down.set_defaults(func=_down)
+
+
+def _label(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE")
+    return key, val
+
+
+def _up(args: argparse.Namespace) -> int:
+    from localcluster.up import UpRequest, up
+
+    spec = up(UpRequest(name=args.name, state_dir=args.state_dir, pod_cidr=args.pod_cidr,
+                        service_cidr=args.service_cidr, cluster_domain=args.cluster_domain,
+                        identity_dir=args.identity_dir, trust_domain=args.trust_domain))
+    print(f"cluster {spec.name} is up: node {spec.node_address} in network namespace "
+          f"{spec.node_netns}, trust domain {spec.trust_domain}")
+    print(f"kubeconfig: {spec.kubeconfig}")
+    print(f"  kubectl --kubeconfig {spec.kubeconfig} get pods -A")
+    print(f"run a pod: meshgate cluster run-pod --cluster {spec.name} --name NAME -- COMMAND")
+    return 0
+
+
+def _run_pod(args: argparse.Namespace) -> int:
+    from localcluster.up import PodRequest, run_pod
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    return run_pod(PodRequest(cluster=args.cluster, namespace=args.namespace, name=args.name,
+                              service_account=args.service_account, command=tuple(command),
+                              labels=tuple(args.label), ports=tuple(args.port)))
+
+
+def _down(args: argparse.Namespace) -> int:
+    from localcluster.up import down
+
+    down(args.name)
+    print(f"cluster {args.name} is down")
+    return 0

@@ -1,0 +1,650 @@
+"""A whole cluster on this machine: `cluster up`, `cluster run-pod`, `cluster down`.
+
+`up` builds the cluster's node network namespace (localcluster.netns) and
+starts its processes in the background, each with a pid file and a log under
+the state directory:
+
+- the API server, on the host (for kubectl, at the address in ``DIR/kubeconfig``)
+  and on the node's address (for the cluster), from one process: a socket keeps
+  the namespace it was created in;
+- the control plane (identity, destination, policy) and the cluster DNS, inside
+  the node namespace, where pods reach them across the bridge.
+
+`run-pod` is what a kubelet and Linkerd's injector do together for one pod: a
+network namespace with an address on the bridge, the service range made local
+(so the sidecar's redirected listeners receive service traffic), a resolv.conf
+naming the cluster DNS, a ServiceAccount token bound to the Pod, the sidecar
+proxy, then the command; the Pod turns Ready once proxy and app ports answer,
+and everything is removed when the command ends.
+
+A cluster is found by name through ``$MESHGATE_RUN_DIR/clusters/<name>`` (default
+``/run/meshgate``), which holds its state directory; like the network
+namespaces, it does not outlive a reboot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from localcluster import netns
+from mesh.errors import ConfigError, MeshError
+
+log = logging.getLogger(__name__)
+
+API_PORT = 6443
+CONTROL_PORT = 8086
+DNS_PORT = 53
+INBOUND_PORT = 4143
+OUTBOUND_PORT = 4140
+ADMIN_PORT = 4191
+START_TIMEOUT = 30.0
+_LABEL_KEY = "meshgate.io"
+
+
+class ClusterError(MeshError):
+    """The cluster cannot be brought up, found, or used as asked."""
+
+
+class ClusterSpec(BaseModel):
+    """DIR/cluster.json: what `up` built, for `run-pod` and `down` in other processes."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str
+    state_dir: Path = Field(alias="stateDir")
+    pod_cidr: str = Field(alias="podCidr")
+    service_cidr: str = Field(alias="serviceCidr")
+    cluster_domain: str = Field(alias="clusterDomain")
+    trust_domain: str = Field(alias="trustDomain")
+    node_netns: str = Field(alias="nodeNetns")
+    node_address: str = Field(alias="nodeAddress")
+    netns_prefix: str = Field("mg-", alias="netnsPrefix")
+
+    @property
+    def network(self) -> netns.ClusterNetwork:
+        return netns.ClusterNetwork(
+            name=self.name, state_dir=self.state_dir,
+            pod_cidr=ipaddress.IPv4Network(self.pod_cidr),
+            service_cidr=ipaddress.IPv4Network(self.service_cidr),
+            cluster_domain=self.cluster_domain, netns_prefix=self.netns_prefix)
+
+    @property
+    def control_url(self) -> str:
+        return f"https://{self.node_address}:{CONTROL_PORT}"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state_dir / "kubeconfig"
+
+    @property
+    def identity_dir(self) -> Path:
+        return self.state_dir / "identity"
+
+
+# --- finding clusters --------------------------------------------------------------------
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get("MESHGATE_RUN_DIR", "/run/meshgate"))
+
+
+def _entry(name: str) -> Path:
+    return run_dir() / "clusters" / name
+
+
+def find(name: str) -> ClusterSpec:
+    """The cluster `name` that `up` started on this machine."""
+    entry = _entry(name)
+    try:
+        state_dir = Path(entry.read_text().strip())
+    except FileNotFoundError:
+        raise ClusterError(f"no cluster named {name!r} is up on this machine; start it with "
+                           f"`meshgate cluster up --name {name} --state-dir DIR ...`") from None
+    return load_spec(state_dir)
+
+
+def load_spec(state_dir: Path) -> ClusterSpec:
+    path = state_dir / "cluster.json"
+    try:
+        return ClusterSpec.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        raise ClusterError(f"{path} is missing: {state_dir} holds no cluster started by "
+                           "`meshgate cluster up`") from None
+    except ValidationError as e:
+        raise ClusterError(f"{path} is damaged ({e.error_count()} errors); run "
+                           "`meshgate cluster down` and start again") from e
+
+
+# --- background processes ----------------------------------------------------------------
+
+
+def _python() -> list[str]:
+    return [sys.executable, "-m", "mesh.cli"]
+
+
+def _pid_file(state_dir: Path, name: str) -> Path:
+    return state_dir / "run" / f"{name}.pid"
+
+
+def _log_file(state_dir: Path, name: str) -> Path:
+    return state_dir / "logs" / f"{name}.log"
+
+
+def _in_netns(name: str, argv: Sequence[str]) -> list[str]:
+    nsenter = shutil.which("nsenter")
+    if nsenter is None:
+        raise ClusterError("entering the node's network namespace needs `nsenter` "
+                           "(util-linux) on PATH; install it")
+    return [nsenter, f"--net={netns.namespace_path(name)}", "--", *argv]
+
+
+def _start_daemon(state_dir: Path, name: str, argv: Sequence[str], *, ready: str,
+                  timeout: float = START_TIMEOUT) -> int:
+    """Start `argv` in the background; return its pid once its log shows `ready`."""
+    log_path = _log_file(state_dir, name)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    _pid_file(state_dir, name).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        start = out.tell()
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    _pid_file(state_dir, name).write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = _read_from(log_path, start)
+        if ready in text:
+            return proc.pid
+        if proc.poll() is not None:
+            raise ClusterError(f"{name} exited with status {proc.returncode}: "
+                               f"{_last_line(text)} (log: {log_path})")
+        time.sleep(0.05)
+    proc.kill()
+    raise ClusterError(f"{name} did not start within {timeout:.0f}s: "
+                       f"{_last_line(_read_from(log_path, start))} (log: {log_path})")
+
+
+def _read_from(path: Path, offset: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no output"
+
+
+def _stop_daemon(state_dir: Path, name: str, *, timeout: float = 5.0) -> None:
+    pid_file = _pid_file(state_dir, name)
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return
+    if _ours(pid, state_dir):
+        _terminate(pid, timeout)
+    pid_file.unlink(missing_ok=True)
+
+
+def _ours(pid: int, state_dir: Path) -> bool:
+    """Whether `pid` still runs a process started for this state directory (pids are
+    reused, and a stale pid file must not kill a stranger)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(str(state_dir).encode() in part for part in cmdline)
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return False
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+# --- up and down -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpRequest:
+    name: str
+    state_dir: Path
+    pod_cidr: str = "10.244.0.0/16"
+    service_cidr: str = "10.96.0.0/16"
+    cluster_domain: str = "cluster.local"
+    identity_dir: Path | None = None
+    trust_domain: str = "cluster.local"
+    netns_prefix: str = "mg-"
+
+
+DAEMONS = ("apiserver", "control", "dns")
+
+
+def up(req: UpRequest) -> ClusterSpec:
+    """Build the cluster and start its processes; on any failure, undo all of it."""
+    state_dir = req.state_dir.resolve()
+    entry = _entry(req.name)
+    if entry.exists():
+        other = entry.read_text().strip()
+        if any(_daemon_alive(Path(other), d) for d in DAEMONS):
+            raise ClusterError(f"cluster {req.name!r} is already up (state in {other}); "
+                               f"`meshgate cluster down --name {req.name}` first")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"state directory {state_dir}: {e.strerror or e}") from e
+    try:
+        net = netns.ClusterNetwork(
+            name=req.name, state_dir=state_dir, pod_cidr=ipaddress.IPv4Network(req.pod_cidr),
+            service_cidr=ipaddress.IPv4Network(req.service_cidr),
+            cluster_domain=req.cluster_domain, netns_prefix=req.netns_prefix)
+    except ValueError as e:
+        raise ConfigError(f"--pod-cidr/--service-cidr: {e}") from e
+    trust_domain = _prepare_identity(state_dir / "identity", req)
+    spec = ClusterSpec(name=req.name, state_dir=state_dir, pod_cidr=str(net.pod_cidr),
+                       service_cidr=str(net.service_cidr), cluster_domain=req.cluster_domain,
+                       trust_domain=trust_domain, node_netns=net.node_netns,
+                       node_address=str(net.gateway.ip), netns_prefix=req.netns_prefix)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    entry.write_text(f"{state_dir}\n")
+    (state_dir / "cluster.json").write_text(spec.model_dump_json(by_alias=True, indent=2))
+    try:
+        netns.up(net)
+        _start_cluster_processes(spec)
+    except BaseException:
+        with contextlib.suppress(MeshError):
+            _down(spec)
+        raise
+    return spec
+
+
+def _start_cluster_processes(spec: ClusterSpec) -> None:
+    d, node = spec.state_dir, spec.node_address
+    _start_daemon(d, "apiserver", [
+        *_python(), "cluster", "serve", "--name", spec.name, "--state-dir", str(d),
+        "--service-cidr", spec.service_cidr,
+        "--also-listen", f"{spec.node_netns}={node}:{API_PORT}"], ready="kubeconfig:")
+    node_kubeconfig = _node_kubeconfig(spec)
+    from kubernetes import client as k8s
+
+    from mesh.control.policy import install_crds
+    from mesh.kube import api_client
+
+    with api_client(spec.kubeconfig) as api:
+        install_crds(api)
+        _ensure_namespace(k8s.CoreV1Api(api), "meshgate")
+    _start_daemon(d, "control", _in_netns(spec.node_netns, [
+        *_python(), "control", "run", "--kubeconfig", str(node_kubeconfig),
+        "--identity-dir", str(spec.identity_dir), "--trust-domain", spec.trust_domain,
+        "--listen", f"{node}:{CONTROL_PORT}", "--cluster-domain", spec.cluster_domain,
+        "--cluster-name", spec.name]), ready="serving at")
+    _start_daemon(d, "dns", _in_netns(spec.node_netns, [
+        sys.executable, "-m", "localcluster.dns", "--kubeconfig", str(node_kubeconfig),
+        "--listen", f"{node}:{DNS_PORT}", "--cluster-domain", spec.cluster_domain]),
+        ready="dns: serving")
+
+
+def _node_kubeconfig(spec: ClusterSpec) -> Path:
+    """The host kubeconfig, pointed at the API server's listener on the node."""
+    doc = yaml.safe_load(spec.kubeconfig.read_text())
+    doc["clusters"][0]["cluster"]["server"] = f"https://{spec.node_address}:{API_PORT}"
+    path = spec.state_dir / "kubeconfig.node"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(doc, f, sort_keys=False)
+    return path
+
+
+def _ensure_namespace(core: Any, name: str) -> None:
+    from kubernetes import client as k8s
+    from kubernetes.client.rest import ApiException
+
+    try:
+        core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
+    except ApiException as e:
+        if e.status != 409:
+            raise
+
+
+def _prepare_identity(directory: Path, req: UpRequest) -> str:
+    """The cluster's issuer: under the given trust anchor, or under a new one of its own.
+    Returns the trust domain."""
+    from mesh.identity.ca import IssuerDir, new_issuer
+    from mesh.identity.commands import _trust_domain
+
+    mine = IssuerDir(directory)
+    if mine.issuer_cert.exists():
+        return _trust_domain(mine)
+    now = dt.datetime.now(dt.UTC)
+    if req.identity_dir is None:
+        mine.init(req.trust_domain, anchor_lifetime=dt.timedelta(days=3650),
+                  issuer_lifetime=dt.timedelta(days=365), now=now)
+        return req.trust_domain
+    shared = IssuerDir(req.identity_dir)
+    trust_domain = _trust_domain(shared)
+    anchor = shared.load_anchor()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.copyfile(shared.anchor_cert, mine.anchor_cert)
+    mine.save_issuer(new_issuer(anchor, trust_domain, lifetime=dt.timedelta(days=365), now=now))
+    mine.save_bundle(shared.load_bundle())
+    return trust_domain
+
+
+def _daemon_alive(state_dir: Path, name: str) -> bool:
+    try:
+        pid = int(_pid_file(state_dir, name).read_text().strip())
+    except (OSError, ValueError):
+        return False
+    return _alive(pid) and _ours(pid, state_dir)
+
+
+def down(name: str) -> None:
+    """Stop the cluster's pods and processes and remove its network."""
+    _down(find(name))
+
+
+def _down(spec: ClusterSpec) -> None:
+    for pod_dir in sorted((spec.state_dir / "pods").glob("*/")):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((pod_dir / "run-pod.pid").read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"run-pod" in cmdline and spec.name.encode() in cmdline:
+                _terminate(pid, 10.0)
+    for daemon in reversed(DAEMONS):
+        _stop_daemon(spec.state_dir, daemon)
+    netns.teardown(spec.state_dir)
+    entry = _entry(spec.name)
+    with contextlib.suppress(OSError):
+        if Path(entry.read_text().strip()) == spec.state_dir:
+            entry.unlink()
+
+
+# --- run-pod -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PodRequest:
+    cluster: str
+    namespace: str
+    name: str
+    service_account: str
+    command: tuple[str, ...]
+    labels: tuple[tuple[str, str], ...] = ()
+    ports: tuple[int, ...] = ()
+
+
+def run_pod(req: PodRequest) -> int:
+    """Run one pod in the foreground; returns the command's exit status."""
+    from kubernetes import client as k8s
+
+    from mesh.kube import api_client
+
+    if not req.command:
+        raise ConfigError("give the pod's command after --, e.g. -- python3 -m http.server")
+    spec = find(req.cluster)
+    key = f"{req.namespace}-{req.name}"
+    pod_dir = spec.state_dir / "pods" / key
+    with api_client(spec.kubeconfig) as api:
+        core = k8s.CoreV1Api(api)
+        pod = _PodRun(spec, req, key, pod_dir, core)
+        try:
+            return pod.run()
+        finally:
+            pod.cleanup()
+
+
+class _PodRun:
+    def __init__(self, spec: ClusterSpec, req: PodRequest, key: str, pod_dir: Path,
+                 core: Any) -> None:
+        self.spec, self.req, self.key, self.dir, self.core = spec, req, key, pod_dir, core
+        self.net = spec.network
+        self.created_pod = False
+        self.added_netns = False
+        self.proxy: subprocess.Popen[bytes] | None = None
+        self.app: subprocess.Popen[bytes] | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> int:
+        from kubernetes.client.rest import ApiException
+
+        req = self.req
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "run-pod.pid").write_text(f"{os.getpid()}\n")
+        try:
+            self.core.read_namespace(req.namespace)
+        except ApiException as e:
+            if e.status == 404:
+                raise ClusterError(f"namespace {req.namespace!r} does not exist; create it "
+                                   f"with `kubectl create namespace {req.namespace}`") from None
+            raise
+        self._ensure_service_account()
+        pod = netns.add_pod(self.net, self.key)
+        self.added_netns = True
+        uid = self._create_pod(str(pod.ip))
+        token = self._token(uid)
+        token_path = self.dir / "token"
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        config = self._proxy_config(token_path)
+        self.proxy = self._start_proxy(config)
+        self.app = subprocess.Popen(netns.pod_command(self.net, self.key, list(req.command)))
+        watcher = threading.Thread(target=self._readiness, name="readiness", daemon=True)
+        watcher.start()
+        previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGINT,
+                                                                       signal.SIGTERM)}
+        try:
+            code = self.app.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.stop.set()
+        return code
+
+    def _forward(self, signum: int, frame: object) -> None:
+        if self.app is not None and self.app.poll() is None:
+            self.app.send_signal(signal.SIGTERM)
+
+    def _ensure_service_account(self) -> None:
+        from kubernetes import client as k8s
+        from kubernetes.client.rest import ApiException
+
+        try:
+            self.core.create_namespaced_service_account(
+                self.req.namespace, k8s.V1ServiceAccount(
+                    metadata=k8s.V1ObjectMeta(name=self.req.service_account)))
+        except ApiException as e:
+            if e.status != 409:
+                raise
+
+    def _create_pod(self, ip: str) -> str:
+        from kubernetes import client as k8s
+        from kubernetes.client.rest import ApiException
+
+        req = self.req
+        body = k8s.V1Pod(
+            metadata=k8s.V1ObjectMeta(
+                name=req.name, namespace=req.namespace, labels=dict(req.labels),
+                annotations={f"{_LABEL_KEY}/inbound-port": str(INBOUND_PORT),
+                             f"{_LABEL_KEY}/admin-port": str(ADMIN_PORT)}),
+            spec=k8s.V1PodSpec(
+                service_account_name=req.service_account,
+                containers=[k8s.V1Container(
+                    name="app", image="local", command=list(req.command),
+                    ports=[k8s.V1ContainerPort(container_port=p) for p in req.ports])]))
+        try:
+            created = self.core.create_namespaced_pod(req.namespace, body)
+        except ApiException as e:
+            if e.status == 409:
+                raise ClusterError(f"pod {req.namespace}/{req.name} already exists; delete it "
+                                   "or choose another --name") from None
+            raise
+        self.created_pod = True
+        self._set_status(ip=ip, ready=False)
+        return str(created.metadata.uid)
+
+    def _set_status(self, *, ip: str | None = None, ready: bool) -> None:
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        status: dict[str, Any] = {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False",
+                            "lastTransitionTime": now}]}
+        if ip is not None:
+            status["podIP"] = ip
+            status["podIPs"] = [{"ip": ip}]
+        self.core.patch_namespaced_pod_status(self.req.name, self.req.namespace,
+                                              {"status": status},
+                                              _content_type="application/merge-patch+json")
+
+    def _token(self, uid: str) -> str:
+        from kubernetes import client as k8s
+
+        from mesh.identity.names import SERVICE_AUDIENCE
+
+        review = self.core.create_namespaced_service_account_token(
+            self.req.service_account, self.req.namespace, k8s.AuthenticationV1TokenRequest(
+                spec=k8s.V1TokenRequestSpec(
+                    audiences=[SERVICE_AUDIENCE], expiration_seconds=24 * 3600,
+                    bound_object_ref=k8s.V1BoundObjectReference(
+                        kind="Pod", api_version="v1", name=self.req.name, uid=uid))))
+        return str(review.status.token)
+
+    def _proxy_config(self, token_path: Path) -> Path:
+        from mesh.identity.names import Identity
+
+        spec = self.spec
+        identity = Identity(self.req.namespace, self.req.service_account, spec.trust_domain)
+        config = {
+            "identity": {"name": identity.dns_name,
+                         "trustBundle": str(spec.identity_dir / "trust-bundle.pem"),
+                         "server": spec.control_url, "tokenFile": str(token_path)},
+            "destination": {"server": spec.control_url},
+            "workload": {"namespace": self.req.namespace, "pod": self.req.name},
+            "inbound": {"listen": f"0.0.0.0:{INBOUND_PORT}"},
+            "outbound": {"listen": f"127.0.0.1:{OUTBOUND_PORT}"},
+            "admin": {"listen": f"0.0.0.0:{ADMIN_PORT}"},
+        }
+        path = self.dir / "proxy.json"
+        path.write_text(json.dumps(config, indent=2))
+        return path
+
+    def _start_proxy(self, config: Path) -> subprocess.Popen[bytes]:
+        log_path = self.dir / "proxy.log"
+        out = open(log_path, "wb")  # noqa: SIM115 - the proxy writes it until it ends
+        proc = subprocess.Popen(netns.pod_command(self.net, self.key, [
+            *_python(), "proxy", "run", "--config", str(config)]),
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        out.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            text = log_path.read_text(errors="replace")
+            if " ready (pid " in text:
+                return proc
+            if proc.poll() is not None:
+                raise ClusterError(f"the sidecar proxy of {self.req.namespace}/{self.req.name} "
+                                   f"did not start: {_last_line(text)}")
+            time.sleep(0.05)
+        proc.kill()
+        raise ClusterError(f"the sidecar proxy of {self.req.namespace}/{self.req.name} did not "
+                           f"become ready within {START_TIMEOUT:.0f}s (log: {log_path})")
+
+    def _readiness(self) -> None:
+        """Ready while the proxy is ready and every declared port accepts connections."""
+        ready = False
+        while not self.stop.wait(0.2):
+            now = self._probe()
+            if now != ready:
+                try:
+                    self._set_status(ready=now)
+                    ready = now
+                except Exception as e:  # the API may be briefly away; try again
+                    log.warning("pod %s/%s: cannot update readiness: %s", self.req.namespace,
+                                self.req.name, e)
+
+    def _probe(self) -> bool:
+        if self.proxy is None or self.proxy.poll() is not None:
+            return False
+        ports = [(ADMIN_PORT, b"GET /ready HTTP/1.0\r\n\r\n"),
+                 *((p, None) for p in self.req.ports)]
+        for port, request in ports:
+            try:
+                with _pod_socket(self.spec.network, self.key) as s:
+                    s.settimeout(1.0)
+                    s.connect(("127.0.0.1", port))
+                    if request is not None:
+                        s.sendall(request)
+                        if b" 200 " not in s.recv(64).split(b"\r\n", 1)[0] + b" ":
+                            return False
+            except OSError:
+                return False
+        return True
+
+    def cleanup(self) -> None:
+        self.stop.set()
+        for proc in (self.app, self.proxy):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if self.created_pod:
+            from kubernetes.client.rest import ApiException
+
+            with contextlib.suppress(ApiException, OSError):
+                self.core.delete_namespaced_pod(self.req.name, self.req.namespace,
+                                                grace_period_seconds=0)
+        if self.added_netns:
+            netns.remove_pod(self.net, self.key)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _pod_socket(net: netns.ClusterNetwork, key: str) -> Iterator[socket.socket]:
+    sock = netns.socket_in_namespace(net.pod_netns(key))
+    try:
+        yield sock
+    finally:
+        sock.close()
