@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from kubernetes import client, config
 from kubernetes.config.config_exception import ConfigException
 
@@ -23,5 +24,5 @@ def api_client(kubeconfig: Path | str) -> client.ApiClient:
                           "`meshgate cluster serve` or your cluster wrote")
     try:
         return config.new_client_from_config(config_file=str(path))
-    except (ConfigException, ValueError, TypeError, KeyError) as e:
+    except (ConfigException, ValueError, TypeError, KeyError, yaml.YAMLError) as e:
         raise ConfigError(f"kubeconfig {path} cannot be used: {e}") from e
