@@ -105,14 +105,42 @@ class AdminConfig(_Model):
     listen: Address = "127.0.0.1:4191"
 
 
+class DestinationConfig(_Model):
+    """The control plane that serves discovery (and policy, given `workload`)."""
+
+    server: str
+    """https://HOST:PORT of `meshgate control run`."""
+    server_identity: str | None = Field(None, alias="serverIdentity")
+    """The identity it must present; default: the identity service's of the trust domain."""
+
+
+class WorkloadConfig(_Model):
+    """The pod this proxy serves, for its inbound policy."""
+
+    namespace: str
+    pod: str
+
+
 class ProxyConfig(_Model):
     identity: IdentityConfig
     discovery: Path | None = None
     """A static discovery file (services and their endpoints)."""
+    destination: DestinationConfig | None = None
+    workload: WorkloadConfig | None = None
     inbound: InboundConfig = InboundConfig()
     outbound: OutboundConfig = OutboundConfig()
     admin: AdminConfig = AdminConfig()
     detect_timeout: Duration = Field(timedelta(seconds=10), alias="detectTimeout")
+
+    @model_validator(mode="after")
+    def _one_discovery(self) -> ProxyConfig:
+        if self.discovery is not None and self.destination is not None:
+            raise ValueError("give either discovery (a file) or destination (the control "
+                             "plane), not both")
+        if self.workload is not None and self.destination is None:
+            raise ValueError("workload needs destination: its policy comes from the control "
+                             "plane")
+        return self
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:

@@ -56,6 +56,8 @@ class ProxyMetrics:
                                        AUTHZ_LABELS, registry=r)
         self.http_authz_allow = Counter("inbound_http_authz_allow", "Requests authorized",
                                         AUTHZ_LABELS, registry=r)
+        self.http_authz_deny = Counter("inbound_http_authz_deny", "Requests refused",
+                                       AUTHZ_LABELS, registry=r)
         self.tcp_authz_deny = Counter("inbound_tcp_authz_deny", "Connections refused",
                                       (*AUTHZ_LABELS, "reason"), registry=r)
         self.protocol_errors = Counter("proxy_protocol_errors", "Connections closed for "

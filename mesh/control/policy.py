@@ -617,6 +617,21 @@ class PolicyIndex:
                           authorizations=tuple(self._authorizations(server)),
                           conflicts=tuple(s.key for s in servers[1:]))
 
+    def pod_policies(self, namespace: str, pod_labels: Mapping[str, str], *,
+                     port_names: Mapping[str, int] | None = None) -> list[PortPolicy]:
+        """The policy of every port of the pod that some Server selects; every other port
+        has the default policy."""
+        names = port_names or {}
+        ports: set[int] = set()
+        for server in self._records[SERVER].get(namespace, {}).values():
+            if isinstance(server, _Server) and server.spec.pod_selector.matches(pod_labels):
+                wanted = server.spec.port
+                number = names.get(wanted) if isinstance(wanted, str) else wanted
+                if number is not None:
+                    ports.add(number)
+        return [self.for_port(namespace, pod_labels, port, port_names=names)
+                for port in sorted(ports)]
+
     def _authorizations(self, server: _Server) -> Iterator[Authorization]:
         policies = self._records[AUTHORIZATION_POLICY].get(server.namespace, {})
         for name in sorted(policies):

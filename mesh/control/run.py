@@ -1,7 +1,8 @@
 """``meshgate control run``: the per-cluster control-plane process.
 
 One mTLS listener serves the identity service (``/v1/certify``,
-``/v1/status``) and the destination API (``/v1/destinations``), with one
+``/v1/status``), the destination API (``/v1/destinations``) and the policy
+API (``/v1/policy``), with one
 ``/metrics`` page for both and a ``/ready`` that holds until the cluster has
 been read. The listener accepts callers without a certificate, since a
 workload asks for its first certificate with a token; the destination API
@@ -27,6 +28,8 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from mesh.control.policy import PolicyIndex
+from mesh.control.policy_api import PolicyService
 from mesh.discovery.index import DestinationIndex
 from mesh.discovery.server import DestinationService
 from mesh.errors import ConfigError
@@ -71,6 +74,10 @@ class ControlPlane:
         self.destinations = DestinationService(
             self.index, trust=lambda: self.identity.issuer().bundle, registry=self.registry,
             heartbeat=settings.heartbeat)
+        self.policies = PolicyService(
+            PolicyIndex(settings.trust_domain, control_ns=settings.control_ns),
+            trust=lambda: self.identity.issuer().bundle, registry=self.registry,
+            heartbeat=settings.heartbeat)
         self.address: tuple[str, int] | None = None
         self._runner: web.AppRunner | None = None
         self._maintain: asyncio.Task[None] | None = None
@@ -84,8 +91,15 @@ class ControlPlane:
             if path != "/ready":
                 app.router.add_route(route.method, path, route.handler)
         self.destinations.add_routes(app)
-        app.router.add_get("/ready", self.destinations.ready_page)
+        self.policies.add_routes(app)
+        app.router.add_get("/ready", self._ready)
         return app
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        if self.destinations.ready and self.policies.ready:
+            return web.Response(text="ready\n")
+        return web.Response(text="not ready: the cluster has not been read yet (are the "
+                            "policy CRDs installed?)\n", status=503)
 
     async def start(self) -> None:
         sock = _bind(*self.settings.listen)
@@ -106,12 +120,14 @@ class ControlPlane:
             raise ConfigError(f"cannot listen on {_hostport(self.settings.listen)}: "
                               f"{e.strerror or e}") from e
         self.destinations.watch_cluster(self.kube, asyncio.get_running_loop())
+        self.policies.watch_cluster(self.kube, asyncio.get_running_loop())
         self._maintain = asyncio.create_task(self.identity.maintain())
 
     async def stop(self) -> None:
         if self._maintain is not None:
             self._maintain.cancel()
         self.destinations.stop()
+        self.policies.stop()
         if self._runner is not None:
             await self._runner.cleanup()
 

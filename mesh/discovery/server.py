@@ -331,22 +331,26 @@ class DestinationService:
             self.updates.inc(len(lines))
 
     def _peer(self, request: web.Request) -> Identity:
-        """The caller's identity, from a certificate the current trust bundle accepts."""
-        transport = request.transport
-        sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
-        if sslobj is None or not sslobj.getpeercert(binary_form=True):
-            raise Refusal(401, "no-certificate", "watching destinations takes mutual TLS: "
-                          "present a workload certificate issued under the trust bundle")
-        chain = peer_chain(sslobj, verified=False)
-        try:
-            self._trust().verify(chain, now=datetime.now(UTC))
-        except IdentityError as e:
-            raise Refusal(401, "untrusted-certificate", f"the certificate presented is not "
-                          f"trusted: {e}") from e
-        try:
-            return Identity.from_certificate(chain[0])
-        except InvalidName as e:
-            raise Refusal(403, "no-identity", str(e)) from e
+        return peer_identity(request, self._trust())
+
+
+def peer_identity(request: web.Request, trust: TrustBundle) -> Identity:
+    """The caller's identity, from a certificate the current trust bundle accepts."""
+    transport = request.transport
+    sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
+    if sslobj is None or not sslobj.getpeercert(binary_form=True):
+        raise Refusal(401, "no-certificate", "watching the control plane takes mutual TLS: "
+                      "present a workload certificate issued under the trust bundle")
+    chain = peer_chain(sslobj, verified=False)
+    try:
+        trust.verify(chain, now=datetime.now(UTC))
+    except IdentityError as e:
+        raise Refusal(401, "untrusted-certificate", f"the certificate presented is not "
+                      f"trusted: {e}") from e
+    try:
+        return Identity.from_certificate(chain[0])
+    except InvalidName as e:
+        raise Refusal(403, "no-identity", str(e)) from e
 
 
 def _describe(watch: Watch) -> str:

@@ -14,7 +14,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from mesh.errors import IdentityError, ProtocolError
 from mesh.identity.tls import ALPN, check_peer
@@ -22,6 +22,9 @@ from mesh.metrics import ProxyMetrics
 from mesh.proxy.observe import HttpObserver
 from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
 from mesh.proxy.transport_header import HeaderDecoder, SessionProtocol, TransportHeader
+
+if TYPE_CHECKING:
+    from mesh.control.policy import PortPolicy
 
 log = logging.getLogger("mesh.proxy.inbound")
 
@@ -33,6 +36,9 @@ class InboundPolicy:
     """Identity names allowed in, or {"*"} for any identity the trust bundle vouches for."""
     handshake_timeout: float = 10.0
     header_timeout: float = 10.0
+    ports: Callable[[int], PortPolicy] | None = None
+    """Per-port policies from the control plane; when given, they decide instead of
+    `authorized`."""
 
     def allows(self, identity: str) -> bool:
         return "*" in self.authorized or identity in self.authorized
@@ -88,20 +94,38 @@ class Inbound:
         labels: Labels = {"direction": "inbound", "peer": "src", "tls": "true",
                           "client_id": str(client), "server_id": "", "target_addr": "",
                           "dst_service": ""}
-        if not self.policy.allows(str(client)):
-            self.metrics.tcp_authz_deny.labels("inbound", "true", str(client), "",
-                                               "unauthorized").inc()
-            log.info("inbound connection denied peer=%s identity=%s cause=not-authorized",
-                     peer, client)
-            tls.close()
+        if self.policy.ports is None and not self.policy.allows(str(client)):
+            self._deny(tls, peer, str(client), "", "not-authorized: identity not in "
+                       "inbound.authorized")
             return
         header = await self._read_header(tls, protocol, peer, str(client), early)
         if header is None:
             return
         target = f"{self.policy.app_host}:{header.port}"
+        if self.policy.ports is not None:
+            decision = self.policy.ports(header.port).allows(str(client))
+            if not decision.allowed:
+                self._deny(tls, peer, str(client), target, decision.reason,
+                           http=header.protocol is SessionProtocol.HTTP1)
+                return
         labels["target_addr"] = target
         self.metrics.tcp_authz_allow.labels("inbound", "true", str(client), target).inc()
         await self._connect_app(protocol, tls, header, labels, peer, str(client))
+
+    def _deny(self, tls: asyncio.Transport, peer: str, client: str, target: str, reason: str,
+              *, http: bool = False) -> None:
+        """Refuse a caller: counted, logged once, and for HTTP answered 403 as Linkerd does."""
+        self.metrics.tcp_authz_deny.labels("inbound", "true", client, target,
+                                           "unauthorized").inc()
+        if http:
+            self.metrics.http_authz_deny.labels("inbound", "true", client, target).inc()
+            body = f"{reason}\n".encode()
+            tls.write(b"HTTP/1.1 403 Forbidden\r\nl5d-proxy-error: " + _header_safe(reason)
+                      + b"\r\ncontent-type: text/plain\r\ncontent-length: "
+                      + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+        log.info("inbound connection denied peer=%s identity=%s target=%s cause=%s", peer,
+                 client, target or "-", reason)
+        tls.close()
 
     async def _read_header(self, tls: asyncio.Transport, protocol: Half, peer: str,
                            client: str, early: list[bytes]) -> TransportHeader | None:
@@ -203,3 +227,7 @@ class _Accepted(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # The transport was aborted in connection_made, before it could read.
         raise AssertionError("bytes read from the plain transport of an inbound connection")
+
+
+def _header_safe(text: str) -> bytes:
+    return text.encode("ascii", "replace").replace(b"\r", b" ").replace(b"\n", b" ")

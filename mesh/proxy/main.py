@@ -19,14 +19,14 @@ import ssl
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
 from mesh.config import ProxyConfig, split_address
 from mesh.errors import ConfigError
 from mesh.identity.bundle import TrustBundle
-from mesh.identity.names import Identity
+from mesh.identity.names import Identity, service_identity
 from mesh.identity.static import StaticIdentity
 from mesh.metrics import ProxyMetrics, exposition, share_between_processes
 from mesh.proxy.discovery import Discovery, ServiceSpec, StaticDiscovery
@@ -34,6 +34,10 @@ from mesh.proxy.http import HttpOutbound, Pool
 from mesh.proxy.inbound import Inbound, InboundPolicy
 from mesh.proxy.outbound import Outbound
 from mesh.proxy.relay import FlowMetrics
+
+if TYPE_CHECKING:
+    from mesh.discovery.stream import ControlStream
+    from mesh.proxy.policy import PolicyWatch
 
 log = logging.getLogger("mesh.proxy")
 
@@ -64,6 +68,7 @@ class Proxy:
         self.discovery: Discovery | None = None
         self.outbound: Outbound | None = None
         self.redirected: set[str] = set()
+        self._streams: list[ControlStream] = []
 
     async def _identity(self) -> _Workload:
         cfg = self.config.identity
@@ -84,10 +89,40 @@ class Proxy:
         self._renewal = asyncio.create_task(store.run())
         return store
 
-    def _discovery(self) -> Discovery:
+    def _discovery(self, workload: _Workload) -> Discovery:
+        dest = self.config.destination
+        if dest is not None:
+            from mesh.discovery.client import WatchDiscovery
+
+            watch = WatchDiscovery(dest.server, context=workload.client_context,
+                                   server_identity=self._control_identity(workload))
+            watch.start()
+            self._streams.append(watch)
+            return watch
         if self.config.discovery is None:
             return StaticDiscovery.empty()
         return StaticDiscovery.load(self.config.discovery)
+
+    def _control_identity(self, workload: _Workload) -> Identity:
+        dest = self.config.destination
+        assert dest is not None
+        if dest.server_identity:
+            return Identity.parse(dest.server_identity)
+        me = workload.identity
+        return service_identity(me.trust_domain, me.control_ns)
+
+    def _policy(self, workload: _Workload) -> PolicyWatch | None:
+        dest, pod = self.config.destination, self.config.workload
+        if dest is None or pod is None:
+            return None
+        from mesh.proxy.policy import PolicyWatch
+
+        watch = PolicyWatch(dest.server, namespace=pod.namespace, pod=pod.pod,
+                            context=workload.client_context,
+                            server_identity=self._control_identity(workload))
+        watch.start()
+        self._streams.append(watch)
+        return watch
 
     async def _listen(self, factory: Callable[[], asyncio.BaseProtocol], address: str,
                       what: str) -> None:
@@ -106,10 +141,12 @@ class Proxy:
         if str(workload.identity) != self.config.identity.name:
             raise ConfigError(f"identity.name is {self.config.identity.name} but the "
                               f"certificate names {workload.identity}")
-        discovery = self._discovery()
+        discovery = self._discovery(workload)
+        policy = self._policy(workload)
         inbound = Inbound(InboundPolicy(app_host=self.config.inbound.app_host,
                                         authorized=frozenset(self.config.inbound.authorized),
-                                        header_timeout=self.config.detect_timeout.total_seconds()),
+                                        header_timeout=self.config.detect_timeout.total_seconds(),
+                                        ports=policy.for_port if policy else None),
                           workload.server_context, self.metrics, self.flows)
         out_cfg = self.config.outbound
         http = HttpOutbound(Pool(workload.client_context,
@@ -126,9 +163,12 @@ class Proxy:
         await self._listen(outbound.protocol, self.config.outbound.listen, "outbound")
         self.discovery, self.outbound = discovery, outbound
         if self.config.outbound.redirect:
+            # Subscribe first: a stream may announce services while listeners open.
+            discovery.subscribe(self._service_changed)
+            for stream in self._streams:
+                await stream.wait_ready(5.0)
             for service in discovery.services():
                 await self._redirect(service)
-            discovery.subscribe(self._service_changed)
         await self._start_admin()
         self._trimmer = asyncio.create_task(return_freed_memory())
         self.ready = True
@@ -190,6 +230,8 @@ class Proxy:
         for task in (self._renewal, self._trimmer):
             if task is not None:
                 task.cancel()
+        for stream in self._streams:
+            await stream.stop()
         if self.admin is not None:
             await self.admin.cleanup()
 

@@ -28,6 +28,7 @@ from aiohttp import web
 from kubernetes import client
 from prometheus_client import CollectorRegistry
 
+from mesh.control.policy import install_crds
 from mesh.discovery.client import WatchDiscovery
 from mesh.discovery.index import (
     INBOUND_PORT_ANNOTATION,
@@ -109,6 +110,7 @@ def workload(trust: Trust) -> StaticIdentity:
 
 @pytest.fixture(scope="module")
 def control(cluster: Cluster, trust: Trust) -> Iterator[ControlProcess]:
+    install_crds(cluster.api())  # the policy API needs them to be ready
     c = start_control(cluster, trust)
     try:
         yield c

@@ -1,0 +1,212 @@
+"""The policy API: each inbound proxy's authorization rules, streamed over mTLS.
+
+``GET /v1/policy?namespace=<ns>&pod=<name>`` streams newline-delimited JSON:
+
+- ``{"type": "policy", "heartbeatSeconds": 10, "default": "all-authenticated",
+  "ports": [PortPolicy, ...]}`` first, and again whenever the answer for that
+  pod changes (a Server, MeshTLSAuthentication or AuthorizationPolicy of its
+  namespace, or the pod's labels or ports); ``ports`` lists the ports some
+  Server selects, each in `PortPolicy.to_json` form; every other port has the
+  cluster's default policy;
+- ``{"type": "heartbeat"}`` after ``heartbeatSeconds`` of silence.
+
+A pod that does not exist yet gets the default alone, then its policies once it
+appears. Invalid policy resources are logged (one line each, with the field and
+the reason) and left out, so they never stop the control plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+from kubernetes import client
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from mesh.control.policy import (
+    AUTHORIZATION_POLICY,
+    GROUP,
+    MESH_TLS_AUTHENTICATION,
+    PLURALS,
+    SERVER,
+    VERSION,
+    PolicyIndex,
+)
+from mesh.discovery.server import CONTENT_TYPE, HEARTBEAT, Subscription, Watch, peer_identity
+from mesh.identity.bundle import TrustBundle
+from mesh.identity.service import Refusal
+from mesh.informer import DELETED, Informer, Obj
+
+log = logging.getLogger(__name__)
+
+PATH = "/v1/policy"
+_KEY = ("policy", 0)
+
+
+class PolicyService:
+    """Serves `PolicyIndex` answers to inbound proxies, one stream per pod."""
+
+    def __init__(self, index: PolicyIndex, *, trust: Callable[[], TrustBundle],
+                 registry: CollectorRegistry, heartbeat: float = 10.0) -> None:
+        self.index = index
+        self.heartbeat = heartbeat
+        self._trust = trust
+        self._pods: dict[tuple[str, str], Obj] = {}
+        self._subs: dict[tuple[str, str], set[Subscription]] = {}
+        self._last: dict[Subscription, bytes] = {}
+        self._informers: list[Informer] = []
+        self._reported: set[str] = set()
+        self.subscribers = Gauge("policy_subscribers", "Open policy watches", registry=registry)
+        self.updates = Counter("policy_updates", "Policy messages sent to watchers",
+                               registry=registry)
+        self.invalid = Gauge("policy_invalid_resources", "Policy resources ignored because "
+                             "they cannot be used", registry=registry)
+        self.invalid.set_function(lambda: len(self.index.invalid))
+
+    # -- feeding ---------------------------------------------------------------------
+
+    def watch_cluster(self, kube: client.ApiClient, loop: asyncio.AbstractEventLoop) -> None:
+        custom = client.CustomObjectsApi(kube)
+        for kind in (SERVER, MESH_TLS_AUTHENTICATION, AUTHORIZATION_POLICY):
+            informer = Informer(functools.partial(custom.list_cluster_custom_object, GROUP,
+                                                  VERSION, PLURALS[kind]),
+                                kind=PLURALS[kind], handler=functools.partial(self._policy,
+                                                                              kind))
+            self._informers.append(informer)
+            informer.start(loop)
+        pods = Informer(client.CoreV1Api(kube).list_pod_for_all_namespaces, kind="pods",
+                        handler=self._pod)
+        self._informers.append(pods)
+        pods.start(loop)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._informers) and all(inf.synced for inf in self._informers)
+
+    def stop(self) -> None:
+        for informer in self._informers:
+            informer.stop(timeout=1.0)
+        self._informers.clear()
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.close()
+
+    def _policy(self, kind: str, event: str, obj: Obj) -> None:
+        namespaces = self.index.apply(kind, event, obj)
+        self._report_problems()
+        for key in self._subs:
+            if key[0] in namespaces:
+                self._push(key)
+
+    def _report_problems(self) -> None:
+        now = {str(bad) for bad in self.index.invalid}
+        for line in sorted(now - self._reported):
+            log.warning("policy resource ignored: %s", line)
+        self._reported = now
+
+    def _pod(self, event: str, obj: Obj) -> None:
+        meta = obj.get("metadata") or {}
+        key = (str(meta.get("namespace")), str(meta.get("name")))
+        if event == DELETED:
+            self._pods.pop(key, None)
+        else:
+            self._pods[key] = obj
+        if key in self._subs:
+            self._push(key)
+
+    # -- answers ---------------------------------------------------------------------
+
+    def message(self, namespace: str, pod: str) -> bytes:
+        obj = self._pods.get((namespace, pod))
+        ports: list[Any] = []
+        if obj is not None:
+            labels = (obj.get("metadata") or {}).get("labels") or {}
+            policies = self.index.pod_policies(namespace, labels, port_names=_port_names(obj))
+            ports = [json.loads(p.to_json()) for p in policies]
+        return (json.dumps({"type": "policy", "heartbeatSeconds": self.heartbeat,
+                            "default": str(self.index.default_policy), "ports": ports},
+                           separators=(",", ":")) + "\n").encode()
+
+    def _push(self, key: tuple[str, str]) -> None:
+        line = self.message(*key)
+        for sub in self._subs.get(key, set()):
+            if self._last.get(sub) != line:
+                self._last[sub] = line
+                sub.offer(_KEY, line)
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get(PATH, self.watch)
+
+    async def watch(self, request: web.Request) -> web.StreamResponse:
+        try:
+            peer = peer_identity(request, self._trust())
+            namespace, pod = _query(request.query)
+            if not self.ready:
+                raise Refusal(503, "not-ready", "the control plane is still reading the "
+                              "cluster; retry shortly")
+        except Refusal as e:
+            log.info("policy watch refused peer=%s reason=%s cause=%r", request.remote,
+                     e.reason, e.message)
+            return web.json_response({"error": e.reason, "message": e.message},
+                                     status=e.status)
+        key = (namespace, pod)
+        sub = Subscription(Watch(), limit=1, peer=f"{peer}@{request.remote}")
+        first = self.message(namespace, pod)
+        self._last[sub] = first
+        self._subs.setdefault(key, set()).add(sub)
+        self.subscribers.inc()
+        log.info("policy watch opened peer=%s pod=%s/%s", sub.peer, namespace, pod)
+        resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE,
+                                           "Cache-Control": "no-store"})
+        try:
+            await resp.prepare(request)
+            await resp.write(first)
+            while not sub.closed:
+                if not sub.pending:
+                    try:
+                        async with asyncio.timeout(self.heartbeat):
+                            await sub.wake.wait()
+                    except TimeoutError:
+                        await resp.write(HEARTBEAT)
+                        continue
+                lines = sub.take()
+                if lines:
+                    await resp.write(b"".join(lines))
+                    self.updates.inc(len(lines))
+        except ConnectionError as e:
+            log.info("policy watch ended peer=%s cause=%s", sub.peer, type(e).__name__)
+        finally:
+            subs = self._subs.get(key, set())
+            subs.discard(sub)
+            if not subs:
+                self._subs.pop(key, None)
+            self._last.pop(sub, None)
+            self.subscribers.dec()
+        return resp
+
+
+def _query(query: Mapping[str, str]) -> tuple[str, str]:
+    unknown = sorted(set(query) - {"namespace", "pod"})
+    if unknown:
+        raise Refusal(400, "malformed", f"unknown parameter {unknown[0]!r}; give namespace "
+                      "and pod")
+    namespace, pod = query.get("namespace", ""), query.get("pod", "")
+    if not namespace or not pod:
+        raise Refusal(400, "malformed", "give both namespace=<ns> and pod=<name>")
+    return namespace, pod
+
+
+def _port_names(pod: Obj) -> dict[str, int]:
+    names: dict[str, int] = {}
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") and isinstance(port.get("containerPort"), int):
+                names[port["name"]] = port["containerPort"]
+    return names

@@ -1,0 +1,64 @@
+"""The inbound proxy's authorization rules, kept current by the control plane.
+
+`PolicyWatch` follows ``/v1/policy`` for this proxy's pod (`mesh.control.policy_api`)
+and answers, for each port, the `PortPolicy` to apply: the one a Server selects,
+or the cluster default. Until the first message arrives, and while the control
+plane is away, it answers from what it last knew (at first: the default,
+all-authenticated).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+from urllib.parse import urlencode
+
+from mesh.control.policy import AccessPolicy, PortPolicy
+from mesh.discovery.stream import ControlStream
+from mesh.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+PATH = "/v1/policy"
+
+
+class PolicyWatch(ControlStream):
+    """The port policies of one pod, from the control plane at ``url``."""
+
+    what = "policy stream"
+
+    def __init__(self, url: str, *, namespace: str, pod: str, **options: Any) -> None:
+        super().__init__(url, f"{PATH}?{urlencode({'namespace': namespace, 'pod': pod})}",
+                         **options)
+        self.default = AccessPolicy.ALL_AUTHENTICATED
+        self.ports: dict[int, PortPolicy] = {}
+
+    def for_port(self, port: int) -> PortPolicy:
+        found = self.ports.get(port)
+        return found if found is not None else PortPolicy(port=port, access=self.default)
+
+    def receive_line(self, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+        except ValueError as e:
+            log.warning("policy message skipped server=%s cause=not JSON: %s", self.url, e)
+            return
+        if not isinstance(msg, dict) or msg.get("type") != "policy":
+            return  # heartbeats, and kinds a newer control plane may add
+        self.set_heartbeat(msg.get("heartbeatSeconds"))
+        try:
+            default = AccessPolicy(str(msg.get("default")))
+            items = msg.get("ports")
+            if not isinstance(items, list):
+                raise ProtocolError("ports is not a list")
+            ports = {p.port: p for p in (PortPolicy.from_json(json.dumps(item))
+                                         for item in items)}
+        except (ValueError, ProtocolError) as e:
+            log.warning("policy message skipped server=%s cause=%s (keeping the last known "
+                        "policy)", self.url, e)
+            return
+        self.default, self.ports = default, ports
+        self.snapshot_applied()
+        log.info("policy applied server=%s default=%s ports=%s", self.url, default,
+                 ",".join(str(p) for p in sorted(ports)) or "-")
