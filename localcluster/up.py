@@ -261,12 +261,21 @@ DAEMONS = ("apiserver", "control", "dns")
 
 
 def up(req: UpRequest) -> ClusterSpec:
-    """Build the cluster and start its processes; on any failure, undo all of it."""
+    """Build the cluster and start its processes; on any failure, undo all of it.
+
+    For a cluster that is already up from the same state directory, start
+    whatever of it has stopped (a crashed control plane, say) and change nothing
+    else."""
     state_dir = req.state_dir.resolve()
     entry = _entry(req.name)
     if entry.exists():
-        other = entry.read_text().strip()
-        if any(_daemon_alive(Path(other), d) for d in DAEMONS):
+        other = Path(entry.read_text().strip())
+        if other == state_dir and (state_dir / "cluster.json").exists():
+            spec = load_spec(state_dir)
+            netns.up(spec.network)
+            _start_cluster_processes(spec)
+            return spec
+        if any(_daemon_alive(other, d) for d in DAEMONS):
             raise ClusterError(f"cluster {req.name!r} is already up (state in {other}); "
                                f"`meshgate cluster down --name {req.name}` first")
     try:
@@ -299,11 +308,13 @@ def up(req: UpRequest) -> ClusterSpec:
 
 
 def _start_cluster_processes(spec: ClusterSpec) -> None:
+    """Start each of the cluster's processes that is not running."""
     d, node = spec.state_dir, spec.node_address
-    _start_daemon(d, "apiserver", [
-        *_python(), "cluster", "serve", "--name", spec.name, "--state-dir", str(d),
-        "--service-cidr", spec.service_cidr,
-        "--also-listen", f"{spec.node_netns}={node}:{API_PORT}"], ready="kubeconfig:")
+    if not _daemon_alive(d, "apiserver"):
+        _start_daemon(d, "apiserver", [
+            *_python(), "cluster", "serve", "--name", spec.name, "--state-dir", str(d),
+            "--service-cidr", spec.service_cidr,
+            "--also-listen", f"{spec.node_netns}={node}:{API_PORT}"], ready="kubeconfig:")
     node_kubeconfig = _node_kubeconfig(spec)
     from kubernetes import client as k8s
 
@@ -313,15 +324,17 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
     with api_client(spec.kubeconfig) as api:
         install_crds(api)
         _ensure_namespace(k8s.CoreV1Api(api), "meshgate")
-    _start_daemon(d, "control", _in_netns(spec.node_netns, [
-        *_python(), "control", "run", "--kubeconfig", str(node_kubeconfig),
-        "--identity-dir", str(spec.identity_dir), "--trust-domain", spec.trust_domain,
-        "--listen", f"{node}:{CONTROL_PORT}", "--cluster-domain", spec.cluster_domain,
-        "--cluster-name", spec.name]), ready="serving at")
-    _start_daemon(d, "dns", _in_netns(spec.node_netns, [
-        sys.executable, "-m", "localcluster.dns", "--kubeconfig", str(node_kubeconfig),
-        "--listen", f"{node}:{DNS_PORT}", "--cluster-domain", spec.cluster_domain]),
-        ready="dns: serving")
+    if not _daemon_alive(d, "control"):
+        _start_daemon(d, "control", _in_netns(spec.node_netns, [
+            *_python(), "control", "run", "--kubeconfig", str(node_kubeconfig),
+            "--identity-dir", str(spec.identity_dir), "--trust-domain", spec.trust_domain,
+            "--listen", f"{node}:{CONTROL_PORT}", "--cluster-domain", spec.cluster_domain,
+            "--cluster-name", spec.name]), ready="serving at")
+    if not _daemon_alive(d, "dns"):
+        _start_daemon(d, "dns", _in_netns(spec.node_netns, [
+            sys.executable, "-m", "localcluster.dns", "--kubeconfig", str(node_kubeconfig),
+            "--listen", f"{node}:{DNS_PORT}", "--cluster-domain", spec.cluster_domain]),
+            ready="dns: serving")
 
 
 def _node_kubeconfig(spec: ClusterSpec) -> Path:
@@ -468,7 +481,10 @@ class _PodRun:
             f.write(token)
         config = self._proxy_config(token_path)
         self.proxy = self._start_proxy(config)
-        self.app = subprocess.Popen(netns.pod_command(self.net, self.key, list(req.command)))
+        self.app = subprocess.Popen(netns.pod_command(self.net, self.key, list(req.command)),
+                                    env={**os.environ, "POD_NAME": req.name,
+                                         "POD_NAMESPACE": req.namespace, "POD_IP": str(pod.ip),
+                                         "SERVICE_ACCOUNT": req.service_account})
         watcher = threading.Thread(target=self._readiness, name="readiness", daemon=True)
         watcher.start()
         previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGINT,
@@ -528,7 +544,10 @@ class _PodRun:
         status: dict[str, Any] = {
             "phase": "Running",
             "conditions": [{"type": "Ready", "status": "True" if ready else "False",
-                            "lastTransitionTime": now}]}
+                            "lastTransitionTime": now}],
+            "containerStatuses": [{"name": "app", "ready": ready, "restartCount": 0,
+                                   "image": "local", "imageID": "", "started": True,
+                                   "state": {"running": {"startedAt": now}}}]}
         if ip is not None:
             status["podIP"] = ip
             status["podIPs"] = [{"ip": ip}]

@@ -39,6 +39,10 @@ REASONS = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout
            400: "Bad Request", 408: "Request Timeout"}
 
 
+Route = Callable[[str], "tuple[ServiceSpec, Balancer] | None"]
+"""An HTTP authority -> the service it names and its balancer, or None."""
+
+
 class HeadTimeout(Exception):
     """A client started a request head and did not finish it in time (slowloris)."""
 
@@ -148,14 +152,32 @@ class HttpOutbound:
         self._cache: dict[tuple[str, ...], _Series] = {}
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    service: ServiceSpec, balancer: Balancer, peer: str) -> None:
+                    target: ServiceSpec | Route, balancer: Balancer | None, peer: str) -> None:
+        """Serve one client connection's requests. `target` is the service the client
+        dialled, or, on the outbound listener, a `Route` that finds each request's
+        service from its authority (the Host header)."""
         requests = http1.MessageReader("request")
-        budget = self.budgets.setdefault(service.name, RetryBudget())
+        service = target if isinstance(target, ServiceSpec) else None
         try:
             while True:
                 head = await self._next_head(requests, reader)
                 if head is None:
                     return
+                if not isinstance(target, ServiceSpec):
+                    host = head.values(b"host")
+                    authority = host[0].decode("latin-1") if host else ""
+                    found = target(authority)
+                    if found is None:
+                        self.metrics.protocol_errors.labels("outbound", "no-service").inc()
+                        log.info("outbound request refused peer=%s authority=%s cause=no such "
+                                 "service", peer, authority or "-")
+                        writer.write(error_response(
+                            502, f"no service named {authority or '(no Host header)'} is "
+                            "known to the proxy"))
+                        return
+                    service, balancer = found
+                assert service is not None and balancer is not None
+                budget = self.budgets.setdefault(service.name, RetryBudget())
                 body, complete = await self._read_body_for_retry(requests, reader)
                 keep_going = await self._exchange(head, body, complete, requests, reader, writer,
                                                   service, balancer, budget, peer)
@@ -163,12 +185,14 @@ class HttpOutbound:
                     return
         except ProtocolError as e:
             self.metrics.protocol_errors.labels("outbound", "bad-request").inc()
-            log.info("outbound request refused peer=%s service=%s cause=%s", peer, service.name, e)
+            log.info("outbound request refused peer=%s service=%s cause=%s", peer,
+                     service.name if service else "-", e)
             with contextlib.suppress(ConnectionError):
                 writer.write(error_response(400, f"malformed request: {e}"))
         except HeadTimeout as e:
             self.metrics.protocol_errors.labels("outbound", "head-timeout").inc()
-            log.info("outbound request refused peer=%s service=%s cause=%s", peer, service.name, e)
+            log.info("outbound request refused peer=%s service=%s cause=%s", peer,
+                     service.name if service else "-", e)
             with contextlib.suppress(ConnectionError):
                 writer.write(error_response(408, str(e)))
         except (ConnectionError, asyncio.IncompleteReadError):

@@ -198,6 +198,7 @@ class Proxy:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/live", self._live)
+        app.router.add_get("/endpoints", self._endpoints)
         self.admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.admin.setup()
         host, port = split_address(self.config.admin.listen)
@@ -219,6 +220,11 @@ class Proxy:
     async def _ready(self, request: web.Request) -> web.Response:
         return web.Response(text="ready\n" if self.ready else "not ready\n",
                             status=200 if self.ready else 503)
+
+    async def _endpoints(self, request: web.Request) -> web.Response:
+        """Every service the proxy knows and the endpoints behind it, as discovery says."""
+        services = self.discovery.services() if self.discovery is not None else []
+        return web.json_response([svc.model_dump(by_alias=True) for svc in services])
 
     async def _live(self, request: web.Request) -> web.Response:
         return web.Response(text="live\n")

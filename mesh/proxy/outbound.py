@@ -23,7 +23,7 @@ from mesh.metrics import ProxyMetrics
 from mesh.proxy.balancer import Balancer
 from mesh.proxy.detect import Detected, Detector, ProtocolKind, opaque_for
 from mesh.proxy.discovery import Discovery, EndpointSpec, ServiceSpec
-from mesh.proxy.http import HttpOutbound
+from mesh.proxy.http import HttpOutbound, Route
 from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
 from mesh.proxy.transport_header import TransportHeader
 
@@ -80,6 +80,12 @@ class Outbound:
         host, port = transport.get_extra_info("sockname")[:2]
         service = self.discovery.resolve((host, port))
         if service is None:
+            # Not a service address (the outbound listener itself, say): HTTP is routed
+            # by its authority, anything else has nowhere to go.
+            if self.http is not None and (await self._detect(client)).protocol is \
+                    ProtocolKind.HTTP1:
+                await self._serve_http(client, self._route, None, peer)
+                return
             transport.close()
             self._refuse(peer, "no-service", service=f"{host}:{port}")
             return
@@ -161,8 +167,13 @@ class Outbound:
         client.flow.waiter = None
         return result
 
-    async def _serve_http(self, client: Half, service: ServiceSpec, balancer: Balancer,
-                          peer: str) -> None:
+    def _route(self, authority: str) -> tuple[ServiceSpec, Balancer] | None:
+        service = self.discovery.resolve_name(authority)
+        balancer = self.balancers.get(service.address) if service is not None else None
+        return (service, balancer) if service is not None and balancer is not None else None
+
+    async def _serve_http(self, client: Half, service: ServiceSpec | Route,
+                          balancer: Balancer | None, peer: str) -> None:
         """Hand the connection to the HTTP layer, as a stream with the bytes read so far."""
         assert self.http is not None and client.transport is not None
         loop = asyncio.get_running_loop()

@@ -274,3 +274,17 @@ def test_slowloris_request_head_gets_408(mesh: Mesh) -> None:
     assert answer.startswith(b"HTTP/1.1 408") and b"l5d-proxy-error: the request head" in answer
     assert mesh.client.metric("proxy_protocol_errors_total", cause="head-timeout") >= 1
     assert mesh.get("/ok")[0] == 200
+
+
+def test_the_outbound_listener_routes_http_by_authority(mesh: Mesh) -> None:
+    host, _, port = mesh.client.config["outbound"]["listen"].rpartition(":")
+    web_port = mesh.addresses["web"][1]
+    c = http.client.HTTPConnection(host, int(port), timeout=5)
+    c.request("GET", "/ok", headers={"Host": f"web.default.svc.{DOMAIN}:{web_port}"})
+    r = c.getresponse()
+    assert r.status == 200 and r.read().startswith(b"ok from")
+    c.request("GET", "/ok", headers={"Host": f"nosuch.default.svc.{DOMAIN}"})
+    r = c.getresponse()
+    assert r.status == 502
+    assert f"no service named nosuch.default.svc.{DOMAIN}" in r.getheader("l5d-proxy-error", "")
+    c.close()

@@ -1,0 +1,43 @@
+"""The demo's workload: an HTTP server that says which pod answered.
+
+``python -m localcluster.demoapp --port 8080`` answers every GET with one line,
+``hello from <pod> in <namespace>``, naming the pod from the environment that
+`meshgate cluster run-pod` sets (POD_NAME, POD_NAMESPACE). It listens on
+127.0.0.1 only: callers reach it through the pod's proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class _Hello(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        pod = os.environ.get("POD_NAME", "?")
+        namespace = os.environ.get("POD_NAMESPACE", "?")
+        body = f"hello from {pod} in {namespace}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args()
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), _Hello)
+    print(f"demo app serving on 127.0.0.1:{args.port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
