@@ -11,6 +11,7 @@ from kubernetes import client
 
 from mesh.informer import ADDED, DELETED, MODIFIED, Informer
 from tests.cluster import Cluster, start_cluster, wait_for
+from tests.meshproxy import free_port
 
 
 def _configmap(name: str, value: str) -> client.V1ConfigMap:
@@ -39,9 +40,12 @@ def test_lists_watches_and_reports_each_change(fresh_cluster: Cluster) -> None:
 
 
 def test_relists_after_gone_and_reports_what_it_missed(tmp_path: Path) -> None:
-    # A history of 50 events: while the informer's server is down, 80 writes push
-    # its resourceVersion out, so the resumed watch gets 410 and it lists again.
+    # A history of 50 events. While the informer cannot reach the server (it runs on
+    # another port meanwhile), 80 writes push its resourceVersion out of the history,
+    # so when the server is back where the informer looks, the resumed watch gets 410
+    # and the informer lists again.
     c = start_cluster(tmp_path / "state", "--watch-history", "50")
+    port = int(c.server.rsplit(":", 1)[1])
     try:
         core = client.CoreV1Api(c.api())
         core.create_namespaced_config_map("default", _configmap("doomed", "1"))
@@ -53,20 +57,25 @@ def test_relists_after_gone_and_reports_what_it_missed(tmp_path: Path) -> None:
         try:
             wait_for(lambda: inf.synced)
             c.kill()
-            c2 = start_cluster(tmp_path / "state", "--watch-history", "50")
+            away = start_cluster(tmp_path / "state", "--watch-history", "50", "--listen",
+                                 f"127.0.0.1:{free_port()}")
             try:
-                core2 = client.CoreV1Api(c2.api())
-                core2.delete_namespaced_config_map("doomed", "default")
+                elsewhere = client.CoreV1Api(away.api())
+                elsewhere.delete_namespaced_config_map("doomed", "default")
                 for i in range(80):
-                    core2.create_namespaced_config_map("default", _configmap(f"cm-{i}", "x"))
-                # The informer's client still points at the same address and CA.
+                    elsewhere.create_namespaced_config_map("default", _configmap(f"cm-{i}", "x"))
+            finally:
+                away.stop()
+            back = start_cluster(tmp_path / "state", "--watch-history", "50", "--listen",
+                                 f"127.0.0.1:{port}")
+            try:
                 wait_for(lambda: "default/cm-79" in inf.cache, timeout=20)
                 assert (DELETED, "doomed") in seen
                 assert inf.relists >= 1
                 assert inf.errors >= 1
                 assert sum(1 for k in inf.cache if k.startswith("default/cm-")) == 80
             finally:
-                c2.stop()
+                back.stop()
         finally:
             inf.stop()
     finally:
