@@ -435,7 +435,7 @@ def run_pod(req: PodRequest) -> int:
     if not req.command:
         raise ConfigError("give the pod's command after --, e.g. -- python3 -m http.server")
     spec = find(req.cluster)
-    key = f"{req.namespace}-{req.name}"
+    key = _pod_key(req.namespace, req.name)
     pod_dir = spec.state_dir / "pods" / key
     with api_client(spec.kubeconfig) as api:
         core = k8s.CoreV1Api(api)
@@ -444,6 +444,11 @@ def run_pod(req: PodRequest) -> int:
             return pod.run()
         finally:
             pod.cleanup()
+
+
+def _pod_key(namespace: str, pod: str) -> str:
+    """The pod's name in the cluster's network (namespaces are not a network idea)."""
+    return f"{namespace}-{pod}"
 
 
 class _PodRun:
@@ -658,6 +663,13 @@ class _PodRun:
         if self.added_netns:
             netns.remove_pod(self.net, self.key)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def in_pod(spec: ClusterSpec, namespace: str, pod: str, argv: Sequence[str], *,
+           timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `argv` inside a running pod (its network and resolv.conf), as `kubectl exec`."""
+    return subprocess.run(netns.pod_command(spec.network, _pod_key(namespace, pod), list(argv)),
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @contextlib.contextmanager

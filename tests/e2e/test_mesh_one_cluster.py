@@ -20,8 +20,7 @@ from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import IPRoute, netns
 
-from localcluster import netns as topology
-from localcluster.up import find
+from localcluster.up import find, in_pod
 from mesh.kube import api_client
 from tests.cluster import wait_for
 
@@ -92,8 +91,8 @@ class Mesh:
             pod = self.core().read_namespaced_pod(name, "default")
         except client.ApiException:
             return False
-        return any(c.type == "Ready" and c.status == "True"
-                   for c in (pod.status.conditions or []))
+        conditions = pod.status.conditions if pod.status else None
+        return any(c.type == "Ready" and c.status == "True" for c in conditions or [])
 
     def stop_pod(self, name: str) -> None:
         proc = self.pods.pop(name)
@@ -102,9 +101,7 @@ class Mesh:
 
     def in_pod(self, pod: str, code: str, *args: str) -> str:
         """Run Python code inside the pod (its network, its resolv.conf)."""
-        net = find(NAME).network
-        argv = topology.pod_command(net, f"default-{pod}", [sys.executable, "-c", code, *args])
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        proc = in_pod(find(NAME), "default", pod, [sys.executable, "-c", code, *args])
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
@@ -130,7 +127,9 @@ class Mesh:
                 for ep in svc["endpoints"]}
 
     def pod_ip(self, name: str) -> str:
-        return str(self.core().read_namespaced_pod(name, "default").status.pod_ip)
+        status = self.core().read_namespaced_pod(name, "default").status
+        assert status is not None
+        return str(status.pod_ip)
 
 
 def _leftovers() -> list[str]:
@@ -214,7 +213,7 @@ def test_an_authorization_policy_that_leaves_the_client_out_answers_403(mesh: Me
     try:
         answers = wait_for(lambda: [a for a in mesh.calls(4) if a.startswith("403")] or None,
                            timeout=20, what="calls to be refused")
-        assert "denied" in answers[0] and CLIENT_ID in answers[0]
+        assert answers and "denied" in answers[0] and CLIENT_ID in answers[0]
         denied = sum(mesh.metric(pod, "inbound_http_authz_deny_total", client_id=CLIENT_ID)
                      for pod in ("web-1", "web-2"))
         assert denied >= 1
