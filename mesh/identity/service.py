@@ -196,6 +196,12 @@ class IdentityService:
             if wanted != proven:
                 raise Refusal(403, "identity-mismatch", f"the {proof.replace('-', ' ')} proves "
                               f"{proven}, but the CSR asks for {wanted}")
+            if wanted == self.identity:
+                # Proxies trust the control plane by this name: a workload holding it
+                # could pose as the control plane to every proxy.
+                raise Refusal(403, "reserved-identity", f"{wanted} is the control plane's "
+                              "own identity and is never issued to workloads; run the "
+                              "workload under another ServiceAccount")
             chain = self.sign(public_key, wanted)
         except Refusal as e:
             self.denied.labels(e.reason).inc()

@@ -262,6 +262,17 @@ def test_traffic_survives_a_control_plane_outage_and_a_restart_catches_up(
              what="web-2 to come back")
 
 
+def test_a_pod_whose_identity_is_refused_fails_with_the_reason(mesh: Mesh) -> None:
+    # The control plane's own identity is never issued to a workload.
+    proc = mesh.meshgate("cluster", "run-pod", "--cluster", NAME, "--namespace", "meshgate",
+                         "--name", "impostor", "--service-account", "meshgate-identity", "--",
+                         "sleep", "60", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "never issued to workloads" in proc.stderr, proc.stderr
+    assert not [p for p in mesh.core().list_namespaced_pod("meshgate").items]
+    assert not [n for n in netns.listnetns() if n.endswith("-meshgate-impostor")]
+
+
 def test_down_leaves_no_namespace_link_or_process(mesh: Mesh) -> None:
     for name in list(mesh.pods):
         mesh.stop_pod(name)

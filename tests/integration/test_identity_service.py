@@ -136,6 +136,25 @@ async def test_refusals(cluster: Cluster, service: Service, case: str) -> None:
     assert expected[2] in body["message"]
 
 
+async def test_the_control_planes_own_identity_is_never_issued(
+        cluster: Cluster, service: Service) -> None:
+    core = client.CoreV1Api(cluster.api())
+    try:
+        core.create_namespace({"metadata": {"name": "meshgate"}})
+    except client.ApiException as e:
+        assert e.status == 409
+    try:
+        core.create_namespaced_service_account("meshgate",
+                                               {"metadata": {"name": "meshgate-identity"}})
+    except client.ApiException as e:
+        assert e.status == 409
+    token = _token(cluster, "meshgate", "meshgate-identity")
+    csr, _ = _csr(Identity("meshgate", "meshgate-identity", DOMAIN))
+    status, body = await service.post({"csr": csr, "token": token})
+    assert (status, body["error"]) == (403, "reserved-identity")
+    assert "never issued to workloads" in body["message"]
+
+
 async def test_bad_requests_are_refused_and_service_keeps_serving(
         cluster: Cluster, service: Service) -> None:
     ns = _sa(cluster)
