@@ -48,7 +48,15 @@ def _label(value: str) -> tuple[str, str]:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from localcluster import rootless
     from localcluster.up import UpRequest, up
+
+    if not rootless.privileged():
+        rootless.start_keeper(args.name)
+        code = rootless.run_inside(args.name, rootless.meshgate_argv(args.argv))
+        if code != 0:
+            rootless.stop_keeper(args.name)
+        return code
 
     spec = up(UpRequest(name=args.name, state_dir=args.state_dir, pod_cidr=args.pod_cidr,
                         service_cidr=args.service_cidr, cluster_domain=args.cluster_domain,
@@ -62,7 +70,11 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _run_pod(args: argparse.Namespace) -> int:
+    from localcluster import rootless
     from localcluster.up import PodRequest, run_pod
+
+    if not rootless.privileged():
+        return rootless.run_inside(args.cluster, rootless.meshgate_argv(args.argv))
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -73,7 +85,14 @@ def _run_pod(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
+    from localcluster import rootless
     from localcluster.up import down
+
+    if not rootless.privileged():
+        code = rootless.run_inside(args.name, rootless.meshgate_argv(args.argv))
+        if code == 0:
+            rootless.stop_keeper(args.name)
+        return code
 
     down(args.name)
     print(f"cluster {args.name} is down")

@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -53,7 +54,11 @@ from mesh.errors import ConfigError, MeshError, NetlinkError
 
 log = logging.getLogger(__name__)
 
-NETNS_RUN_DIR = Path("/var/run/netns")
+NETNS_RUN_DIR = Path(redirect.NETNS_RUN_DIR)
+"""Where named namespaces are bind-mounted: iproute2's place, or, for a cluster run
+without root, a directory of its own inside its private mount namespace
+(localcluster.rootless)."""
+pyroute2_netns.NETNS_RUN_DIR = str(NETNS_RUN_DIR)
 BRIDGE = "mgbr0"
 POD_IFNAME = "eth0"
 DEFAULT_POD_CIDR = IPv4Network("10.244.0.0/16")
@@ -457,8 +462,13 @@ def _build_pod(net: ClusterNetwork, pod: str, record: _PodRecord) -> None:
             node.link("del", index=stale)
         # Created here with the peer placed straight into the pod: no end of the
         # pair ever exists in the host's namespace, even for a moment.
-        node.link("add", ifname=record.veth, kind="veth",
-                  peer={"ifname": POD_IFNAME, "net_ns_fd": record.netns})
+        # By descriptor, not name: pyroute2 looks names up in /var/run/netns only.
+        target = os.open(namespace_path(record.netns), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            node.link("add", ifname=record.veth, kind="veth",
+                      peer={"ifname": POD_IFNAME, "net_ns_fd": target})
+        finally:
+            os.close(target)
         node.link("set", index=_link_index(node, record.veth),
                   master=_link_index(node, BRIDGE), state="up")
     with _iproute(record.netns, f"configure the network of pod {pod!r}") as ipr:
@@ -725,33 +735,38 @@ def _setns(fd: int, what: str) -> None:
         raise TopologyError(f"cannot enter network namespace {what}: {os.strerror(code)}")
 
 
-@contextmanager
-def _inside(netns: str) -> Iterator[None]:
-    """Runs the body with this thread in `netns`, then returns it to where it was."""
-    path = namespace_path(netns)
-    try:
-        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise TopologyError(f"network namespace {netns!r} does not exist ({path})") from None
-    try:
-        # thread-self, not self: setns moves only the calling thread.
-        original = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(target, repr(netns))
-            try:
-                yield
-            finally:
-                _setns(original, "of this thread (to return to it)")
-        finally:
-            os.close(original)
-    finally:
-        os.close(target)
-
-
 def socket_in_namespace(netns: str, family: int = socket.AF_INET,
                         type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
     """A socket created in network namespace `netns`; it stays there wherever it is used,
-    so one process can listen in several namespaces. The calling thread is unchanged."""
-    with _inside(netns):
-        return socket.socket(family, type, proto)
+    so one process can listen in several namespaces. The calling thread is unchanged.
 
+    The socket is made by a short-lived thread that enters `netns` and ends there:
+    setns moves only the calling thread, and a process in a user namespace of its
+    own (localcluster.rootless) may enter the cluster's namespaces but never return
+    to the host's, which belongs to the initial user namespace.
+    """
+    path = namespace_path(netns)
+    made: list[socket.socket] = []
+    failed: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            try:
+                target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise TopologyError(f"network namespace {netns!r} does not exist "
+                                    f"({path})") from None
+            try:
+                _setns(target, repr(netns))
+            finally:
+                os.close(target)
+            made.append(socket.socket(family, type, proto))
+        except BaseException as e:  # handed to the caller's thread
+            failed.append(e)
+
+    worker = threading.Thread(target=make, name=f"socket-in-{netns}")
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
+    return made[0]

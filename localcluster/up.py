@@ -18,8 +18,9 @@ proxy, then the command; the Pod turns Ready once proxy and app ports answer,
 and everything is removed when the command ends.
 
 A cluster is found by name through ``$MESHGATE_RUN_DIR/clusters/<name>`` (default
-``/run/meshgate``), which holds its state directory; like the network
-namespaces, it does not outlive a reboot.
+``/run/meshgate`` for root; see localcluster.rootless for everyone else), which
+holds its state directory; like the network namespaces, it does not outlive a
+reboot.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from localcluster import netns
+from localcluster.rootless import run_dir
 from mesh.errors import ConfigError, MeshError
 
 log = logging.getLogger(__name__)
@@ -101,10 +103,6 @@ class ClusterSpec(BaseModel):
 
 
 # --- finding clusters --------------------------------------------------------------------
-
-
-def run_dir() -> Path:
-    return Path(os.environ.get("MESHGATE_RUN_DIR", "/run/meshgate"))
 
 
 def _entry(name: str) -> Path:

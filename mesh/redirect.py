@@ -32,7 +32,8 @@ from mesh.errors import NetlinkError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-NETNS_RUN_DIR = "/var/run/netns"
+NETNS_RUN_DIR = os.environ.get("MESHGATE_NETNS_DIR", "/var/run/netns")
+"""Where named network namespaces are bind-mounted (iproute2's place by default)."""
 LOCAL_TABLE = 255
 """The kernel's `local` routing table, consulted before `main`."""
 RTN_LOCAL = 2

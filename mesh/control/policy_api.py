@@ -60,7 +60,6 @@ class PolicyService:
         self._subs: dict[tuple[str, str], set[Subscription]] = {}
         self._last: dict[Subscription, bytes] = {}
         self._informers: list[Informer] = []
-        self._reported: set[str] = set()
         self.subscribers = Gauge("policy_subscribers", "Open policy watches", registry=registry)
         self.updates = Counter("policy_updates", "Policy messages sent to watchers",
                                registry=registry)
@@ -97,17 +96,10 @@ class PolicyService:
                 sub.close()
 
     def _policy(self, kind: str, event: str, obj: Obj) -> None:
-        namespaces = self.index.apply(kind, event, obj)
-        self._report_problems()
+        namespaces = self.index.apply(kind, event, obj)  # logs what it must ignore
         for key in self._subs:
             if key[0] in namespaces:
                 self._push(key)
-
-    def _report_problems(self) -> None:
-        now = {str(bad) for bad in self.index.invalid}
-        for line in sorted(now - self._reported):
-            log.warning("policy resource ignored: %s", line)
-        self._reported = now
 
     def _pod(self, event: str, obj: Obj) -> None:
         meta = obj.get("metadata") or {}

@@ -59,6 +59,7 @@ class PolicyWatch(ControlStream):
                         "policy)", self.url, e)
             return
         self.default, self.ports = default, ports
-        self.snapshot_applied()
+        if not self.connected:  # a stream's first message; the later ones are updates
+            self.snapshot_applied()
         log.info("policy applied server=%s default=%s ports=%s", self.url, default,
                  ",".join(str(p) for p in sorted(ports)) or "-")
