@@ -119,31 +119,41 @@ class Cluster:
         self.proc.wait()
 
 
-def start_cluster(state_dir: Path, *extra: str, name: str = "test",
-                  timeout: float = 30.0) -> Cluster:
-    args = [sys.executable, "-m", "mesh.cli", "cluster", "serve", "--name", name,
-            "--state-dir", str(state_dir), *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def spawn(args: list[str], ready: Callable[[str], bool], *, what: str,
+          timeout: float = 30.0) -> tuple[subprocess.Popen[str], list[str], queue.Queue[str],
+                                          str]:
+    """Start `args`, its output collected line by line; return once a line satisfies
+    `ready`: (process, output so far and to come, queue of lines, the ready line)."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
-    cluster = Cluster(state_dir, proc, args)
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output: list[str] = []
+    lines: queue.Queue[str] = queue.Queue()
 
     def pump() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            cluster.output.append(line)
-            cluster.lines.put(line)
+            output.append(line)
+            lines.put(line)
 
     threading.Thread(target=pump, daemon=True).start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            line = cluster.lines.get(timeout=0.2)
+            line = lines.get(timeout=0.2)
         except queue.Empty:
             if proc.poll() is not None:
                 break
             continue
-        if line.startswith("kubeconfig:"):
-            return cluster
-    cluster.stop()
-    raise AssertionError("cluster did not start:\n" + "".join(cluster.output))
+        if ready(line):
+            return proc, output, lines, line
+    stop_process(proc)
+    raise AssertionError(f"{what} did not start:\n" + "".join(output))
+
+
+def start_cluster(state_dir: Path, *extra: str, name: str = "test",
+                  timeout: float = 30.0) -> Cluster:
+    args = [sys.executable, "-m", "mesh.cli", "cluster", "serve", "--name", name,
+            "--state-dir", str(state_dir), *extra]
+    proc, output, lines, _ = spawn(args, lambda line: line.startswith("kubeconfig:"),
+                                   what="cluster", timeout=timeout)
+    return Cluster(state_dir, proc, args, lines, output)

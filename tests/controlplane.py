@@ -4,13 +4,10 @@ cluster, with helpers to wait for things and to call it over mTLS."""
 from __future__ import annotations
 
 import asyncio
-import os
-import queue
 import re
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +16,7 @@ from typing import TypeVar
 import aiohttp
 
 from mesh.identity.names import service_identity
-from tests.cluster import Cluster, stop_process
+from tests.cluster import Cluster, spawn, stop_process
 from tests.meshproxy import DOMAIN, Trust
 
 T = TypeVar("T")
@@ -30,7 +27,7 @@ SERVER = service_identity(DOMAIN)
 @dataclass
 class ControlProcess:
     proc: subprocess.Popen[str]
-    url: str = ""
+    url: str
     output: list[str] = field(default_factory=list)
 
     def stop(self) -> None:
@@ -43,35 +40,15 @@ class ControlProcess:
 
 def start_control(cluster: Cluster, trust: Trust, *, port: int = 0,
                   timeout: float = 30.0) -> ControlProcess:
-    proc = subprocess.Popen(
+    proc, output, _, line = spawn(
         [sys.executable, "-m", "mesh.cli", "control", "run", "--kubeconfig",
          str(cluster.kubeconfig), "--identity-dir", str(trust.issuers.path), "--trust-domain",
          DOMAIN, "--listen", f"127.0.0.1:{port}", "--heartbeat", "0.5",
-         "--cluster-name", "test"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    control = ControlProcess(proc)
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            control.output.append(line)
-            lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=0.2)
-        except queue.Empty:
-            if proc.poll() is not None:
-                break
-            continue
-        if m := re.search(r"serving at (https://\S+)", line):
-            control.url = m.group(1)
-            return control
-    control.stop()
-    raise AssertionError("control plane did not start:\n" + "".join(control.output))
+         "--cluster-name", "test"], lambda line: "serving at https://" in line,
+        what="control plane", timeout=timeout)
+    url = re.search(r"serving at (https://\S+)", line)
+    assert url is not None
+    return ControlProcess(proc, url.group(1), output)
 
 
 async def eventually(predicate: Callable[[], T], *, timeout: float = 10.0,

@@ -4,14 +4,11 @@ as real `meshgate proxy run` processes, and their metrics scraped over HTTP."""
 from __future__ import annotations
 
 import datetime as dt
-import os
-import queue
 import socket
 import socketserver
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh.identity import ca
 from mesh.identity.ca import IssuerDir
 from mesh.identity.names import Identity
-from tests.cluster import stop_process
+from tests.cluster import spawn, stop_process
 
 DOMAIN = "cluster.local"
 
@@ -155,29 +152,7 @@ def start_proxy(root: Path, name: str, config: dict[str, Any], *,
     config.setdefault("outbound", {}).setdefault("listen", f"127.0.0.1:{free_port()}")
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "proxy", "run", "--config",
-                             str(path), *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    p = ProxyProcess(name, config, proc)
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            p.output.append(line)
-            lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=0.2)
-        except queue.Empty:
-            if proc.poll() is not None:
-                break
-            continue
-        if " ready (pid" in line:
-            return p
-    p.stop()
-    raise AssertionError(f"proxy {name} did not start:\n" + "".join(p.output))
+    proc, output, _, _ = spawn([sys.executable, "-m", "mesh.cli", "proxy", "run", "--config",
+                                str(path), *extra], lambda line: " ready (pid" in line,
+                               what=f"proxy {name}", timeout=timeout)
+    return ProxyProcess(name, config, proc, output)

@@ -44,17 +44,6 @@ MERGE = "application/merge-patch+json"
 
 
 @pytest.fixture(scope="module")
-def trust(tmp_path_factory: pytest.TempPathFactory) -> Trust:
-    return Trust.create(tmp_path_factory.mktemp("trust"))
-
-
-@pytest.fixture(scope="module")
-def workload(trust: Trust) -> StaticIdentity:
-    files = trust.workload("default", "web")
-    return StaticIdentity.load(Path(files["certFile"]), Path(files["keyFile"]), trust.bundle)
-
-
-@pytest.fixture(scope="module")
 def control(cluster: Cluster, trust: Trust) -> Iterator[ControlProcess]:
     install_crds(cluster.api())  # the policy API needs them to be ready
     c = start_control(cluster, trust)

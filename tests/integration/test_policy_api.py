@@ -10,7 +10,6 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -41,17 +40,6 @@ MERGE = "application/merge-patch+json"
 CONTROL = service_identity(DOMAIN)
 HTTP, ADMIN = 8080, 9091
 """The pods' container ports, named http and admin."""
-
-
-@pytest.fixture(scope="module")
-def trust(tmp_path_factory: pytest.TempPathFactory) -> Trust:
-    return Trust.create(tmp_path_factory.mktemp("trust"))
-
-
-@pytest.fixture(scope="module")
-def workload(trust: Trust) -> StaticIdentity:
-    files = trust.workload("default", "web")
-    return StaticIdentity.load(Path(files["certFile"]), Path(files["keyFile"]), trust.bundle)
 
 
 @pytest.fixture(scope="module")
