@@ -37,7 +37,7 @@ from mesh.control.policy import (
     VERSION,
     PolicyIndex,
 )
-from mesh.discovery.server import CONTENT_TYPE, HEARTBEAT, Subscription, Watch, peer_identity
+from mesh.discovery.server import CONTENT_TYPE, Subscription, Watch, peer_identity, pump
 from mesh.identity.bundle import TrustBundle
 from mesh.identity.service import Refusal
 from mesh.informer import DELETED, Informer, Obj
@@ -160,18 +160,7 @@ class PolicyService:
         try:
             await resp.prepare(request)
             await resp.write(first)
-            while not sub.closed:
-                if not sub.pending:
-                    try:
-                        async with asyncio.timeout(self.heartbeat):
-                            await sub.wake.wait()
-                    except TimeoutError:
-                        await resp.write(HEARTBEAT)
-                        continue
-                lines = sub.take()
-                if lines:
-                    await resp.write(b"".join(lines))
-                    self.updates.inc(len(lines))
+            await pump(sub, resp, heartbeat=self.heartbeat, sent=self.updates)
         except ConnectionError as e:
             log.info("policy watch ended peer=%s cause=%s", sub.peer, type(e).__name__)
         finally:

@@ -300,7 +300,7 @@ class DestinationService:
         try:
             await resp.prepare(request)
             await resp.write(first)
-            await self._pump(sub, resp)
+            await pump(sub, resp, heartbeat=self.heartbeat, sent=self.updates)
         except ConnectionError as e:
             if not sub.overflowed:
                 log.info("destination watch ended peer=%s cause=%s", sub.peer,
@@ -315,23 +315,28 @@ class DestinationService:
                         self.queue_limit)
         return resp
 
-    async def _pump(self, sub: Subscription, resp: web.StreamResponse) -> None:
-        while not sub.closed:
-            if not sub.pending:
-                try:
-                    async with asyncio.timeout(self.heartbeat):
-                        await sub.wake.wait()
-                except TimeoutError:
-                    await resp.write(HEARTBEAT)
-                    continue
-            if sub.closed:
-                break
-            lines = sub.take()
-            await resp.write(b"".join(lines))
-            self.updates.inc(len(lines))
-
     def _peer(self, request: web.Request) -> Identity:
         return peer_identity(request, self._trust())
+
+
+async def pump(sub: Subscription, resp: web.StreamResponse, *, heartbeat: float,
+               sent: Counter) -> None:
+    """Write a watcher's pending messages as they come, and a heartbeat after each
+    `heartbeat` seconds of silence, until the subscription closes."""
+    while not sub.closed:
+        if not sub.pending:
+            try:
+                async with asyncio.timeout(heartbeat):
+                    await sub.wake.wait()
+            except TimeoutError:
+                await resp.write(HEARTBEAT)
+                continue
+        if sub.closed:
+            break
+        lines = sub.take()
+        if lines:
+            await resp.write(b"".join(lines))
+            sent.inc(len(lines))
 
 
 def peer_identity(request: web.Request, trust: TrustBundle) -> Identity:
