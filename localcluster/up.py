@@ -155,30 +155,38 @@ def _in_netns(name: str, argv: Sequence[str]) -> list[str]:
     return [nsenter, f"--net={netns.namespace_path(name)}", "--", *argv]
 
 
-def _start_daemon(state_dir: Path, name: str, argv: Sequence[str], *, ready: str,
-                  timeout: float = START_TIMEOUT) -> int:
-    """Start `argv` in the background; return its pid once its log shows `ready`."""
-    log_path = _log_file(state_dir, name)
+def _launch(argv: Sequence[str], log_path: Path, *, ready: str, what: str,
+            detach: bool, timeout: float = START_TIMEOUT) -> subprocess.Popen[bytes]:
+    """Start `argv` with its output appended to `log_path`; return it once the log
+    shows `ready`. `detach`: in a session of its own, to outlive this process."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    _pid_file(state_dir, name).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         start = out.tell()
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True,
+                                stderr=subprocess.STDOUT, start_new_session=detach,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    _pid_file(state_dir, name).write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = _read_from(log_path, start)
         if ready in text:
-            return proc.pid
+            return proc
         if proc.poll() is not None:
-            raise ClusterError(f"{name} exited with status {proc.returncode}: "
+            raise ClusterError(f"{what} exited with status {proc.returncode}: "
                                f"{_last_line(text)} (log: {log_path})")
         time.sleep(0.05)
     proc.kill()
-    raise ClusterError(f"{name} did not start within {timeout:.0f}s: "
+    proc.wait()
+    raise ClusterError(f"{what} did not start within {timeout:.0f}s: "
                        f"{_last_line(_read_from(log_path, start))} (log: {log_path})")
+
+
+def _start_daemon(state_dir: Path, name: str, argv: Sequence[str], *, ready: str) -> int:
+    """Start one of the cluster's processes in the background; its pid once ready."""
+    pid_file = _pid_file(state_dir, name)
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    proc = _launch(argv, _log_file(state_dir, name), ready=ready, what=name, detach=True)
+    pid_file.write_text(f"{proc.pid}\n")
+    return proc.pid
 
 
 def _read_from(path: Path, offset: int) -> str:
@@ -591,25 +599,10 @@ class _PodRun:
         return path
 
     def _start_proxy(self, config: Path) -> subprocess.Popen[bytes]:
-        log_path = self.dir / "proxy.log"
-        out = open(log_path, "wb")  # noqa: SIM115 - the proxy writes it until it ends
-        proc = subprocess.Popen(netns.pod_command(self.net, self.key, [
-            *_python(), "proxy", "run", "--config", str(config)]),
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        out.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            text = log_path.read_text(errors="replace")
-            if " ready (pid " in text:
-                return proc
-            if proc.poll() is not None:
-                raise ClusterError(f"the sidecar proxy of {self.req.namespace}/{self.req.name} "
-                                   f"did not start: {_last_line(text)}")
-            time.sleep(0.05)
-        proc.kill()
-        raise ClusterError(f"the sidecar proxy of {self.req.namespace}/{self.req.name} did not "
-                           f"become ready within {START_TIMEOUT:.0f}s (log: {log_path})")
+        return _launch(netns.pod_command(self.net, self.key, [
+            *_python(), "proxy", "run", "--config", str(config)]), self.dir / "proxy.log",
+            ready=" ready (pid ", detach=False,
+            what=f"the sidecar proxy of {self.req.namespace}/{self.req.name}")
 
     def _readiness(self) -> None:
         """Ready while the proxy is ready and every declared port accepts connections."""
