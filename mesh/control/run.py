@@ -70,7 +70,8 @@ class ControlPlane:
                                         registry=self.registry)
         self.index = DestinationIndex(trust_domain=settings.trust_domain,
                                       cluster_domain=settings.cluster_domain,
-                                      control_ns=settings.control_ns)
+                                      control_ns=settings.control_ns,
+                                      cluster_name=settings.cluster_name or "")
         self.destinations = DestinationService(
             self.index, trust=lambda: self.identity.issuer().bundle, registry=self.registry,
             heartbeat=settings.heartbeat)

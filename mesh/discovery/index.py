@@ -85,8 +85,9 @@ def address_key(change: Change) -> Address:
 
 class DestinationIndex:
     def __init__(self, *, trust_domain: str, cluster_domain: str = "cluster.local",
-                 control_ns: str = DEFAULT_CONTROL_NS) -> None:
+                 control_ns: str = DEFAULT_CONTROL_NS, cluster_name: str = "") -> None:
         self.trust_domain = trust_domain
+        self.cluster_name = cluster_name
         self.cluster_domain = cluster_domain.rstrip(".")
         self.control_ns = control_ns
         self._services: dict[ObjKey, Obj] = {}
@@ -281,7 +282,8 @@ class DestinationIndex:
                 port = pod.inbound_port
         try:
             return EndpointSpec(address=_join(host, port), target_port=target,
-                                identity=identity, zone=str(ep.get("zone") or ""))
+                                identity=identity, zone=str(ep.get("zone") or ""),
+                                cluster=self.cluster_name)
         except ValidationError as e:
             log.warning("endpoint skipped service=%s/%s slice=%s address=%s cause=%s", key[0],
                         key[1], slice_name, host, _one_line(e))

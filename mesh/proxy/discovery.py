@@ -147,6 +147,8 @@ class EndpointSpec(BaseModel):
     priority: int = Field(default=0, ge=0)
     """The priority group: lower is preferred; higher groups take traffic on failover."""
     zone: str = ""
+    cluster: str = ""
+    """The cluster the endpoint runs in, when discovery knows it."""
 
     @property
     def host_port(self) -> tuple[str, int]:

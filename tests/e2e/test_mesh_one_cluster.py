@@ -178,6 +178,19 @@ def test_calls_by_name_over_mtls_reach_both_pods(mesh: Mesh) -> None:
                        dst_service=WEB, tls="true", status_code="200") >= 30
 
 
+def test_pods_reach_the_api_server_at_the_node_and_see_their_cluster(mesh: Mesh) -> None:
+    spec = find(NAME)
+    code = ("import ssl, sys, urllib.request\n"
+            "ctx = ssl.create_default_context(cafile=sys.argv[2])\n"
+            "print(urllib.request.urlopen(sys.argv[1], context=ctx).read().decode())")
+    out = mesh.in_pod("client", code, f"https://{spec.node_address}:6443/version",
+                      str(mesh.state_dir / "ca.crt"))
+    assert json.loads(out)["major"] == "1"
+    known = json.loads(mesh.in_pod("client", GET, "http://127.0.0.1:4191/endpoints"))
+    web = [svc for svc in known if svc["name"] == WEB]
+    assert web and {ep["cluster"] for ep in web[0]["endpoints"]} == {NAME}
+
+
 def test_an_unknown_name_is_nxdomain_and_an_unknown_authority_a_named_error(
         mesh: Mesh) -> None:
     lookup = ("import socket\ntry:\n    socket.getaddrinfo('nosuch.default.svc.cluster.local',"
