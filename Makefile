@@ -43,6 +43,7 @@ bench: $(STAMP) tools
 	$(PY) bench/apiserver.py
 	$(PY) bench/identity.py
 	$(PY) bench/dataplane.py
+	$(PY) bench/control.py
 
 clean:
 	rm -rf $(VENV) demo-state .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -38,6 +38,7 @@ from mesh.identity.commands import _trust_domain
 from mesh.identity.names import DEFAULT_CONTROL_NS
 from mesh.identity.service import MAX_BODY, IdentityService
 from mesh.kube import api_client
+from mesh.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class ControlPlane:
         self.address: tuple[str, int] | None = None
         self._runner: web.AppRunner | None = None
         self._maintain: asyncio.Task[None] | None = None
+        self._trimmer: asyncio.Task[None] | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY * 2)
@@ -110,7 +112,10 @@ class ControlPlane:
             sock.close()
             raise
         self.address = sock.getsockname()[:2]
+        # handler_cancellation: a watch whose proxy has gone ends at once, rather than
+        # at its next write, and lets go of what it holds.
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                               handler_cancellation=True,
                                shutdown_timeout=1.0)
         await runner.setup()
         self._runner = runner
@@ -123,10 +128,12 @@ class ControlPlane:
         self.destinations.watch_cluster(self.kube, asyncio.get_running_loop())
         self.policies.watch_cluster(self.kube, asyncio.get_running_loop())
         self._maintain = asyncio.create_task(self.identity.maintain())
+        self._trimmer = asyncio.create_task(return_freed_memory())
 
     async def stop(self) -> None:
-        if self._maintain is not None:
-            self._maintain.cancel()
+        for task in (self._maintain, self._trimmer):
+            if task is not None:
+                task.cancel()
         self.destinations.stop()
         self.policies.stop()
         if self._runner is not None:

@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from mesh.discovery.stream import ControlStream
 from mesh.identity.names import Identity
@@ -37,6 +37,7 @@ from mesh.proxy.discovery import (
 log = logging.getLogger(__name__)
 
 PATH = "/v1/destinations"
+_SERVICES = TypeAdapter(list[ServiceSpec])
 
 
 class WatchDiscovery(ControlStream, StaticDiscovery):
@@ -82,8 +83,11 @@ class WatchDiscovery(ControlStream, StaticDiscovery):
             log.warning("discovery snapshot skipped server=%s field=services cause=not a list",
                         self.url)
             return
-        services = [svc for i, item in enumerate(items)
-                    if (svc := self._parse(item, f"services[{i}]")) is not None]
+        try:  # all at once is several times faster than item by item
+            services = _SERVICES.validate_python(items)
+        except ValidationError:  # find, report and skip the bad ones
+            services = [svc for i, item in enumerate(items)
+                        if (svc := self._parse(item, f"services[{i}]")) is not None]
         changed = self._index(services)
         self.snapshot_applied()
         log.info("discovery snapshot applied server=%s services=%d changed=%d connection=%d",

@@ -300,6 +300,7 @@ class DestinationService:
         try:
             await resp.prepare(request)
             await resp.write(first)
+            del first  # a snapshot is large; do not hold it for the life of the watch
             await pump(sub, resp, heartbeat=self.heartbeat, sent=self.updates)
         except ConnectionError as e:
             if not sub.overflowed:

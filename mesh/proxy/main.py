@@ -9,7 +9,6 @@ that ``--workers N`` processes share them.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ from mesh.errors import ConfigError
 from mesh.identity.bundle import TrustBundle
 from mesh.identity.names import Identity, service_identity
 from mesh.identity.static import StaticIdentity
+from mesh.memory import return_freed_memory
 from mesh.metrics import ProxyMetrics, exposition, share_between_processes
 from mesh.proxy.discovery import Discovery, ServiceSpec, StaticDiscovery
 from mesh.proxy.http import HttpOutbound, Pool
@@ -253,23 +253,6 @@ def _read_token(path: Path) -> str | None:
     except OSError as e:
         log.warning("token file unreadable path=%s cause=%s", path, e.strerror)
         return None
-
-
-async def return_freed_memory(interval: float = 10.0) -> None:
-    """Give freed heap pages back to the OS now and then.
-
-    Each TLS connection holds 256 KiB read buffers; after a burst of
-    connections glibc keeps the freed heap resident, so RSS would stay at the
-    burst's peak. malloc_trim returns it. (Forcing such buffers onto mmap
-    instead was measured: every TLS read then paid mmap/mremap, ~20 % CPU.)
-    """
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return  # not glibc: nothing to do
-    while True:
-        await asyncio.sleep(interval)
-        trim(0)
 
 
 def run(config: ProxyConfig, *, workers: int = 1, loop: str = "uvloop") -> None:
