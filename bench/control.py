@@ -49,7 +49,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
 from kubernetes import client, config
 
-from mesh.control.policy import install_crds
+from mesh.control.crds import install_crds
 from mesh.discovery.client import WatchDiscovery
 from mesh.discovery.index import INBOUND_PORT_ANNOTATION
 from mesh.identity import ca

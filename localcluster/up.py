@@ -324,7 +324,7 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
     node_kubeconfig = _node_kubeconfig(spec)
     from kubernetes import client as k8s
 
-    from mesh.control.policy import install_crds
+    from mesh.control.crds import install_crds
     from mesh.kube import api_client
 
     with api_client(spec.kubeconfig) as api:

@@ -28,3 +28,7 @@ class DiscoveryError(MeshError):
 
 class NetlinkError(MeshError):
     """A route, address or namespace operation failed."""
+
+
+class PolicyError(MeshError):
+    """The policy CRDs could not be read or installed."""

@@ -1,18 +1,11 @@
 """Authorization policy: the policy.meshgate.io resources, and who may call which pod port.
 
-This module owns:
-
-- the CRDs in ``deploy/crds/policy.yaml``: `crd_documents` reads them and
-  `install_crds` creates or updates them through the kubernetes client;
-- `PolicyIndex`, fed raw Server, MeshTLSAuthentication and AuthorizationPolicy
-  objects as an informer delivers them, which answers `PolicyIndex.for_port`
-  with the `PortPolicy` of one pod port. A resource that cannot be used is
-  ignored and kept, with one-line reasons, in `PolicyIndex.invalid`; nothing
-  in an object's content makes `apply` raise;
-- `PortPolicy`: the decision an inbound proxy makes on each connection
-  (`PortPolicy.allows`) and its JSON form, streamed to proxies. Proxies import
-  this module to read that JSON, so it loads neither the kubernetes client nor
-  anything else heavy at import time.
+`PolicyIndex` is fed raw Server, MeshTLSAuthentication and AuthorizationPolicy
+objects as an informer delivers them, and answers `PolicyIndex.for_port` with
+the `PortPolicy` (mesh.authz) of one pod port, which is what proxies apply. A
+resource that cannot be used is ignored and kept, with one-line reasons, in
+`PolicyIndex.invalid`; nothing in an object's content makes `apply` raise. The
+CRDs are installed by mesh.control.crds.
 
 The semantics are Linkerd's:
 
@@ -30,19 +23,14 @@ The semantics are Linkerd's:
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import re
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -53,7 +41,14 @@ from pydantic import (
     model_validator,
 )
 
-from mesh.errors import MeshError, ProtocolError
+from mesh.authz import (
+    AccessPolicy,
+    Authorization,
+    PortPolicy,
+    ProxyProtocol,
+    Requirement,
+    field_reasons,
+)
 from mesh.identity.names import DEFAULT_CONTROL_NS, Identity, InvalidName, check_trust_domain
 
 log = logging.getLogger(__name__)
@@ -68,192 +63,9 @@ PLURALS = {SERVER: "servers", MESH_TLS_AUTHENTICATION: "meshtlsauthentications",
 """The resource name of each kind, for CustomObjectsApi calls and informers."""
 ADDED, MODIFIED, DELETED = "ADDED", "MODIFIED", "DELETED"
 
-# deploy/ is not a package: it is found beside mesh/ in the (editable) checkout.
-CRD_FILE = Path(__file__).resolve().parents[2] / "deploy" / "crds" / "policy.yaml"
-WIRE_VERSION = 1
 
 _PORT_NAME = re.compile(r"^([a-z0-9]+-)*[a-z0-9]*[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _IDENTITY = re.compile(r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-
-
-class PolicyError(MeshError):
-    """The policy CRDs could not be read or installed."""
-
-
-class AccessPolicy(StrEnum):
-    """Which clients a port admits when no AuthorizationPolicy authorizes them."""
-
-    DENY = "deny"
-    ALL_AUTHENTICATED = "all-authenticated"
-    ALL_UNAUTHENTICATED = "all-unauthenticated"
-
-    def admits(self, identity: str | None) -> bool:
-        if self is AccessPolicy.ALL_UNAUTHENTICATED:
-            return True
-        return self is AccessPolicy.ALL_AUTHENTICATED and identity is not None
-
-
-class ProxyProtocol(StrEnum):
-    """How the inbound proxy treats a port's connections (Linkerd's proxyProtocol)."""
-
-    UNKNOWN = "unknown"
-    HTTP1 = "HTTP/1"
-    HTTP2 = "HTTP/2"
-    GRPC = "gRPC"
-    OPAQUE = "opaque"
-    TLS = "TLS"
-
-
-def identity_matches(pattern: str, identity: str) -> bool:
-    """``*`` matches every identity, ``*.suffix`` every one ending in ``.suffix``."""
-    if pattern == "*":
-        return True
-    if pattern.startswith("*."):
-        suffix = pattern[1:]
-        return identity.endswith(suffix) and len(identity) > len(suffix)
-    return identity == pattern
-
-
-def _client(identity: str | None) -> str:
-    return identity if identity is not None else "an unauthenticated client"
-
-
-# ---------------------------------------------------------------- decisions
-
-
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    reason: str
-    """One line: ``allowed: ...`` or ``denied: ...``, naming the Server and policy."""
-
-
-@dataclass(frozen=True)
-class Requirement:
-    """One required authentication of an AuthorizationPolicy, as identity patterns."""
-
-    ref: str
-    """What it came from: ``MeshTLSAuthentication ns/name`` or ``ServiceAccount ns/name``."""
-    identities: tuple[str, ...]
-    """Empty when the reference names nothing usable: then no one satisfies it."""
-
-    def admits(self, identity: str | None) -> bool:
-        return identity is not None and any(identity_matches(p, identity)
-                                            for p in self.identities)
-
-
-@dataclass(frozen=True)
-class Authorization:
-    """An AuthorizationPolicy as it applies to one Server: every requirement must hold."""
-
-    policy: str
-    """``namespace/name`` of the AuthorizationPolicy."""
-    requirements: tuple[Requirement, ...]
-
-    def admits(self, identity: str | None) -> bool:
-        return all(r.admits(identity) for r in self.requirements)
-
-
-@dataclass(frozen=True)
-class PortPolicy:
-    """Who may connect to one port of one pod; `allows` decides per connection."""
-
-    port: int
-    server: str | None = None
-    """``namespace/name`` of the Server that selects the port; None: the default applies."""
-    protocol: ProxyProtocol = ProxyProtocol.UNKNOWN
-    access: AccessPolicy = AccessPolicy.DENY
-    """The Server's accessPolicy, or the cluster's default policy when there is no Server."""
-    authorizations: tuple[Authorization, ...] = ()
-    conflicts: tuple[str, ...] = ()
-    """Younger Servers that also select this port and were overruled by `server`."""
-
-    @property
-    def identities(self) -> frozenset[str]:
-        """Every identity pattern an authorization of this port names."""
-        return frozenset(p for a in self.authorizations for r in a.requirements
-                         for p in r.identities)
-
-    def allows(self, identity: str | None) -> Decision:
-        """The decision for a client with this mTLS identity (None or "": no identity)."""
-        identity = identity or None
-        client = _client(identity)
-        if self.server is None:
-            if self.access.admits(identity):
-                return Decision(True, f"allowed: no Server selects port {self.port}; the "
-                                      f"default policy {self.access} admits {client}")
-            return Decision(False, f"denied: no Server selects port {self.port}; the default "
-                                   f"policy {self.access} refuses {client}")
-        for authorization in self.authorizations:
-            if authorization.admits(identity):
-                return Decision(True, f"allowed: AuthorizationPolicy {authorization.policy} "
-                                      f"on Server {self.server} authorizes {client}")
-        if self.access.admits(identity):
-            return Decision(True, f"allowed: no AuthorizationPolicy on Server {self.server} "
-                                  f"authorizes {client}, but its accessPolicy {self.access} "
-                                  "admits it")
-        considered = (", ".join(a.policy for a in self.authorizations)
-                      or "the Server has none")
-        return Decision(False, f"denied: no AuthorizationPolicy on Server {self.server} "
-                               f"authorizes {client} (policies: {considered}; accessPolicy "
-                               f"{self.access})")
-
-    def to_json(self) -> str:
-        """The compact JSON form streamed to inbound proxies; `from_json` reads it back."""
-        return json.dumps({
-            "v": WIRE_VERSION, "port": self.port, "server": self.server,
-            "protocol": str(self.protocol), "access": str(self.access),
-            "authorizations": [
-                {"policy": a.policy,
-                 "require": [{"ref": r.ref, "identities": list(r.identities)}
-                             for r in a.requirements]}
-                for a in self.authorizations],
-            "conflicts": list(self.conflicts),
-        }, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, data: str | bytes) -> PortPolicy:
-        """Read `to_json`'s form; ProtocolError names what is wrong with it."""
-        try:
-            wire = _WirePolicy.model_validate_json(data)
-        except ValidationError as e:
-            raise ProtocolError("port policy from the control plane is malformed: "
-                                + "; ".join(_reasons(e, ""))) from e
-        return cls(
-            port=wire.port, server=wire.server, protocol=wire.protocol, access=wire.access,
-            authorizations=tuple(
-                Authorization(a.policy, tuple(Requirement(r.ref, r.identities)
-                                              for r in a.require))
-                for a in wire.authorizations),
-            conflicts=wire.conflicts)
-
-
-class _Wire(BaseModel):
-    # Unknown fields are ignored, so a newer control plane may add some.
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class _WireRequirement(_Wire):
-    ref: str
-    identities: tuple[str, ...]
-
-
-class _WireAuthorization(_Wire):
-    policy: str
-    require: tuple[_WireRequirement, ...]
-
-
-class _WirePolicy(_Wire):
-    v: Literal[1]
-    port: int = Field(ge=1, le=65535)
-    server: str | None
-    protocol: ProxyProtocol
-    access: AccessPolicy
-    authorizations: tuple[_WireAuthorization, ...] = ()
-    conflicts: tuple[str, ...] = ()
-
-
-# ---------------------------------------------------------------- resource specs
 
 
 class _Spec(BaseModel):
@@ -374,26 +186,6 @@ class _AuthorizationSpec(_Spec):
 
 _SPECS: dict[str, type[_Spec]] = {SERVER: _ServerSpec, MESH_TLS_AUTHENTICATION: _MeshTLSSpec,
                                   AUTHORIZATION_POLICY: _AuthorizationSpec}
-
-
-def _path(parts: tuple[Any, ...]) -> str:
-    out = ""
-    for part in parts:
-        out = f"{out}[{part}]" if isinstance(part, int) else f"{out}.{part}" if out else part
-    return out
-
-
-def _reasons(error: ValidationError, root: str) -> list[str]:
-    """One line per failure: the field path, then what is wrong with it."""
-    out = []
-    for e in error.errors(include_url=False):
-        where = _path((root, *e["loc"]) if root else tuple(e["loc"])) or "<root>"
-        message = e["msg"].removeprefix("Value error, ")
-        value = e.get("input")
-        if e["type"] != "missing" and not isinstance(value, (dict, list, tuple)):
-            message += f" (got {json.dumps(value, default=repr)})"
-        out.append(f"{where}: {message}")
-    return out
 
 
 # ---------------------------------------------------------------- the index
@@ -549,7 +341,7 @@ class PolicyIndex:
         try:
             spec = _SPECS[kind].model_validate(_without_nulls(obj["spec"]))
         except ValidationError as e:
-            return None, _reasons(e, "spec")
+            return None, field_reasons(e, "spec")
         try:
             if isinstance(spec, _ServerSpec):
                 return _Server(namespace, name, _created(obj["metadata"]), spec), []
@@ -673,107 +465,3 @@ class PolicyIndex:
                                    "does not exist or is invalid, so the policy authorizes "
                                    "no one")
         return out
-
-
-# ---------------------------------------------------------------- the CRDs
-
-
-def crd_documents() -> list[dict[str, Any]]:
-    """The CustomResourceDefinitions of policy.meshgate.io, from deploy/crds/policy.yaml."""
-    try:
-        text = CRD_FILE.read_text()
-    except OSError as e:
-        raise PolicyError(f"cannot read the policy CRDs at {CRD_FILE}: {e.strerror}; meshgate "
-                          "must be installed from its source tree (pip install -e .)") from e
-    return [doc for doc in yaml.safe_load_all(text) if doc]
-
-
-def install_crds(api_client: Any, *, timeout: float = 30.0) -> dict[str, str]:
-    """Create or update the policy CRDs and wait until they are established.
-
-    Returns what happened to each, by name: ``created``, ``updated`` or
-    ``unchanged``. Running it again changes nothing.
-    """
-    # Imported here: proxies load this module and must not pay for the client.
-    from kubernetes import client
-
-    api = client.ApiextensionsV1Api(api_client)
-    done = {doc["metadata"]["name"]: _install(api, doc) for doc in crd_documents()}
-    deadline = time.monotonic() + timeout
-    for name in done:
-        while not _established(_read(api, name)):
-            if time.monotonic() > deadline:
-                raise PolicyError(f"CustomResourceDefinition {name} was not established "
-                                  f"within {timeout:g}s; see its status.conditions")
-            time.sleep(0.1)
-    return done
-
-
-def _install(api: Any, doc: dict[str, Any]) -> str:
-    from kubernetes.client.rest import ApiException
-
-    name = doc["metadata"]["name"]
-    for _ in range(5):  # another writer may race us; each round re-reads what is there
-        try:
-            api.create_custom_resource_definition(doc)
-            return "created"
-        except ApiException as e:
-            if e.status != 409:
-                raise _api_error(name, "create", e) from e
-        current = _read(api, name)
-        if current is None:
-            continue  # deleted since: create again
-        if _contains(current, doc):
-            return "unchanged"
-        body = copy.deepcopy(doc)
-        body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        try:
-            api.replace_custom_resource_definition(name, body)
-            return "updated"
-        except ApiException as e:
-            if e.status not in (404, 409):
-                raise _api_error(name, "replace", e) from e
-    raise PolicyError(f"CustomResourceDefinition {name} kept changing while it was installed; "
-                      "run the install again")
-
-
-def _read(api: Any, name: str) -> dict[str, Any] | None:
-    from kubernetes.client.rest import ApiException
-
-    try:
-        resp = api.read_custom_resource_definition(name, _preload_content=False)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise _api_error(name, "read", e) from e
-    body: dict[str, Any] = json.loads(resp.data)
-    return body
-
-
-def _established(crd: Mapping[str, Any] | None) -> bool:
-    conditions = ((crd or {}).get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
-
-
-def _contains(have: Any, want: Any) -> bool:
-    """Whether `have` holds everything `want` says (the server may add defaults)."""
-    if isinstance(want, Mapping):
-        return isinstance(have, Mapping) and all(
-            key in have and _contains(have[key], value) for key, value in want.items())
-    if isinstance(want, list):
-        return (isinstance(have, list) and len(have) == len(want)
-                and all(_contains(h, w) for h, w in zip(have, want, strict=True)))
-    return bool(have == want)
-
-
-def _api_error(name: str, verb: str, e: Any) -> PolicyError:
-    hint = {401: "the credential was refused", 403: "the credential may not do this; it needs "
-            "create, get and update on customresourcedefinitions"}.get(e.status, "")
-    detail = f"{e.status} {e.reason}" + (f": {hint}" if hint else "")
-    return PolicyError(f"cannot {verb} CustomResourceDefinition {name} ({detail})")
-
-
-__all__ = ["AUTHORIZATION_POLICY", "GROUP", "MESH_TLS_AUTHENTICATION", "PLURALS", "SERVER",
-           "VERSION", "AccessPolicy", "Authorization", "Decision", "InvalidResource",
-           "PolicyError", "PolicyIndex", "PortPolicy", "ProxyProtocol", "Requirement",
-           "crd_documents", "identity_matches", "install_crds"]

@@ -24,7 +24,7 @@ from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
 from mesh.proxy.transport_header import HeaderDecoder, SessionProtocol, TransportHeader
 
 if TYPE_CHECKING:
-    from mesh.control.policy import PortPolicy
+    from mesh.authz import PortPolicy
 
 log = logging.getLogger("mesh.proxy.inbound")
 

@@ -14,7 +14,7 @@ import logging
 from typing import Any
 from urllib.parse import urlencode
 
-from mesh.control.policy import AccessPolicy, PortPolicy
+from mesh.authz import AccessPolicy, PortPolicy
 from mesh.discovery.stream import ControlStream
 from mesh.errors import ProtocolError
 

@@ -22,7 +22,7 @@ from aiohttp import web
 from kubernetes import client
 from prometheus_client import CollectorRegistry
 
-from mesh.control.policy import install_crds
+from mesh.control.crds import install_crds
 from mesh.discovery.client import WatchDiscovery
 from mesh.discovery.index import (
     INBOUND_PORT_ANNOTATION,

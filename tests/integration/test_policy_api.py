@@ -17,6 +17,8 @@ import pytest
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
+from mesh.authz import AccessPolicy
+from mesh.control.crds import install_crds
 from mesh.control.policy import (
     AUTHORIZATION_POLICY,
     GROUP,
@@ -24,8 +26,6 @@ from mesh.control.policy import (
     PLURALS,
     SERVER,
     VERSION,
-    AccessPolicy,
-    install_crds,
 )
 from mesh.identity import tls
 from mesh.identity.bundle import TrustBundle

@@ -12,16 +12,9 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from mesh.control.policy import (
-    ADDED,
-    GROUP,
-    PLURALS,
-    VERSION,
-    AccessPolicy,
-    PolicyIndex,
-    crd_documents,
-    install_crds,
-)
+from mesh.authz import AccessPolicy
+from mesh.control.crds import crd_documents, install_crds
+from mesh.control.policy import ADDED, GROUP, PLURALS, VERSION, PolicyIndex
 from tests.cluster import Cluster
 
 TD = "cluster.local"

@@ -13,6 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from localcluster.crd import validate_crd
+from mesh.authz import (
+    AccessPolicy,
+    Authorization,
+    Decision,
+    PortPolicy,
+    ProxyProtocol,
+    Requirement,
+    identity_matches,
+)
+from mesh.control.crds import crd_documents
 from mesh.control.policy import (
     _PORT_NAME,
     ADDED,
@@ -22,15 +32,7 @@ from mesh.control.policy import (
     MESH_TLS_AUTHENTICATION,
     MODIFIED,
     SERVER,
-    AccessPolicy,
-    Authorization,
-    Decision,
     PolicyIndex,
-    PortPolicy,
-    ProxyProtocol,
-    Requirement,
-    crd_documents,
-    identity_matches,
 )
 from mesh.errors import ProtocolError
 
@@ -574,7 +576,7 @@ def test_crd_enums_match_the_evaluation() -> None:
 
 
 def test_reading_a_port_policy_does_not_load_the_kubernetes_client() -> None:
-    code = ("import sys, mesh.control.policy as p; "
+    code = ("import sys, mesh.authz as p; "
             "p.PortPolicy.from_json(p.PortPolicy(port=80).to_json()); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
