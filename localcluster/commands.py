@@ -71,7 +71,7 @@ def _up(args: argparse.Namespace) -> int:
 
 def _run_pod(args: argparse.Namespace) -> int:
     from localcluster import rootless
-    from localcluster.up import PodRequest, run_pod
+    from localcluster.pods import PodRequest, run_pod
 
     if not rootless.privileged():
         return rootless.run_inside(args.cluster, rootless.meshgate_argv(args.argv))

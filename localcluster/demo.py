@@ -23,7 +23,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from localcluster.up import ClusterSpec, UpRequest, down, find, in_pod, up
+from localcluster.pods import in_pod
+from localcluster.up import ClusterSpec, UpRequest, down, find, up
 from mesh.errors import MeshError
 
 CLUSTER = "east"

@@ -20,7 +20,8 @@ from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import IPRoute, netns
 
-from localcluster.up import find, in_pod
+from localcluster.pods import in_pod
+from localcluster.up import find
 from mesh.kube import api_client
 from tests.cluster import wait_for
 
