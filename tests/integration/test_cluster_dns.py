@@ -30,7 +30,8 @@ import pytest
 from kubernetes import client
 from prometheus_client import CollectorRegistry
 
-from localcluster.dns import ClusterZone, DNSServer, bind_sockets, main, start
+from localcluster.dns import DNSServer, bind_sockets, main, start
+from localcluster.dnszone import ClusterZone
 from mesh.informer import ADDED
 from tests.cluster import Cluster, stop_process, wait_for
 

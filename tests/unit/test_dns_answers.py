@@ -16,14 +16,13 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from localcluster.dns import (
+from localcluster.dns import Complaints, parse_address
+from localcluster.dnszone import (
     ClusterZone,
-    Complaints,
     Forward,
     Malformed,
     Reply,
     decode_request,
-    parse_address,
     respond,
     udp_wire,
 )
