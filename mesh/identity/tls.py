@@ -22,6 +22,8 @@ import asyncio
 import contextlib
 import os
 import ssl
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
@@ -58,12 +60,69 @@ def server_context(bundle: TrustBundle) -> ssl.SSLContext:
 
 
 def client_context(bundle: TrustBundle) -> ssl.SSLContext:
-    """A context for dialling mesh peers; load an identity before dialling."""
-    return _context(ssl.PROTOCOL_TLS_CLIENT, bundle)
+    """A context for dialling mesh peers; load an identity before dialling. It resumes
+    TLS sessions with peers it has met (`ResumingContext`)."""
+    return _context(ssl.PROTOCOL_TLS_CLIENT, bundle, cls=ResumingContext)
 
 
-def _context(protocol: ssl._SSLMethod, bundle: TrustBundle | None) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(protocol)
+class ResumingContext(ssl.SSLContext):
+    """A client context that resumes TLS 1.3 sessions with the peers it has met.
+
+    A full mTLS handshake costs two signatures and their checks on each side;
+    resuming from a session ticket costs neither, which roughly doubles the
+    rate of new connections between two proxies. The event loop builds each
+    connection's TLS object with `wrap_bio` and cannot pass a session itself,
+    so this context does: the ticket of the last connection to the same server
+    name (the peer's identity, so a session is only ever offered to the
+    identity it was made with) is kept and offered to the next one. Tickets
+    are used for at most `MAX_AGE` seconds, and a new context (after a trust
+    bundle change) starts with none.
+    """
+
+    MAX_AGE = 300.0
+
+    _sessions: dict[str, ssl.SSLSession]
+    _latest: dict[str, weakref.ref[ssl.SSLObject]]
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | bytes | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        name = server_hostname.decode() if isinstance(server_hostname, bytes) else \
+            server_hostname
+        if session is None and name and not server_side:
+            session = self._session_for(name)
+        obj = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        if name and not server_side:
+            self._latest_objects()[name] = weakref.ref(obj)
+        return obj
+
+    def _latest_objects(self) -> dict[str, weakref.ref[ssl.SSLObject]]:
+        try:
+            return self._latest
+        except AttributeError:
+            self._latest, self._sessions = {}, {}
+            return self._latest
+
+    def _session_for(self, name: str) -> ssl.SSLSession | None:
+        ref = self._latest_objects().get(name)
+        previous = ref() if ref is not None else None
+        if previous is not None:
+            with contextlib.suppress(ValueError, ssl.SSLError):
+                fresh = previous.session  # its ticket arrives after the handshake
+                if fresh is not None and fresh.has_ticket:
+                    self._sessions[name] = fresh
+        session = self._sessions.get(name)
+        if session is None:
+            return None
+        if time.time() > session.time + min(session.timeout, self.MAX_AGE):
+            del self._sessions[name]
+            return None
+        return session
+
+
+def _context(protocol: ssl._SSLMethod, bundle: TrustBundle | None,
+             cls: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext:
+    ctx = cls(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_ecdh_curve(CURVE)

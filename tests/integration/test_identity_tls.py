@@ -177,6 +177,31 @@ async def test_mutual_tls_between_two_stores(east: Authority) -> None:
         assert await echo(reader, writer, b"ping") == b"ping"
 
 
+async def test_a_second_connection_to_a_peer_resumes_its_session(east: Authority) -> None:
+    api, _ = await new_store(API, east)
+    web, _ = await new_store(WEB, east)
+    other = Identity("default", "other", DOMAIN)
+    async with listening(Listener(tls=api.server_context())) as server:
+        resumed = []
+        for _ in range(3):
+            async with dialled(server.port, web.client_context()) as (reader, writer):
+                # A TLS 1.3 ticket arrives after the handshake, with the first reply.
+                assert await echo(reader, writer, b"ping") == b"ping"
+                sslobj = writer.get_extra_info("ssl_object")
+                resumed.append(sslobj.session_reused)
+                # Both sides still see and check each other's identity.
+                assert tls.check_peer(sslobj, expected=API, side="server",
+                                      peer="api") == API
+                assert (await server.next()).identity == WEB
+        assert resumed == [False, True, True]
+        # A session is only offered to the identity it was made with.
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=web.client_context(), server_hostname=other.dns_name)
+        assert not writer.get_extra_info("ssl_object").session_reused
+        writer.close()
+        await server.next()
+
+
 async def test_a_wrong_identity_is_reported_with_both_names(east: Authority) -> None:
     api, _ = await new_store(API, east)
     web, _ = await new_store(WEB, east)
