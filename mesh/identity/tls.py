@@ -26,6 +26,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 from cryptography import x509
 
@@ -75,8 +76,11 @@ class ResumingContext(ssl.SSLContext):
     so this context does: the ticket of the last connection to the same server
     name (the peer's identity, so a session is only ever offered to the
     identity it was made with) is kept and offered to the next one. Tickets
-    are used for at most `MAX_AGE` seconds, and a new context (after a trust
-    bundle change) starts with none.
+    are used for at most `MAX_AGE` seconds; loading a new identity (a renewal)
+    forgets them all, as does a new context (after a trust bundle change). A
+    resumed connection shows the peer's certificate from the full handshake,
+    which may be the one before the peer's latest renewal: still valid, since
+    renewal happens long before expiry.
     """
 
     MAX_AGE = 300.0
@@ -95,6 +99,11 @@ class ResumingContext(ssl.SSLContext):
         if name and not server_side:
             self._latest_objects()[name] = weakref.ref(obj)
         return obj
+
+    def load_cert_chain(self, certfile: Any, keyfile: Any = None,
+                        password: Any = None) -> None:
+        super().load_cert_chain(certfile, keyfile, password)
+        self._latest, self._sessions = {}, {}  # sessions of the old identity
 
     def _latest_objects(self) -> dict[str, weakref.ref[ssl.SSLObject]]:
         try:
