@@ -181,9 +181,18 @@ class Store:
                 body.setdefault("metadata", {})["resourceVersion"] = str(rv)
             events.append(Event(rv, w.type, w.key, w.namespace, w.name, body, last))
         trim_to = max(0, rv - self.history_limit)
-        await asyncio.get_running_loop().run_in_executor(
+        written = asyncio.get_running_loop().run_in_executor(
             self._writer, self._write_sql, writes, events, rv, trim_to
         )
+        # A request cancelled now (its client went away) must not leave the write on
+        # disk but not in memory: every later write would then reuse its versions.
+        cancelled = False
+        while not written.done():
+            try:
+                await asyncio.shield(written)
+            except asyncio.CancelledError:
+                cancelled = True
+        written.result()  # the write's own failure, if any: nothing was stored
         self.rv = rv
         for w, ev in zip(writes, events, strict=True):
             collection = self._objects.setdefault(w.key, {})
@@ -199,6 +208,8 @@ class Store:
         for ev in events:
             for listener in list(self._listeners):
                 listener(ev)
+        if cancelled:
+            raise asyncio.CancelledError
         return events
 
     def _write_sql(self, writes: list[Write], events: list[Event], rv: int, trim_to: int) -> None:
