@@ -74,6 +74,7 @@ class Informer:
         self._thread: threading.Thread | None = None
         self._resp: Any = None
         self._lock = threading.Lock()
+        self._failing = False
 
     # -- life cycle -------------------------------------------------------
 
@@ -132,7 +133,11 @@ class Informer:
                 if self._stopping.is_set():
                     break
                 self.errors += 1
-                log.warning("informer %s: %s; retrying in %.1fs", self.kind, _describe(e), backoff)
+                # The first failure is worth a warning; its repeats are not (one line
+                # per retry for as long as a server is away), its end is.
+                log.log(logging.DEBUG if self._failing else logging.WARNING,
+                        "informer %s: %s; retrying in %.1fs", self.kind, _describe(e), backoff)
+                self._failing = True
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, self._max_backoff)
                 # After an error, resume the watch if we can; relist if we never listed.
@@ -147,6 +152,7 @@ class Informer:
             body = json.loads(resp.data)
         finally:
             resp.release_conn()
+        self._reached()
         fresh = {key_of(obj): obj for obj in body.get("items") or []}
         self.resource_version = (body.get("metadata") or {}).get("resourceVersion")
         if self._synced.is_set():
@@ -174,6 +180,8 @@ class Informer:
         if self._selector:
             kwargs["label_selector"] = self._selector
         resp = self._list(**kwargs)
+        if 200 <= resp.status <= 299:
+            self._reached()
         with self._lock:
             self._resp = resp
         try:
@@ -195,6 +203,11 @@ class Informer:
             with self._lock:
                 self._resp = None
             resp.release_conn()
+
+    def _reached(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.info("informer %s: the API server answers again", self.kind)
 
     def _deliver(self, events: list[tuple[str, Obj]],
                  replace: dict[str, Obj] | None = None) -> None:
