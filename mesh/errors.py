@@ -30,5 +30,5 @@ class NetlinkError(MeshError):
     """A route, address or namespace operation failed."""
 
 
-class PolicyError(MeshError):
-    """The policy CRDs could not be read or installed."""
+class CrdError(MeshError):
+    """meshgate's CustomResourceDefinitions could not be read or installed."""

@@ -1,5 +1,6 @@
-"""The policy.meshgate.io CustomResourceDefinitions: read from deploy/crds and
-installed (created, or updated when they differ) through the kubernetes client."""
+"""meshgate's CustomResourceDefinitions: read from deploy/crds/<name>.yaml
+(``policy`` for policy.meshgate.io, ``multicluster`` for the Link) and installed
+(created, or updated when they differ) through the kubernetes client."""
 
 from __future__ import annotations
 
@@ -12,24 +13,27 @@ from typing import Any
 
 import yaml
 
-from mesh.errors import PolicyError
+from mesh.errors import CrdError
 
 # deploy/ is not a package: it is found beside mesh/ in the (editable) checkout.
-CRD_FILE = Path(__file__).resolve().parents[2] / "deploy" / "crds" / "policy.yaml"
+CRD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "crds"
 
 
-def crd_documents() -> list[dict[str, Any]]:
-    """The CustomResourceDefinitions of policy.meshgate.io, from deploy/crds/policy.yaml."""
+def crd_documents(name: str = "policy") -> list[dict[str, Any]]:
+    """The CustomResourceDefinitions in deploy/crds/<name>.yaml."""
+    path = CRD_DIR / f"{name}.yaml"
     try:
-        text = CRD_FILE.read_text()
+        text = path.read_text()
     except OSError as e:
-        raise PolicyError(f"cannot read the policy CRDs at {CRD_FILE}: {e.strerror}; meshgate "
-                          "must be installed from its source tree (pip install -e .)") from e
+        raise CrdError(f"cannot read the {name} CRDs at {path}: {e.strerror}; meshgate must "
+                       "be installed from its source tree (pip install -e .)") from e
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def install_crds(api_client: Any, *, timeout: float = 30.0) -> dict[str, str]:
-    """Create or update the policy CRDs and wait until they are established.
+def install_crds(api_client: Any, *, name: str = "policy",
+                 timeout: float = 30.0) -> dict[str, str]:
+    """Create or update the CRDs of deploy/crds/<name>.yaml and wait until they are
+    established.
 
     Returns what happened to each, by name: ``created``, ``updated`` or
     ``unchanged``. Running it again changes nothing.
@@ -38,12 +42,12 @@ def install_crds(api_client: Any, *, timeout: float = 30.0) -> dict[str, str]:
     from kubernetes import client
 
     api = client.ApiextensionsV1Api(api_client)
-    done = {doc["metadata"]["name"]: _install(api, doc) for doc in crd_documents()}
+    done = {doc["metadata"]["name"]: _install(api, doc) for doc in crd_documents(name)}
     deadline = time.monotonic() + timeout
-    for name in done:
-        while not _established(_read(api, name)):
+    for crd in done:
+        while not _established(_read(api, crd)):
             if time.monotonic() > deadline:
-                raise PolicyError(f"CustomResourceDefinition {name} was not established "
+                raise CrdError(f"CustomResourceDefinition {crd} was not established "
                                   f"within {timeout:g}s; see its status.conditions")
             time.sleep(0.1)
     return done
@@ -73,7 +77,7 @@ def _install(api: Any, doc: dict[str, Any]) -> str:
         except ApiException as e:
             if e.status not in (404, 409):
                 raise _api_error(name, "replace", e) from e
-    raise PolicyError(f"CustomResourceDefinition {name} kept changing while it was installed; "
+    raise CrdError(f"CustomResourceDefinition {name} kept changing while it was installed; "
                       "run the install again")
 
 
@@ -106,8 +110,8 @@ def _contains(have: Any, want: Any) -> bool:
     return bool(have == want)
 
 
-def _api_error(name: str, verb: str, e: Any) -> PolicyError:
+def _api_error(name: str, verb: str, e: Any) -> CrdError:
     hint = {401: "the credential was refused", 403: "the credential may not do this; it needs "
             "create, get and update on customresourcedefinitions"}.get(e.status, "")
     detail = f"{e.status} {e.reason}" + (f": {hint}" if hint else "")
-    return PolicyError(f"cannot {verb} CustomResourceDefinition {name} ({detail})")
+    return CrdError(f"cannot {verb} CustomResourceDefinition {name} ({detail})")
