@@ -121,6 +121,10 @@ class IdentityService:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_3
             ctx.verify_mode = ssl.CERT_OPTIONAL
+            # No session tickets: each caller's whole chain is checked against the
+            # current trust bundle (anchor rotation), and a resumed session shows only
+            # the leaf. Its callers hold long streams; resumption would buy little.
+            ctx.num_tickets = 0
             self._server_ctx = ctx
             self.issuer()
             self._refresh_server_identity()

@@ -295,7 +295,9 @@ async def test_a_watcher_that_stops_reading_is_cut_off_alone(
     service.add_routes(app)
     runner = web.AppRunner(app, shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_id.server_context())
+    context = server_id.server_context()
+    context.num_tickets = 0  # as the control plane's own context: no resumed sessions
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     url = f"https://127.0.0.1:{port}"
@@ -323,7 +325,9 @@ async def test_a_watcher_that_stops_reading_is_cut_off_alone(
 
             async def drain() -> None:
                 while last not in received[-200_000:]:
-                    received.extend(await resp.content.readany())
+                    chunk = await resp.content.readany()
+                    assert chunk, f"the stream ended early: {bytes(received[-300:])!r}"
+                    received.extend(chunk)
 
             reading = asyncio.create_task(drain())
             for i in range(200):
