@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from localcluster.commands import add_cluster_commands
-from mesh.errors import MeshError
+from mesh.errors import ConfigError, MeshError
 from mesh.identity.commands import add_identity_commands, add_vm_commands
+from mirror.commands import add_multicluster_commands
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_commands(cluster_cmds)
     add_identity_commands(commands)
     add_vm_commands(commands)
+    add_multicluster_commands(commands)
 
     proxy = commands.add_parser("proxy", help="the data-plane proxy")
     proxy_cmds = proxy.add_subparsers(dest="proxy_command", required=True)
@@ -117,6 +119,35 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds of silence after which a destination watch gets a "
                       "heartbeat")
     crun.set_defaults(func=_control_run)
+
+    gateway = commands.add_parser("gateway", help="the multicluster gateway")
+    gateway_cmds = gateway.add_subparsers(dest="gateway_command", required=True)
+    grun = gateway_cmds.add_parser("run", help="run a gateway in the foreground")
+    grun.add_argument("--config", required=True, type=Path, help="YAML or JSON gateway config")
+    grun.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
+                      help="event loop, as for `meshgate proxy run`")
+    grun.set_defaults(func=_gateway_run)
+
+    mirror = commands.add_parser("mirror", help="the service-mirror controller")
+    mirror_cmds = mirror.add_subparsers(dest="mirror_command", required=True)
+    mrun = mirror_cmds.add_parser("run", help="mirror the Services a Link selects in its "
+                                  "linked cluster, in the foreground")
+    mrun.add_argument("--kubeconfig", required=True, type=Path,
+                      help="kubeconfig of the local (importing) cluster")
+    mrun.add_argument("--link", required=True, help="the name of the Link to serve")
+    mrun.add_argument("--namespace", default="meshgate",
+                      help="namespace of the Link, its credentials Secret and its Lease")
+    mrun.add_argument("--metrics-listen", type=_listen, default=("127.0.0.1", 9999),
+                      help="HOST:PORT for /metrics and /ready (default 127.0.0.1:9999)")
+    mrun.add_argument("--resync", type=_positive(float), default=60.0,
+                      help="seconds between full resyncs and orphan collections")
+    mrun.add_argument("--lease-duration", type=_positive(float), default=15.0,
+                      help="seconds without renewal after which a standby takes over")
+    mrun.add_argument("--lease-renew", type=_positive(float), default=5.0,
+                      help="seconds between Lease renewals (and a standby's looks)")
+    mrun.add_argument("--identity", help="this instance's name in the Lease "
+                      "(default hostname_pid)")
+    mrun.set_defaults(func=_mirror_run)
     return parser
 
 
@@ -136,6 +167,27 @@ def _control_run(args: argparse.Namespace) -> int:
                         trust_domain=args.trust_domain, listen=args.listen,
                         cluster_domain=args.cluster_domain, cluster_name=args.cluster_name,
                         control_ns=args.control_namespace, heartbeat=args.heartbeat))
+    return 0
+
+
+def _gateway_run(args: argparse.Namespace) -> int:
+    from gateway.main import run
+    from mesh.config import GatewayConfig, load_model
+
+    run(load_model(args.config, GatewayConfig, what="gateway config"), loop=args.loop)
+    return 0
+
+
+def _mirror_run(args: argparse.Namespace) -> int:
+    from mirror.run import MirrorSettings, run
+
+    if args.lease_renew >= args.lease_duration:
+        raise ConfigError(f"--lease-renew ({args.lease_renew:g}s) must be shorter than "
+                          f"--lease-duration ({args.lease_duration:g}s)")
+    run(MirrorSettings(kubeconfig=args.kubeconfig, link=args.link, namespace=args.namespace,
+                       metrics_listen=args.metrics_listen, resync=args.resync,
+                       lease_duration=args.lease_duration, lease_renew=args.lease_renew,
+                       identity=args.identity))
     return 0
 
 

@@ -19,7 +19,9 @@ from pydantic import (
     model_validator,
 )
 
-from mesh.errors import ConfigError
+from mesh.authz import AccessPolicy
+from mesh.errors import ConfigError, IdentityError
+from mesh.identity.names import Identity
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -55,8 +57,58 @@ def _address(value: str) -> str:
 
 
 Address = Annotated[str, AfterValidator(_address)]
-Duration = Annotated[timedelta, BeforeValidator(
-    lambda v: parse_duration(v) if isinstance(v, str) else v)]
+
+
+def _duration(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    try:
+        return parse_duration(value)
+    except ConfigError as e:  # pydantic reports ValueErrors with the field's path
+        raise ValueError(str(e)) from None
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+
+
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+def _identity_pattern(value: str) -> str:
+    """An exact identity name, or ``*.`` and a suffix of identity names (not ``*`` alone:
+    trusting every identity as a gateway would let any workload name its caller)."""
+    if value.startswith("*."):
+        if len(value) > 255 or not _DNS_NAME.match(value[2:]):
+            raise ValueError(f"{value!r}: after '*.' must come a DNS suffix such as "
+                             "multicluster.serviceaccount.identity.meshgate.cluster.local")
+        return value
+    try:
+        Identity.parse(value)
+    except IdentityError as e:
+        raise ValueError(f"{e}; or write '*.' and a suffix to match several") from None
+    return value
+
+
+def _label_selector(value: str) -> str:
+    """``key=value``: one label a Service must carry."""
+    key, sep, label = value.partition("=")
+    if not sep or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(label):
+        raise ValueError(f"{value!r} is not KEY=VALUE, such as mirror.meshgate.io/exported=true")
+    return value
+
+
+def _dns_name(value: str) -> str:
+    if len(value) > 253 or not _DNS_NAME.match(value):
+        raise ValueError(f"{value!r} is not a lowercase DNS name such as cluster.local")
+    return value
+
+
+IdentityPattern = Annotated[str, AfterValidator(_identity_pattern)]
+LabelSelector = Annotated[str, AfterValidator(_label_selector)]
+DnsName = Annotated[str, AfterValidator(_dns_name)]
 
 
 def split_address(value: str) -> tuple[str, int]:
@@ -90,6 +142,10 @@ class InboundConfig(_Model):
     authorized: list[str] = Field(default_factory=lambda: ["*"])
     """Identity names allowed to connect, or "*" for every identity of the trust bundle."""
     opaque_ports: list[int] = Field(default_factory=list, alias="opaquePorts")
+    trusted_gateways: list[IdentityPattern] = Field(default_factory=list,
+                                                    alias="trustedGateways")
+    """Gateways whose forwarded caller (transport header field 100) is authorized and
+    counted instead of the gateway; field 100 from any other peer is refused."""
 
 
 class OutboundConfig(_Model):
@@ -141,6 +197,29 @@ class ProxyConfig(_Model):
             raise ValueError("workload needs destination: its policy comes from the control "
                              "plane")
         return self
+
+
+class GatewayConfig(_Model):
+    """``meshgate gateway run --config``: the multicluster gateway of one cluster."""
+
+    identity: IdentityConfig
+    kubeconfig: Path
+    """The cluster the gateway serves: its Services, endpoints, Pods and policies."""
+    listen: Address = "0.0.0.0:4143"
+    admin: Address = "0.0.0.0:4191"
+    exported_label: LabelSelector = Field("mirror.meshgate.io/exported=true",
+                                          alias="exportedLabel")
+    """Only Services carrying this label are reachable through the gateway."""
+    cluster_domain: DnsName = Field("cluster.local", alias="clusterDomain")
+    trusted_gateways: list[IdentityPattern] = Field(default_factory=list,
+                                                    alias="trustedGateways")
+    """Other gateways whose forwarded caller (field 100) this gateway honours."""
+    default_policy: AccessPolicy = Field(AccessPolicy.ALL_AUTHENTICATED,
+                                         alias="defaultPolicy")
+    """Decides for pod ports that no Server selects, as the control plane's default."""
+    connect_timeout: Duration = Field(timedelta(seconds=1), alias="connectTimeout")
+    handshake_timeout: Duration = Field(timedelta(seconds=10), alias="handshakeTimeout")
+    header_timeout: Duration = Field(timedelta(seconds=10), alias="headerTimeout")
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:

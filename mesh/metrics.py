@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import values as _values
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from mesh.proxy.relay import FlowMetrics
+
 # Linkerd's proxy buckets (linkerd2-proxy: metrics/latency.rs).
 LATENCY_MS_BUCKETS = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500, 1000, 2000,
                       3000, 4000, 5000, 10000, 20000, 30000, 40000, 50000)
@@ -28,7 +30,9 @@ AUTHZ_LABELS = ("direction", "tls", "client_id", "target_addr")
 
 
 @dataclass
-class ProxyMetrics:
+class TcpMetrics:
+    """The TCP families of Linkerd's proxy, which every relaying process exposes."""
+
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -45,6 +49,19 @@ class ProxyMetrics:
         self.tcp_connection_duration = Histogram(
             "tcp_connection_duration_ms", "How long connections lived",
             (*TCP_LABELS, "errno"), buckets=DURATION_MS_BUCKETS, registry=r)
+
+    def flows(self) -> FlowMetrics:
+        """What records each relayed flow in these families when it ends."""
+        return FlowMetrics(opened=self.tcp_open, closed=self.tcp_close,
+                           open_now=self.tcp_open_connections, read=self.tcp_read_bytes,
+                           written=self.tcp_write_bytes, duration=self.tcp_connection_duration)
+
+
+@dataclass
+class ProxyMetrics(TcpMetrics):
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        r = self.registry
         self.request = Counter("request", "HTTP requests", HTTP_LABELS, registry=r)
         self.response = Counter("response", "HTTP responses",
                                 (*HTTP_LABELS, "status_code", "classification", "error"),
@@ -66,6 +83,25 @@ class ProxyMetrics:
         self.endpoint_ejections = Counter("outbound_endpoint_ejections",
                                           "Endpoints ejected by failure accrual",
                                           ("dst_service", "endpoint"), registry=r)
+        self.gateway_forwarded = Counter(
+            "inbound_gateway_forwarded", "Connections whose caller a trusted gateway "
+            "forwarded (transport header field 100); client_id is that caller",
+            ("gateway_id", "client_id"), registry=r)
+
+
+@dataclass
+class GatewayMetrics(TcpMetrics):
+    """The gateway's families: its flows (direction="gateway") and its decisions."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        r = self.registry
+        self.requests = Counter("gateway_requests", "Connections forwarded to a target "
+                                "service, by target and caller", ("dst_service", "client_id"),
+                                registry=r)
+        self.refused = Counter("gateway_refused", "Connections refused, by reason; "
+                               "dst_service and client_id are empty until known",
+                               ("reason", "dst_service", "client_id"), registry=r)
 
 
 _SHARED_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -70,14 +70,7 @@ class PolicyService:
     # -- feeding ---------------------------------------------------------------------
 
     def watch_cluster(self, kube: client.ApiClient, loop: asyncio.AbstractEventLoop) -> None:
-        custom = client.CustomObjectsApi(kube)
-        for kind in (SERVER, MESH_TLS_AUTHENTICATION, AUTHORIZATION_POLICY):
-            informer = Informer(functools.partial(custom.list_cluster_custom_object, GROUP,
-                                                  VERSION, PLURALS[kind]),
-                                kind=PLURALS[kind], handler=functools.partial(self._policy,
-                                                                              kind))
-            self._informers.append(informer)
-            informer.start(loop)
+        self._informers += watch_policy_resources(kube, loop, self._policy)
         pods = Informer(client.CoreV1Api(kube).list_pod_for_all_namespaces, kind="pods",
                         handler=self._pod)
         self._informers.append(pods)
@@ -118,7 +111,7 @@ class PolicyService:
         ports: list[Any] = []
         if obj is not None:
             labels = (obj.get("metadata") or {}).get("labels") or {}
-            policies = self.index.pod_policies(namespace, labels, port_names=_port_names(obj))
+            policies = self.index.pod_policies(namespace, labels, port_names=port_names(obj))
             ports = [json.loads(p.to_json()) for p in policies]
         return (json.dumps({"type": "policy", "heartbeatSeconds": self.heartbeat,
                             "default": str(self.index.default_policy), "ports": ports},
@@ -173,6 +166,21 @@ class PolicyService:
         return resp
 
 
+def watch_policy_resources(kube: client.ApiClient, loop: asyncio.AbstractEventLoop,
+                           handler: Callable[[str, str, Obj], None]) -> list[Informer]:
+    """Start informers on Servers, MeshTLSAuthentications and AuthorizationPolicies that
+    call ``handler(kind, event, obj)`` on `loop` (for `PolicyIndex.apply`)."""
+    custom = client.CustomObjectsApi(kube)
+    informers = []
+    for kind in (SERVER, MESH_TLS_AUTHENTICATION, AUTHORIZATION_POLICY):
+        informer = Informer(functools.partial(custom.list_cluster_custom_object, GROUP,
+                                              VERSION, PLURALS[kind]),
+                            kind=PLURALS[kind], handler=functools.partial(handler, kind))
+        informers.append(informer)
+        informer.start(loop)
+    return informers
+
+
 def _query(query: Mapping[str, str]) -> tuple[str, str]:
     unknown = sorted(set(query) - {"namespace", "pod"})
     if unknown:
@@ -184,7 +192,8 @@ def _query(query: Mapping[str, str]) -> tuple[str, str]:
     return namespace, pod
 
 
-def _port_names(pod: Obj) -> dict[str, int]:
+def port_names(pod: Obj) -> dict[str, int]:
+    """The pod's named container ports, for `PolicyIndex.for_port`."""
     names: dict[str, int] = {}
     for container in (pod.get("spec") or {}).get("containers") or []:
         for port in container.get("ports") or []:

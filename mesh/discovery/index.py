@@ -119,6 +119,25 @@ class DestinationIndex:
     def __len__(self) -> int:
         return len(self._by_address)
 
+    def endpoint_pod(self, service: ObjKey, endpoint: EndpointSpec) -> ObjKey | None:
+        """The Pod behind `endpoint` of the Service `service` (namespace, name), as its
+        EndpointSlices' targetRefs say; None for endpoints that are no Pod."""
+        host = endpoint.host_port[0]
+        for slice_name in sorted(self._slices.get(service, {})):
+            for ep in self._slices[service][slice_name].get("endpoints") or []:
+                ref = ep.get("targetRef") or {}
+                if ref.get("kind") != "Pod" or not ep.get("addresses") or \
+                        canonical_address(str(ep["addresses"][0]), 0)[0] != \
+                        canonical_address(host, 0)[0]:
+                    continue
+                pod_key = (str(ref.get("namespace") or service[0]), str(ref.get("name")))
+                pod = self._pods.get(pod_key)
+                # Pods may share an address (host networking): the inbound port tells them apart.
+                if pod is not None and (endpoint.identity is None or
+                                        pod.inbound_port == endpoint.host_port[1]):
+                    return pod_key
+        return None
+
     # -- events --------------------------------------------------------------------
 
     def service_event(self, event: str, obj: Obj) -> list[Change]:

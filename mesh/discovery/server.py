@@ -34,7 +34,6 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from aiohttp import web
 from kubernetes import client
@@ -54,7 +53,7 @@ from mesh.identity.bundle import TrustBundle
 from mesh.identity.names import Identity, InvalidName
 from mesh.identity.service import Refusal
 from mesh.identity.tls import peer_chain
-from mesh.informer import Informer
+from mesh.informer import Handler, Informer
 from mesh.proxy.discovery import ServiceSpec, canonical_address, split_host_port
 
 log = logging.getLogger(__name__)
@@ -188,19 +187,10 @@ class DestinationService:
 
     def watch_cluster(self, kube: client.ApiClient, loop: asyncio.AbstractEventLoop) -> None:
         """Keep the index current from the cluster: informers on Pods, slices, Services."""
-        core, disc = client.CoreV1Api(kube), client.DiscoveryV1Api(kube)
-        feeds: list[tuple[Callable[..., Any], str, Callable[[str, Obj], list[Change]],
-                          str | None]] = [
-            (core.list_pod_for_all_namespaces, "pods", self.index.pod_event, None),
-            (disc.list_endpoint_slice_for_all_namespaces, "endpointslices",
-             self.index.slice_event, SERVICE_NAME_LABEL),
-            (core.list_service_for_all_namespaces, "services", self.index.service_event, None),
-        ]
-        for list_func, kind, apply, selector in feeds:
-            informer = Informer(list_func, kind=kind, label_selector=selector,
-                                handler=self._feed(apply))
-            self._informers.append(informer)
-            informer.start(loop)
+        self._informers += watch_destinations(
+            kube, loop, pods=self._feed(self.index.pod_event),
+            slices=self._feed(self.index.slice_event),
+            services=self._feed(self.index.service_event))
 
     def _feed(self, apply: Callable[[str, Obj], list[Change]]) -> Callable[[str, Obj], None]:
         def handle(event: str, obj: Obj) -> None:
@@ -338,6 +328,22 @@ async def pump(sub: Subscription, resp: web.StreamResponse, *, heartbeat: float,
         if lines:
             await resp.write(b"".join(lines))
             sent.inc(len(lines))
+
+
+def watch_destinations(kube: client.ApiClient, loop: asyncio.AbstractEventLoop, *,
+                       pods: Handler, slices: Handler, services: Handler) -> list[Informer]:
+    """Start the informers a `DestinationIndex` needs, each calling its handler on `loop`
+    (hand each event to the index's ``pod_event``, ``slice_event``, ``service_event``)."""
+    core, disc = client.CoreV1Api(kube), client.DiscoveryV1Api(kube)
+    informers = [
+        Informer(core.list_pod_for_all_namespaces, kind="pods", handler=pods),
+        Informer(disc.list_endpoint_slice_for_all_namespaces, kind="endpointslices",
+                 label_selector=SERVICE_NAME_LABEL, handler=slices),
+        Informer(core.list_service_for_all_namespaces, kind="services", handler=services),
+    ]
+    for informer in informers:
+        informer.start(loop)
+    return informers
 
 
 def peer_identity(request: web.Request, trust: TrustBundle) -> Identity:

@@ -1,6 +1,16 @@
 """The inbound side (port 4143): terminate mTLS from other proxies, read the
 transport header, authorize the caller, and relay to the local application.
 
+`MeshListener` is what every listener for mesh peers does before it decides
+anything: hand the accepted TCP connection to TLS, check the ALPN and the
+peer's identity, and read the transport header, each under its timeout. The
+inbound proxy (`Inbound`) and the multicluster gateway (gateway/) build on it.
+
+The caller is normally the mTLS peer. A peer that is a trusted gateway may
+name another caller in the header's field 100 (`caller_of`): it is then that
+caller who is authorized and counted, and the gateway appears in logs and in
+``inbound_gateway_forwarded``. Field 100 from any other peer is refused.
+
 Every refusal closes only the connection at fault, counts it, and logs one
 line naming the peer, the identity and the cause.
 """
@@ -12,11 +22,13 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
+from mesh.authz import identity_matches
 from mesh.errors import IdentityError, ProtocolError
+from mesh.identity.names import Identity
 from mesh.identity.tls import ALPN, check_peer
 from mesh.metrics import ProxyMetrics
 from mesh.proxy.observe import HttpObserver
@@ -29,41 +41,102 @@ if TYPE_CHECKING:
 log = logging.getLogger("mesh.proxy.inbound")
 
 
+# -- who the caller is -------------------------------------------------------------------
+
+
+class ForgedCaller(ProtocolError):
+    """A peer that is not a trusted gateway named a caller (transport header field 100)."""
+
+
+class BadCaller(ProtocolError):
+    """A trusted gateway named a caller that is not an identity name."""
+
+
 @dataclass(frozen=True)
-class InboundPolicy:
-    app_host: str
-    authorized: frozenset[str]
-    """Identity names allowed in, or {"*"} for any identity the trust bundle vouches for."""
-    handshake_timeout: float = 10.0
-    header_timeout: float = 10.0
-    ports: Callable[[int], PortPolicy] | None = None
-    """Per-port policies from the control plane; when given, they decide instead of
-    `authorized`."""
+class Caller:
+    """Whom a connection is authorized and counted as."""
 
-    def allows(self, identity: str) -> bool:
-        return "*" in self.authorized or identity in self.authorized
+    identity: str
+    gateway: str | None = None
+    """The trusted gateway that forwarded the caller; None when the caller is the peer."""
 
 
-class Inbound:
-    def __init__(self, policy: InboundPolicy, server_context: Callable[[], ssl.SSLContext],
-                 metrics: ProxyMetrics, flows: FlowMetrics) -> None:
-        self.policy = policy
+def is_trusted_gateway(peer: str, trusted_gateways: Sequence[str]) -> bool:
+    """Whether ``peer`` matches one of the patterns (exact names or ``*.suffix``)."""
+    return any(identity_matches(pattern, peer) for pattern in trusted_gateways)
+
+
+def caller_of(peer: str, claimed: str, trusted_gateways: Sequence[str]) -> Caller:
+    """The caller of a connection from ``peer`` whose header claims ``claimed`` ("": none).
+
+    Raises `ForgedCaller` when a peer that is no trusted gateway claims a caller,
+    and `BadCaller` when a trusted gateway claims something that is no identity.
+    """
+    if not claimed:
+        return Caller(peer)
+    if not is_trusted_gateway(peer, trusted_gateways):
+        raise ForgedCaller(f"{peer} named caller {claimed} in the transport header, but only "
+                           "a trusted gateway may forward a caller's identity")
+    try:
+        Identity.parse(claimed)
+    except IdentityError as e:
+        raise BadCaller(f"gateway {peer} forwarded caller {claimed!r}: {e}") from None
+    return Caller(claimed, gateway=peer)
+
+
+# -- the shared accept side --------------------------------------------------------------
+
+
+@dataclass
+class MeshConnection:
+    """An accepted connection once TLS is up and the peer's identity is known."""
+
+    tls: asyncio.Transport
+    client: Half
+    """The accepted side of the flow; its peer, ``client.flow.server``, is the upstream."""
+    peer: str
+    """host:port of the TCP peer, for logs."""
+    identity: Identity
+    """The mTLS peer's identity, checked against the trust bundle."""
+    early: list[bytes] = field(default_factory=list)
+    """Bytes that arrived with the handshake, before the header reader took over."""
+
+
+class MeshListener:
+    """Accepts connections from mesh peers; subclasses `serve` them and `refuse` the bad.
+
+    `protocol` is the listener's protocol factory. Each accepted socket is given
+    to TLS with the server context current at that moment; the handshake, the
+    ALPN and the peer's certificate are checked, and `serve` gets the connection.
+    """
+
+    def __init__(self, server_context: Callable[[], ssl.SSLContext], flows: FlowMetrics, *,
+                 handshake_timeout: float, header_timeout: float) -> None:
         self.server_context = server_context
-        self.metrics = metrics
         self.flows = flows
+        self.handshake_timeout = handshake_timeout
+        self.header_timeout = header_timeout
         self._tasks: set[asyncio.Task[None]] = set()
 
     def protocol(self) -> asyncio.Protocol:
         """A fresh protocol for one accepted TCP connection."""
         return _Accepted(self)
 
-    def _refuse(self, peer: str, cause: str, *, identity: str = "", exc: BaseException | None
-                = None) -> None:
-        self.metrics.protocol_errors.labels("inbound", cause).inc()
-        log.info("inbound connection refused peer=%s identity=%s cause=%s detail=%s", peer,
-                 identity or "-", cause, exc or "-")
+    async def serve(self, conn: MeshConnection) -> None:
+        raise NotImplementedError
+
+    def refuse(self, peer: str, cause: str, *, identity: str = "",
+               exc: BaseException | None = None) -> None:
+        """Count and log a connection closed for ``cause`` (it is already closed)."""
+        raise NotImplementedError
 
     async def handle(self, sock: socket.socket, peer: str, protocol: Half) -> None:
+        conn = await self._terminate_tls(sock, peer, protocol)
+        if conn is not None:
+            await self.serve(conn)
+
+    async def _terminate_tls(self, sock: socket.socket, peer: str, protocol: Half
+                             ) -> MeshConnection | None:
         loop = asyncio.get_running_loop()
         early: list[bytes] = []
         protocol.on_data = early.append  # the header may follow the handshake at once
@@ -76,59 +149,29 @@ class Inbound:
             # From here the loop owns the socket and closes it if the handshake fails.
             tls, _ = await loop.connect_accepted_socket(
                 lambda: protocol, sock, ssl=context,
-                ssl_handshake_timeout=self.policy.handshake_timeout)
+                ssl_handshake_timeout=self.handshake_timeout)
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
-            self._refuse(peer, "tls-handshake", exc=e)
-            return
+            self.refuse(peer, "tls-handshake", exc=e)
+            return None
         sslobj = tls.get_extra_info("ssl_object")
         if sslobj is None or sslobj.selected_alpn_protocol() != ALPN:
             tls.close()
-            self._refuse(peer, "no-transport-alpn")
-            return
+            self.refuse(peer, "no-transport-alpn")
+            return None
         try:
-            client = check_peer(sslobj, expected=None, side="client", peer=peer)
+            identity = check_peer(sslobj, expected=None, side="client", peer=peer)
         except IdentityError as e:
             tls.close()
-            self._refuse(peer, "no-identity", exc=e)
-            return
-        labels: Labels = {"direction": "inbound", "peer": "src", "tls": "true",
-                          "client_id": str(client), "server_id": "", "target_addr": "",
-                          "dst_service": ""}
-        if self.policy.ports is None and not self.policy.allows(str(client)):
-            self._deny(tls, peer, str(client), "", "not-authorized: identity not in "
-                       "inbound.authorized")
-            return
-        header = await self._read_header(tls, protocol, peer, str(client), early)
-        if header is None:
-            return
-        target = f"{self.policy.app_host}:{header.port}"
-        if self.policy.ports is not None:
-            decision = self.policy.ports(header.port).allows(str(client))
-            if not decision.allowed:
-                self._deny(tls, peer, str(client), target, decision.reason,
-                           http=header.protocol is SessionProtocol.HTTP1)
-                return
-        labels["target_addr"] = target
-        self.metrics.tcp_authz_allow.labels("inbound", "true", str(client), target).inc()
-        await self._connect_app(protocol, tls, header, labels, peer, str(client))
+            self.refuse(peer, "no-identity", exc=e)
+            return None
+        return MeshConnection(tls, protocol, peer, identity, early)
 
-    def _deny(self, tls: asyncio.Transport, peer: str, client: str, target: str, reason: str,
-              *, http: bool = False) -> None:
-        """Refuse a caller: counted, logged once, and for HTTP answered 403 as Linkerd does."""
-        self.metrics.tcp_authz_deny.labels("inbound", "true", client, target,
-                                           "unauthorized").inc()
-        if http:
-            self.metrics.http_authz_deny.labels("inbound", "true", client, target).inc()
-            body = f"{reason}\n".encode()
-            tls.write(b"HTTP/1.1 403 Forbidden\r\nl5d-proxy-error: " + _header_safe(reason)
-                      + b"\r\ncontent-type: text/plain\r\ncontent-length: "
-                      + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
-        log.info("inbound connection denied peer=%s identity=%s target=%s cause=%s", peer,
-                 client, target or "-", reason)
-        tls.close()
+    async def read_header(self, conn: MeshConnection) -> TransportHeader | None:
+        """The transport header, within the header timeout; None (refused) otherwise.
 
-    async def _read_header(self, tls: asyncio.Transport, protocol: Half, peer: str,
-                           client: str, early: list[bytes]) -> TransportHeader | None:
+        What follows the header is held for the upstream, with reading paused.
+        """
+        protocol, tls = conn.client, conn.tls
         decoder = HeaderDecoder()
         done: asyncio.Future[TransportHeader] = asyncio.get_running_loop().create_future()
 
@@ -148,26 +191,126 @@ class Inbound:
 
         protocol.on_data = feed
         protocol.flow.waiter = done
-        for chunk in early:
+        for chunk in conn.early:
             feed(chunk)
+        conn.early.clear()
         try:
-            return await asyncio.wait_for(done, self.policy.header_timeout)
-        except (ProtocolError, TimeoutError, ConnectionError) as e:
+            return await asyncio.wait_for(done, self.header_timeout)
+        except TimeoutError:
             tls.close()
-            cause = "header-timeout" if isinstance(e, TimeoutError) else "bad-header"
-            self._refuse(peer, cause, identity=client, exc=e)
+            self.refuse(conn.peer, "header-timeout", identity=str(conn.identity),
+                        exc=TimeoutError(f"no complete transport header within "
+                                         f"{self.header_timeout:g}s"))
             return None
+        except (ProtocolError, ConnectionError) as e:
+            tls.close()
+            self.refuse(conn.peer, "bad-header", identity=str(conn.identity), exc=e)
+            return None
+        finally:
+            protocol.flow.waiter = None
 
-    async def _connect_app(self, protocol: Half, tls: asyncio.Transport,
-                           header: TransportHeader, labels: Labels, peer: str,
-                           client: str) -> None:
+    def _closed(self, flow: Flow, exc: BaseException | None) -> None:
+        if flow.labels and flow.server.transport is not None:
+            self.flows.close(flow, exc)
+
+
+# -- the inbound proxy -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InboundPolicy:
+    app_host: str
+    authorized: frozenset[str]
+    """Identity names allowed in, or {"*"} for any identity the trust bundle vouches for."""
+    handshake_timeout: float = 10.0
+    header_timeout: float = 10.0
+    ports: Callable[[int], PortPolicy] | None = None
+    """Per-port policies from the control plane; when given, they decide instead of
+    `authorized`."""
+    trusted_gateways: tuple[str, ...] = ()
+    """Identity patterns of gateways whose forwarded caller (field 100) is honoured."""
+
+    def allows(self, identity: str) -> bool:
+        return "*" in self.authorized or identity in self.authorized
+
+
+class Inbound(MeshListener):
+    def __init__(self, policy: InboundPolicy, server_context: Callable[[], ssl.SSLContext],
+                 metrics: ProxyMetrics, flows: FlowMetrics) -> None:
+        super().__init__(server_context, flows, handshake_timeout=policy.handshake_timeout,
+                         header_timeout=policy.header_timeout)
+        self.policy = policy
+        self.metrics = metrics
+
+    def refuse(self, peer: str, cause: str, *, identity: str = "",
+               exc: BaseException | None = None) -> None:
+        self.metrics.protocol_errors.labels("inbound", cause).inc()
+        log.info("inbound connection refused peer=%s identity=%s cause=%s detail=%s", peer,
+                 identity or "-", cause, exc or "-")
+
+    async def serve(self, conn: MeshConnection) -> None:
+        tls, peer, peer_id = conn.tls, conn.peer, str(conn.identity)
+        gateway = is_trusted_gateway(peer_id, self.policy.trusted_gateways)
+        # A gateway's own identity says nothing of its caller: wait for the header.
+        if self.policy.ports is None and not gateway and not self.policy.allows(peer_id):
+            self._deny(tls, peer, Caller(peer_id), "", "not-authorized: identity not in "
+                       "inbound.authorized")
+            return
+        header = await self.read_header(conn)
+        if header is None:
+            return
+        try:
+            caller = caller_of(peer_id, header.caller, self.policy.trusted_gateways)
+        except ProtocolError as e:
+            tls.close()
+            cause = "forged-caller" if isinstance(e, ForgedCaller) else "bad-caller"
+            self.refuse(peer, cause, identity=peer_id, exc=e)
+            return
+        target = f"{self.policy.app_host}:{header.port}"
+        http = header.protocol is SessionProtocol.HTTP1
+        if self.policy.ports is not None:
+            decision = self.policy.ports(header.port).allows(caller.identity)
+            if not decision.allowed:
+                self._deny(tls, peer, caller, target, decision.reason, http=http)
+                return
+        elif not self.policy.allows(caller.identity):
+            self._deny(tls, peer, caller, target, "not-authorized: identity not in "
+                       "inbound.authorized", http=http)
+            return
+        if caller.gateway is not None:
+            self.metrics.gateway_forwarded.labels(caller.gateway, caller.identity).inc()
+        labels: Labels = {"direction": "inbound", "peer": "src", "tls": "true",
+                          "client_id": caller.identity, "server_id": "",
+                          "target_addr": target, "dst_service": ""}
+        self.metrics.tcp_authz_allow.labels("inbound", "true", caller.identity, target).inc()
+        await self._connect_app(conn, header, labels, caller.identity)
+
+    def _deny(self, tls: asyncio.Transport, peer: str, caller: Caller, target: str,
+              reason: str, *, http: bool = False) -> None:
+        """Refuse a caller: counted, logged once, and for HTTP answered 403 as Linkerd does."""
+        client = caller.identity
+        self.metrics.tcp_authz_deny.labels("inbound", "true", client, target,
+                                           "unauthorized").inc()
+        if http:
+            self.metrics.http_authz_deny.labels("inbound", "true", client, target).inc()
+            body = f"{reason}\n".encode()
+            tls.write(b"HTTP/1.1 403 Forbidden\r\nl5d-proxy-error: " + _header_safe(reason)
+                      + b"\r\ncontent-type: text/plain\r\ncontent-length: "
+                      + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+        log.info("inbound connection denied peer=%s identity=%s gateway_id=%s target=%s "
+                 "cause=%s", peer, client, caller.gateway or "-", target or "-", reason)
+        tls.close()
+
+    async def _connect_app(self, conn: MeshConnection, header: TransportHeader,
+                           labels: Labels, client: str) -> None:
+        protocol, tls, peer = conn.client, conn.tls, conn.peer
         flow = protocol.flow
         flow.labels = labels
         loop = asyncio.get_running_loop()
         try:
             await loop.create_connection(lambda: flow.server, self.policy.app_host, header.port)
         except OSError as e:
-            self._refuse(peer, "app-unreachable", identity=client, exc=e)
+            self.refuse(peer, "app-unreachable", identity=client, exc=e)
             tls.close()
             return
         if flow.closed:  # the caller left while the application was being dialled
@@ -198,8 +341,8 @@ class _Accepted(asyncio.Protocol):
     reached this protocol instead of the TLS one.
     """
 
-    def __init__(self, inbound: Inbound) -> None:
-        self.inbound = inbound
+    def __init__(self, listener: MeshListener) -> None:
+        self.listener = listener
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = describe(transport)
@@ -210,19 +353,15 @@ class _Accepted(asyncio.Protocol):
             sock = socket.socket(fileno=os.dup(plain.get_extra_info("socket").fileno()))
         except OSError as e:  # out of descriptors, say
             plain.abort()
-            self.inbound._refuse(peer, "tls-handshake", exc=e)
+            self.listener.refuse(peer, "tls-handshake", exc=e)
             return
         plain.abort()
-        flow = Flow({}, self._closed)
+        flow = Flow({}, self.listener._closed)
         self.flow = flow
-        task = asyncio.get_running_loop().create_task(self.inbound.handle(sock, peer,
-                                                                          flow.client))
-        self.inbound._tasks.add(task)
-        task.add_done_callback(self.inbound._tasks.discard)
-
-    def _closed(self, flow: Flow, exc: BaseException | None) -> None:
-        if flow.labels and flow.server.transport is not None:
-            self.inbound.flows.close(flow, exc)
+        task = asyncio.get_running_loop().create_task(self.listener.handle(sock, peer,
+                                                                           flow.client))
+        self.listener._tasks.add(task)
+        task.add_done_callback(self.listener._tasks.discard)
 
     def data_received(self, data: bytes) -> None:
         # The transport was aborted in connection_made, before it could read.

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from mesh.config import ProxyConfig, split_address
+from mesh.config import IdentityConfig, ProxyConfig, split_address
 from mesh.errors import ConfigError
 from mesh.identity.bundle import TrustBundle
 from mesh.identity.names import Identity, service_identity
@@ -33,7 +34,6 @@ from mesh.proxy.discovery import Discovery, ServiceSpec, StaticDiscovery
 from mesh.proxy.http import HttpOutbound, Pool
 from mesh.proxy.inbound import Inbound, InboundPolicy
 from mesh.proxy.outbound import Outbound
-from mesh.proxy.relay import FlowMetrics
 
 if TYPE_CHECKING:
     from mesh.discovery.stream import ControlStream
@@ -42,8 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("mesh.proxy")
 
 
-class _Workload(Protocol):
-    """What the proxy needs of its identity, whatever provides it."""
+class Workload(Protocol):
+    """What a proxy or gateway needs of its identity, whatever provides it."""
 
     @property
     def identity(self) -> Identity: ...
@@ -51,29 +51,14 @@ class _Workload(Protocol):
     def client_context(self) -> ssl.SSLContext: ...
 
 
-class Proxy:
-    def __init__(self, config: ProxyConfig) -> None:
-        self.config = config
-        self.metrics = ProxyMetrics()
-        m = self.metrics
-        self.flows = FlowMetrics(opened=m.tcp_open, closed=m.tcp_close,
-                                 open_now=m.tcp_open_connections, read=m.tcp_read_bytes,
-                                 written=m.tcp_write_bytes, duration=m.tcp_connection_duration)
-        self.servers: list[asyncio.AbstractServer] = []
-        self.admin: web.AppRunner | None = None
-        self.workload: _Workload | None = None
-        self._renewal: asyncio.Task[None] | None = None
-        self._trimmer: asyncio.Task[None] | None = None
-        self.ready = False
-        self.discovery: Discovery | None = None
-        self.outbound: Outbound | None = None
-        self.redirected: set[str] = set()
-        self._streams: list[ControlStream] = []
-
-    async def _identity(self) -> _Workload:
-        cfg = self.config.identity
-        if cfg.cert_file is not None and cfg.key_file is not None:
-            return StaticIdentity.load(cfg.cert_file, cfg.key_file, cfg.trust_bundle)
+async def load_workload(cfg: IdentityConfig, registry: CollectorRegistry
+                        ) -> tuple[Workload, asyncio.Task[None] | None]:
+    """The identity `cfg` describes: certificate files, or a certificate from the
+    identity service with the task that renews it (cancel it to stop)."""
+    if cfg.cert_file is not None and cfg.key_file is not None:
+        workload: Workload = StaticIdentity.load(cfg.cert_file, cfg.key_file, cfg.trust_bundle)
+        renewal = None
+    else:
         from mesh.identity.certstore import CertStore
         from mesh.identity.client import HttpRequester
 
@@ -84,12 +69,63 @@ class Proxy:
         store = CertStore(identity, HttpRequester(
             cfg.server, bundle_pem=bundle_pem, trust_domain=identity.trust_domain,
             control_ns=identity.control_ns, token=lambda: _read_token(token_file)),
-            bundle=TrustBundle.from_pem(bundle_pem), registry=self.metrics.registry)
+            bundle=TrustBundle.from_pem(bundle_pem), registry=registry)
         await store.start()
-        self._renewal = asyncio.create_task(store.run())
-        return store
+        workload, renewal = store, asyncio.create_task(store.run())
+    if str(workload.identity) != cfg.name:
+        if renewal is not None:
+            renewal.cancel()
+        raise ConfigError(f"identity.name is {cfg.name} but the certificate names "
+                          f"{workload.identity}")
+    return workload, renewal
 
-    def _discovery(self, workload: _Workload) -> Discovery:
+
+async def listen(factory: Callable[[], asyncio.BaseProtocol], address: str, what: str
+                 ) -> asyncio.AbstractServer:
+    """A listener on HOST:PORT, shared with other workers (SO_REUSEPORT)."""
+    host, port = split_address(address)
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.create_server(factory, host, port, reuse_port=True, backlog=1024)
+    except OSError as e:
+        raise ConfigError(f"{what} listener cannot bind {address}: {e.strerror or e}") from e
+
+
+async def serve_admin(app: web.Application, address: str) -> web.AppRunner:
+    """Serve the admin application (``/metrics``, ``/ready``, ``/live``) on HOST:PORT."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    host, port = split_address(address)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        await runner.cleanup()
+        raise ConfigError(f"admin listener cannot bind {address}: {e.strerror or e}") from e
+    await web.SockSite(runner, sock).start()
+    return runner
+
+
+class Proxy:
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.metrics = ProxyMetrics()
+        self.flows = self.metrics.flows()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.admin: web.AppRunner | None = None
+        self.workload: Workload | None = None
+        self._renewal: asyncio.Task[None] | None = None
+        self._trimmer: asyncio.Task[None] | None = None
+        self.ready = False
+        self.discovery: Discovery | None = None
+        self.outbound: Outbound | None = None
+        self.redirected: set[str] = set()
+        self._streams: list[ControlStream] = []
+
+    def _discovery(self, workload: Workload) -> Discovery:
         dest = self.config.destination
         if dest is not None:
             from mesh.discovery.client import WatchDiscovery
@@ -103,7 +139,7 @@ class Proxy:
             return StaticDiscovery.empty()
         return StaticDiscovery.load(self.config.discovery)
 
-    def _control_identity(self, workload: _Workload) -> Identity:
+    def _control_identity(self, workload: Workload) -> Identity:
         dest = self.config.destination
         assert dest is not None
         if dest.server_identity:
@@ -111,7 +147,7 @@ class Proxy:
         me = workload.identity
         return service_identity(me.trust_domain, me.control_ns)
 
-    def _policy(self, workload: _Workload) -> PolicyWatch | None:
+    def _policy(self, workload: Workload) -> PolicyWatch | None:
         dest, pod = self.config.destination, self.config.workload
         if dest is None or pod is None:
             return None
@@ -126,27 +162,20 @@ class Proxy:
 
     async def _listen(self, factory: Callable[[], asyncio.BaseProtocol], address: str,
                       what: str) -> None:
-        host, port = split_address(address)
-        loop = asyncio.get_running_loop()
-        try:
-            server = await loop.create_server(factory, host, port, reuse_port=True,
-                                              backlog=1024)
-        except OSError as e:
-            raise ConfigError(f"{what} listener cannot bind {address}: {e.strerror or e}") from e
-        self.servers.append(server)
+        self.servers.append(await listen(factory, address, what))
 
     async def start(self) -> None:
-        self.workload = await self._identity()
+        self.workload, self._renewal = await load_workload(self.config.identity,
+                                                           self.metrics.registry)
         workload = self.workload
-        if str(workload.identity) != self.config.identity.name:
-            raise ConfigError(f"identity.name is {self.config.identity.name} but the "
-                              f"certificate names {workload.identity}")
         discovery = self._discovery(workload)
         policy = self._policy(workload)
         inbound = Inbound(InboundPolicy(app_host=self.config.inbound.app_host,
                                         authorized=frozenset(self.config.inbound.authorized),
                                         header_timeout=self.config.detect_timeout.total_seconds(),
-                                        ports=policy.for_port if policy else None),
+                                        ports=policy.for_port if policy else None,
+                                        trusted_gateways=tuple(
+                                            self.config.inbound.trusted_gateways)),
                           workload.server_context, self.metrics, self.flows)
         out_cfg = self.config.outbound
         http = HttpOutbound(Pool(workload.client_context,
@@ -199,19 +228,7 @@ class Proxy:
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/live", self._live)
         app.router.add_get("/endpoints", self._endpoints)
-        self.admin = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self.admin.setup()
-        host, port = split_address(self.config.admin.listen)
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as e:
-            sock.close()
-            raise ConfigError(f"admin listener cannot bind {self.config.admin.listen}: "
-                              f"{e.strerror or e}") from e
-        await web.SockSite(self.admin, sock).start()
+        self.admin = await serve_admin(app, self.config.admin.listen)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=exposition(self.metrics.registry),

@@ -203,16 +203,33 @@ class Outbound:
             await asyncio.wait_for(loop.create_connection(lambda: flow.server, host, port),
                                    self.connect_timeout)
             return labels
-        expected = Identity.parse(endpoint.identity)
-        transport, _ = await asyncio.wait_for(loop.create_connection(
-            lambda: flow.server, host, port, ssl=self.client_context(),
-            server_hostname=endpoint.identity, ssl_handshake_timeout=self.connect_timeout),
-            self.connect_timeout)
-        check_peer(transport.get_extra_info("ssl_object"), expected=expected, side="server",
-                   peer=endpoint.address)
+        expected = await dial_proxy(flow.server, endpoint,
+                                    TransportHeader(port=endpoint.target_port,
+                                                    name=service.name),
+                                    context=self.client_context(),
+                                    timeout=self.connect_timeout)
         labels["server_id"] = str(expected)
-        transport.write(TransportHeader(port=endpoint.target_port, name=service.name).encode())
         return labels
+
+
+async def dial_proxy(upstream: Half, endpoint: EndpointSpec, header: TransportHeader, *,
+                     context: ssl.SSLContext, timeout: float) -> Identity:
+    """Open mTLS to a meshed endpoint's proxy with `upstream` as the protocol, check that
+    it presents the endpoint's identity, and send `header`; returns that identity.
+
+    On failure `upstream.transport`, if set, is the caller's to close.
+    """
+    if endpoint.identity is None:
+        raise IdentityError(f"endpoint {endpoint.address} has no identity: it is not meshed")
+    host, port = endpoint.host_port
+    expected = Identity.parse(endpoint.identity)
+    transport, _ = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+        lambda: upstream, host, port, ssl=context, server_hostname=endpoint.identity,
+        ssl_handshake_timeout=timeout), timeout)
+    check_peer(transport.get_extra_info("ssl_object"), expected=expected, side="server",
+               peer=endpoint.address)
+    transport.write(header.encode())
+    return expected
 
 
 class _Accepted(Half):

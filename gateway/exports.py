@@ -1,0 +1,237 @@
+"""What the gateway lets through: the exported Services of its cluster, their meshed
+endpoints, and the pod-port policies that say which callers may reach them.
+
+`Exports` is fed watch events as plain dicts (Services, EndpointSlices, Pods and
+the policy.meshgate.io resources) and answers, without I/O, the two questions
+each connection asks:
+
+- `route`: the Service the transport header names exists, carries the exported
+  label, and is not a mirror reached from another gateway (a loop); and who the
+  caller is: the mTLS peer, or the caller a trusted gateway forwarded in field
+  100 (`mesh.proxy.inbound.caller_of`, the rule inbound proxies apply);
+- `choose`: a meshed endpoint of that Service port (balanced), the Pod behind
+  it, and whether that Pod port's `PortPolicy` admits the caller.
+
+Each refusal is a `Refused` with a `Reason`, which the gateway counts and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from mesh.authz import AccessPolicy, Decision
+from mesh.control.policy import PolicyIndex
+from mesh.control.policy_api import port_names
+from mesh.discovery.index import (
+    Change,
+    DestinationIndex,
+    ObjKey,
+    ServiceRemoved,
+    ServiceUpdated,
+)
+from mesh.identity.names import Identity
+from mesh.informer import DELETED, Obj
+from mesh.proxy.balancer import Balancer, EndpointState, Pick
+from mesh.proxy.discovery import ServiceSpec, split_host_port
+from mesh.proxy.inbound import BadCaller, Caller, ForgedCaller, caller_of, is_trusted_gateway
+from mesh.proxy.transport_header import TransportHeader
+
+log = logging.getLogger(__name__)
+
+MIRRORED_LABEL = "mirror.meshgate.io/mirrored-service"
+"""Set to "true" on the local mirror of a remote cluster's Service."""
+
+
+class Reason(StrEnum):
+    """Why the gateway closed a connection: the ``reason`` label of gateway_refused."""
+
+    TLS_HANDSHAKE = "tls-handshake"
+    NO_TRANSPORT_ALPN = "no-transport-alpn"
+    NO_IDENTITY = "no-identity"
+    BAD_HEADER = "bad-header"
+    HEADER_TIMEOUT = "header-timeout"
+    FORGED_CALLER = "forged-caller"
+    """Field 100 from a peer that is not a trusted gateway."""
+    BAD_CALLER = "bad-caller"
+    """Field 100 from a trusted gateway that is not an identity name."""
+    UNKNOWN_SERVICE = "unknown-service"
+    UNKNOWN_PORT = "unknown-port"
+    NOT_EXPORTED = "not-exported"
+    LOOP = "loop"
+    """A gateway forwarding to a mirror Service, that is to yet another gateway."""
+    NO_ENDPOINTS = "no-endpoints"
+    UNAUTHORIZED = "unauthorized"
+    CONNECT_FAILED = "connect-failed"
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: Reason
+    detail: str
+    target: str = ""
+    """``name:port`` as the header gave it, for logs (never a metric label)."""
+    service: str = ""
+    """The target Service's name once it is known to exist: the dst_service label."""
+    caller: str = ""
+
+
+@dataclass(frozen=True)
+class Route:
+    """A connection the gateway may forward, before an endpoint is chosen."""
+
+    service: ServiceSpec
+    key: ObjKey
+    """The Service's (namespace, name)."""
+    caller: Caller
+
+    @property
+    def target(self) -> str:
+        return f"{self.service.name}:{self.service.host_port[1]}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """The endpoint chosen for a route; report the attempt's outcome on `pick`."""
+
+    pick: Pick
+    pod: ObjKey
+    decision: Decision
+
+
+class Exports:
+    def __init__(self, identity: Identity, *, cluster_domain: str = "cluster.local",
+                 exported_label: str = "mirror.meshgate.io/exported=true",
+                 trusted_gateways: Sequence[str] = (),
+                 default_policy: AccessPolicy = AccessPolicy.ALL_AUTHENTICATED) -> None:
+        self.identity = identity
+        self.cluster_domain = cluster_domain.rstrip(".")
+        key, _, value = exported_label.partition("=")
+        self.exported = (key, value)
+        self.trusted_gateways = tuple(trusted_gateways)
+        self.index = DestinationIndex(trust_domain=identity.trust_domain,
+                                      cluster_domain=self.cluster_domain,
+                                      control_ns=identity.control_ns)
+        self.policy = PolicyIndex(identity.trust_domain, default_policy=default_policy,
+                                  control_ns=identity.control_ns)
+        self._services: dict[ObjKey, Obj] = {}
+        self._pods: dict[ObjKey, Obj] = {}
+        self._balancers: dict[tuple[str, int], Balancer] = {}
+        """(service name, service port) -> a balancer over its meshed endpoints."""
+
+    # -- feeding ---------------------------------------------------------------------
+
+    def service_event(self, event: str, obj: Obj) -> None:
+        _remember(self._services, event, obj)
+        self._apply(self.index.service_event(event, obj))
+
+    def slice_event(self, event: str, obj: Obj) -> None:
+        self._apply(self.index.slice_event(event, obj))
+
+    def pod_event(self, event: str, obj: Obj) -> None:
+        _remember(self._pods, event, obj)
+        self._apply(self.index.pod_event(event, obj))
+
+    def policy_event(self, kind: str, event: str, obj: Obj) -> None:
+        self.policy.apply(kind, event, obj)  # logs the resources it must ignore
+
+    def _apply(self, changes: list[Change]) -> None:
+        for change in changes:
+            if isinstance(change, ServiceUpdated):
+                spec = change.service
+                key = (spec.name, spec.host_port[1])
+                balancer = self._balancers.get(key)
+                if balancer is None:
+                    balancer = self._balancers[key] = Balancer(service=spec.name)
+                # The caller's identity travels only over mTLS: unmeshed endpoints are out.
+                balancer.update([ep for ep in spec.endpoints if ep.meshed])
+            elif isinstance(change, ServiceRemoved):
+                self._balancers.pop((change.name, split_host_port(change.address)[1]), None)
+
+    # -- deciding --------------------------------------------------------------------
+
+    def is_gateway(self, peer: str) -> bool:
+        """A peer that forwards for others: a trusted gateway, or this gateway itself."""
+        return peer == str(self.identity) or is_trusted_gateway(peer, self.trusted_gateways)
+
+    def route(self, peer: str, header: TransportHeader) -> Route | Refused:
+        """May `peer` reach what `header` names, and as which caller."""
+        name = header.name.lower().rstrip(".")
+        target = f"{name or '-'}:{header.port}"
+        try:
+            caller = caller_of(peer, header.caller, self.trusted_gateways)
+        except ForgedCaller as e:
+            return Refused(Reason.FORGED_CALLER, str(e), target, caller=peer)
+        except BadCaller as e:
+            return Refused(Reason.BAD_CALLER, str(e), target, caller=peer)
+        who = caller.identity
+        key = self.service_key(name)
+        svc = self._services.get(key) if key is not None else None
+        if key is None or svc is None:
+            why = (f"no Service {name} in this cluster" if name else
+                   "the transport header names no service")
+            return Refused(Reason.UNKNOWN_SERVICE, why, target, caller=who)
+        labels = (svc.get("metadata") or {}).get("labels") or {}
+        if labels.get(MIRRORED_LABEL) == "true" and self.is_gateway(peer):
+            return Refused(Reason.LOOP, f"gateway {peer} forwards to {name}, a mirror of a "
+                           "remote Service, which would reach yet another gateway", target,
+                           service=name, caller=who)
+        label_key, label_value = self.exported
+        if labels.get(label_key) != label_value:
+            return Refused(Reason.NOT_EXPORTED, f"Service {key[0]}/{key[1]} lacks the label "
+                           f"{label_key}={label_value}", target, service=name, caller=who)
+        spec = self.index.by_name(name, header.port)
+        if spec is None:
+            return Refused(Reason.UNKNOWN_PORT, f"Service {key[0]}/{key[1]} has no TCP port "
+                           f"{header.port} with a cluster IP", target, service=name, caller=who)
+        return Route(spec, key, caller)
+
+    def choose(self, route: Route, *, avoid: Collection[EndpointState] = ()
+               ) -> Target | Refused:
+        """An endpoint for `route` whose Pod port admits the caller; `avoid` holds the
+        endpoints this connection tried already."""
+        spec, who = route.service, route.caller.identity
+        balancer = self._balancers.get((spec.name, spec.host_port[1]))
+        pick = balancer.pick(avoid=avoid) if balancer is not None else None
+        if pick is None:
+            return Refused(Reason.NO_ENDPOINTS, f"{spec.name} has no ready meshed endpoint",
+                           route.target, service=spec.name, caller=who)
+        endpoint = pick.endpoint.spec
+        pod_key = self.index.endpoint_pod(route.key, endpoint)
+        pod = self._pods.get(pod_key) if pod_key is not None else None
+        if pod_key is None or pod is None:
+            pick.released()
+            return Refused(Reason.NO_ENDPOINTS, f"endpoint {endpoint.address} of {spec.name} "
+                           "is no Pod the gateway knows, so its policy cannot be read",
+                           route.target, service=spec.name, caller=who)
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        policy = self.policy.for_port(pod_key[0], labels, endpoint.target_port,
+                                      port_names=port_names(pod))
+        decision = policy.allows(who)
+        if not decision.allowed:
+            pick.released()
+            return Refused(Reason.UNAUTHORIZED, f"pod {pod_key[0]}/{pod_key[1]} port "
+                           f"{endpoint.target_port}: {decision.reason}", route.target,
+                           service=spec.name, caller=who)
+        return Target(pick, pod_key, decision)
+
+    def service_key(self, name: str) -> ObjKey | None:
+        """(namespace, name) of ``<svc>.<ns>.svc.<cluster-domain>``; None for other names."""
+        suffix = f".svc.{self.cluster_domain}"
+        if not name.endswith(suffix):
+            return None
+        svc, dot, ns = name.removesuffix(suffix).partition(".")
+        if not dot or not svc or not ns or "." in ns:
+            return None
+        return ns, svc
+
+
+def _remember(store: dict[ObjKey, Obj], event: str, obj: Obj) -> None:
+    meta = obj.get("metadata") or {}
+    key = (str(meta.get("namespace") or ""), str(meta.get("name")))
+    if event == DELETED:
+        store.pop(key, None)
+    else:
+        store[key] = obj

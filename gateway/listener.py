@@ -1,0 +1,123 @@
+"""The gateway's listener (4143): each connection from a linked cluster's proxy is
+taken through the steps every mesh listener shares (`MeshListener`: mTLS from any
+identity of the trust bundle, ALPN, transport header), routed and authorized by
+`Exports`, then re-originated over mTLS to the chosen endpoint's proxy with the
+gateway's own identity and a header carrying the caller (field 100), and relayed.
+
+Every refusal closes that connection alone, is counted in
+``gateway_refused{reason}`` and logged in one line naming the peer, the caller
+and the target.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable
+
+from gateway.exports import Exports, Reason, Refused, Route, Target
+from mesh.errors import IdentityError
+from mesh.identity.names import Identity
+from mesh.metrics import GatewayMetrics
+from mesh.proxy.balancer import EndpointState
+from mesh.proxy.inbound import MeshConnection, MeshListener
+from mesh.proxy.outbound import CONNECT_ATTEMPTS, dial_proxy
+from mesh.proxy.relay import Labels
+from mesh.proxy.transport_header import TransportHeader
+
+log = logging.getLogger("gateway")
+
+
+class GatewayListener(MeshListener):
+    def __init__(self, exports: Exports, metrics: GatewayMetrics, *,
+                 server_context: Callable[[], ssl.SSLContext],
+                 client_context: Callable[[], ssl.SSLContext],
+                 connect_timeout: float, handshake_timeout: float,
+                 header_timeout: float) -> None:
+        super().__init__(server_context, metrics.flows(), handshake_timeout=handshake_timeout,
+                         header_timeout=header_timeout)
+        self.exports = exports
+        self.metrics = metrics
+        self.client_context = client_context
+        self.connect_timeout = connect_timeout
+
+    def refuse(self, peer: str, cause: str, *, identity: str = "",
+               exc: BaseException | None = None) -> None:
+        self._refused(peer, identity, Refused(Reason(cause), str(exc or "-"), caller=identity))
+
+    def _refused(self, peer: str, peer_id: str, refused: Refused) -> None:
+        self.metrics.refused.labels(refused.reason, refused.service, refused.caller).inc()
+        log.info("gateway connection refused peer=%s identity=%s caller=%s target=%s "
+                 "reason=%s detail=%s", peer, peer_id or "-", refused.caller or "-",
+                 refused.target or "-", refused.reason, refused.detail)
+
+    async def serve(self, conn: MeshConnection) -> None:
+        header = await self.read_header(conn)
+        if header is None:
+            return
+        peer_id = str(conn.identity)
+        route = self.exports.route(peer_id, header)
+        if isinstance(route, Refused):
+            conn.tls.close()
+            self._refused(conn.peer, peer_id, route)
+            return
+        flow = conn.client.flow
+        tried: list[EndpointState] = []
+        failure = ""
+        for _attempt in range(CONNECT_ATTEMPTS):
+            target = self.exports.choose(route, avoid=tried)
+            if isinstance(target, Refused):
+                conn.tls.close()
+                self._refused(conn.peer, peer_id, target)
+                return
+            tried.append(target.pick.endpoint)
+            endpoint = target.pick.endpoint.spec
+            started = time.monotonic()
+            try:
+                server_id = await dial_proxy(
+                    flow.server, endpoint,
+                    TransportHeader(port=endpoint.target_port, name=route.service.name,
+                                    protocol=header.protocol, caller=route.caller.identity),
+                    context=self.client_context(), timeout=self.connect_timeout)
+            except (OSError, TimeoutError, ssl.SSLError, IdentityError) as e:
+                target.pick.failed()
+                if flow.server.transport is not None:
+                    flow.server.transport.close()
+                flow.server.transport = None
+                failure = f"{endpoint.address} ({endpoint.identity}): {type(e).__name__}: {e}"
+                log.info("gateway upstream failed peer=%s caller=%s target=%s endpoint=%s "
+                         "cause=%s", conn.peer, route.caller.identity, route.target,
+                         endpoint.address, e)
+                if flow.closed:
+                    return
+                continue
+            target.pick.succeeded(time.monotonic() - started)
+            if flow.closed:  # the caller left while the endpoint was being dialled
+                if flow.server.transport is not None:
+                    flow.server.transport.close()
+                return
+            self._relay(conn, route, target, server_id)
+            return
+        conn.tls.close()
+        self._refused(conn.peer, peer_id, Refused(
+            Reason.CONNECT_FAILED, f"no endpoint answered after {CONNECT_ATTEMPTS} attempts; "
+            f"last: {failure}", route.target, service=route.service.name,
+            caller=route.caller.identity))
+
+    def _relay(self, conn: MeshConnection, route: Route, target: Target,
+               server_id: Identity) -> None:
+        flow = conn.client.flow
+        caller, service = route.caller.identity, route.service.name
+        endpoint = target.pick.endpoint.spec
+        common = {"direction": "gateway", "tls": "true", "client_id": caller,
+                  "target_addr": endpoint.address, "dst_service": service}
+        src: Labels = {**common, "peer": "src", "server_id": str(self.exports.identity)}
+        dst: Labels = {**common, "peer": "dst", "server_id": str(server_id)}
+        flow.labels, flow.upstream_labels = src, dst
+        self.flows.open(src)
+        self.flows.open(dst)
+        self.metrics.requests.labels(service, caller).inc()
+        conn.client.start_relaying()
+        flow.server.start_relaying()
+

@@ -1,0 +1,135 @@
+"""``meshgate gateway run``: one gateway process and its admin server.
+
+The gateway loads its workload identity as a proxy does (files or the identity
+service), reads its cluster through informers on Services, EndpointSlices,
+Pods and the policy resources (the same feeds as the control plane's
+destination and policy APIs), listens for linked clusters' proxies (4143) and
+serves ``/ready``, ``/live`` and ``/metrics`` (4191). ``/ready`` answers 200
+once the identity is loaded and every informer has listed the cluster: a
+mirror's probe then knows the gateway can route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from aiohttp import web
+
+from gateway.exports import Exports
+from gateway.listener import GatewayListener
+from mesh.config import GatewayConfig
+from mesh.control.policy_api import watch_policy_resources
+from mesh.discovery.server import watch_destinations
+from mesh.identity.names import Identity
+from mesh.informer import Informer
+from mesh.kube import api_client
+from mesh.memory import return_freed_memory
+from mesh.metrics import GatewayMetrics, exposition
+from mesh.proxy.main import Workload, listen, load_workload, serve_admin
+
+log = logging.getLogger("gateway")
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self.kube = api_client(config.kubeconfig)  # a kubeconfig that cannot be used: here
+        self.exports = Exports(Identity.parse(config.identity.name),
+                               cluster_domain=config.cluster_domain,
+                               exported_label=config.exported_label,
+                               trusted_gateways=config.trusted_gateways,
+                               default_policy=config.default_policy)
+        self.workload: Workload | None = None
+        self.informers: list[Informer] = []
+        self.servers: list[asyncio.AbstractServer] = []
+        self.admin: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.workload is not None and bool(self.informers) and all(
+            informer.synced for informer in self.informers)
+
+    async def start(self) -> None:
+        self.workload, renewal = await load_workload(self.config.identity,
+                                                     self.metrics.registry)
+        if renewal is not None:
+            self._tasks.append(renewal)
+        workload = self.workload
+        loop = asyncio.get_running_loop()
+        exports = self.exports
+        self.informers = watch_destinations(self.kube, loop, pods=exports.pod_event,
+                                            slices=exports.slice_event,
+                                            services=exports.service_event)
+        self.informers += watch_policy_resources(self.kube, loop, exports.policy_event)
+        cfg = self.config
+        listener = GatewayListener(
+            exports, self.metrics, server_context=workload.server_context,
+            client_context=workload.client_context,
+            connect_timeout=cfg.connect_timeout.total_seconds(),
+            handshake_timeout=cfg.handshake_timeout.total_seconds(),
+            header_timeout=cfg.header_timeout.total_seconds())
+        self.servers.append(await listen(listener.protocol, cfg.listen, "gateway"))
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/ready", self._ready)
+        app.router.add_get("/live", self._live)
+        self.admin = await serve_admin(app, cfg.admin)
+        self._tasks.append(asyncio.create_task(return_freed_memory()))
+        log.info("gateway started identity=%s listen=%s admin=%s exported=%s "
+                 "trusted_gateways=%s", workload.identity, cfg.listen, cfg.admin,
+                 cfg.exported_label, ",".join(cfg.trusted_gateways) or "-")
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        if self.ready:
+            return web.Response(text="ready\n")
+        waiting = [inf.kind for inf in self.informers if not inf.synced]
+        why = ("the identity is not loaded" if self.workload is None else
+               f"the cluster has not been read yet ({', '.join(waiting)}; are the policy "
+               "CRDs installed?)")
+        return web.Response(text=f"not ready: {why}\n", status=503)
+
+    async def _live(self, request: web.Request) -> web.Response:
+        return web.Response(text="live\n")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=exposition(self.metrics.registry),
+                            content_type="text/plain", charset="utf-8")
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        for task in self._tasks:
+            task.cancel()
+        for informer in self.informers:
+            informer.stop(timeout=1.0)
+        if self.admin is not None:
+            await self.admin.cleanup()
+
+
+def run(config: GatewayConfig, *, loop: str = "uvloop") -> None:
+    """Run the gateway until SIGINT or SIGTERM."""
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.install()
+    gateway = Gateway(config)  # the kubeconfig is checked here
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        ev = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            ev.add_signal_handler(sig, stop.set)
+        try:
+            await gateway.start()
+            print(f"gateway {gateway.exports.identity} listening on {config.listen} "
+                  f"(pid {os.getpid()})", flush=True)
+            await stop.wait()
+        finally:
+            await gateway.stop()
+
+    asyncio.run(main())
