@@ -50,6 +50,7 @@ from mesh.authz import (
     field_reasons,
 )
 from mesh.identity.names import DEFAULT_CONTROL_NS, Identity, InvalidName, check_trust_domain
+from mesh.selector import LabelSelector
 
 log = logging.getLogger(__name__)
 
@@ -72,36 +73,6 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
 
-class _Expression(_Spec):
-    key: str = Field(min_length=1)
-    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
-    values: tuple[str, ...] = ()
-
-    @model_validator(mode="after")
-    def _values_fit_operator(self) -> _Expression:
-        if self.operator in ("In", "NotIn") and not self.values:
-            raise ValueError(f"values must not be empty when operator is {self.operator}")
-        if self.operator in ("Exists", "DoesNotExist") and self.values:
-            raise ValueError(f"values must be empty when operator is {self.operator}")
-        return self
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        if self.operator == "In":
-            return labels.get(self.key) in self.values
-        if self.operator == "NotIn":
-            return labels.get(self.key) not in self.values
-        return (self.key in labels) == (self.operator == "Exists")
-
-
-class _Selector(_Spec):
-    match_labels: dict[str, str] = Field(default_factory=dict, alias="matchLabels")
-    match_expressions: tuple[_Expression, ...] = Field((), alias="matchExpressions")
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        return (all(labels.get(k) == v for k, v in self.match_labels.items())
-                and all(e.matches(labels) for e in self.match_expressions))
-
-
 def _port(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
         if not 1 <= value <= 65535:
@@ -116,7 +87,7 @@ def _port(value: Any) -> Any:
 
 
 class _ServerSpec(_Spec):
-    pod_selector: _Selector = Field(alias="podSelector")
+    pod_selector: LabelSelector = Field(alias="podSelector")
     port: Annotated[int | str, BeforeValidator(_port)]
     proxy_protocol: ProxyProtocol = Field(ProxyProtocol.UNKNOWN, alias="proxyProtocol")
     access_policy: AccessPolicy = Field(AccessPolicy.DENY, alias="accessPolicy")
