@@ -26,17 +26,10 @@ import yaml
 
 from mesh.errors import MeshError
 from mesh.identity.names import Identity
-from mirror.link import (
-    API_VERSION,
-    CREDENTIALS_SECRET_KEY,
-    CREDENTIALS_SECRET_TYPE,
-    FINALIZER,
-    GROUP,
-    KIND,
-    PLURAL,
-    VERSION,
-)
-from mirror.mirrors import CLUSTER_LABEL, MIRRORED_LABEL, SERVICE_NAME_LABEL
+
+# mirror.link and mirror.mirrors are imported where they are used: `meshgate` builds
+# this command's parser for every sub-command, the proxy's included, which must not
+# load the kubernetes client.
 
 READER = "meshgate-mirror-reader"
 """The ServiceAccount, ClusterRole and binding that linked clusters read through."""
@@ -83,6 +76,7 @@ def _link(args: argparse.Namespace) -> int:
     from kubernetes import client
 
     from mesh.kube import api_client
+    from mirror.link import API_VERSION, CREDENTIALS_SECRET_KEY, CREDENTIALS_SECRET_TYPE, KIND
 
     with api_client(args.kubeconfig) as api:
         token = _reader_token(client.CoreV1Api(api), client.RbacAuthorizationV1Api(api))
@@ -174,6 +168,8 @@ def _unlink(args: argparse.Namespace) -> int:
     from kubernetes.client.rest import ApiException
 
     from mesh.kube import MERGE_PATCH, api_client
+    from mirror.link import FINALIZER, GROUP, PLURAL, VERSION
+    from mirror.mirrors import CLUSTER_LABEL, MIRRORED_LABEL, SERVICE_NAME_LABEL
 
     removed: list[str] = []
     with api_client(args.kubeconfig) as api:

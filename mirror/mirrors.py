@@ -18,26 +18,29 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mesh.discovery.index import (
+    CLUSTER_LABEL,
+    GATEWAY_IDENTITY_ANNOTATION,
+    MANAGED_BY_LABEL,
+    MIRROR_MANAGER,
+    REMOTE_NAME_ANNOTATION,
+    SERVICE_NAME_LABEL,
+)
 from mirror.link import LinkSpec
 
 Obj = Mapping[str, Any]
 
+# The keys the destination index reads from a mirror's EndpointSlices are the index's.
 PREFIX = "mirror.meshgate.io/"
 MIRRORED_LABEL = PREFIX + "mirrored-service"
-CLUSTER_LABEL = PREFIX + "cluster-name"
 REMOTE_DISCOVERY_LABEL = PREFIX + "remote-discovery"
 """On mirrors whose endpoints are discovered in the remote cluster, not at its gateway."""
 REMOTE_SERVICE_LABEL = PREFIX + "remote-service"
 REMOTE_VERSION_ANNOTATION = PREFIX + "remote-resource-version"
-REMOTE_FQ_NAME_ANNOTATION = PREFIX + "remote-svc-fq-name"
+REMOTE_FQ_NAME_ANNOTATION = REMOTE_NAME_ANNOTATION
 FULL_NAME_ANNOTATION = PREFIX + "full-mirror-name"
 """The name `<service>-<cluster>` a mirror would have had, when it had to be shortened."""
-GATEWAY_IDENTITY_ANNOTATION = PREFIX + "remote-gateway-identity"
-"""On a mirror's EndpointSlices: the TLS identity the gateway endpoints present."""
-
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
-MANAGED_BY = "mirror.meshgate.io"
+MANAGED_BY = MIRROR_MANAGER
 
 MAX_NAME = 63
 _HASH_CHARS = 8

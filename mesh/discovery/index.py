@@ -41,6 +41,13 @@ log = logging.getLogger(__name__)
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 INBOUND_PORT_ANNOTATION = "meshgate.io/inbound-port"
 OPAQUE_PORTS_ANNOTATION = "config.meshgate.io/opaque-ports"
+# What the mirror controller (mirror/) puts on the EndpointSlices of a mirror Service,
+# whose endpoints are a linked cluster's gateway.
+MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
+MIRROR_MANAGER = "mirror.meshgate.io"
+CLUSTER_LABEL = "mirror.meshgate.io/cluster-name"
+GATEWAY_IDENTITY_ANNOTATION = "mirror.meshgate.io/remote-gateway-identity"
+REMOTE_NAME_ANNOTATION = "mirror.meshgate.io/remote-svc-fq-name"
 
 Obj = Mapping[str, Any]
 ObjKey = tuple[str, str]
@@ -252,7 +259,8 @@ class DestinationIndex:
             try:
                 built = ServiceSpec(name=name, address=_join(vip, number),
                                     opaque=number in opaque,
-                                    endpoints=self._endpoints(key, port.get("name") or ""))
+                                    endpoints=self._endpoints(key, port.get("name") or "",
+                                                              number))
             except ValidationError as e:
                 log.warning("service port skipped service=%s/%s port=%d cause=%s", key[0],
                             key[1], number, _one_line(e))
@@ -260,7 +268,8 @@ class DestinationIndex:
             out[canonical_address(vip, number)] = built
         return out
 
-    def _endpoints(self, key: ObjKey, port_name: str) -> list[EndpointSpec]:
+    def _endpoints(self, key: ObjKey, port_name: str, service_port: int
+                   ) -> list[EndpointSpec]:
         found: dict[tuple[str, int], EndpointSpec] = {}
         slices = self._slices.get(key, {})
         for slice_name in sorted(slices):
@@ -268,8 +277,10 @@ class DestinationIndex:
             target = _slice_port(slice_obj, port_name)
             if target is None:
                 continue  # these endpoints do not serve this Service port
+            gateway = _gateway_of(slice_obj, key)
             for ep in slice_obj.get("endpoints") or []:
-                built = self._endpoint(key, slice_name, ep, target)
+                built = (self._endpoint(key, slice_name, ep, target) if gateway is None else
+                         _through_gateway(gateway, ep, target, service_port, key, slice_name))
                 if built is not None:
                     found.setdefault((built.address, built.target_port), built)
         return [found[k] for k in sorted(found)]
@@ -307,6 +318,50 @@ class DestinationIndex:
             log.warning("endpoint skipped service=%s/%s slice=%s address=%s cause=%s", key[0],
                         key[1], slice_name, host, _one_line(e))
             return None
+
+
+@dataclass(frozen=True)
+class _Gateway:
+    """A mirror Service's slice: its endpoints are a linked cluster's gateway."""
+
+    identity: str
+    cluster: str
+    remote_name: str
+
+
+def _gateway_of(slice_obj: Obj, key: ObjKey) -> _Gateway | None:
+    """The gateway behind a slice the mirror controller wrote, else None. Only slices
+    managed by the mirror controller are trusted to name a gateway identity."""
+    meta = slice_obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if labels.get(MANAGED_BY_LABEL) != MIRROR_MANAGER:
+        return None
+    annotations = meta.get("annotations") or {}
+    identity = annotations.get(GATEWAY_IDENTITY_ANNOTATION)
+    remote = annotations.get(REMOTE_NAME_ANNOTATION)
+    if not identity or not remote:
+        log.warning("mirror slice skipped service=%s/%s slice=%s cause=no %s or %s "
+                    "annotation", key[0], key[1], meta.get("name"), GATEWAY_IDENTITY_ANNOTATION,
+                    REMOTE_NAME_ANNOTATION)
+        return None
+    return _Gateway(str(identity), str(labels.get(CLUSTER_LABEL) or ""), str(remote))
+
+
+def _through_gateway(gateway: _Gateway, ep: Obj, gateway_port: int, service_port: int,
+                     key: ObjKey, slice_name: str) -> EndpointSpec | None:
+    """A gateway endpoint: dialled with mTLS as the gateway, and told the remote name
+    and port of the service in the transport header."""
+    if (ep.get("conditions") or {}).get("ready") is False or not ep.get("addresses"):
+        return None
+    host = str(ep["addresses"][0])
+    try:
+        return EndpointSpec(address=_join(host, gateway_port), target_port=service_port,
+                            identity=gateway.identity, cluster=gateway.cluster,
+                            authority=gateway.remote_name)
+    except ValidationError as e:
+        log.warning("endpoint skipped service=%s/%s slice=%s address=%s cause=%s", key[0],
+                    key[1], slice_name, host, _one_line(e))
+        return None
 
 
 def _pod_view(pod: Obj) -> tuple[_PodView, str | None]:

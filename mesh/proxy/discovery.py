@@ -149,6 +149,9 @@ class EndpointSpec(BaseModel):
     zone: str = ""
     cluster: str = ""
     """The cluster the endpoint runs in, when discovery knows it."""
+    authority: str | None = Field(default=None, alias="authorityOverride")
+    """The service name to send in the transport header instead of the service's own:
+    for a linked cluster's gateway, the service's name over there."""
 
     @property
     def host_port(self) -> tuple[str, int]:

@@ -103,7 +103,7 @@ class Pool:
         except IdentityError:
             writer.close()
             raise
-        writer.write(TransportHeader(port=ep.target_port, name=service.name,
+        writer.write(TransportHeader(port=ep.target_port, name=ep.authority or service.name,
                                      protocol=SessionProtocol.HTTP1).encode())
         return Upstream(reader, writer, key, ep.identity), False
 

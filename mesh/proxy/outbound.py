@@ -205,7 +205,7 @@ class Outbound:
             return labels
         expected = await dial_proxy(flow.server, endpoint,
                                     TransportHeader(port=endpoint.target_port,
-                                                    name=service.name),
+                                                    name=endpoint.authority or service.name),
                                     context=self.client_context(),
                                     timeout=self.connect_timeout)
         labels["server_id"] = str(expected)

@@ -193,11 +193,15 @@ def world(cluster: Cluster, trust: Trust) -> Iterator[World]:
         stack.append(lambda: stop_process(gateway.proc))
         port = free_port()
         vips = {name: (f"127.0.2.{i}", port) for i, name in enumerate(
-            ("web", "secret", "admin"), start=10)}
+            ("web", "secret", "admin", "web-west"), start=10)}
+        # web-west is what a mirror looks like to its callers: another name here, and
+        # the gateway told the remote name in the transport header.
+        remote = {"web-west": fqdn("web")}
         discovery = services_file(trust.root / "caller-services.yaml", *(
             {"name": fqdn(name), "address": f"{host}:{vport}", "opaque": True,
              "endpoints": [{"address": f"127.0.0.1:{gateway.listen[1]}", "targetPort": 80,
-                            "identity": GATEWAY}]}
+                            "identity": GATEWAY,
+                            **({"authorityOverride": remote[name]} if name in remote else {})}]}
             for name, (host, vport) in vips.items()))
         caller = start_proxy(trust.root, "caller", {
             "identity": trust.workload("default", "client"), "discovery": str(discovery)})
@@ -248,6 +252,12 @@ def test_a_call_through_the_gateway_reaches_the_app(world: World) -> None:
     assert world.call("web", b"hello gateway") == b"hello gateway"
     big = bytes(range(256)) * 4096  # 1 MiB both ways
     assert call(world.vips["web"], big, timeout=20) == big
+
+
+def test_a_mirror_name_reaches_the_remote_service_by_its_authority_override(
+        world: World) -> None:
+    assert world.call("web-west", b"through the mirror") == b"through the mirror"
+    assert world.gateway.metric("gateway_requests_total", dst_service=fqdn("web")) >= 1
 
 
 def test_the_target_sees_the_caller_not_the_gateway(world: World) -> None:

@@ -332,3 +332,33 @@ def test_client_backoff_is_exponential_capped_and_jittered() -> None:
     with pytest.raises(ConfigError, match="https://"):
         WatchDiscovery("http://127.0.0.1:8086", context=ssl.create_default_context,
                        server_identity=service_identity(DOMAIN))
+
+
+def test_a_mirror_is_reached_through_its_gateway_with_the_remote_name(
+        index: DestinationIndex) -> None:
+    gateway = "meshgate-gateway.meshgate.serviceaccount.identity.meshgate.cluster.local"
+    index.service_event(ADDED, service("web-west", ports=(("http", 80),)))
+    mirror_slice = endpoint_slice("web-west-gw", endpoint("192.0.2.7", None),
+                                  endpoint("192.0.2.8", None, ready=False),
+                                  svc="web-west", ports={"http": 4143})
+    mirror_slice["metadata"]["labels"].update({
+        "endpointslice.kubernetes.io/managed-by": "mirror.meshgate.io",
+        "mirror.meshgate.io/cluster-name": "west"})
+    mirror_slice["metadata"]["annotations"] = {
+        "mirror.meshgate.io/remote-gateway-identity": gateway,
+        "mirror.meshgate.io/remote-svc-fq-name": "web.default.svc.cluster.local"}
+    changes = index.slice_event(ADDED, mirror_slice)
+    spec = updated(changes)[f"{VIP}:80"]
+    assert eps(spec) == [("192.0.2.7:4143", 80, gateway)]  # the not-ready one is left out
+    ep = spec.endpoints[0]
+    assert (ep.cluster, ep.authority) == ("west", "web.default.svc.cluster.local")
+    DiscoveryFile(services=index.services())
+
+    # Only the mirror controller's slices may name a gateway.
+    forged = endpoint_slice("web-west-forged", endpoint("192.0.2.9", None), svc="web-west",
+                            ports={"http": 4143})
+    forged["metadata"]["annotations"] = {
+        "mirror.meshgate.io/remote-gateway-identity": gateway,
+        "mirror.meshgate.io/remote-svc-fq-name": "web.default.svc.cluster.local"}
+    spec = updated(index.slice_event(ADDED, forged))[f"{VIP}:80"]
+    assert ("192.0.2.9:4143", 4143, None) in eps(spec)
