@@ -162,9 +162,11 @@ async def test_snapshot_of_a_service_with_two_ready_pods(
     assert first["services"] == [{
         "name": shop.name, "address": f"{vip}:80", "opaque": False, "endpoints": [
             {"address": "10.244.1.1:4143", "targetPort": 8080, "identity": shop.identity(),
-             "weight": 1, "priority": 0, "zone": "", "cluster": "test"},
+             "weight": 1, "priority": 0, "zone": "", "cluster": "test",
+             "authorityOverride": None},
             {"address": "10.244.1.2:8080", "targetPort": 8080, "identity": None,
-             "weight": 1, "priority": 0, "zone": "", "cluster": "test"}]}]
+             "weight": 1, "priority": 0, "zone": "", "cluster": "test",
+             "authorityOverride": None}]}]
 
 
 async def test_scaling_down_reaches_the_client(
