@@ -226,9 +226,16 @@ class ApiHandler:
     async def _body(self, request: web.Request) -> Any:
         if request.content_length is not None and request.content_length > self.max_body:
             raise ApiError.too_large(self.max_body)
-        raw = await request.content.read(self.max_body + 1)
-        if len(raw) > self.max_body:
-            raise ApiError.too_large(self.max_body)
+        # read(n) returns what has arrived, up to n: a body in several segments
+        # takes several reads.
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.read(65536):
+            size += len(chunk)
+            if size > self.max_body:
+                raise ApiError.too_large(self.max_body)
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         # aiohttp reports a missing Content-Type as octet-stream; kube reads such bodies as JSON.
         ctype = request.content_type if "Content-Type" in request.headers else ""
         if raw and ctype == protobuf.CONTENT_TYPE:

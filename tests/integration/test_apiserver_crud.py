@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
+import socket
+import ssl
+import time
 import uuid
+from urllib.parse import urlsplit
 
 import pytest
 from kubernetes import client
@@ -247,3 +252,25 @@ def test_list_pagination(cluster: Cluster) -> None:
         if not token:
             break
     assert [n for n in names if n.startswith("c")] == [f"c{i}" for i in range(7)]
+
+
+def test_a_body_that_arrives_in_pieces_is_read_whole(cluster: Cluster) -> None:
+    url = urlsplit(cluster.server)
+    body = json.dumps({"apiVersion": "v1", "kind": "ConfigMap",
+                        "metadata": {"name": "in-pieces", "namespace": "default"},
+                        "data": {"big": "x" * 6000}}).encode()
+    head = (f"POST /api/v1/namespaces/default/configmaps HTTP/1.1\r\nHost: {url.netloc}\r\n"
+            f"Authorization: Bearer {cluster.token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    ctx = ssl.create_default_context(cafile=str(cluster.state_dir / "ca.crt"))
+    with socket.create_connection((url.hostname, url.port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=url.hostname) as tls:
+        tls.sendall(head + body[:1000])
+        time.sleep(0.2)  # the rest arrives later, as a slow client's would
+        tls.sendall(body[1000:])
+        reply = b""
+        while chunk := tls.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 201"), reply[:300]
+    status, obj = cluster.raw("GET", "/api/v1/namespaces/default/configmaps/in-pieces")
+    assert status == 200 and obj["data"]["big"] == "x" * 6000
