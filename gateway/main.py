@@ -24,7 +24,7 @@ from mesh.config import GatewayConfig
 from mesh.control.policy_api import watch_policy_resources
 from mesh.discovery.server import watch_destinations
 from mesh.identity.names import Identity
-from mesh.informer import Informer
+from mesh.informer import Informer, all_synced, stop_all
 from mesh.kube import api_client
 from mesh.memory import return_freed_memory
 from mesh.metrics import GatewayMetrics, exposition
@@ -51,8 +51,7 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self.workload is not None and bool(self.informers) and all(
-            informer.synced for informer in self.informers)
+        return self.workload is not None and all_synced(self.informers)
 
     async def start(self) -> None:
         self.workload, renewal = await load_workload(self.config.identity,
@@ -105,8 +104,7 @@ class Gateway:
             server.close()
         for task in self._tasks:
             task.cancel()
-        for informer in self.informers:
-            informer.stop(timeout=1.0)
+        stop_all(self.informers)
         if self.admin is not None:
             await self.admin.cleanup()
 

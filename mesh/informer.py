@@ -249,6 +249,18 @@ class Informer:
                     return
 
 
+def all_synced(informers: list[Informer]) -> bool:
+    """Whether there are informers and every one has listed once."""
+    return bool(informers) and all(inf.synced for inf in informers)
+
+
+def stop_all(informers: list[Informer], timeout: float = 1.0) -> None:
+    """Stop every informer and forget them."""
+    for informer in informers:
+        informer.stop(timeout)
+    informers.clear()
+
+
 class _Gone(Exception):
     pass
 

@@ -40,7 +40,7 @@ from mesh.control.policy import (
 from mesh.discovery.server import CONTENT_TYPE, Subscription, Watch, peer_identity, pump
 from mesh.identity.bundle import TrustBundle
 from mesh.identity.service import Refusal
-from mesh.informer import DELETED, Informer, Obj
+from mesh.informer import DELETED, Informer, Obj, all_synced, stop_all
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,10 @@ class PolicyService:
 
     @property
     def ready(self) -> bool:
-        return bool(self._informers) and all(inf.synced for inf in self._informers)
+        return all_synced(self._informers)
 
     def stop(self) -> None:
-        for informer in self._informers:
-            informer.stop(timeout=1.0)
-        self._informers.clear()
+        stop_all(self._informers)
         for subs in self._subs.values():
             for sub in subs:
                 sub.close()

@@ -53,7 +53,7 @@ from mesh.identity.bundle import TrustBundle
 from mesh.identity.names import Identity, InvalidName
 from mesh.identity.service import Refusal
 from mesh.identity.tls import peer_chain
-from mesh.informer import Handler, Informer
+from mesh.informer import Handler, Informer, all_synced, stop_all
 from mesh.proxy.discovery import ServiceSpec, canonical_address, split_host_port
 
 log = logging.getLogger(__name__)
@@ -201,13 +201,11 @@ class DestinationService:
     @property
     def ready(self) -> bool:
         """Every informer has listed once: the index reflects the cluster."""
-        return bool(self._informers) and all(inf.synced for inf in self._informers)
+        return all_synced(self._informers)
 
     def stop(self) -> None:
         """Stop the informers and end every stream (watchers then reconnect elsewhere)."""
-        for informer in self._informers:
-            informer.stop(timeout=1.0)
-        self._informers.clear()
+        stop_all(self._informers)
         for sub in list(self._subscriptions):
             sub.close()
 
