@@ -11,6 +11,7 @@ routing on what it last knew (DESIGN.md, "Data plane").
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -59,6 +60,12 @@ def split_host_port(text: str) -> tuple[str, int]:
                              f"{port_text}")
         _check_host(host, text)
     return host, _port(port_text, text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_cached(text: str) -> tuple[str, int]:
+    """`split_host_port` of an address already validated, which proxies ask per request."""
+    return split_host_port(text)
 
 
 def _port(port_text: str, text: str) -> int:
@@ -155,7 +162,7 @@ class EndpointSpec(BaseModel):
 
     @property
     def host_port(self) -> tuple[str, int]:
-        return split_host_port(self.address)
+        return _split_cached(self.address)
 
     @property
     def meshed(self) -> bool:
@@ -176,7 +183,7 @@ class ServiceSpec(BaseModel):
 
     @property
     def host_port(self) -> tuple[str, int]:
-        return split_host_port(self.address)
+        return _split_cached(self.address)
 
     @field_validator("endpoints")
     @classmethod

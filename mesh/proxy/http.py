@@ -7,6 +7,15 @@ requests whose body is buffered (under a retry budget, never once response
 bytes have reached the client), and errors answered as 502/503/504 with an
 ``l5d-proxy-error`` header naming the cause. An Upgrade (WebSocket, h2c)
 that the server accepts turns the connection into an opaque relay.
+
+Everything runs in protocol callbacks, as the opaque relay does: the client's
+connection is a `ClientSide`, each request an `Exchange`, each connection to a
+destination proxy an `Upstream`. Bytes are parsed where they arrive and written
+on in the same callback; the only coroutine is opening a new upstream
+connection. What one read brings is written in one go (a small response's head
+and body together), since a write is a system call, the largest cost per
+request. Back-pressure runs both ways: a client that does not read pauses the
+upstream, an upstream that does not read pauses the client.
 """
 
 from __future__ import annotations
@@ -17,8 +26,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from mesh.errors import IdentityError, ProtocolError
 from mesh.identity.names import Identity
@@ -27,6 +35,7 @@ from mesh.metrics import ProxyMetrics
 from mesh.proxy import http1
 from mesh.proxy.balancer import Balancer, EndpointState, Pick
 from mesh.proxy.discovery import EndpointSpec, ServiceSpec
+from mesh.proxy.relay import Flow
 from mesh.proxy.retry import RetryBudget, is_retryable
 from mesh.proxy.transport_header import SessionProtocol, TransportHeader
 
@@ -34,7 +43,6 @@ log = logging.getLogger("mesh.proxy.http")
 
 MAX_RETRY_BODY = 64 * 1024
 IDLE_PER_ENDPOINT = 64
-READ_SIZE = 64 * 1024
 REASONS = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
            400: "Bad Request", 408: "Request Timeout"}
 
@@ -42,9 +50,7 @@ REASONS = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout
 Route = Callable[[str], "tuple[ServiceSpec, Balancer] | None"]
 """An HTTP authority -> the service it names and its balancer, or None."""
 
-
-class HeadTimeout(Exception):
-    """A client started a request head and did not finish it in time (slowloris)."""
+PoolKey = tuple[str, int, int]
 
 
 class UpstreamError(Exception):
@@ -63,12 +69,70 @@ def error_response(status: int, cause: str) -> bytes:
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
 
 
-@dataclass
-class Upstream:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    key: tuple[str, int, int]
-    server_id: str
+class Upstream(asyncio.Protocol):
+    """A connection to a destination proxy (or a plain endpoint), serving one exchange
+    at a time and idling in the `Pool` between them."""
+
+    def __init__(self, key: PoolKey) -> None:
+        self.key = key
+        self.server_id = ""
+        self.transport: asyncio.Transport | None = None
+        self.responses = http1.MessageReader("response")
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def pause_reading(self) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            self.close()  # an idle connection has nothing to say; it cannot be reused
+            return
+        self.responses.receive_data(data)
+        exchange.on_response()
+
+    def eof_received(self) -> bool:
+        self.responses.connection_closed()
+        if self.exchange is not None:
+            self.exchange.on_response()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        self.exchange = None
+        if self.transport is not None:
+            self.transport.close()
 
 
 class Pool:
@@ -78,41 +142,54 @@ class Pool:
                  connect_timeout: float) -> None:
         self.client_context = client_context
         self.connect_timeout = connect_timeout
-        self.idle: dict[tuple[str, int, int], list[Upstream]] = {}
+        self.idle: dict[PoolKey, list[Upstream]] = {}
 
-    async def get(self, service: ServiceSpec, ep: EndpointSpec) -> tuple[Upstream, bool]:
-        """A connection to ``ep`` and whether it was reused from the pool."""
+    @staticmethod
+    def key(ep: EndpointSpec) -> PoolKey:
         host, port = ep.host_port
-        key = (host, port, ep.target_port)
+        return host, port, ep.target_port
+
+    def take(self, key: PoolKey) -> Upstream | None:
+        """An idle connection for `key`, if one is still open."""
         idle = self.idle.get(key)
         while idle:
             up = idle.pop()
-            if not up.writer.is_closing() and not up.reader.at_eof():
-                return up, True
-            up.writer.close()
+            if not up.closed and up.transport is not None and not up.transport.is_closing():
+                return up
+        return None
+
+    async def connect(self, service: ServiceSpec, ep: EndpointSpec) -> Upstream:
+        """A new connection to `ep`: mTLS verifying its identity, then the transport
+        header; plain TCP for an endpoint outside the mesh."""
+        loop = asyncio.get_running_loop()
+        host, port = ep.host_port
+        up = Upstream(self.key(ep))
         if ep.identity is None:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), self.connect_timeout)
-            return Upstream(reader, writer, key, ""), False
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            host, port, ssl=self.client_context(), server_hostname=ep.identity,
+            await asyncio.wait_for(loop.create_connection(lambda: up, host, port),
+                                   self.connect_timeout)
+            return up
+        transport, _ = await asyncio.wait_for(loop.create_connection(
+            lambda: up, host, port, ssl=self.client_context(), server_hostname=ep.identity,
             ssl_handshake_timeout=self.connect_timeout), self.connect_timeout)
         try:
-            check_peer(writer.get_extra_info("ssl_object"), expected=Identity.parse(ep.identity),
-                       side="server", peer=ep.address)
+            check_peer(transport.get_extra_info("ssl_object"),
+                       expected=Identity.parse(ep.identity), side="server", peer=ep.address)
         except IdentityError:
-            writer.close()
+            transport.close()
             raise
-        writer.write(TransportHeader(port=ep.target_port, name=ep.authority or service.name,
-                                     protocol=SessionProtocol.HTTP1).encode())
-        return Upstream(reader, writer, key, ep.identity), False
+        transport.write(TransportHeader(port=ep.target_port, name=ep.authority or service.name,
+                                        protocol=SessionProtocol.HTTP1).encode())
+        up.server_id = ep.identity
+        return up
 
     def put(self, up: Upstream) -> None:
+        up.exchange = None
+        up.resume_reading()  # paused for a slow client, it must hear a peer's close
         idle = self.idle.setdefault(up.key, [])
-        if len(idle) < IDLE_PER_ENDPOINT and not up.writer.is_closing():
+        if len(idle) < IDLE_PER_ENDPOINT and not up.closed:
             idle.append(up)
         else:
-            up.writer.close()
+            up.close()
 
 
 class _Series:
@@ -141,6 +218,9 @@ class _Series:
 
 
 class HttpOutbound:
+    """What every HTTP client connection of one proxy shares: the pool, the retry
+    budgets, the metric children and the settings."""
+
     def __init__(self, pool: Pool, metrics: ProxyMetrics, *, request_timeout: float,
                  own_identity: Callable[[], Identity], head_timeout: float = 10.0) -> None:
         self.pool = pool
@@ -150,98 +230,30 @@ class HttpOutbound:
         self.own_identity = own_identity
         self.budgets: dict[str, RetryBudget] = {}
         self._cache: dict[tuple[str, ...], _Series] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    target: ServiceSpec | Route, balancer: Balancer | None, peer: str) -> None:
-        """Serve one client connection's requests. `target` is the service the client
-        dialled, or, on the outbound listener, a `Route` that finds each request's
-        service from its authority (the Host header)."""
-        requests = http1.MessageReader("request")
-        service = target if isinstance(target, ServiceSpec) else None
-        try:
-            while True:
-                head = await self._next_head(requests, reader)
-                if head is None:
-                    return
-                if not isinstance(target, ServiceSpec):
-                    host = head.values(b"host")
-                    authority = host[0].decode("latin-1") if host else ""
-                    found = target(authority)
-                    if found is None:
-                        self.metrics.protocol_errors.labels("outbound", "no-service").inc()
-                        log.info("outbound request refused peer=%s authority=%s cause=no such "
-                                 "service", peer, authority or "-")
-                        writer.write(error_response(
-                            502, f"no service named {authority or '(no Host header)'} is "
-                            "known to the proxy"))
-                        return
-                    service, balancer = found
-                assert service is not None and balancer is not None
-                budget = self.budgets.setdefault(service.name, RetryBudget())
-                body, complete = await self._read_body_for_retry(requests, reader)
-                keep_going = await self._exchange(head, body, complete, requests, reader, writer,
-                                                  service, balancer, budget, peer)
-                if not keep_going or not requests.keep_alive:
-                    return
-        except ProtocolError as e:
-            self.metrics.protocol_errors.labels("outbound", "bad-request").inc()
-            log.info("outbound request refused peer=%s service=%s cause=%s", peer,
-                     service.name if service else "-", e)
-            with contextlib.suppress(ConnectionError):
-                writer.write(error_response(400, f"malformed request: {e}"))
-        except HeadTimeout as e:
-            self.metrics.protocol_errors.labels("outbound", "head-timeout").inc()
-            log.info("outbound request refused peer=%s service=%s cause=%s", peer,
-                     service.name if service else "-", e)
-            with contextlib.suppress(ConnectionError):
-                writer.write(error_response(408, str(e)))
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+    def serve(self, transport: asyncio.Transport, held: list[bytes], eof: bool,
+              target: ServiceSpec | Route, balancer: Balancer | None, peer: str) -> None:
+        """Take over a client connection whose first bytes (`held`) were read already.
+        `target` is the service the client dialled, or, on the outbound listener, a
+        `Route` that finds each request's service from its authority (the Host header)."""
+        client = ClientSide(self, target, balancer, peer)
+        transport.set_protocol(client)
+        client.connection_made(transport)
+        for data in held:
+            client.requests.receive_data(data)
+        if eof:
+            client.requests.connection_closed()
+        client.advance()
+        client.after_read()
 
-    async def _next_head(self, requests: http1.MessageReader,
-                         reader: asyncio.StreamReader) -> http1.Head | None:
-        """The next request head. An idle keep-alive connection may wait as long as it
-        likes; once a head has started, it must be complete within ``head_timeout``."""
-        started = False
-        while True:
-            event = requests.next_event()
-            if isinstance(event, http1.Head):
-                return event
-            if isinstance(event, http1.ConnectionClosed):
-                return None
-            if not started:
-                await _pull(requests, reader)
-                started = True
-                continue
-            try:
-                async with asyncio.timeout(self.head_timeout):
-                    await _pull(requests, reader)
-            except TimeoutError:
-                raise HeadTimeout(f"the request head was not complete within "
-                                  f"{self.head_timeout:g}s") from None
+    def spawn(self, coro: Any, done: Callable[[asyncio.Task[Any]], None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(done)
 
-    async def _read_body_for_retry(self, requests: http1.MessageReader,
-                                   reader: asyncio.StreamReader) -> tuple[list[bytes], bool]:
-        """Buffer up to MAX_RETRY_BODY of the body; True when all of it is in hand."""
-        parts: list[bytes] = []
-        size = 0
-        while size <= MAX_RETRY_BODY:
-            event = requests.next_event()
-            if isinstance(event, http1.End):
-                return parts, True
-            if isinstance(event, http1.Body):
-                parts.append(event.data)
-                size += len(event.data)
-            elif event is http1.NEED_DATA:
-                await _pull(requests, reader)
-            else:
-                # PAUSED: an upgrade request, whose (absent) body is all in hand.
-                return parts, event is http1.PAUSED
-        return parts, False
-
-    def _series(self, labels: dict[str, str]) -> _Series:
+    def series(self, labels: dict[str, str]) -> _Series:
         """The metric children of one label set, looked up once, not per request."""
         key = tuple(labels.values())
         series = self._cache.get(key)
@@ -251,8 +263,8 @@ class HttpOutbound:
             series = self._cache[key] = _Series(self.metrics, labels)
         return series
 
-    def _labels(self, head: http1.Head, service: ServiceSpec, server_id: str,
-                target: str) -> dict[str, str]:
+    def labels(self, head: http1.Head, service: ServiceSpec, server_id: str,
+               target: str) -> dict[str, str]:
         host = head.values(b"host")
         return {"direction": "outbound",
                 "authority": host[0].decode("latin-1") if host else service.name,
@@ -260,180 +272,487 @@ class HttpOutbound:
                 "client_id": str(self.own_identity()), "server_id": server_id,
                 "target_addr": target, "dst_service": service.name}
 
-    async def _exchange(self, head: http1.Head, body: list[bytes], complete: bool,
-                        requests: http1.MessageReader, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter, service: ServiceSpec,
-                        balancer: Balancer, budget: RetryBudget, peer: str) -> bool:
-        method = head.method or "GET"
+    def refused(self, cause: str, peer: str, service: str, detail: object) -> None:
+        self.metrics.protocol_errors.labels("outbound", cause).inc()
+        log.info("outbound request refused peer=%s service=%s cause=%s", peer,
+                 service or "-", detail)
+
+
+class ClientSide(asyncio.Protocol):
+    """An application's connection to the outbound proxy, read one request at a time."""
+
+    def __init__(self, http: HttpOutbound, target: ServiceSpec | Route,
+                 balancer: Balancer | None, peer: str) -> None:
+        self.http, self.target, self.balancer, self.peer = http, target, balancer, peer
+        self.service = target if isinstance(target, ServiceSpec) else None
+        self.requests = http1.MessageReader("request")
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._paused = True  # the connection is handed over with reading paused
+
+    # -------------------------------------------------------------- transport events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.requests.receive_data(data)
+        self.advance()
+        self.after_read()
+
+    def after_read(self) -> None:
+        """Time a head that has begun; stop reading bytes that must wait (a pipelined
+        request, a body while its upstream connects)."""
+        if self.closed:
+            return
+        exchange = self.exchange
+        if exchange is None:
+            if self.requests.buffered and self._head_timer is None:
+                # A head has begun: it must be whole within head_timeout (slowloris).
+                self._head_timer = asyncio.get_running_loop().call_later(
+                    self.http.head_timeout, self._head_timed_out)
+            self.resume_reading()
+        elif self.requests.buffered and not exchange.wants_request_events():
+            self.pause_reading()
+        else:
+            self.resume_reading()
+
+    def eof_received(self) -> bool:
+        self.requests.connection_closed()
+        self.advance()
+        return True  # a client that half-closes still gets its response
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_head_timer()
+        if self.exchange is not None:
+            self.exchange.abort(f"the client went away: {exc or 'EOF'}")
+
+    def pause_writing(self) -> None:
+        up = self.exchange.upstream if self.exchange is not None else None
+        if up is not None:
+            up.pause_reading()
+
+    def resume_writing(self) -> None:
+        up = self.exchange.upstream if self.exchange is not None else None
+        if up is not None:
+            up.resume_reading()
+
+    def pause_reading(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused and self.transport is not None and not self.transport.is_closing():
+            self._paused = False
+            self.transport.resume_reading()
+
+    # -------------------------------------------------------------- requests
+
+    def advance(self) -> None:
+        """Hand the request reader's events on, as far as the current exchange takes them."""
+        try:
+            while not self.closed:
+                exchange = self.exchange
+                if exchange is not None and not exchange.wants_request_events():
+                    return
+                event = self.requests.next_event()
+                if event is http1.NEED_DATA:
+                    return
+                if isinstance(event, http1.Head):
+                    self._cancel_head_timer()
+                    self._start(event)
+                elif exchange is None:
+                    self.close()  # the connection ended between requests
+                    return
+                elif isinstance(event, http1.Body):
+                    exchange.request_body(event.data)
+                elif isinstance(event, http1.End):
+                    exchange.request_ended()
+                elif event is http1.PAUSED:
+                    return  # an upgrade request: its response decides
+                else:
+                    exchange.abort("the client closed its side in the middle of a request")
+                    self.close()
+                    return
+        except ProtocolError as e:
+            self._refuse(400, "bad-request", f"malformed request: {e}", e)
+
+    def _start(self, head: http1.Head) -> None:
+        if isinstance(self.target, ServiceSpec):
+            service, balancer = self.target, self.balancer
+        else:
+            host = head.values(b"host")
+            authority = host[0].decode("latin-1") if host else ""
+            found = self.target(authority)
+            if found is None:
+                self._refuse(502, "no-service", f"no service named "
+                             f"{authority or '(no Host header)'} is known to the proxy",
+                             f"no such service authority={authority or '-'}")
+                return
+            service, balancer = found
+            self.service = service
+        assert balancer is not None
+        self.exchange = Exchange(self, head, service, balancer)
+        self.exchange.attempt()
+
+    def exchange_done(self, *, keep_alive: bool) -> None:
+        """The current exchange ended; go on to the next request or close."""
+        self.exchange = None
+        if not keep_alive or not self.requests.keep_alive:
+            self.close()
+            return
+        if self.requests.buffered or self.requests.eof:
+            self.advance()
+        self.after_read()
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.exchange is None and not self.closed:
+            self._refuse(408, "head-timeout", f"the request head was not complete within "
+                         f"{self.http.head_timeout:g}s", "the request head was not complete")
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _refuse(self, status: int, cause: str, message: str, detail: object) -> None:
+        self.http.refused(cause, self.peer, self.service.name if self.service else "", detail)
+        if self.exchange is not None:
+            if self.exchange.response_started:
+                self.exchange.abort(message)
+                self.close()
+                return
+            self.exchange.abort(message)
+        self.write(error_response(status, message))
+        self.close()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """Close once what was written is sent."""
+        self._cancel_head_timer()
+        if self.transport is not None:
+            self.transport.close()
+        self.closed = True
+
+    def tunnel(self, up: Upstream, rest: bytes, rest_up: bytes) -> None:
+        """After an accepted Upgrade: relay bytes both ways until either side ends."""
+        assert self.transport is not None and up.transport is not None
+        flow = Flow({}, lambda _flow, _exc: None)
+        flow.client.transport, flow.server.transport = self.transport, up.transport
+        self.transport.set_protocol(flow.client)
+        up.transport.set_protocol(flow.server)
+        if rest:
+            up.transport.write(rest)
+        if rest_up:
+            self.transport.write(rest_up)
+        self.closed = True  # this protocol is done; the flow owns both transports
+        up.exchange = None
+        self.resume_reading()
+        up.resume_reading()
+        if self.requests.eof:
+            flow.client.eof_received()
+
+
+class Exchange:
+    """One request and its response, over one or more attempts on endpoints."""
+
+    def __init__(self, client: ClientSide, head: http1.Head, service: ServiceSpec,
+                 balancer: Balancer) -> None:
+        http = client.http
+        self.client, self.http, self.head = client, http, head
+        self.service, self.balancer = service, balancer
+        self.method = head.method or "GET"
+        self.upgrade = bool(head.values(b"upgrade"))
+        budget = http.budgets.get(service.name)
+        if budget is None:
+            budget = http.budgets[service.name] = RetryBudget()
+        self.budget = budget
         budget.deposit()
-        started = time.monotonic()
-        tried: list[EndpointState] = []
-        last: UpstreamError | None = None
-        while True:
-            pick = balancer.pick(avoid=tried)
-            if pick is None:
-                last = last or UpstreamError(503, f"no endpoints available for {service.name}",
-                                             retryable=False)
-                break
-            tried.append(pick.endpoint)
-            ep = pick.endpoint.spec
-            labels = self._labels(head, service, ep.identity or "", ep.address)
-            if not tried[1:]:
-                self._series(labels).request.inc()
-            try:
-                # asyncio.timeout costs no task per request, unlike wait_for on 3.11.
-                async with asyncio.timeout(self.request_timeout):
-                    return await self._attempt(head, body, complete, requests, reader, writer,
-                                               service, ep, pick, labels, started)
-            except TimeoutError:
-                pick.failed()
-                last = UpstreamError(504, f"request to {service.name} timed out after "
-                                     f"{self.request_timeout:g}s", retryable=False)
-                break
-            except UpstreamError as e:
-                pick.failed()
-                last = e
-                log.info("outbound attempt failed peer=%s service=%s endpoint=%s identity=%s "
-                         "cause=%s", peer, service.name, ep.address, ep.identity or "-", e.cause)
-                if not (e.retryable and complete and
-                        is_retryable(method, body_consumed=False, status=e.status,
-                                     error=e.status == 502)
-                        and budget.withdraw()):
-                    break
-        assert last is not None
-        self.metrics.response.labels(**self._labels(head, service, "", ""),
-                                     status_code=str(last.status), classification="failure",
-                                     error=last.cause.split(":")[0][:60]).inc()
-        writer.write(error_response(last.status, last.cause))
-        await writer.drain()
-        return False
+        self.started = time.monotonic()
+        self.body: list[bytes] | None = []  # kept for a retry while small; None once not
+        self.body_size = 0
+        self.request_complete = False
+        self.tried: list[EndpointState] = []
+        self.pick: Pick | None = None
+        self.upstream: Upstream | None = None
+        self.connecting = False
+        self.reused = False
+        self.response_started = False
+        self.status = 0
+        self.series: _Series | None = None
+        self.done = False
+        self.timer = asyncio.get_running_loop().call_later(http.request_timeout, self._timed_out)
 
-    async def _attempt(self, head: http1.Head, body: list[bytes], complete: bool,
-                       requests: http1.MessageReader, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter, service: ServiceSpec, ep: EndpointSpec,
-                       pick: Pick, labels: dict[str, str], started: float) -> bool:
-        try:
-            up, reused = await self.pool.get(service, ep)
-        except (OSError, TimeoutError, ssl.SSLError, IdentityError) as e:
-            raise UpstreamError(502, f"connection to {ep.address} failed: {e}",
-                                retryable=True) from e
-        responses = http1.MessageReader("response")
-        responses.expect_response_to(head.method or "GET")
-        try:
-            up.writer.write(head.raw + b"".join(body))
-            if not complete:
-                await self._stream_rest(requests, reader, up.writer)
-            first = await self._response_head(responses, up, reused)
-        except UpstreamError:
-            up.writer.close()
-            raise
-        except (ConnectionError, OSError, ProtocolError) as e:
-            up.writer.close()
-            raise UpstreamError(502, f"{ep.address} failed: {e}", retryable=reused) from e
-        status = first.status or 0
-        if status != 101 and head.values(b"upgrade"):
-            with contextlib.suppress(http1.ReaderStateError):
-                requests.upgrade_declined()
-        if status in (502, 503, 504):
-            up.writer.close()
-            raise UpstreamError(status, f"{ep.address} answered {status}", retryable=True)
-        latency = time.monotonic() - started
-        series = self._series(labels)
-        series.latency(status).observe(latency * 1000)
-        ok = await self._relay_response(responses, up, writer, first.raw)
-        classification = "failure" if status >= 500 else "success"
-        series.response(status, classification).inc()
-        if status >= 500:
-            pick.failed()
-        else:
-            pick.succeeded(latency)
-        if ok == "upgraded":
-            await _pipe(reader, writer, up)
+    # -------------------------------------------------------------- the request side
+
+    def wants_request_events(self) -> bool:
+        if self.request_complete or self.done:
             return False
-        if ok == "done" and responses.keep_alive:
-            self.pool.put(up)
-        else:
-            up.writer.close()
-        return ok == "done"
+        # Without an upstream, the body is held for it; beyond the retry limit, wait.
+        return self.upstream is not None or self.body_size <= MAX_RETRY_BODY
 
-    async def _stream_rest(self, requests: http1.MessageReader, reader: asyncio.StreamReader,
-                           out: asyncio.StreamWriter) -> None:
-        while True:
-            event = requests.next_event()
-            if isinstance(event, http1.End):
-                return
-            if isinstance(event, http1.Body):
-                out.write(event.data)
-                await out.drain()
-            elif event is http1.NEED_DATA:
-                await _pull(requests, reader)
+    def request_body(self, data: bytes) -> None:
+        self.body_size += len(data)
+        if self.upstream is None:
+            # Held for the upstream being connected (reading stops past the retry limit).
+            assert self.body is not None
+            self.body.append(data)
+            return
+        self.upstream.write(data)
+        if self.body is not None:
+            if self.body_size <= MAX_RETRY_BODY:
+                self.body.append(data)
             else:
+                self.body = None  # streamed on: this request can no longer be retried
+
+    def request_ended(self) -> None:
+        self.request_complete = True
+
+    # -------------------------------------------------------------- attempts
+
+    def attempt(self, last: UpstreamError | None = None) -> None:
+        pick = self.balancer.pick(avoid=self.tried)
+        if pick is None:
+            self._fail(last or UpstreamError(
+                503, f"no endpoints available for {self.service.name}", retryable=False))
+            return
+        self.pick = pick
+        self.tried.append(pick.endpoint)
+        ep = pick.endpoint.spec
+        labels = self.http.labels(self.head, self.service, ep.identity or "", ep.address)
+        self.series = self.http.series(labels)
+        if len(self.tried) == 1:
+            self.series.request.inc()
+        up = self.http.pool.take(Pool.key(ep))
+        if up is not None:
+            self._attach(up, reused=True)
+            return
+        self.connecting = True
+        self.http.spawn(self.http.pool.connect(self.service, ep), self._connected)
+
+    def _connected(self, task: asyncio.Task[Upstream]) -> None:
+        self.connecting = False
+        if task.cancelled():
+            self.abort("the connection attempt was cancelled")
+            return
+        exc = task.exception()
+        if self.done:
+            if exc is None:
+                self.http.pool.put(task.result())
+            return
+        if exc is not None:
+            ep = self.pick.endpoint.spec if self.pick else None
+            if not isinstance(exc, OSError | TimeoutError | ssl.SSLError | IdentityError):
+                log.warning("outbound connect failed unexpectedly endpoint=%s cause=%r",
+                            ep.address if ep else "-", exc)
+            self._attempt_failed(UpstreamError(
+                502, f"connection to {ep.address if ep else '?'} failed: {exc}",
+                retryable=True))
+            return
+        self._attach(task.result(), reused=False)
+        if not self.request_complete:
+            self.client.advance()  # the body that waited for this connection
+            self.client.after_read()
+
+    def _attach(self, up: Upstream, *, reused: bool) -> None:
+        self.upstream, self.reused = up, reused
+        up.exchange = self
+        up.responses.expect_response_to(self.method)
+        body = self.body
+        up.write(self.head.raw + b"".join(body) if body else self.head.raw)
+        if body is not None and self.body_size > MAX_RETRY_BODY:
+            self.body = None  # what was held went out; the rest streams on
+
+    def _attempt_failed(self, e: UpstreamError) -> None:
+        """An attempt ended before any response byte reached the client."""
+        if self.pick is not None:
+            self.pick.failed()
+            self.pick = None
+        ep = self.tried[-1].spec if self.tried else None
+        log.info("outbound attempt failed peer=%s service=%s endpoint=%s identity=%s cause=%s",
+                 self.client.peer, self.service.name, ep.address if ep else "-",
+                 (ep.identity if ep else None) or "-", e.cause)
+        self._drop_upstream()
+        if (e.retryable and self.request_complete and self.body is not None
+                and self.body_size <= MAX_RETRY_BODY
+                and is_retryable(self.method, body_consumed=False, status=e.status,
+                                 error=e.status == 502)
+                and self.budget.withdraw()):
+            self.attempt(last=e)
+            return
+        self._fail(e)
+
+    def _fail(self, e: UpstreamError) -> None:
+        """Answer the client with the error and end the exchange."""
+        self.http.metrics.response.labels(
+            **self.http.labels(self.head, self.service, "", ""), status_code=str(e.status),
+            classification="failure", error=e.cause.split(":")[0][:60]).inc()
+        self.client.write(error_response(e.status, e.cause))
+        self._end()
+        self.client.exchange_done(keep_alive=False)
+
+    def _drop_upstream(self) -> None:
+        up, self.upstream = self.upstream, None
+        if up is not None:
+            up.close()
+
+    def _timed_out(self) -> None:
+        if self.done:
+            return
+        cause = f"request to {self.service.name} timed out after {self.http.request_timeout:g}s"
+        if self.pick is not None:
+            self.pick.failed()
+            self.pick = None
+        self._drop_upstream()
+        if self.response_started:
+            log.info("outbound response cut peer=%s service=%s cause=%s", self.client.peer,
+                     self.service.name, cause)
+            self._end()
+            self.client.exchange_done(keep_alive=False)
+            return
+        self._fail(UpstreamError(504, cause, retryable=False))
+
+    def upstream_lost(self, up: Upstream, exc: Exception | None) -> None:
+        if up is not self.upstream or self.done:
+            return
+        self.upstream = None
+        if not self.response_started:
+            self._attempt_failed(UpstreamError(
+                502, f"{self.tried[-1].spec.address} closed the connection before answering"
+                f"{f': {exc}' if exc else ''}", retryable=self.reused))
+            return
+        # The response was cut: what was sent stays sent, the client's connection ends.
+        self._finish(ok=False)
+
+    def abort(self, cause: str) -> None:
+        """The client is gone or broke the protocol: give everything back."""
+        if self.done:
+            return
+        log.debug("outbound exchange aborted peer=%s service=%s cause=%s", self.client.peer,
+                  self.service.name, cause)
+        if self.pick is not None:
+            self.pick.released()
+            self.pick = None
+        self._drop_upstream()
+        self._end()
+
+    def _end(self) -> None:
+        self.done = True
+        self.timer.cancel()
+
+    # -------------------------------------------------------------- the response side
+
+    def on_response(self) -> None:
+        """Forward what the upstream's latest bytes complete of the response."""
+        up = self.upstream
+        if up is None or self.done:
+            return
+        out: list[bytes] = []
+        try:
+            while True:
+                event = up.responses.next_event()
+                if event is http1.NEED_DATA:
+                    break
+                if isinstance(event, http1.Body):
+                    out.append(event.data)
+                elif isinstance(event, http1.Head):
+                    if not self._response_head(event, out):
+                        return
+                elif isinstance(event, http1.End):
+                    self.client.write(b"".join(out))
+                    self._finish(ok=True)
+                    return
+                elif isinstance(event, http1.Upgrade):
+                    self.client.write(b"".join(out))
+                    self._upgraded(up, event.rest)
+                    return
+                else:  # the upstream closed
+                    self.client.write(b"".join(out))
+                    self._closed_early()
+                    return
+        except ProtocolError as e:
+            if not self.response_started:
+                self._attempt_failed(UpstreamError(
+                    502, f"{self.tried[-1].spec.address} failed: {e}", retryable=self.reused))
                 return
+            self.client.write(b"".join(out))
+            self._drop_upstream()
+            self._finish(ok=False)
+            return
+        if out:
+            self.client.write(b"".join(out))
 
-    async def _response_head(self, responses: http1.MessageReader, up: Upstream,
-                             reused: bool) -> http1.Head:
-        while True:
-            event = responses.next_event()
-            if isinstance(event, http1.Head):
-                if event.status is not None and 100 <= event.status < 200 and \
-                        event.status != 101:
-                    continue
-                return event
-            if isinstance(event, http1.ConnectionClosed):
-                raise UpstreamError(502, "the upstream closed the connection before answering",
-                                    retryable=reused)
-            await _pull(responses, up.reader)
+    def _response_head(self, head: http1.Head, out: list[bytes]) -> bool:
+        """Take a response head; False when the attempt ended instead (a retryable status)."""
+        status = head.status or 0
+        if 100 <= status < 200 and status != 101:
+            return True  # interim responses are not forwarded
+        if status != 101 and self.upgrade:
+            with contextlib.suppress(http1.ReaderStateError):
+                self.client.requests.upgrade_declined()
+        if status in (502, 503, 504):
+            self._attempt_failed(UpstreamError(
+                status, f"{self.tried[-1].spec.address} answered {status}", retryable=True))
+            return False
+        self.status = status
+        self.response_started = True
+        assert self.series is not None
+        self.series.latency(status).observe((time.monotonic() - self.started) * 1000)
+        out.append(head.raw)
+        return True
 
-    async def _relay_response(self, responses: http1.MessageReader, up: Upstream,
-                              writer: asyncio.StreamWriter, head: bytes) -> str:
-        """Forward the head and body; "done", "closed" or "upgraded".
+    def _closed_early(self) -> None:
+        if not self.response_started:
+            self._attempt_failed(UpstreamError(
+                502, "the upstream closed the connection before answering",
+                retryable=self.reused))
+            return
+        self._drop_upstream()
+        self._finish(ok=False)
 
-        What one read brings is written in one go (head and body together for a
-        small response): a write is a system call, the largest cost per request.
-        """
-        out = [head]
-        while True:
-            event = responses.next_event()
-            if isinstance(event, http1.Body):
-                out.append(event.data)
-                continue
-            if isinstance(event, http1.Upgrade) and event.rest:
-                out.append(event.rest)
-            writer.write(b"".join(out))
-            out.clear()
-            if isinstance(event, http1.End):
-                return "done"
+    def _record(self) -> None:
+        assert self.series is not None
+        status = self.status
+        failure = status >= 500
+        self.series.response(status, "failure" if failure else "success").inc()
+        if self.pick is not None:
+            if failure:
+                self.pick.failed()
+            else:
+                self.pick.succeeded(time.monotonic() - self.started)
+            self.pick = None
+
+    def _finish(self, *, ok: bool) -> None:
+        """The response is over: record it, pool or close the upstream, go on."""
+        self._record()
+        up, self.upstream = self.upstream, None
+        reusable = ok and self.request_complete
+        if up is not None:
+            if reusable and up.responses.keep_alive:
+                self.http.pool.put(up)
+            else:
+                up.close()
+        self._end()
+        self.client.exchange_done(keep_alive=reusable)
+
+    def _upgraded(self, up: Upstream, rest_up: bytes) -> None:
+        self._record()
+        self._end()
+        self.upstream = None
+        requests = self.client.requests
+        rest = b""
+        with contextlib.suppress(http1.ReaderStateError):
+            requests.protocol_switched()
+            event = requests.next_event()
             if isinstance(event, http1.Upgrade):
-                return "upgraded"
-            if isinstance(event, http1.ConnectionClosed):
-                return "closed"
-            await writer.drain()
-            await _pull(responses, up.reader)
-
-
-async def _pull(parser: http1.MessageReader, stream: asyncio.StreamReader) -> None:
-    """Give the parser the next bytes from the stream, or tell it the stream ended."""
-    data = await stream.read(READ_SIZE)
-    if data:
-        parser.receive_data(data)
-    else:
-        parser.connection_closed()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                up: Upstream) -> None:
-    """After an accepted Upgrade: relay bytes both ways until either side ends."""
-
-    async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        while data := await src.read(READ_SIZE):
-            dst.write(data)
-            await dst.drain()
-
-    tasks = [asyncio.create_task(copy(reader, up.writer)),
-             asyncio.create_task(copy(up.reader, writer))]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
-        up.writer.close()
+                rest = event.rest
+        self.client.exchange = None
+        self.client.tunnel(up, rest, rest_up)

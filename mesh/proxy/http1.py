@@ -82,7 +82,7 @@ class Paused(enum.Enum):
 PAUSED = Paused.PAUSED
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Head:
     """A request or response head; `raw` is exactly what arrived on the wire."""
 
@@ -126,7 +126,14 @@ class ConnectionClosed:
 Event = Head | Body | End | Upgrade | ConnectionClosed | NeedData | Paused
 
 
-class _State(enum.Enum):
+class _FastHash(enum.Enum):
+    """Members are singletons, so identity is equality: hash them as objects (in C)
+    rather than by name (in Python), which the transition table does per message."""
+
+    __hash__ = object.__hash__
+
+
+class _State(_FastHash):
     IDLE = "idle"  # between messages, or inside a head
     BODY = "body"
     AWAIT_SWITCH = "awaiting-switch"  # a request asked to upgrade
@@ -135,7 +142,7 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-class _Trigger(enum.Enum):
+class _Trigger(_FastHash):
     HEAD = "head"
     SWITCH = "switching head"
     END_KEEP_ALIVE = "end of message"
@@ -201,6 +208,16 @@ class MessageReader:
         """False once a message said the connection closes after it (Connection: close,
         HTTP/1.0 without keep-alive, a close-delimited body, a protocol switch)."""
         return self._keep_alive
+
+    @property
+    def buffered(self) -> int:
+        """How many received bytes no event has consumed yet."""
+        return len(self._buf) - self._pos
+
+    @property
+    def eof(self) -> bool:
+        """Whether `connection_closed()` was called."""
+        return self._eof
 
     def expect_response_to(self, method: str) -> None:
         """Queue the method of a request sent upstream; its response is framed by it."""

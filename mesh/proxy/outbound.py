@@ -84,7 +84,7 @@ class Outbound:
             # by its authority, anything else has nowhere to go.
             if self.http is not None and (await self._detect(client)).protocol is \
                     ProtocolKind.HTTP1:
-                await self._serve_http(client, self._route, None, peer)
+                self._serve_http(client, self._route, None, peer)
                 return
             transport.close()
             self._refuse(peer, "no-service", service=f"{host}:{port}")
@@ -94,7 +94,7 @@ class Outbound:
                 not opaque_for(port, self.opaque_ports):
             detected = await self._detect(client)
             if detected.protocol is ProtocolKind.HTTP1:
-                await self._serve_http(client, service, balancer, peer)
+                self._serve_http(client, service, balancer, peer)
                 return
         flow = client.flow
         for _attempt in range(CONNECT_ATTEMPTS):
@@ -172,24 +172,12 @@ class Outbound:
         balancer = self.balancers.get(service.address) if service is not None else None
         return (service, balancer) if service is not None and balancer is not None else None
 
-    async def _serve_http(self, client: Half, service: ServiceSpec | Route,
+    def _serve_http(self, client: Half, service: ServiceSpec | Route,
                           balancer: Balancer | None, peer: str) -> None:
-        """Hand the connection to the HTTP layer, as a stream with the bytes read so far."""
+        """Hand the connection, with the bytes read so far, to the HTTP layer."""
         assert self.http is not None and client.transport is not None
-        loop = asyncio.get_running_loop()
-        transport = client.transport
-        reader = asyncio.StreamReader(limit=2**20, loop=loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        for chunk in client.pending:
-            reader.feed_data(chunk)
-        client.pending.clear()
-        if client.eof:
-            reader.feed_eof()
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        transport.resume_reading()
-        await self.http.serve(reader, writer, service, balancer, peer)
+        held, client.pending = client.pending, []
+        self.http.serve(client.transport, held, client.eof, service, balancer, peer)
 
     async def _connect(self, flow: Flow, service: ServiceSpec, endpoint: EndpointSpec
                        ) -> Labels:

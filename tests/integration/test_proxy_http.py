@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import re
 import socket
 import threading
 import time
@@ -288,3 +289,54 @@ def test_the_outbound_listener_routes_http_by_authority(mesh: Mesh) -> None:
     assert r.status == 502
     assert f"no service named nosuch.default.svc.{DOMAIN}" in r.getheader("l5d-proxy-error", "")
     c.close()
+
+
+def test_pipelined_requests_are_answered_in_order(mesh: Mesh) -> None:
+    host, port = mesh.addresses["web"]
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(b"GET /ok HTTP/1.1\r\nHost: web\r\n\r\n"
+                  b"GET /missing HTTP/1.1\r\nHost: web\r\n\r\n"
+                  b"GET /ok HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", answer) == [b"200", b"404", b"200"]
+
+
+def test_a_client_that_half_closes_still_gets_its_answer(mesh: Mesh) -> None:
+    host, port = mesh.addresses["web"]
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(b"GET /ok HTTP/1.1\r\nHost: web\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok from " +
+                                                                  str(_port_of(mesh)).encode())
+
+
+def _port_of(mesh: Mesh) -> int:
+    """The app port behind the web service (its body names it)."""
+    status, body, _ = mesh.get("/ok")
+    assert status == 200
+    return int(body.rsplit(b" ", 1)[1])
+
+
+def test_large_bodies_sent_while_upstream_connections_open(mesh: Mesh) -> None:
+    # More uploads at once than the pool holds idle connections for: some wait for
+    # a new connection with their body past the retry buffer, which must all arrive.
+    body = bytes(range(256)) * 4096  # 1 MiB
+    results: list[bytes] = []
+
+    def upload() -> None:
+        c = mesh.conn()
+        c.request("POST", "/upload", body=body)
+        results.append(c.getresponse().read())
+        c.close()
+
+    threads = [threading.Thread(target=upload) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results == [b"got %d" % len(body)] * 12

@@ -616,3 +616,13 @@ def test_serialize_refuses_header_injection(name: bytes, value: bytes) -> None:
     head = head_of(b"GET / HTTP/1.1\r\n\r\n")
     with pytest.raises(InvalidHead):
         serialize_head(head, replace={name: value})
+
+
+def test_buffered_counts_bytes_no_event_consumed_and_eof_is_remembered() -> None:
+    reader = MessageReader("request")
+    reader.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /next")
+    assert isinstance(reader.next_event(), Head)
+    assert isinstance(reader.next_event(), End)
+    assert reader.buffered == len(b"GET /next") and not reader.eof
+    reader.connection_closed()
+    assert reader.eof
