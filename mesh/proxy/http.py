@@ -229,7 +229,7 @@ class HttpOutbound:
         self.head_timeout = head_timeout
         self.own_identity = own_identity
         self.budgets: dict[str, RetryBudget] = {}
-        self._cache: dict[tuple[str, ...], _Series] = {}
+        self._cache: dict[tuple[bytes, str, str, str | None], _Series] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def serve(self, transport: asyncio.Transport, held: list[bytes], eof: bool,
@@ -253,14 +253,16 @@ class HttpOutbound:
         task.add_done_callback(self.tasks.discard)
         task.add_done_callback(done)
 
-    def series(self, labels: dict[str, str]) -> _Series:
-        """The metric children of one label set, looked up once, not per request."""
-        key = tuple(labels.values())
+    def series(self, head: http1.Head, service: ServiceSpec, ep: EndpointSpec) -> _Series:
+        """The metric children of a request to `ep`, looked up once, not per request."""
+        host = head.values(b"host")
+        key = (host[0] if host else b"", service.name, ep.address, ep.identity)
         series = self._cache.get(key)
         if series is None:
             if len(self._cache) > 10_000:  # bound memory against unbounded authorities
                 self._cache.clear()
-            series = self._cache[key] = _Series(self.metrics, labels)
+            series = self._cache[key] = _Series(self.metrics, self.labels(
+                head, service, ep.identity or "", ep.address))
         return series
 
     def labels(self, head: http1.Head, service: ServiceSpec, server_id: str,
@@ -290,6 +292,7 @@ class ClientSide(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.closed = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self._request_timer: asyncio.TimerHandle | None = None
         self._paused = True  # the connection is handed over with reading paused
 
     # -------------------------------------------------------------- transport events
@@ -325,10 +328,9 @@ class ClientSide(asyncio.Protocol):
         return True  # a client that half-closes still gets its response
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._cancel_head_timer()
         if self.exchange is not None:
             self.exchange.abort(f"the client went away: {exc or 'EOF'}")
+        self.close()
 
     def pause_writing(self) -> None:
         up = self.exchange.upstream if self.exchange is not None else None
@@ -415,6 +417,26 @@ class ClientSide(asyncio.Protocol):
             self._refuse(408, "head-timeout", f"the request head was not complete within "
                          f"{self.http.head_timeout:g}s", "the request head was not complete")
 
+    def watch_deadline(self, deadline: float) -> None:
+        """Make sure the request in flight is timed out at `deadline`.
+
+        A connection has one request timer, which is not cancelled when a request
+        ends: when it fires it times out the request then in flight if that one is
+        late, or re-arms for its deadline. That saves a timer per request."""
+        if self._request_timer is None:
+            self._request_timer = asyncio.get_running_loop().call_at(
+                deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._request_timer = None
+        exchange = self.exchange
+        if exchange is None or exchange.done or self.closed:
+            return
+        if asyncio.get_running_loop().time() >= exchange.deadline:
+            exchange.timed_out()
+        else:
+            self.watch_deadline(exchange.deadline)
+
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -438,6 +460,9 @@ class ClientSide(asyncio.Protocol):
     def close(self) -> None:
         """Close once what was written is sent."""
         self._cancel_head_timer()
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
         if self.transport is not None:
             self.transport.close()
         self.closed = True
@@ -464,6 +489,11 @@ class ClientSide(asyncio.Protocol):
 class Exchange:
     """One request and its response, over one or more attempts on endpoints."""
 
+    __slots__ = ("balancer", "body", "body_size", "budget", "client", "connecting", "deadline",
+                 "done", "head", "http", "method", "pick", "request_complete",
+                 "response_started", "reused", "series", "service", "started", "status",
+                 "tried", "upgrade", "upstream")
+
     def __init__(self, client: ClientSide, head: http1.Head, service: ServiceSpec,
                  balancer: Balancer) -> None:
         http = client.http
@@ -489,7 +519,8 @@ class Exchange:
         self.status = 0
         self.series: _Series | None = None
         self.done = False
-        self.timer = asyncio.get_running_loop().call_later(http.request_timeout, self._timed_out)
+        self.deadline = asyncio.get_running_loop().time() + http.request_timeout
+        client.watch_deadline(self.deadline)
 
     # -------------------------------------------------------------- the request side
 
@@ -527,8 +558,7 @@ class Exchange:
         self.pick = pick
         self.tried.append(pick.endpoint)
         ep = pick.endpoint.spec
-        labels = self.http.labels(self.head, self.service, ep.identity or "", ep.address)
-        self.series = self.http.series(labels)
+        self.series = self.http.series(self.head, self.service, ep)
         if len(self.tried) == 1:
             self.series.request.inc()
         up = self.http.pool.take(Pool.key(ep))
@@ -604,7 +634,7 @@ class Exchange:
         if up is not None:
             up.close()
 
-    def _timed_out(self) -> None:
+    def timed_out(self) -> None:
         if self.done:
             return
         cause = f"request to {self.service.name} timed out after {self.http.request_timeout:g}s"
@@ -646,7 +676,6 @@ class Exchange:
 
     def _end(self) -> None:
         self.done = True
-        self.timer.cancel()
 
     # -------------------------------------------------------------- the response side
 
