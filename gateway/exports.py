@@ -57,6 +57,8 @@ class Reason(StrEnum):
     """Field 100 from a peer that is not a trusted gateway."""
     BAD_CALLER = "bad-caller"
     """Field 100 from a trusted gateway that is not an identity name."""
+    BAD_ASSERTION = "bad-assertion"
+    """A caller assertion that does not verify or does not name the caller."""
     UNKNOWN_SERVICE = "unknown-service"
     UNKNOWN_PORT = "unknown-port"
     NOT_EXPORTED = "not-exported"
@@ -76,6 +78,8 @@ class Refused:
     service: str = ""
     """The target Service's name once it is known to exist: the dst_service label."""
     caller: str = ""
+    asserted: str = ""
+    """The caller a refused assertion claimed, for logs."""
 
 
 @dataclass(frozen=True)

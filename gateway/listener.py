@@ -3,6 +3,10 @@ taken through the steps every mesh listener shares (`MeshListener`: mTLS from an
 identity of the trust bundle, ALPN, transport header), routed and authorized by
 `Exports`, then re-originated over mTLS to the chosen endpoint's proxy with the
 gateway's own identity and a header carrying the caller (field 100), and relayed.
+A caller assertion (field 101) must verify against the gateway's trust bundle,
+name the service the header names and prove the caller the gateway sees (the
+mTLS peer, or the caller a trusted gateway forwarded); it is passed on to the
+target unchanged, so that the target need not trust this gateway.
 
 Every refusal closes that connection alone, is counted in
 ``gateway_refused{reason}`` and logged in one line naming the peer, the caller
@@ -20,11 +24,12 @@ from gateway.exports import Exports, Reason, Refused, Route, Target
 from mesh.errors import IdentityError
 from mesh.identity.names import Identity
 from mesh.metrics import GatewayMetrics
+from mesh.proxy.assertion import AssertionVerifier, BadAssertion
 from mesh.proxy.balancer import EndpointState
 from mesh.proxy.inbound import MeshConnection, MeshListener
 from mesh.proxy.outbound import CONNECT_ATTEMPTS, dial_proxy
 from mesh.proxy.relay import Labels
-from mesh.proxy.transport_header import TransportHeader
+from mesh.proxy.transport_header import CallerAssertion, TransportHeader
 
 log = logging.getLogger("gateway")
 
@@ -34,9 +39,10 @@ class GatewayListener(MeshListener):
                  server_context: Callable[[], ssl.SSLContext],
                  client_context: Callable[[], ssl.SSLContext],
                  connect_timeout: float, handshake_timeout: float,
-                 header_timeout: float) -> None:
+                 header_timeout: float, assertions: AssertionVerifier) -> None:
         super().__init__(server_context, metrics.flows(), handshake_timeout=handshake_timeout,
                          header_timeout=header_timeout)
+        self.assertions = assertions
         self.exports = exports
         self.metrics = metrics
         self.client_context = client_context
@@ -48,9 +54,26 @@ class GatewayListener(MeshListener):
 
     def _refused(self, peer: str, peer_id: str, refused: Refused) -> None:
         self.metrics.refused.labels(refused.reason, refused.service, refused.caller).inc()
-        log.info("gateway connection refused peer=%s identity=%s caller=%s target=%s "
-                 "reason=%s detail=%s", peer, peer_id or "-", refused.caller or "-",
+        asserted = f" asserted={refused.asserted}" if refused.asserted else ""
+        log.info("gateway connection refused peer=%s identity=%s caller=%s%s target=%s "
+                 "reason=%s detail=%s", peer, peer_id or "-", refused.caller or "-", asserted,
                  refused.target or "-", refused.reason, refused.detail)
+
+    def _check_assertion(self, assertion: CallerAssertion, header: TransportHeader,
+                         route: Route) -> Refused | None:
+        """None when `assertion` proves the route's caller for the service it names."""
+        caller = route.caller.identity
+        try:
+            asserted = self.assertions.check(assertion, authority=header.name, peer=caller)
+        except BadAssertion as e:
+            return Refused(Reason.BAD_ASSERTION, str(e), route.target,
+                           service=route.service.name, caller=caller,
+                           asserted=e.asserted or "-")
+        if asserted.caller != caller:
+            return Refused(Reason.BAD_ASSERTION, f"the assertion proves {asserted.caller}, but "
+                           f"the caller is {caller}", route.target,
+                           service=route.service.name, caller=caller, asserted=asserted.caller)
+        return None
 
     async def serve(self, conn: MeshConnection) -> None:
         header = await self.read_header(conn)
@@ -62,6 +85,12 @@ class GatewayListener(MeshListener):
             conn.tls.close()
             self._refused(conn.peer, peer_id, route)
             return
+        if header.assertion is not None:
+            bad = self._check_assertion(header.assertion, header, route)
+            if bad is not None:
+                conn.tls.close()
+                self._refused(conn.peer, peer_id, bad)
+                return
         flow = conn.client.flow
         tried: list[EndpointState] = []
         failure = ""
@@ -78,7 +107,8 @@ class GatewayListener(MeshListener):
                 server_id = await dial_proxy(
                     flow.server, endpoint,
                     TransportHeader(port=endpoint.target_port, name=route.service.name,
-                                    protocol=header.protocol, caller=route.caller.identity),
+                                    protocol=header.protocol, caller=route.caller.identity,
+                                    assertion=header.assertion),
                     context=self.client_context(), timeout=self.connect_timeout)
             except (OSError, TimeoutError, ssl.SSLError, IdentityError) as e:
                 target.pick.failed()

@@ -25,10 +25,11 @@ from mesh.identity.names import Identity
 from mesh.identity.tls import check_peer
 from mesh.metrics import ProxyMetrics
 from mesh.proxy import http1
+from mesh.proxy.assertion import peer_header
 from mesh.proxy.balancer import Balancer, EndpointState, Pick
 from mesh.proxy.discovery import EndpointSpec, ServiceSpec
 from mesh.proxy.retry import RetryBudget, is_retryable
-from mesh.proxy.transport_header import SessionProtocol, TransportHeader
+from mesh.proxy.transport_header import SessionProtocol
 
 log = logging.getLogger("mesh.proxy.http")
 
@@ -103,8 +104,7 @@ class Pool:
         except IdentityError:
             writer.close()
             raise
-        writer.write(TransportHeader(port=ep.target_port, name=ep.authority or service.name,
-                                     protocol=SessionProtocol.HTTP1).encode())
+        writer.write(peer_header(self.client_context, ep, service, SessionProtocol.HTTP1).encode())
         return Upstream(reader, writer, key, ep.identity), False
 
     def put(self, up: Upstream) -> None:
