@@ -63,7 +63,10 @@ class Reason(StrEnum):
     UNKNOWN_PORT = "unknown-port"
     NOT_EXPORTED = "not-exported"
     LOOP = "loop"
-    """A gateway forwarding to a mirror Service, that is to yet another gateway."""
+    """A gateway forwarding to a mirror Service, that is to yet another gateway; or an
+    HTTP request whose Forwarded header names this gateway already."""
+    BAD_REQUEST = "bad-request"
+    """Bytes that are not HTTP/1 requests on a connection whose header said HTTP/1."""
     NO_ENDPOINTS = "no-endpoints"
     UNAUTHORIZED = "unauthorized"
     CONNECT_FAILED = "connect-failed"

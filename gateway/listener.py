@@ -7,6 +7,9 @@ A caller assertion (field 101) must verify against the gateway's trust bundle,
 name the service the header names and prove the caller the gateway sees (the
 mTLS peer, or the caller a trusted gateway forwarded); it is passed on to the
 target unchanged, so that the target need not trust this gateway.
+HTTP/1 requests (the header's session protocol) gain a ``Forwarded`` field
+naming the caller and this gateway (`gateway.forwarded`); a request that names
+this gateway already is a loop, answered 508 and refused.
 
 Every refusal closes that connection alone, is counted in
 ``gateway_refused{reason}`` and logged in one line naming the peer, the caller
@@ -21,7 +24,8 @@ import time
 from collections.abc import Callable
 
 from gateway.exports import Exports, Reason, Refused, Route, Target
-from mesh.errors import IdentityError
+from gateway.forwarded import ForwardedLoop, ForwardedRequests, refusal
+from mesh.errors import IdentityError, ProtocolError
 from mesh.identity.names import Identity
 from mesh.metrics import GatewayMetrics
 from mesh.proxy.assertion import AssertionVerifier, BadAssertion
@@ -29,7 +33,7 @@ from mesh.proxy.balancer import EndpointState
 from mesh.proxy.inbound import MeshConnection, MeshListener
 from mesh.proxy.outbound import CONNECT_ATTEMPTS, dial_proxy
 from mesh.proxy.relay import Labels
-from mesh.proxy.transport_header import CallerAssertion, TransportHeader
+from mesh.proxy.transport_header import CallerAssertion, SessionProtocol, TransportHeader
 
 log = logging.getLogger("gateway")
 
@@ -127,6 +131,8 @@ class GatewayListener(MeshListener):
                 if flow.server.transport is not None:
                     flow.server.transport.close()
                 return
+            if header.protocol is SessionProtocol.HTTP1:
+                conn.client.rewrite = self._forwarded(conn, route)
             self._relay(conn, route, target, server_id)
             return
         conn.tls.close()
@@ -134,6 +140,26 @@ class GatewayListener(MeshListener):
             Reason.CONNECT_FAILED, f"no endpoint answered after {CONNECT_ATTEMPTS} attempts; "
             f"last: {failure}", route.target, service=route.service.name,
             caller=route.caller.identity))
+
+    def _forwarded(self, conn: MeshConnection, route: Route) -> Callable[[bytes], bytes]:
+        """What the caller's HTTP/1 bytes become on their way to the target."""
+        requests = ForwardedRequests(caller=route.caller.identity,
+                                     gateway=str(self.exports.identity))
+
+        def rewrite(data: bytes) -> bytes:
+            try:
+                return requests.feed(data)
+            except ProtocolError as e:
+                loop = isinstance(e, ForwardedLoop)
+                conn.tls.write(refusal(508, "Loop Detected", str(e)) if loop else
+                               refusal(400, "Bad Request", f"malformed request: {e}"))
+                conn.client.flow.close()
+                self._refused(conn.peer, str(conn.identity), Refused(
+                    Reason.LOOP if loop else Reason.BAD_REQUEST, str(e), route.target,
+                    service=route.service.name, caller=route.caller.identity))
+                return b""
+
+        return rewrite
 
     def _relay(self, conn: MeshConnection, route: Route, target: Target,
                server_id: Identity) -> None:
