@@ -268,7 +268,9 @@ class AssertionVerifier:
 
     An assertion verified once is remembered (by its digest, until it expires) so
     that the same cached assertion in the next connection costs a hash, not a chain
-    verification and a signature check.
+    verification and a signature check (measured: about 4 us instead of 300 us,
+    `bench/assertion.py`). Its chain is then not checked again for the assertion's
+    remaining lifetime, at most `MAX_LIFETIME`; a new trust bundle clears the memory.
     """
 
     def __init__(self, bundle: Callable[[], TrustBundle], *,
