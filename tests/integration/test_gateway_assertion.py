@@ -76,7 +76,6 @@ class _Headers(http.server.BaseHTTPRequestHandler):
 class World:
     trust: Trust
     app_port: int
-    http_port: int
     target: ProxyProcess
     caller: ProxyProcess
     gateway: GatewayProcess
@@ -130,7 +129,7 @@ def world(cluster: Cluster, trust: Trust) -> Iterator[World]:
         caller = start_proxy(trust.root, "caller", {
             "identity": trust.workload("default", "client"), "discovery": str(discovery)})
         stack.append(caller.stop)
-        yield World(trust, ports["web"], ports["http"], target, caller, gateway, vips)
+        yield World(trust, ports["web"], target, caller, gateway, vips)
     finally:
         for stop in reversed(stack):
             stop()
@@ -288,10 +287,11 @@ def test_the_gateway_refuses_an_assertion_for_another_service(world: World) -> N
 
 
 def _refused_by_target(world: World, assertion: CallerAssertion, cause: str, *,
-                       peer: Identity = TESTER, name: str = WEB) -> None:
+                       peer: Identity = TESTER, claimed: str = "") -> None:
     target = world.target
     before = target.metric("proxy_protocol_errors_total", cause="bad-assertion")
-    header = TransportHeader(port=world.app_port, name=name, assertion=assertion)
+    header = TransportHeader(port=world.app_port, name=WEB, caller=claimed,
+                             assertion=assertion)
     with _tls(world.trust, target.inbound, peer) as s:
         assert _exchange(s, header, b"let me in") == b""
     wait_for(lambda: target.metric("proxy_protocol_errors_total", cause="bad-assertion")
@@ -334,3 +334,8 @@ def test_the_target_refuses_an_assertion_replayed_by_another_peer(world: World) 
         assert _exchange(s, header, b"mine") == b"mine"
     # The same assertion, straight to the target from another workload: a replay.
     _refused_by_target(world, assertion, f"replayed: {GATEWAY} presented it first")
+
+
+def test_the_target_refuses_a_field_100_that_contradicts_the_assertion(world: World) -> None:
+    _refused_by_target(world, _assertion(world.trust, CALLER), "field 100 names caller",
+                       claimed=str(TESTER))
