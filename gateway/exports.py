@@ -57,11 +57,16 @@ class Reason(StrEnum):
     """Field 100 from a peer that is not a trusted gateway."""
     BAD_CALLER = "bad-caller"
     """Field 100 from a trusted gateway that is not an identity name."""
+    BAD_ASSERTION = "bad-assertion"
+    """A caller assertion that does not verify or does not name the caller."""
     UNKNOWN_SERVICE = "unknown-service"
     UNKNOWN_PORT = "unknown-port"
     NOT_EXPORTED = "not-exported"
     LOOP = "loop"
-    """A gateway forwarding to a mirror Service, that is to yet another gateway."""
+    """A gateway forwarding to a mirror Service, that is to yet another gateway; or an
+    HTTP request whose Forwarded header names this gateway already."""
+    BAD_REQUEST = "bad-request"
+    """Bytes that are not HTTP/1 requests on a connection whose header said HTTP/1."""
     NO_ENDPOINTS = "no-endpoints"
     UNAUTHORIZED = "unauthorized"
     CONNECT_FAILED = "connect-failed"
@@ -76,6 +81,8 @@ class Refused:
     service: str = ""
     """The target Service's name once it is known to exist: the dst_service label."""
     caller: str = ""
+    asserted: str = ""
+    """The caller a refused assertion claimed, for logs."""
 
 
 @dataclass(frozen=True)

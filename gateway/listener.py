@@ -3,6 +3,13 @@ taken through the steps every mesh listener shares (`MeshListener`: mTLS from an
 identity of the trust bundle, ALPN, transport header), routed and authorized by
 `Exports`, then re-originated over mTLS to the chosen endpoint's proxy with the
 gateway's own identity and a header carrying the caller (field 100), and relayed.
+A caller assertion (field 101) must verify against the gateway's trust bundle,
+name the service the header names and prove the caller the gateway sees (the
+mTLS peer, or the caller a trusted gateway forwarded); it is passed on to the
+target unchanged, so that the target need not trust this gateway.
+HTTP/1 requests (the header's session protocol) gain a ``Forwarded`` field
+naming the caller and this gateway (`gateway.forwarded`); a request that names
+this gateway already is a loop, answered 508 and refused.
 
 Every refusal closes that connection alone, is counted in
 ``gateway_refused{reason}`` and logged in one line naming the peer, the caller
@@ -17,14 +24,16 @@ import time
 from collections.abc import Callable
 
 from gateway.exports import Exports, Reason, Refused, Route, Target
-from mesh.errors import IdentityError
+from gateway.forwarded import ForwardedLoop, ForwardedRequests, refusal
+from mesh.errors import IdentityError, ProtocolError
 from mesh.identity.names import Identity
 from mesh.metrics import GatewayMetrics
+from mesh.proxy.assertion import AssertionVerifier, BadAssertion
 from mesh.proxy.balancer import EndpointState
 from mesh.proxy.inbound import MeshConnection, MeshListener
 from mesh.proxy.outbound import CONNECT_ATTEMPTS, dial_proxy
 from mesh.proxy.relay import Labels
-from mesh.proxy.transport_header import TransportHeader
+from mesh.proxy.transport_header import CallerAssertion, SessionProtocol, TransportHeader
 
 log = logging.getLogger("gateway")
 
@@ -34,9 +43,10 @@ class GatewayListener(MeshListener):
                  server_context: Callable[[], ssl.SSLContext],
                  client_context: Callable[[], ssl.SSLContext],
                  connect_timeout: float, handshake_timeout: float,
-                 header_timeout: float) -> None:
+                 header_timeout: float, assertions: AssertionVerifier) -> None:
         super().__init__(server_context, metrics.flows(), handshake_timeout=handshake_timeout,
                          header_timeout=header_timeout)
+        self.assertions = assertions
         self.exports = exports
         self.metrics = metrics
         self.client_context = client_context
@@ -48,9 +58,26 @@ class GatewayListener(MeshListener):
 
     def _refused(self, peer: str, peer_id: str, refused: Refused) -> None:
         self.metrics.refused.labels(refused.reason, refused.service, refused.caller).inc()
-        log.info("gateway connection refused peer=%s identity=%s caller=%s target=%s "
-                 "reason=%s detail=%s", peer, peer_id or "-", refused.caller or "-",
+        asserted = f" asserted={refused.asserted}" if refused.asserted else ""
+        log.info("gateway connection refused peer=%s identity=%s caller=%s%s target=%s "
+                 "reason=%s detail=%s", peer, peer_id or "-", refused.caller or "-", asserted,
                  refused.target or "-", refused.reason, refused.detail)
+
+    def _check_assertion(self, assertion: CallerAssertion, header: TransportHeader,
+                         route: Route) -> Refused | None:
+        """None when `assertion` proves the route's caller for the service it names."""
+        caller = route.caller.identity
+        try:
+            asserted = self.assertions.check(assertion, authority=header.name, peer=caller)
+        except BadAssertion as e:
+            return Refused(Reason.BAD_ASSERTION, str(e), route.target,
+                           service=route.service.name, caller=caller,
+                           asserted=e.asserted or "-")
+        if asserted.caller != caller:
+            return Refused(Reason.BAD_ASSERTION, f"the assertion proves {asserted.caller}, but "
+                           f"the caller is {caller}", route.target,
+                           service=route.service.name, caller=caller, asserted=asserted.caller)
+        return None
 
     async def serve(self, conn: MeshConnection) -> None:
         header = await self.read_header(conn)
@@ -62,6 +89,12 @@ class GatewayListener(MeshListener):
             conn.tls.close()
             self._refused(conn.peer, peer_id, route)
             return
+        if header.assertion is not None:
+            bad = self._check_assertion(header.assertion, header, route)
+            if bad is not None:
+                conn.tls.close()
+                self._refused(conn.peer, peer_id, bad)
+                return
         flow = conn.client.flow
         tried: list[EndpointState] = []
         failure = ""
@@ -78,7 +111,8 @@ class GatewayListener(MeshListener):
                 server_id = await dial_proxy(
                     flow.server, endpoint,
                     TransportHeader(port=endpoint.target_port, name=route.service.name,
-                                    protocol=header.protocol, caller=route.caller.identity),
+                                    protocol=header.protocol, caller=route.caller.identity,
+                                    assertion=header.assertion),
                     context=self.client_context(), timeout=self.connect_timeout)
             except (OSError, TimeoutError, ssl.SSLError, IdentityError) as e:
                 target.pick.failed()
@@ -97,6 +131,8 @@ class GatewayListener(MeshListener):
                 if flow.server.transport is not None:
                     flow.server.transport.close()
                 return
+            if header.protocol is SessionProtocol.HTTP1:
+                conn.client.rewrite = self._forwarded(conn, route)
             self._relay(conn, route, target, server_id)
             return
         conn.tls.close()
@@ -104,6 +140,26 @@ class GatewayListener(MeshListener):
             Reason.CONNECT_FAILED, f"no endpoint answered after {CONNECT_ATTEMPTS} attempts; "
             f"last: {failure}", route.target, service=route.service.name,
             caller=route.caller.identity))
+
+    def _forwarded(self, conn: MeshConnection, route: Route) -> Callable[[bytes], bytes]:
+        """What the caller's HTTP/1 bytes become on their way to the target."""
+        requests = ForwardedRequests(caller=route.caller.identity,
+                                     gateway=str(self.exports.identity))
+
+        def rewrite(data: bytes) -> bytes:
+            try:
+                return requests.feed(data)
+            except ProtocolError as e:
+                loop = isinstance(e, ForwardedLoop)
+                conn.tls.write(refusal(508, "Loop Detected", str(e)) if loop else
+                               refusal(400, "Bad Request", f"malformed request: {e}"))
+                conn.client.flow.close()
+                self._refused(conn.peer, str(conn.identity), Refused(
+                    Reason.LOOP if loop else Reason.BAD_REQUEST, str(e), route.target,
+                    service=route.service.name, caller=route.caller.identity))
+                return b""
+
+        return rewrite
 
     def _relay(self, conn: MeshConnection, route: Route, target: Target,
                server_id: Identity) -> None:

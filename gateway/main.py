@@ -28,6 +28,7 @@ from mesh.informer import Informer, all_synced, stop_all
 from mesh.kube import api_client
 from mesh.memory import return_freed_memory
 from mesh.metrics import GatewayMetrics, exposition
+from mesh.proxy.assertion import AssertionVerifier
 from mesh.proxy.main import Workload, listen, load_workload, serve_admin
 
 log = logging.getLogger("gateway")
@@ -71,7 +72,8 @@ class Gateway:
             client_context=workload.client_context,
             connect_timeout=cfg.connect_timeout.total_seconds(),
             handshake_timeout=cfg.handshake_timeout.total_seconds(),
-            header_timeout=cfg.header_timeout.total_seconds())
+            header_timeout=cfg.header_timeout.total_seconds(),
+            assertions=AssertionVerifier(lambda: workload.bundle))
         self.servers.append(await listen(listener.protocol, cfg.listen, "gateway"))
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)

@@ -183,6 +183,13 @@ class CertStore:
         return ca.key_pem(self._current.key)
 
     @property
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        """The current certificate's key, for signing caller assertions."""
+        if self._current is None:
+            raise IdentityError(f"{self._identity} has no certificate yet; await start() first")
+        return self._current.key
+
+    @property
     def expires_at(self) -> float | None:
         """When the current certificate expires (Unix time); None before the first."""
         return self._current.not_after if self._current else None

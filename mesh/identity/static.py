@@ -1,13 +1,16 @@
 """A workload identity read from files: a certificate chain, its key and a trust
 bundle, for VMs and tests that do not use the identity service. It offers the
-same face as `CertStore` (``identity``, ``server_context()``,
-``client_context()``), so the proxy does not care where its certificate came
-from."""
+same face as `CertStore` (``identity``, ``bundle``, ``certificates``,
+``private_key``, ``server_context()``, ``client_context()``), so the proxy does
+not care where its certificate came from."""
 
 from __future__ import annotations
 
 import ssl
 from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from mesh.identity import ca, tls
 from mesh.identity.bundle import TrustBundle
@@ -23,6 +26,15 @@ class StaticIdentity:
         self.identity = Identity.from_certificate(certs[0])
         self.bundle = bundle
         self.certificates = tuple(certs)
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as e:
+            raise TrustSetupError(f"the key file holds no readable unencrypted PEM key: {e}"
+                                  ) from e
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise TrustSetupError("the key file holds a key that is not ECDSA; workload keys "
+                                  "are ECDSA P-256")
+        self.private_key = key
         self._server = tls.server_context(bundle)
         self._client = tls.client_context(bundle)
         for ctx in (self._server, self._client):

@@ -33,11 +33,12 @@ from mesh.identity.names import Identity
 from mesh.identity.tls import check_peer
 from mesh.metrics import ProxyMetrics
 from mesh.proxy import http1
+from mesh.proxy.assertion import peer_header
 from mesh.proxy.balancer import Balancer, EndpointState, Pick
 from mesh.proxy.discovery import EndpointSpec, ServiceSpec
 from mesh.proxy.relay import Flow
 from mesh.proxy.retry import RetryBudget, is_retryable
-from mesh.proxy.transport_header import SessionProtocol, TransportHeader
+from mesh.proxy.transport_header import SessionProtocol
 
 log = logging.getLogger("mesh.proxy.http")
 
@@ -177,8 +178,8 @@ class Pool:
         except IdentityError:
             transport.close()
             raise
-        transport.write(TransportHeader(port=ep.target_port, name=ep.authority or service.name,
-                                        protocol=SessionProtocol.HTTP1).encode())
+        transport.write(peer_header(self.client_context, ep, service,
+                                    SessionProtocol.HTTP1).encode())
         up.server_id = ep.identity
         return up
 

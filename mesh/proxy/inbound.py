@@ -10,6 +10,10 @@ The caller is normally the mTLS peer. A peer that is a trusted gateway may
 name another caller in the header's field 100 (`caller_of`): it is then that
 caller who is authorized and counted, and the gateway appears in logs and in
 ``inbound_gateway_forwarded``. Field 100 from any other peer is refused.
+A caller assertion (field 101, `mesh.proxy.assertion`) proves the caller
+without trusting the peer that relays it: when it verifies, its caller is
+authorized and counted (and a field 100 must name the same caller); when it
+does not, the connection is refused (``cause="bad-assertion"``).
 
 Every refusal closes only the connection at fault, counts it, and logs one
 line naming the peer, the identity and the cause.
@@ -31,6 +35,7 @@ from mesh.errors import IdentityError, ProtocolError
 from mesh.identity.names import Identity
 from mesh.identity.tls import ALPN, check_peer
 from mesh.metrics import ProxyMetrics
+from mesh.proxy.assertion import AssertionVerifier, BadAssertion
 from mesh.proxy.observe import HttpObserver
 from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
 from mesh.proxy.transport_header import HeaderDecoder, SessionProtocol, TransportHeader
@@ -58,7 +63,8 @@ class Caller:
 
     identity: str
     gateway: str | None = None
-    """The trusted gateway that forwarded the caller; None when the caller is the peer."""
+    """The peer that forwarded the caller (a trusted gateway, or any peer relaying the
+    caller's assertion); None when the caller is the peer."""
 
 
 def is_trusted_gateway(peer: str, trusted_gateways: Sequence[str]) -> bool:
@@ -235,12 +241,17 @@ class InboundPolicy:
 
 
 class Inbound(MeshListener):
+    """The inbound proxy; without `assertions` it refuses every caller assertion, since
+    it cannot verify one."""
+
     def __init__(self, policy: InboundPolicy, server_context: Callable[[], ssl.SSLContext],
-                 metrics: ProxyMetrics, flows: FlowMetrics) -> None:
+                 metrics: ProxyMetrics, flows: FlowMetrics, *,
+                 assertions: AssertionVerifier | None = None) -> None:
         super().__init__(server_context, flows, handshake_timeout=policy.handshake_timeout,
                          header_timeout=policy.header_timeout)
         self.policy = policy
         self.metrics = metrics
+        self.assertions = assertions
 
     def refuse(self, peer: str, cause: str, *, identity: str = "",
                exc: BaseException | None = None) -> None:
@@ -249,22 +260,14 @@ class Inbound(MeshListener):
                  identity or "-", cause, exc or "-")
 
     async def serve(self, conn: MeshConnection) -> None:
-        tls, peer, peer_id = conn.tls, conn.peer, str(conn.identity)
-        gateway = is_trusted_gateway(peer_id, self.policy.trusted_gateways)
-        # A gateway's own identity says nothing of its caller: wait for the header.
-        if self.policy.ports is None and not gateway and not self.policy.allows(peer_id):
-            self._deny(tls, peer, Caller(peer_id), "", "not-authorized: identity not in "
-                       "inbound.authorized")
-            return
+        tls, peer = conn.tls, conn.peer
+        # The peer's own identity says nothing of the caller when it is a gateway, and
+        # any peer may relay a caller's assertion: authorize once the header is read.
         header = await self.read_header(conn)
         if header is None:
             return
-        try:
-            caller = caller_of(peer_id, header.caller, self.policy.trusted_gateways)
-        except ProtocolError as e:
-            tls.close()
-            cause = "forged-caller" if isinstance(e, ForgedCaller) else "bad-caller"
-            self.refuse(peer, cause, identity=peer_id, exc=e)
+        caller = self._caller(conn, header)
+        if caller is None:
             return
         target = f"{self.policy.app_host}:{header.port}"
         http = header.protocol is SessionProtocol.HTTP1
@@ -284,6 +287,36 @@ class Inbound(MeshListener):
                           "target_addr": target, "dst_service": ""}
         self.metrics.tcp_authz_allow.labels("inbound", "true", caller.identity, target).inc()
         await self._connect_app(conn, header, labels, caller.identity)
+
+    def _caller(self, conn: MeshConnection, header: TransportHeader) -> Caller | None:
+        """Whom the connection is for: the asserted caller, the one a trusted gateway
+        forwarded, or the peer; None once the connection is refused."""
+        peer_id = str(conn.identity)
+        if header.assertion is None:
+            try:
+                return caller_of(peer_id, header.caller, self.policy.trusted_gateways)
+            except ProtocolError as e:
+                conn.tls.close()
+                cause = "forged-caller" if isinstance(e, ForgedCaller) else "bad-caller"
+                self.refuse(conn.peer, cause, identity=peer_id, exc=e)
+                return None
+        try:
+            if self.assertions is None:
+                raise BadAssertion("this listener has no trust bundle to verify caller "
+                                   "assertions with")
+            asserted = self.assertions.check(header.assertion, authority=header.name,
+                                             peer=peer_id)
+            if header.caller and header.caller != asserted.caller:
+                raise BadAssertion(f"field 100 names caller {header.caller}, the assertion "
+                                   f"proves {asserted.caller}", asserted=asserted.caller)
+        except BadAssertion as e:
+            conn.tls.close()
+            self.metrics.protocol_errors.labels("inbound", "bad-assertion").inc()
+            log.info("inbound connection refused peer=%s identity=%s asserted=%s "
+                     "cause=bad-assertion detail=%s", conn.peer, peer_id, e.asserted or "-", e)
+            return None
+        return Caller(asserted.caller,
+                      gateway=None if asserted.caller == peer_id else peer_id)
 
     def _deny(self, tls: asyncio.Transport, peer: str, caller: Caller, target: str,
               reason: str, *, http: bool = False) -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 
 from mesh.config import IdentityConfig, ProxyConfig, split_address
@@ -30,6 +32,7 @@ from mesh.identity.names import Identity, service_identity
 from mesh.identity.static import StaticIdentity
 from mesh.memory import return_freed_memory
 from mesh.metrics import ProxyMetrics, exposition, share_between_processes
+from mesh.proxy.assertion import AssertionVerifier, ClientCredentials, ReplayCache
 from mesh.proxy.discovery import Discovery, ServiceSpec, StaticDiscovery
 from mesh.proxy.http import HttpOutbound, Pool
 from mesh.proxy.inbound import Inbound, InboundPolicy
@@ -47,6 +50,12 @@ class Workload(Protocol):
 
     @property
     def identity(self) -> Identity: ...
+    @property
+    def bundle(self) -> TrustBundle: ...
+    @property
+    def certificates(self) -> tuple[x509.Certificate, ...]: ...
+    @property
+    def private_key(self) -> ec.EllipticCurvePrivateKey: ...
     def server_context(self) -> ssl.SSLContext: ...
     def client_context(self) -> ssl.SSLContext: ...
 
@@ -176,14 +185,18 @@ class Proxy:
                                         ports=policy.for_port if policy else None,
                                         trusted_gateways=tuple(
                                             self.config.inbound.trusted_gateways)),
-                          workload.server_context, self.metrics, self.flows)
+                          workload.server_context, self.metrics, self.flows,
+                          assertions=AssertionVerifier(lambda: workload.bundle,
+                                                       replay=ReplayCache()))
         out_cfg = self.config.outbound
-        http = HttpOutbound(Pool(workload.client_context,
+        # Dials peers with the workload's context and signs caller assertions for gateways.
+        credentials = ClientCredentials(workload)
+        http = HttpOutbound(Pool(credentials,
                                  connect_timeout=out_cfg.connect_timeout.total_seconds()),
                             self.metrics, request_timeout=out_cfg.request_timeout.total_seconds(),
                             own_identity=lambda: workload.identity,
                             head_timeout=self.config.detect_timeout.total_seconds())
-        outbound = Outbound(discovery, workload.client_context, self.metrics, self.flows,
+        outbound = Outbound(discovery, credentials, self.metrics, self.flows,
                             connect_timeout=out_cfg.connect_timeout.total_seconds(),
                             own_identity=lambda: workload.identity, http=http,
                             detect_timeout=self.config.detect_timeout.total_seconds(),

@@ -20,6 +20,7 @@ from mesh.errors import IdentityError
 from mesh.identity.names import Identity
 from mesh.identity.tls import check_peer
 from mesh.metrics import ProxyMetrics
+from mesh.proxy.assertion import peer_header
 from mesh.proxy.balancer import Balancer
 from mesh.proxy.detect import Detected, Detector, ProtocolKind, opaque_for
 from mesh.proxy.discovery import Discovery, EndpointSpec, ServiceSpec
@@ -192,8 +193,7 @@ class Outbound:
                                    self.connect_timeout)
             return labels
         expected = await dial_proxy(flow.server, endpoint,
-                                    TransportHeader(port=endpoint.target_port,
-                                                    name=endpoint.authority or service.name),
+                                    peer_header(self.client_context, endpoint, service),
                                     context=self.client_context(),
                                     timeout=self.connect_timeout)
         labels["server_id"] = str(expected)

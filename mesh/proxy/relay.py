@@ -62,7 +62,7 @@ class Half(asyncio.Protocol):
     """One side of a flow: what it reads is written to its peer."""
 
     __slots__ = ("eof", "flow", "observe", "on_data", "peer", "pending", "read_bytes",
-                 "transport")
+                 "rewrite", "transport")
 
     def __init__(self, flow: Flow) -> None:
         self.flow = flow
@@ -75,6 +75,9 @@ class Half(asyncio.Protocol):
         """While set, reads go here instead of to the peer (headers, detection)."""
         self.observe: Callable[[bytes], None] | None = None
         """Sees a copy of every byte relayed from this side (HTTP metrics)."""
+        self.rewrite: Callable[[bytes], bytes] | None = None
+        """Turns what this side reads into what its peer is sent (the gateway's
+        Forwarded header); it deals with its own errors."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but behave as one.
@@ -85,6 +88,10 @@ class Half(asyncio.Protocol):
         if self.on_data is not None:
             self.on_data(data)
             return
+        if self.rewrite is not None:
+            data = self.rewrite(data)
+            if not data:
+                return
         if self.observe is not None:
             self.observe(data)
         peer = self.peer
@@ -108,6 +115,8 @@ class Half(asyncio.Protocol):
         if self.pending:
             held = b"".join(self.pending)
             self.pending.clear()
+            if self.rewrite is not None:
+                held = self.rewrite(held)
             if self.observe is not None:
                 self.observe(held)
             peer.transport.write(held)

@@ -10,11 +10,24 @@ message, then the relayed stream. The message is Linkerd's `transport.l5d.io.Hea
       string name = 2;                       // optional; intended for gateway forwarding
       SessionProtocol session_protocol = 3;  // absent: the stream is opaque
       string caller = 100;                   // meshgate only (Linkerd skips it)
+      CallerAssertion assertion = 101;       // meshgate only (Linkerd skips it)
     }
     message SessionProtocol {
       message Http1 {}
       message Http2 {}
       oneof kind { Http1 http1 = 1; Http2 http2 = 2; }
+    }
+
+    message CallerAssertion {   // signed by the caller's proxy (mesh.proxy.assertion)
+      bytes claims = 1;          // an encoded AssertionClaims: the signed bytes
+      bytes signature = 2;       // ECDSA P-256 SHA-256 with the caller's workload key
+      repeated bytes chain = 3;  // the caller's certificates, DER, leaf first
+    }
+    message AssertionClaims {
+      string caller = 1;     // the caller's identity name
+      string authority = 2;  // the target service: the header name it is sent with
+      int64 not_after = 3;   // Unix seconds
+      bytes nonce = 4;       // random; names this assertion in replay caches
     }
 
 `TransportHeader.encode()` writes all of it; `HeaderDecoder` reads it back as bytes
@@ -36,7 +49,9 @@ MAX_HEADER_LENGTH = 64 * 1024
 """The largest protobuf message accepted, in bytes (the u32 length field)."""
 
 _PREFIX_LENGTH = len(PREFACE) + 4
-_PORT, _NAME, _SESSION_PROTOCOL, _CALLER = 1, 2, 3, 100
+_PORT, _NAME, _SESSION_PROTOCOL, _CALLER, _ASSERTION = 1, 2, 3, 100, 101
+_CLAIMS, _SIGNATURE, _CHAIN = 1, 2, 3
+_CLAIM_CALLER, _CLAIM_AUTHORITY, _CLAIM_NOT_AFTER, _CLAIM_NONCE = 1, 2, 3, 4
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 
 
@@ -73,13 +88,79 @@ class SessionProtocol(enum.Enum):
 
 
 @dataclass(frozen=True)
+class AssertionClaims:
+    """What a caller asserts: who it is, which service it calls, until when; `nonce`
+    makes each signed assertion distinct."""
+
+    caller: str
+    authority: str
+    not_after: int
+    nonce: bytes
+
+    def encode(self) -> bytes:
+        msg = bytearray()
+        _put_bytes(msg, _CLAIM_CALLER, self.caller.encode())
+        _put_bytes(msg, _CLAIM_AUTHORITY, self.authority.encode())
+        msg += _encode_varint(_CLAIM_NOT_AFTER << 3)
+        msg += _encode_varint(self.not_after & 0xFFFFFFFFFFFFFFFF)
+        _put_bytes(msg, _CLAIM_NONCE, self.nonce)
+        return bytes(msg)
+
+    @classmethod
+    def decode(cls, data: bytes) -> AssertionClaims:
+        """Read encoded claims; raises `MalformedHeader` on bad protobuf or UTF-8."""
+        caller = authority = ""
+        not_after, nonce, pos, end = 0, b"", 0, len(data)
+        while pos < end:
+            field, wire_type, pos = _read_key(data, pos, end)
+            if field == _CLAIM_NOT_AFTER:
+                _expect_wire_type(field, wire_type, _VARINT, "assertion.claims.")
+                value, pos = _read_varint(data, pos, end)
+                not_after = value - (1 << 64) if value >= 1 << 63 else value
+            elif field in (_CLAIM_CALLER, _CLAIM_AUTHORITY, _CLAIM_NONCE):
+                _expect_wire_type(field, wire_type, _LENGTH_DELIMITED, "assertion.claims.")
+                start, pos = _read_length(data, pos, end)
+                if field == _CLAIM_NONCE:
+                    nonce = data[start:pos]
+                elif field == _CLAIM_CALLER:
+                    caller = _utf8(data, start, pos, "assertion caller")
+                else:
+                    authority = _utf8(data, start, pos, "assertion authority")
+            else:
+                pos = _skip(data, pos, end, wire_type)
+        return cls(caller, authority, not_after, nonce)
+
+
+@dataclass(frozen=True)
+class CallerAssertion:
+    """A caller's signed claims and the certificate chain that vouches for its key.
+
+    The codec only carries it; `mesh.proxy.assertion` signs and verifies it.
+    """
+
+    claims: bytes
+    signature: bytes
+    chain: tuple[bytes, ...] = ()
+
+    def encode(self) -> bytes:
+        msg = bytearray()
+        _put_bytes(msg, _CLAIMS, self.claims)
+        _put_bytes(msg, _SIGNATURE, self.signature)
+        for cert in self.chain:
+            _put_bytes(msg, _CHAIN, cert)
+        return bytes(msg)
+
+
+@dataclass(frozen=True)
 class TransportHeader:
-    """The decoded header: target port, optional name, session protocol and caller."""
+    """The decoded header: target port, optional name, session protocol, caller and the
+    caller's assertion."""
 
     port: int
     name: str = ""
     protocol: SessionProtocol | None = None
     caller: str = ""
+    assertion: CallerAssertion | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -97,10 +178,12 @@ class TransportHeader:
             _put_bytes(msg, _SESSION_PROTOCOL, kind)
         if self.caller:
             _put_bytes(msg, _CALLER, self.caller.encode())
+        if self.assertion is not None:
+            _put_bytes(msg, _ASSERTION, self.assertion.encode())
         if len(msg) > MAX_HEADER_LENGTH:
             raise HeaderTooLarge(
                 f"transport header for port {self.port} would be {len(msg)} bytes, over the "
-                f"{MAX_HEADER_LENGTH}-byte limit; shorten the name or caller"
+                f"{MAX_HEADER_LENGTH}-byte limit; shorten the name, caller or assertion chain"
             )
         return PREFACE + len(msg).to_bytes(4, "big") + msg
 
@@ -238,12 +321,17 @@ def _decode_message(buf: bytes | bytearray, pos: int, end: int) -> TransportHead
     port = 0
     name = caller = ""
     protocol: SessionProtocol | None = None
+    assertion: CallerAssertion | None = None
     while pos < end:
         field, wire_type, pos = _read_key(buf, pos, end)
         if field == _PORT:
             _expect_wire_type(field, wire_type, _VARINT)
             value, pos = _read_varint(buf, pos, end)
             port = _as_int32(value)
+        elif field == _ASSERTION:
+            _expect_wire_type(field, wire_type, _LENGTH_DELIMITED)
+            start, pos = _read_length(buf, pos, end)
+            assertion = _decode_assertion(buf, start, pos)
         elif field in (_NAME, _SESSION_PROTOCOL, _CALLER):
             _expect_wire_type(field, wire_type, _LENGTH_DELIMITED)
             start, pos = _read_length(buf, pos, end)
@@ -257,7 +345,28 @@ def _decode_message(buf: bytes | bytearray, pos: int, end: int) -> TransportHead
             pos = _skip(buf, pos, end, wire_type)
     if not 1 <= port <= 65535:
         raise MalformedHeader(f"transport header port {port} is outside 1..65535")
-    return TransportHeader(port=port, name=name, protocol=protocol, caller=caller)
+    return TransportHeader(port=port, name=name, protocol=protocol, caller=caller,
+                           assertion=assertion)
+
+
+def _decode_assertion(buf: bytes | bytearray, pos: int, end: int) -> CallerAssertion:
+    claims = signature = b""
+    chain: list[bytes] = []
+    while pos < end:
+        field, wire_type, pos = _read_key(buf, pos, end)
+        if field in (_CLAIMS, _SIGNATURE, _CHAIN):
+            _expect_wire_type(field, wire_type, _LENGTH_DELIMITED, "assertion.")
+            start, pos = _read_length(buf, pos, end)
+            value = bytes(buf[start:pos])
+            if field == _CLAIMS:
+                claims = value
+            elif field == _SIGNATURE:
+                signature = value
+            else:
+                chain.append(value)
+        else:
+            pos = _skip(buf, pos, end, wire_type)
+    return CallerAssertion(claims, signature, tuple(chain))
 
 
 def _decode_session_protocol(buf: bytes | bytearray, pos: int, end: int) -> SessionProtocol | None:

@@ -13,7 +13,9 @@ from mesh.proxy.transport_header import (
     MAX_HEADER_LENGTH,
     NEED_DATA,
     PREFACE,
+    AssertionClaims,
     BadPreface,
+    CallerAssertion,
     HeaderDecoder,
     HeaderTooLarge,
     MalformedHeader,
@@ -40,12 +42,26 @@ def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
+assertions = st.builds(
+    CallerAssertion,
+    claims=st.binary(max_size=200),
+    signature=st.binary(max_size=80),
+    chain=st.lists(st.binary(max_size=600), max_size=3).map(tuple),
+)
+claims = st.builds(
+    AssertionClaims,
+    caller=st.text(max_size=100),
+    authority=st.text(max_size=100),
+    not_after=st.integers(-(2**63), 2**63 - 1),
+    nonce=st.binary(max_size=32),
+)
 headers = st.builds(
     TransportHeader,
     port=st.integers(1, 65535),
     name=st.text(max_size=300),
     protocol=st.sampled_from([None, SessionProtocol.HTTP1, SessionProtocol.HTTP2]),
     caller=st.text(max_size=300),
+    assertion=st.none() | assertions,
 )
 
 
@@ -124,6 +140,31 @@ def test_encoding_matches_linkerds_field_numbers() -> None:
 def test_caller_is_field_100() -> None:
     wire = TransportHeader(port=80, caller="spiffe://a").encode()
     assert wire.endswith(b"\xa2\x06\x0aspiffe://a")  # key (100 << 3 | 2) as a varint
+
+
+@given(claims)
+def test_assertion_claims_round_trip(value: AssertionClaims) -> None:
+    assert AssertionClaims.decode(value.encode()) == value
+
+
+def test_the_assertion_is_field_101_with_claims_signature_and_chain() -> None:
+    assertion = CallerAssertion(b"c", b"s", (b"leaf", b"issuer"))
+    wire = TransportHeader(port=80, assertion=assertion).encode()
+    # key (101 << 3 | 2), length 20; then fields 1, 2 and 3 (repeated), each bytes.
+    assert wire.endswith(b"\xaa\x06\x14\x0a\x01c\x12\x01s\x1a\x04leaf\x1a\x06issuer")
+    header, _ = decode(wire)
+    assert header.assertion == assertion
+
+
+def test_claims_have_fixed_field_numbers() -> None:
+    value = AssertionClaims(caller="a", authority="b", not_after=300, nonce=b"n")
+    assert value.encode() == b"\x0a\x01a\x12\x01b\x18\xac\x02\x22\x01n"
+
+
+def test_unknown_fields_of_the_assertion_and_claims_are_skipped() -> None:
+    header, _ = decode(frame(b"\x08\x50\xaa\x06\x05\x0a\x01c\x20\x07"))
+    assert header.assertion == CallerAssertion(b"c", b"", ())
+    assert AssertionClaims.decode(b"\x0a\x01a\x28\x01") == AssertionClaims("a", "", 0, b"")
 
 
 def test_a_header_with_only_a_port_is_opaque() -> None:
@@ -230,6 +271,9 @@ def test_encoding_an_oversized_header_fails() -> None:
         (b"\x08\x50\x12\x05ab", "past the message end"),
         (b"\x08\x50\x12\x01\xff", "UTF-8"),
         (b"\x08\x50\xa2\x06\x01\xff", "caller is not valid UTF-8"),
+        (b"\x08\x50\xa8\x06\x01", "field 101 has wire type 0"),
+        (b"\x08\x50\xaa\x06\x02\x08\x01", "field assertion.1 has wire type 0"),
+        (b"\x08\x50\xaa\x06\x03\x0a\x05a", "past the message end"),
         (b"\x08\x50\x23\x24", "wire type 3"),
         (b"\x08\x50\x29\x00", "fixed-width"),
         (b"\x00\x08\x50", "field key 0"),
