@@ -425,15 +425,15 @@ class ClientSide(asyncio.Protocol):
         ends: when it fires it times out the request then in flight if that one is
         late, or re-arms for its deadline. That saves a timer per request."""
         if self._request_timer is None:
-            self._request_timer = asyncio.get_running_loop().call_at(
-                deadline, self._check_deadline)
+            self._request_timer = asyncio.get_running_loop().call_later(
+                deadline - time.monotonic(), self._check_deadline)
 
     def _check_deadline(self) -> None:
         self._request_timer = None
         exchange = self.exchange
         if exchange is None or exchange.done or self.closed:
             return
-        if asyncio.get_running_loop().time() >= exchange.deadline:
+        if time.monotonic() >= exchange.deadline:
             exchange.timed_out()
         else:
             self.watch_deadline(exchange.deadline)
@@ -520,7 +520,7 @@ class Exchange:
         self.status = 0
         self.series: _Series | None = None
         self.done = False
-        self.deadline = asyncio.get_running_loop().time() + http.request_timeout
+        self.deadline = self.started + http.request_timeout
         client.watch_deadline(self.deadline)
 
     # -------------------------------------------------------------- the request side

@@ -9,6 +9,7 @@ that ``--workers N`` processes share them.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -285,6 +286,14 @@ def _read_token(path: Path) -> str | None:
         return None
 
 
+def settle_heap() -> None:
+    """Move everything start-up made (modules, config, contexts) out of the
+    collector's way: a full collection would otherwise walk it all again and
+    again while requests allocate, which showed as a few percent of a busy proxy."""
+    gc.collect()
+    gc.freeze()
+
+
 def run(config: ProxyConfig, *, workers: int = 1, loop: str = "uvloop") -> None:
     """Run the proxy until SIGINT/SIGTERM, in ``workers`` processes."""
     children: list[int] = []
@@ -313,6 +322,7 @@ def run(config: ProxyConfig, *, workers: int = 1, loop: str = "uvloop") -> None:
         ev.add_signal_handler(signal.SIGHUP, proxy.reload)
         try:
             await proxy.start()
+            settle_heap()
             print(f"proxy {proxy.workload.identity if proxy.workload else ''} ready "
                   f"(pid {os.getpid()})", flush=True)
             await stop.wait()
