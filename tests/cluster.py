@@ -157,3 +157,27 @@ def start_cluster(state_dir: Path, *extra: str, name: str = "test",
     proc, output, lines, _ = spawn(args, lambda line: line.startswith("kubeconfig:"),
                                    what="cluster", timeout=timeout)
     return Cluster(state_dir, proc, args, lines, output)
+
+
+def add_meshed_service(api: client.ApiClient, name: str, *, app_port: int, inbound_port: int,
+                       labels: dict[str, str], port_name: str | None = None) -> None:
+    """A Service `name` in default selecting one ready Pod at 127.0.0.1, whose app listens
+    on `app_port` behind a proxy whose inbound listener is `inbound_port`."""
+    from mesh.discovery.index import INBOUND_PORT_ANNOTATION
+
+    core: Any = client.CoreV1Api(api)
+    core.create_namespaced_service("default", {
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": app_port}]}})
+    port: dict[str, Any] = {"containerPort": app_port}
+    if port_name:
+        port["name"] = port_name
+    core.create_namespaced_pod("default", {
+        "metadata": {"name": f"{name}-1", "labels": {"app": name},
+                     "annotations": {INBOUND_PORT_ANNOTATION: str(inbound_port)}},
+        "spec": {"serviceAccountName": "web",
+                 "containers": [{"name": "app", "image": "app", "ports": [port]}]}})
+    core.patch_namespaced_pod_status(f"{name}-1", "default", {"status": {
+        "phase": "Running", "podIP": "127.0.0.1",
+        "conditions": [{"type": "Ready", "status": "True"}]}},
+        _content_type="application/merge-patch+json")

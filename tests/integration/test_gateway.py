@@ -33,12 +33,11 @@ from mesh.control.policy import (
     SERVER,
     VERSION,
 )
-from mesh.discovery.index import INBOUND_PORT_ANNOTATION
 from mesh.identity import tls as mtls
 from mesh.identity.bundle import TrustBundle
 from mesh.identity.names import Identity
 from mesh.proxy.transport_header import TransportHeader
-from tests.cluster import Cluster, spawn, stop_process, wait_for
+from tests.cluster import Cluster, add_meshed_service, spawn, stop_process, wait_for
 from tests.meshproxy import (
     DOMAIN,
     ProxyProcess,
@@ -50,7 +49,6 @@ from tests.meshproxy import (
     start_proxy,
 )
 
-MERGE = "application/merge-patch+json"
 EXPORTED = {"mirror.meshgate.io/exported": "true"}
 GATEWAY = Identity("multicluster", "gateway", DOMAIN).dns_name
 WEST_GATEWAY = Identity("multicluster", "west-gateway", DOMAIN).dns_name
@@ -110,19 +108,8 @@ def _create_services(cluster: Cluster, app_port: int, inbound_port: int) -> None
     api = cluster.api()
     core: Any = client.CoreV1Api(api)
     for name, labels in (("web", EXPORTED), ("secret", {}), ("admin", EXPORTED)):
-        core.create_namespaced_service("default", {
-            "metadata": {"name": name, "labels": labels},
-            "spec": {"selector": {"app": name},
-                     "ports": [{"port": 80, "targetPort": app_port}]}})
-        core.create_namespaced_pod("default", {
-            "metadata": {"name": f"{name}-1", "labels": {"app": name},
-                         "annotations": {INBOUND_PORT_ANNOTATION: str(inbound_port)}},
-            "spec": {"serviceAccountName": "web", "containers": [{
-                "name": "app", "image": "echo",
-                "ports": [{"name": "echo", "containerPort": app_port}]}]}})
-        core.patch_namespaced_pod_status(f"{name}-1", "default", {"status": {
-            "phase": "Running", "podIP": "127.0.0.1",
-            "conditions": [{"type": "Ready", "status": "True"}]}}, _content_type=MERGE)
+        add_meshed_service(api, name, app_port=app_port, inbound_port=inbound_port,
+                           labels=labels, port_name="echo")
     # The local mirror of a linked cluster's web: its endpoints would be that gateway.
     core.create_namespaced_service("default", {
         "metadata": {"name": "web-west", "labels": {

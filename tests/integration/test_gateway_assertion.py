@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from kubernetes import client
 
 from mesh.control.crds import install_crds
-from mesh.discovery.index import INBOUND_PORT_ANNOTATION
 from mesh.identity import ca
 from mesh.identity import tls as mtls
 from mesh.identity.bundle import TrustBundle
@@ -37,19 +36,19 @@ from mesh.proxy.transport_header import (
     SessionProtocol,
     TransportHeader,
 )
-from tests.cluster import Cluster, stop_process, wait_for
+from tests.cluster import Cluster, add_meshed_service, stop_process, wait_for
 from tests.integration.test_gateway import GATEWAY, GatewayProcess, _start_gateway, fqdn
 from tests.meshproxy import (
     DOMAIN,
     ProxyProcess,
     Trust,
+    call,
     echo_app,
     free_port,
     services_file,
     start_proxy,
 )
 
-MERGE = "application/merge-patch+json"
 CALLER = Identity("default", "client", DOMAIN)
 TESTER = Identity("default", "tester", DOMAIN)
 """A workload that talks to the gateway and the target directly."""
@@ -83,19 +82,9 @@ class World:
 
 
 def _create_services(cluster: Cluster, ports: dict[str, int], inbound_port: int) -> None:
-    core: Any = client.CoreV1Api(cluster.api())
     for name, port in ports.items():
-        core.create_namespaced_service("default", {
-            "metadata": {"name": name, "labels": {"mirror.meshgate.io/exported": "true"}},
-            "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": port}]}})
-        core.create_namespaced_pod("default", {
-            "metadata": {"name": f"{name}-1", "labels": {"app": name},
-                         "annotations": {INBOUND_PORT_ANNOTATION: str(inbound_port)}},
-            "spec": {"serviceAccountName": "web", "containers": [{
-                "name": "app", "image": "app", "ports": [{"containerPort": port}]}]}})
-        core.patch_namespaced_pod_status(f"{name}-1", "default", {"status": {
-            "phase": "Running", "podIP": "127.0.0.1",
-            "conditions": [{"type": "Ready", "status": "True"}]}}, _content_type=MERGE)
+        add_meshed_service(cluster.api(), name, app_port=port, inbound_port=inbound_port,
+                           labels={"mirror.meshgate.io/exported": "true"})
     slices: Any = client.DiscoveryV1Api(cluster.api())
     wait_for(lambda: all(any(s.endpoints for s in slices.list_namespaced_endpoint_slice(
         "default", label_selector=f"kubernetes.io/service-name={name}").items)
@@ -174,25 +163,13 @@ def _exchange(sock: ssl.SSLSocket, header: TransportHeader, payload: bytes) -> b
     return got
 
 
-def _call(address: tuple[str, int], payload: bytes) -> bytes:
-    with socket.create_connection(address, timeout=5) as s:
-        s.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        return got
-
-
 # -- the real caller, proven ------------------------------------------------------------
 
 
 def test_a_target_that_does_not_trust_the_gateway_authorizes_the_asserted_caller(
         world: World) -> None:
     for i in range(3):  # the cached assertion serves each new connection; none is a replay
-        assert _call(world.vips["web-west"], b"proven %d" % i) == b"proven %d" % i
+        assert call(world.vips["web-west"], b"proven %d" % i) == b"proven %d" % i
     target, caller = world.target, str(CALLER)
     wait_for(lambda: target.metric("tcp_close_total", direction="inbound", client_id=caller)
              >= 3, what="the target to count the caller's connections")
