@@ -4,7 +4,7 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 # Debian tools the tests drive, as command:package; installed when missing.
-DEB_TOOLS := openssl:openssl dig:dnsutils
+DEB_TOOLS := openssl:openssl dig:dnsutils nft:nftables
 
 .PHONY: test demo bench lint typecheck pytest tools venv clean
 

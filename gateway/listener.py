@@ -6,7 +6,10 @@ gateway's own identity and a header carrying the caller (field 100), and relayed
 
 Every refusal closes that connection alone, is counted in
 ``gateway_refused{reason}`` and logged in one line naming the peer, the caller
-and the target.
+and the target. A caller refused by policy (``unauthorized``, ``not-exported``)
+on an HTTP/1 session is first answered ``403 Forbidden`` with an
+``l5d-proxy-error`` header, as the target's inbound proxy would: its proxy then
+passes a denial to the application, not a broken connection that it retries.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ from mesh.proxy.balancer import EndpointState
 from mesh.proxy.inbound import MeshConnection, MeshListener
 from mesh.proxy.outbound import CONNECT_ATTEMPTS, dial_proxy
 from mesh.proxy.relay import Labels
-from mesh.proxy.transport_header import TransportHeader
+from mesh.proxy.transport_header import SessionProtocol, TransportHeader
 
 log = logging.getLogger("gateway")
+
+_FORBIDDEN = frozenset({Reason.UNAUTHORIZED, Reason.NOT_EXPORTED})
+"""Refusals that are the caller's to fix: answered 403 on HTTP sessions."""
 
 
 class GatewayListener(MeshListener):
@@ -59,7 +65,7 @@ class GatewayListener(MeshListener):
         peer_id = str(conn.identity)
         route = self.exports.route(peer_id, header)
         if isinstance(route, Refused):
-            conn.tls.close()
+            self._close(conn, header, route)
             self._refused(conn.peer, peer_id, route)
             return
         flow = conn.client.flow
@@ -68,7 +74,7 @@ class GatewayListener(MeshListener):
         for _attempt in range(CONNECT_ATTEMPTS):
             target = self.exports.choose(route, avoid=tried)
             if isinstance(target, Refused):
-                conn.tls.close()
+                self._close(conn, header, target)
                 self._refused(conn.peer, peer_id, target)
                 return
             tried.append(target.pick.endpoint)
@@ -104,6 +110,17 @@ class GatewayListener(MeshListener):
             Reason.CONNECT_FAILED, f"no endpoint answered after {CONNECT_ATTEMPTS} attempts; "
             f"last: {failure}", route.target, service=route.service.name,
             caller=route.caller.identity))
+
+    def _close(self, conn: MeshConnection, header: TransportHeader, refused: Refused) -> None:
+        if header.protocol is SessionProtocol.HTTP1 and refused.reason in _FORBIDDEN:
+            reason = f"{refused.reason}: {refused.detail}"
+            body = f"{reason}\n".encode()
+            safe = reason.encode("ascii", "replace").replace(b"\r", b" ").replace(b"\n", b" ")
+            conn.tls.write(b"HTTP/1.1 403 Forbidden\r\nl5d-proxy-error: " + safe
+                           + b"\r\ncontent-type: text/plain\r\ncontent-length: "
+                           + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
+                           + body)
+        conn.tls.close()
 
     def _relay(self, conn: MeshConnection, route: Route, target: Target,
                server_id: Identity) -> None:
