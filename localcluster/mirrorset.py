@@ -7,7 +7,8 @@ and a log (``DIR/logs/mirror-NAME.log``). A child whose Link is deleted is
 stopped once the Link is gone (not while it is being deleted: the controller
 removes the Link's mirrors and then its finalizer). A child that exits is
 reported in one line naming the Link, its exit status and the last line of its
-log, and started again with capped exponential backoff.
+log, and started again with capped exponential backoff. Every child of a Link
+holds the Link's Lease under the same name, so a restarted child resumes at once.
 
 `cluster up --multicluster` runs it in the node namespace; children are started
 under ``setpriv --pdeathsig`` (util-linux) so that they end with it, and
@@ -79,9 +80,13 @@ class MirrorSet:
         return self.state_dir / "logs" / f"{PID_PREFIX}{link}.log"
 
     def argv(self, link: str) -> list[str]:
+        # One name per Link across restarts, as a restarted container keeps its pod's:
+        # a child started after its predecessor exited takes the Lease back at once
+        # instead of waiting out the Lease of a process that is known to be gone.
         argv = meshgate_argv(("mirror", "run", "--kubeconfig", str(self.kubeconfig),
                               "--link", link, "--namespace", self.namespace,
-                              "--metrics-listen", "127.0.0.1:0"))
+                              "--metrics-listen", "127.0.0.1:0",
+                              "--identity", f"mirrorset-{link}"))
         setpriv = shutil.which("setpriv")
         # The child ends with this process even if it is killed, as a pod's containers do.
         return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
