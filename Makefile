@@ -36,7 +36,7 @@ pytest: $(STAMP) tools
 
 test: lint typecheck pytest
 
-demo: $(STAMP)
+demo: $(STAMP) tools
 	$(PY) -m localcluster.demo --state-dir demo-state
 
 bench: $(STAMP) tools
