@@ -21,7 +21,6 @@ removed when the last one leaves.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -309,6 +308,7 @@ def attach(cluster: str, *, node_netns: str, pod_cidr: IPv4Network,
             raise ConfigError(f"the WAN {wan!r} is {state.cidr}, not {cidr}; leave out "
                               "--wan-cidr or use another --wan")
         check_ranges(state.cidr, pod_cidr=pod_cidr, service_cidr=service_cidr)
+        _drop_stale(wan, state, keep=cluster)
         member = state.members.get(cluster)
         if member is not None and address is not None and member.address != address:
             raise ConfigError(f"cluster {cluster!r} is on the WAN at {member.address}, not "
@@ -334,6 +334,18 @@ def attach(cluster: str, *, node_netns: str, pod_cidr: IPv4Network,
     return Attachment(wan=wan, address=IPv4Interface(f"{member.address}/{state.cidr.prefixlen}"))
 
 
+def _drop_stale(wan: str, state: _Wan, *, keep: str) -> None:
+    """Forget members whose node namespace is gone (a cluster removed without `down`, or
+    a reboot), so their addresses are free again. A cluster joining always has its node
+    namespace already, so none that is still coming up is taken for stale."""
+    for name, member in list(state.members.items()):
+        if name != keep and not netns._netns_exists(member.node_netns):
+            _delete_peer(state, member)
+            del state.members[name]
+            log.info("wan stale member dropped wan=%s cluster=%s address=%s", wan, name,
+                     member.address)
+
+
 def detach(cluster: str, *, wan: str = DEFAULT_WAN) -> None:
     """Take `cluster` off the WAN; the last cluster to leave removes the WAN. A cluster
     that is not on it counts as detached."""
@@ -352,11 +364,7 @@ def detach(cluster: str, *, wan: str = DEFAULT_WAN) -> None:
 def _leave(wan: str, state: _Wan, cluster: str) -> None:
     member = state.members.get(cluster)
     if member is not None:
-        try:
-            _delete_peer(state, member)
-        except netns.TopologyError as e:
-            if getattr(e.__cause__, "code", None) != errno.ENOENT:
-                raise
+        _delete_peer(state, member)
         del state.members[cluster]
     if state.members:
         _save(wan, state)

@@ -305,6 +305,24 @@ def test_a_wan_address_in_use_is_refused_in_one_line(mc: Clusters) -> None:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("meshgate:")]
     assert len(errors) == 1 and f"in use by cluster '{EAST}'" in errors[0], proc.stderr
     assert not [n for n in netns.listnetns() if n.startswith("mg-mcthird-")]
+    assert "mcthird" not in (mc.base / "run" / "wan" / WAN / "wan.json").read_text()
+
+
+def test_without_nft_up_says_what_to_install_and_leaves_nothing(mc: Clusters) -> None:
+    path = ":".join(d for d in mc.env["PATH"].split(":")
+                    if d and not (Path(d) / "nft").exists())
+    proc = subprocess.run([sys.executable, "-m", "mesh.cli", "cluster", "up", "--name",
+                           "mcthird", "--state-dir", str(mc.base / "mcthird-nonft"),
+                           "--pod-cidr", "10.236.0.0/16", "--service-cidr", "10.237.0.0/16",
+                           "--multicluster", "--wan", WAN],
+                          env={**mc.env, "PATH": path}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("meshgate:")]
+    assert len(errors) == 1 and "needs `nft` (Debian package nftables)" in errors[0], \
+        proc.stderr
+    assert not [n for n in netns.listnetns() if n.startswith("mg-mcthird-")]
+    assert "mcthird" not in (mc.base / "run" / "wan" / WAN / "wan.json").read_text()
 
 
 def test_down_leaves_no_namespace_veth_or_pid_file(mc: Clusters) -> None:
