@@ -274,6 +274,10 @@ def up(req: UpRequest) -> ClusterSpec:
         other = Path(entry.read_text().strip())
         if other == state_dir and (state_dir / "cluster.json").exists():
             spec = load_spec(state_dir)
+            if req.multicluster and spec.wan is None:
+                raise ClusterError(f"cluster {req.name!r} was started without --multicluster; "
+                                   f"`meshgate cluster down --name {req.name}` and start it "
+                                   "again with --multicluster")
             netns.up(spec.network)
             _attach_wan(spec)
             _start_cluster_processes(spec)

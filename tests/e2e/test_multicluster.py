@@ -296,6 +296,17 @@ def test_a_dead_gateway_turns_mirror_endpoints_not_ready_and_up_restores_them(
              interval=0.5, what="calls to pass again")
 
 
+def test_unlink_stops_the_links_mirror_controller(mc: Clusters) -> None:
+    pid_file = mc.state(WEST) / "run" / f"mirror-{EAST}.pid"
+    assert pid_file.exists()
+    mc.meshgate("multicluster", "unlink", "--kubeconfig", str(mc.kubeconfig(WEST)),
+                "--cluster-name", EAST)
+    wait_for(lambda: not pid_file.exists(), timeout=15, interval=0.2,
+             what="west's supervisor to stop the mirror controller of the deleted Link")
+    log = (mc.state(WEST) / "logs" / "mirrors.log").read_text()
+    assert f"mirror stopped link=meshgate/{EAST} cause=the Link is gone" in log
+
+
 def test_a_wan_address_in_use_is_refused_in_one_line(mc: Clusters) -> None:
     proc = mc.meshgate("cluster", "up", "--name", "mcthird", "--state-dir",
                        str(mc.base / "mcthird"), "--pod-cidr", "10.236.0.0/16",
