@@ -279,7 +279,7 @@ def up(req: UpRequest) -> ClusterSpec:
                                    f"`meshgate cluster down --name {req.name}` and start it "
                                    "again with --multicluster")
             netns.up(spec.network)
-            _attach_wan(spec)
+            spec = _attach_wan(spec)
             _start_cluster_processes(spec)
             return spec
         if any(_daemon_alive(other, d) for d in DAEMONS):
@@ -308,13 +308,7 @@ def up(req: UpRequest) -> ClusterSpec:
     (state_dir / "cluster.json").write_text(spec.model_dump_json(by_alias=True, indent=2))
     try:
         netns.up(net)
-        if spec.wan is not None:
-            attached = wan.attach(spec.name, node_netns=spec.node_netns, pod_cidr=net.pod_cidr,
-                                  service_cidr=net.service_cidr, wan=spec.wan, cidr=wan_cidr,
-                                  address=wan_address)
-            spec = spec.model_copy(update={"wan_address": str(attached.address.ip)})
-            (state_dir / "cluster.json").write_text(spec.model_dump_json(by_alias=True,
-                                                                         indent=2))
+        spec = _attach_wan(spec, cidr=wan_cidr, address=wan_address)
         _start_cluster_processes(spec)
     except BaseException:
         with contextlib.suppress(MeshError):
@@ -337,15 +331,23 @@ def _wan_request(req: UpRequest) -> tuple[ipaddress.IPv4Network | None,
     return cidr, address
 
 
-def _attach_wan(spec: ClusterSpec) -> None:
-    """Converge the cluster's WAN link (`up` again after a crash or a reboot)."""
+def _attach_wan(spec: ClusterSpec, *, cidr: ipaddress.IPv4Network | None = None,
+                address: ipaddress.IPv4Address | None = None) -> ClusterSpec:
+    """Attach the cluster to its WAN, or converge its link (`up` again after a crash);
+    the spec with the WAN address, recorded in DIR/cluster.json."""
     if spec.wan is None:
-        return
-    address = ipaddress.IPv4Address(spec.wan_address) if spec.wan_address else None
-    wan.attach(spec.name, node_netns=spec.node_netns,
-               pod_cidr=ipaddress.IPv4Network(spec.pod_cidr),
-               service_cidr=ipaddress.IPv4Network(spec.service_cidr), wan=spec.wan,
-               address=address)
+        return spec
+    if spec.wan_address is not None:
+        address = ipaddress.IPv4Address(spec.wan_address)
+    attached = wan.attach(spec.name, node_netns=spec.node_netns,
+                          pod_cidr=ipaddress.IPv4Network(spec.pod_cidr),
+                          service_cidr=ipaddress.IPv4Network(spec.service_cidr), wan=spec.wan,
+                          cidr=cidr, address=address)
+    if spec.wan_address != str(attached.address.ip):
+        spec = spec.model_copy(update={"wan_address": str(attached.address.ip)})
+        (spec.state_dir / "cluster.json").write_text(spec.model_dump_json(by_alias=True,
+                                                                          indent=2))
+    return spec
 
 
 def _start_cluster_processes(spec: ClusterSpec) -> None:

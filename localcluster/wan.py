@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from localcluster import netns
 from localcluster.rootless import run_dir
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, MeshError
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +327,11 @@ def attach(cluster: str, *, node_netns: str, pod_cidr: IPv4Network,
             _link_node(state, cluster, member)
             _enable_forwarding(node_netns)
             _load_rules(node_netns, pod_cidr)
-        except BaseException:
-            _leave(wan, state, cluster)
+        except BaseException as e:
+            try:
+                _leave(wan, state, cluster)
+            except MeshError as cleanup:
+                e.add_note(f"taking cluster {cluster!r} off the WAN also failed: {cleanup}")
             raise
     log.info("wan attached cluster=%s wan=%s address=%s", cluster, wan, member.address)
     return Attachment(wan=wan, address=IPv4Interface(f"{member.address}/{state.cidr.prefixlen}"))

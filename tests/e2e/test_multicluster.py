@@ -287,7 +287,7 @@ def test_a_dead_gateway_turns_mirror_endpoints_not_ready_and_up_restores_them(
              what="the mirror to be ready")
     os.kill(int((mc.state(WEST) / "run" / "gateway.pid").read_text()), signal.SIGKILL)
     # probeSpec: every 3 s, 3 failures in a row; allow one period of jitter and a write.
-    wait_for(lambda: mc.mirror_ready() == [False], timeout=20, interval=0.2,
+    wait_for(lambda: mc.mirror_ready() == [False], timeout=30, interval=0.2,
              what="east to mark west's gateway not ready")
     mc.meshgate("cluster", "up", "--name", WEST, "--state-dir", str(mc.state(WEST)))
     wait_for(lambda: mc.mirror_ready() == [True], timeout=20, interval=0.2,
