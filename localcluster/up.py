@@ -323,6 +323,7 @@ def _wan_request(req: UpRequest) -> tuple[ipaddress.IPv4Network | None,
         if req.wan_cidr or req.wan_address:
             raise ConfigError("--wan-cidr and --wan-address need --multicluster")
         return None, None
+    wan.check_name(req.wan)
     try:
         cidr = ipaddress.IPv4Network(req.wan_cidr) if req.wan_cidr else None
         address = ipaddress.IPv4Address(req.wan_address) if req.wan_address else None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -48,6 +49,7 @@ BRIDGE = "mgwan0"
 NODE_IFNAME = "wan0"
 NFT_TABLE = "meshgate"
 LOCK_TIMEOUT = 30.0
+_NAME = re.compile(r"[a-z0-9][-a-z0-9]{0,31}")
 
 
 class WanError(netns.TopologyError):
@@ -146,8 +148,15 @@ def nft_ruleset(pod_cidr: IPv4Network) -> str:
 # --- state -------------------------------------------------------------------------------
 
 
+def check_name(wan: str) -> str:
+    """`wan`, if it can name a network namespace and a directory and leave neither."""
+    if not _NAME.fullmatch(wan):
+        raise ConfigError(f"WAN name {wan!r} must be 1-32 lower-case letters, digits and '-'")
+    return wan
+
+
 def _root(wan: str) -> Path:
-    return run_dir() / "wan" / wan
+    return run_dir() / "wan" / check_name(wan)
 
 
 def _state_path(wan: str) -> Path:

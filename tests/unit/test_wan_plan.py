@@ -12,6 +12,7 @@ from localcluster.wan import (
     WanError,
     check_ranges,
     choose_address,
+    members,
     nft_ruleset,
     peer_name,
 )
@@ -66,3 +67,9 @@ def test_the_rules_masquerade_pods_and_keep_the_wan_out() -> None:
     assert 'ip saddr 10.244.0.0/16 oifname "wan0" masquerade' in rules
     assert 'iifname "wan0" ct state established,related accept' in rules
     assert rules.index("delete table ip meshgate") < rules.index("chain postrouting")
+
+
+@pytest.mark.parametrize("name", ["../etc", "Mg-Wan", "", "a" * 33])
+def test_a_wan_name_that_is_not_a_plain_label_is_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match="WAN name"):
+        members(name)
