@@ -4,7 +4,7 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 # Debian tools the tests drive, as command:package; installed when missing.
-DEB_TOOLS := openssl:openssl dig:dnsutils
+DEB_TOOLS := openssl:openssl dig:dnsutils nft:nftables
 
 .PHONY: test demo bench lint typecheck pytest tools venv clean
 
@@ -36,7 +36,7 @@ pytest: $(STAMP) tools
 
 test: lint typecheck pytest
 
-demo: $(STAMP)
+demo: $(STAMP) tools
 	$(PY) -m localcluster.demo --state-dir demo-state
 
 bench: $(STAMP) tools

@@ -43,15 +43,6 @@ def forwarded_by(values: list[bytes]) -> list[str]:
     return nodes
 
 
-def refusal(status: int, reason: str, cause: str) -> bytes:
-    """A response that tells the caller why its connection ends, as proxies answer."""
-    body = f"{cause}\n".encode()
-    safe = cause.replace("\r", " ").replace("\n", " ")
-    return (f"HTTP/1.1 {status} {reason}\r\nl5d-proxy-error: {safe}\r\n"
-            f"content-type: text/plain\r\ncontent-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n").encode() + body
-
-
 class ForwardedRequests:
     """Adds a Forwarded field to each request of one HTTP/1 client connection.
 

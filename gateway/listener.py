@@ -13,7 +13,10 @@ this gateway already is a loop, answered 508 and refused.
 
 Every refusal closes that connection alone, is counted in
 ``gateway_refused{reason}`` and logged in one line naming the peer, the caller
-and the target.
+and the target. A caller refused by policy (``unauthorized``, ``not-exported``)
+on an HTTP/1 session is first answered ``403 Forbidden`` with an
+``l5d-proxy-error`` header, as the target's inbound proxy would: its proxy then
+passes a denial to the application, not a broken connection that it retries.
 """
 
 from __future__ import annotations
@@ -24,18 +27,22 @@ import time
 from collections.abc import Callable
 
 from gateway.exports import Exports, Reason, Refused, Route, Target
-from gateway.forwarded import ForwardedLoop, ForwardedRequests, refusal
+from gateway.forwarded import ForwardedLoop, ForwardedRequests
 from mesh.errors import IdentityError, ProtocolError
 from mesh.identity.names import Identity
 from mesh.metrics import GatewayMetrics
 from mesh.proxy.assertion import AssertionVerifier, BadAssertion
 from mesh.proxy.balancer import EndpointState
+from mesh.proxy.http1 import error_response
 from mesh.proxy.inbound import MeshConnection, MeshListener
 from mesh.proxy.outbound import CONNECT_ATTEMPTS, dial_proxy
 from mesh.proxy.relay import Labels
 from mesh.proxy.transport_header import CallerAssertion, SessionProtocol, TransportHeader
 
 log = logging.getLogger("gateway")
+
+_FORBIDDEN = frozenset({Reason.UNAUTHORIZED, Reason.NOT_EXPORTED})
+"""Refusals that are the caller's to fix: answered 403 on HTTP sessions."""
 
 
 class GatewayListener(MeshListener):
@@ -86,7 +93,7 @@ class GatewayListener(MeshListener):
         peer_id = str(conn.identity)
         route = self.exports.route(peer_id, header)
         if isinstance(route, Refused):
-            conn.tls.close()
+            self._close(conn, header, route)
             self._refused(conn.peer, peer_id, route)
             return
         if header.assertion is not None:
@@ -101,7 +108,7 @@ class GatewayListener(MeshListener):
         for _attempt in range(CONNECT_ATTEMPTS):
             target = self.exports.choose(route, avoid=tried)
             if isinstance(target, Refused):
-                conn.tls.close()
+                self._close(conn, header, target)
                 self._refused(conn.peer, peer_id, target)
                 return
             tried.append(target.pick.endpoint)
@@ -151,8 +158,8 @@ class GatewayListener(MeshListener):
                 return requests.feed(data)
             except ProtocolError as e:
                 loop = isinstance(e, ForwardedLoop)
-                conn.tls.write(refusal(508, "Loop Detected", str(e)) if loop else
-                               refusal(400, "Bad Request", f"malformed request: {e}"))
+                conn.tls.write(error_response(508, str(e)) if loop else
+                               error_response(400, f"malformed request: {e}"))
                 conn.client.flow.close()
                 self._refused(conn.peer, str(conn.identity), Refused(
                     Reason.LOOP if loop else Reason.BAD_REQUEST, str(e), route.target,
@@ -160,6 +167,11 @@ class GatewayListener(MeshListener):
                 return b""
 
         return rewrite
+
+    def _close(self, conn: MeshConnection, header: TransportHeader, refused: Refused) -> None:
+        if header.protocol is SessionProtocol.HTTP1 and refused.reason in _FORBIDDEN:
+            conn.tls.write(error_response(403, f"{refused.reason}: {refused.detail}"))
+        conn.tls.close()
 
     def _relay(self, conn: MeshConnection, route: Route, target: Target,
                server_id: Identity) -> None:

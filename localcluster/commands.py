@@ -21,6 +21,16 @@ def add_cluster_commands(commands: Any) -> None:
                     "own issuer under it (clusters that share an anchor trust each other)")
     up.add_argument("--trust-domain", default="cluster.local",
                     help="without --identity-dir: the trust domain of the cluster's own anchor")
+    up.add_argument("--multicluster", action="store_true",
+                    help="join the shared WAN and run the gateway and a mirror controller "
+                    "per Link")
+    up.add_argument("--wan", default="mg-wan",
+                    help="with --multicluster: the WAN's network namespace (default mg-wan); "
+                    "clusters on the same WAN reach each other's gateways")
+    up.add_argument("--wan-cidr", help="with --multicluster: the WAN's range, when this "
+                    "cluster creates the WAN (default 172.30.0.0/24)")
+    up.add_argument("--wan-address", help="with --multicluster: this node's WAN address "
+                    "(default: the lowest free one)")
     up.set_defaults(func=_up)
 
     pod = commands.add_parser("run-pod", help="run a command as a meshed pod, in the "
@@ -50,8 +60,14 @@ def _label(value: str) -> tuple[str, str]:
 def _up(args: argparse.Namespace) -> int:
     from localcluster import rootless
     from localcluster.up import UpRequest, up
+    from mesh.errors import ConfigError
 
     if not rootless.privileged():
+        if args.multicluster:
+            # Each rootless cluster lives in a user namespace of its own, from which
+            # another cluster's namespaces, and so a shared WAN, cannot be entered.
+            raise ConfigError("--multicluster needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN): "
+                              "the clusters share a WAN namespace; run as root")
         rootless.start_keeper(args.name)
         code = rootless.run_inside(args.name, rootless.meshgate_argv(args.argv))
         if code != 0:
@@ -60,11 +76,20 @@ def _up(args: argparse.Namespace) -> int:
 
     spec = up(UpRequest(name=args.name, state_dir=args.state_dir, pod_cidr=args.pod_cidr,
                         service_cidr=args.service_cidr, cluster_domain=args.cluster_domain,
-                        identity_dir=args.identity_dir, trust_domain=args.trust_domain))
+                        identity_dir=args.identity_dir, trust_domain=args.trust_domain,
+                        multicluster=args.multicluster, wan=args.wan, wan_cidr=args.wan_cidr,
+                        wan_address=args.wan_address))
     print(f"cluster {spec.name} is up: node {spec.node_address} in network namespace "
           f"{spec.node_netns}, trust domain {spec.trust_domain}")
     print(f"kubeconfig: {spec.kubeconfig}")
     print(f"  kubectl --kubeconfig {spec.kubeconfig} get pods -A")
+    if spec.wan_address is not None:
+        print(f"WAN {spec.wan}: {spec.wan_address} (API server :6443, gateway :4143, probe "
+              ":4191)")
+        print(f"link another cluster to this one: meshgate multicluster link --kubeconfig "
+              f"{spec.kubeconfig} --cluster-name {spec.name} --gateway-address "
+              f"{spec.wan_address} --api-server https://{spec.wan_address}:6443 "
+              f"--trust-domain {spec.trust_domain} | kubectl --kubeconfig OTHER apply -f -")
     print(f"run a pod: meshgate cluster run-pod --cluster {spec.name} --name NAME -- COMMAND")
     return 0
 

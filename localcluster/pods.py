@@ -207,13 +207,23 @@ class _PodRun:
                          "server": spec.control_url, "tokenFile": str(token_path)},
             "destination": {"server": spec.control_url},
             "workload": {"namespace": self.req.namespace, "pod": self.req.name},
-            "inbound": {"listen": f"0.0.0.0:{INBOUND_PORT}"},
+            "inbound": {"listen": f"0.0.0.0:{INBOUND_PORT}", **self._trusted_gateways()},
             "outbound": {"listen": f"127.0.0.1:{OUTBOUND_PORT}"},
             "admin": {"listen": f"0.0.0.0:{ADMIN_PORT}"},
         }
         path = self.dir / "proxy.json"
         path.write_text(json.dumps(config, indent=2))
         return path
+
+    def _trusted_gateways(self) -> dict[str, list[str]]:
+        """On a multicluster node, the gateway (this cluster's, and those of clusters
+        sharing its anchor, which have the same name) forwards callers from other
+        clusters: the proxy takes the caller it names as the one to authorize."""
+        if self.spec.wan is None:
+            return {}
+        from localcluster.multicluster import gateway_identity
+
+        return {"trustedGateways": [gateway_identity(self.spec.trust_domain).dns_name]}
 
     def _start_proxy(self, config: Path) -> subprocess.Popen[bytes]:
         argv = meshgate_argv(("proxy", "run", "--config", str(config)))

@@ -8,7 +8,11 @@ the state directory:
   and on the node's address (for the cluster), from one process: a socket keeps
   the namespace it was created in;
 - the control plane (identity, destination, policy) and the cluster DNS, inside
-  the node namespace, where pods reach them across the bridge.
+  the node namespace, where pods reach them across the bridge;
+- with ``--multicluster``: the node joins the shared WAN (localcluster.wan), the
+  API server also listens on the node's WAN address, and the gateway and the
+  mirror supervisor (localcluster.multicluster, localcluster.mirrorset) run in
+  the node namespace.
 
 `run-pod` is localcluster.pods.
 
@@ -38,7 +42,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from localcluster import netns
+from localcluster import multicluster, netns, wan
 from localcluster.rootless import meshgate_argv, run_dir
 from mesh.errors import ConfigError, MeshError
 
@@ -68,6 +72,9 @@ class ClusterSpec(BaseModel):
     node_netns: str = Field(alias="nodeNetns")
     node_address: str = Field(alias="nodeAddress")
     netns_prefix: str = Field("mg-", alias="netnsPrefix")
+    wan: str | None = None
+    """The WAN namespace the cluster is attached to; None: not multicluster."""
+    wan_address: str | None = Field(None, alias="wanAddress")
 
     @property
     def network(self) -> netns.ClusterNetwork:
@@ -245,9 +252,14 @@ class UpRequest:
     identity_dir: Path | None = None
     trust_domain: str = "cluster.local"
     netns_prefix: str = "mg-"
+    multicluster: bool = False
+    wan: str = wan.DEFAULT_WAN
+    wan_cidr: str | None = None
+    wan_address: str | None = None
 
 
-DAEMONS = ("apiserver", "control", "dns")
+DAEMONS = ("apiserver", "control", "dns", "gateway", "mirrors")
+"""In start order; `down` stops them in reverse. The last two run only with --multicluster."""
 
 
 def up(req: UpRequest) -> ClusterSpec:
@@ -262,7 +274,12 @@ def up(req: UpRequest) -> ClusterSpec:
         other = Path(entry.read_text().strip())
         if other == state_dir and (state_dir / "cluster.json").exists():
             spec = load_spec(state_dir)
+            if req.multicluster and spec.wan is None:
+                raise ClusterError(f"cluster {req.name!r} was started without --multicluster; "
+                                   f"`meshgate cluster down --name {req.name}` and start it "
+                                   "again with --multicluster")
             netns.up(spec.network)
+            spec = _attach_wan(spec)
             _start_cluster_processes(spec)
             return spec
         if any(_daemon_alive(other, d) for d in DAEMONS):
@@ -279,16 +296,19 @@ def up(req: UpRequest) -> ClusterSpec:
             cluster_domain=req.cluster_domain, netns_prefix=req.netns_prefix)
     except ValueError as e:
         raise ConfigError(f"--pod-cidr/--service-cidr: {e}") from e
+    wan_cidr, wan_address = _wan_request(req)
     trust_domain = _prepare_identity(state_dir / "identity", req)
     spec = ClusterSpec(name=req.name, state_dir=state_dir, pod_cidr=str(net.pod_cidr),
                        service_cidr=str(net.service_cidr), cluster_domain=req.cluster_domain,
                        trust_domain=trust_domain, node_netns=net.node_netns,
-                       node_address=str(net.gateway.ip), netns_prefix=req.netns_prefix)
+                       node_address=str(net.gateway.ip), netns_prefix=req.netns_prefix,
+                       wan=req.wan if req.multicluster else None)
     entry.parent.mkdir(parents=True, exist_ok=True)
     entry.write_text(f"{state_dir}\n")
     (state_dir / "cluster.json").write_text(spec.model_dump_json(by_alias=True, indent=2))
     try:
         netns.up(net)
+        spec = _attach_wan(spec, cidr=wan_cidr, address=wan_address)
         _start_cluster_processes(spec)
     except BaseException:
         with contextlib.suppress(MeshError):
@@ -297,22 +317,62 @@ def up(req: UpRequest) -> ClusterSpec:
     return spec
 
 
+def _wan_request(req: UpRequest) -> tuple[ipaddress.IPv4Network | None,
+                                            ipaddress.IPv4Address | None]:
+    if not req.multicluster:
+        if req.wan_cidr or req.wan_address:
+            raise ConfigError("--wan-cidr and --wan-address need --multicluster")
+        return None, None
+    wan.check_name(req.wan)
+    try:
+        cidr = ipaddress.IPv4Network(req.wan_cidr) if req.wan_cidr else None
+        address = ipaddress.IPv4Address(req.wan_address) if req.wan_address else None
+    except ValueError as e:
+        raise ConfigError(f"--wan-cidr/--wan-address: {e}") from e
+    return cidr, address
+
+
+def _attach_wan(spec: ClusterSpec, *, cidr: ipaddress.IPv4Network | None = None,
+                address: ipaddress.IPv4Address | None = None) -> ClusterSpec:
+    """Attach the cluster to its WAN, or converge its link (`up` again after a crash);
+    the spec with the WAN address, recorded in DIR/cluster.json."""
+    if spec.wan is None:
+        return spec
+    if spec.wan_address is not None:
+        address = ipaddress.IPv4Address(spec.wan_address)
+    attached = wan.attach(spec.name, node_netns=spec.node_netns,
+                          pod_cidr=ipaddress.IPv4Network(spec.pod_cidr),
+                          service_cidr=ipaddress.IPv4Network(spec.service_cidr), wan=spec.wan,
+                          cidr=cidr, address=address)
+    if spec.wan_address != str(attached.address.ip):
+        spec = spec.model_copy(update={"wan_address": str(attached.address.ip)})
+        (spec.state_dir / "cluster.json").write_text(spec.model_dump_json(by_alias=True,
+                                                                          indent=2))
+    return spec
+
+
 def _start_cluster_processes(spec: ClusterSpec) -> None:
     """Start each of the cluster's processes that is not running."""
     d, node = spec.state_dir, spec.node_address
     if not _daemon_alive(d, "apiserver"):
+        also = [f"{spec.node_netns}={node}:{API_PORT}"]
+        if spec.wan_address is not None:
+            also.append(f"{spec.node_netns}={spec.wan_address}:{API_PORT}")
         _start_daemon(d, "apiserver", meshgate_argv((
             "cluster", "serve", "--name", spec.name, "--state-dir", str(d),
             "--service-cidr", spec.service_cidr,
-            "--also-listen", f"{spec.node_netns}={node}:{API_PORT}")), ready="kubeconfig:")
+            *(arg for a in also for arg in ("--also-listen", a)))), ready="kubeconfig:")
     node_kubeconfig = _node_kubeconfig(spec)
     from kubernetes import client as k8s
 
     from mesh.control.crds import install_crds
     from mesh.kube import api_client
+    from mirror.crds import install_crds as install_multicluster_crds
 
     with api_client(spec.kubeconfig) as api:
         install_crds(api)
+        if spec.wan is not None:
+            install_multicluster_crds(api)
         _ensure_namespace(k8s.CoreV1Api(api), "meshgate")
     if not _daemon_alive(d, "control"):
         _start_daemon(d, "control", _in_netns(spec.node_netns, meshgate_argv((
@@ -325,6 +385,28 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
             sys.executable, "-m", "localcluster.dns", "--kubeconfig", str(node_kubeconfig),
             "--listen", f"{node}:{DNS_PORT}", "--cluster-domain", spec.cluster_domain]),
             ready="dns: serving")
+    if spec.wan_address is not None:
+        _start_multicluster_processes(spec, node_kubeconfig)
+
+
+def _start_multicluster_processes(spec: ClusterSpec, node_kubeconfig: Path) -> None:
+    from kubernetes import client as k8s
+
+    from mesh.kube import api_client
+
+    d = spec.state_dir
+    assert spec.wan_address is not None
+    if not _daemon_alive(d, "gateway"):
+        with api_client(spec.kubeconfig) as api:
+            config = multicluster.gateway_config(
+                state_dir=d, kubeconfig=node_kubeconfig, control_url=spec.control_url,
+                trust_domain=spec.trust_domain, cluster_domain=spec.cluster_domain,
+                wan_address=spec.wan_address, core=k8s.CoreV1Api(api))
+        _start_daemon(d, "gateway", _in_netns(spec.node_netns, multicluster.gateway_argv(
+            config)), ready=" listening on ")
+    if not _daemon_alive(d, "mirrors"):
+        _start_daemon(d, "mirrors", _in_netns(spec.node_netns, multicluster.mirrorset_argv(
+            kubeconfig=node_kubeconfig, state_dir=d)), ready="mirrorset: watching")
 
 
 def _node_kubeconfig(spec: ClusterSpec) -> Path:
@@ -395,7 +477,12 @@ def _down(spec: ClusterSpec) -> None:
                 _terminate(pid, 10.0)
     for daemon in reversed(DAEMONS):
         _stop_daemon(spec.state_dir, daemon)
+    # Children a killed supervisor left behind (their pid files name them).
+    for pid_file in sorted((spec.state_dir / "run").glob("mirror-*.pid")):
+        _stop_daemon(spec.state_dir, pid_file.stem)
     netns.teardown(spec.state_dir)
+    if spec.wan is not None:
+        wan.detach(spec.name, wan=spec.wan)
     entry = _entry(spec.name)
     with contextlib.suppress(OSError):
         if Path(entry.read_text().strip()) == spec.state_dir:

@@ -44,8 +44,6 @@ log = logging.getLogger("mesh.proxy.http")
 
 MAX_RETRY_BODY = 64 * 1024
 IDLE_PER_ENDPOINT = 64
-REASONS = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
-           400: "Bad Request", 408: "Request Timeout"}
 
 
 Route = Callable[[str], "tuple[ServiceSpec, Balancer] | None"]
@@ -60,14 +58,6 @@ class UpstreamError(Exception):
     def __init__(self, status: int, cause: str, *, retryable: bool) -> None:
         super().__init__(cause)
         self.status, self.cause, self.retryable = status, cause, retryable
-
-
-def error_response(status: int, cause: str) -> bytes:
-    body = f"{cause}\n".encode()
-    safe = cause.replace("\r", " ").replace("\n", " ")
-    return (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
-            f"l5d-proxy-error: {safe}\r\ncontent-type: text/plain\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
 
 
 class Upstream(asyncio.Protocol):
@@ -451,7 +441,7 @@ class ClientSide(asyncio.Protocol):
                 self.close()
                 return
             self.exchange.abort(message)
-        self.write(error_response(status, message))
+        self.write(http1.error_response(status, message))
         self.close()
 
     def write(self, data: bytes) -> None:
@@ -626,7 +616,7 @@ class Exchange:
         self.http.metrics.response.labels(
             **self.http.labels(self.head, self.service, "", ""), status_code=str(e.status),
             classification="failure", error=e.cause.split(":")[0][:60]).inc()
-        self.client.write(error_response(e.status, e.cause))
+        self.client.write(http1.error_response(e.status, e.cause))
         self._end()
         self.client.exchange_done(keep_alive=False)
 

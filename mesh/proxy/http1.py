@@ -592,6 +592,20 @@ def _copy(buf: bytes | bytearray, start: int, end: int) -> bytes:
         return bytes(part)
 
 
+REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 502: "Bad Gateway",
+           503: "Service Unavailable", 504: "Gateway Timeout", 508: "Loop Detected"}
+
+
+def error_response(status: int, cause: str) -> bytes:
+    """A proxy's own answer, which ends the connection: the cause goes in the body and
+    in ``l5d-proxy-error``, as Linkerd's proxy sends it."""
+    body = f"{cause}\n".encode()
+    safe = cause.encode("ascii", "replace").replace(b"\r", b" ").replace(b"\n", b" ")
+    return (b"HTTP/1.1 %d %s\r\nl5d-proxy-error: %s\r\ncontent-type: text/plain\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (status, REASONS.get(status, "Error").encode(), safe, len(body), body))
+
+
 def serialize_head(
     head: Head,
     replace: dict[bytes, bytes] | None = None,

@@ -36,6 +36,7 @@ from mesh.identity.names import Identity
 from mesh.identity.tls import ALPN, check_peer
 from mesh.metrics import ProxyMetrics
 from mesh.proxy.assertion import AssertionVerifier, BadAssertion
+from mesh.proxy.http1 import error_response
 from mesh.proxy.observe import HttpObserver
 from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
 from mesh.proxy.transport_header import HeaderDecoder, SessionProtocol, TransportHeader
@@ -326,10 +327,7 @@ class Inbound(MeshListener):
                                            "unauthorized").inc()
         if http:
             self.metrics.http_authz_deny.labels("inbound", "true", client, target).inc()
-            body = f"{reason}\n".encode()
-            tls.write(b"HTTP/1.1 403 Forbidden\r\nl5d-proxy-error: " + _header_safe(reason)
-                      + b"\r\ncontent-type: text/plain\r\ncontent-length: "
-                      + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+            tls.write(error_response(403, reason))
         log.info("inbound connection denied peer=%s identity=%s gateway_id=%s target=%s "
                  "cause=%s", peer, client, caller.gateway or "-", target or "-", reason)
         tls.close()
@@ -399,7 +397,3 @@ class _Accepted(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # The transport was aborted in connection_made, before it could read.
         raise AssertionError("bytes read from the plain transport of an inbound connection")
-
-
-def _header_safe(text: str) -> bytes:
-    return text.encode("ascii", "replace").replace(b"\r", b" ").replace(b"\n", b" ")

@@ -1,6 +1,7 @@
-"""`make demo`: one cluster in network namespaces, web called by name from a client
-pod, the serving pods and the verified caller identity shown, kubectl usable, and
-Ctrl-C removing everything."""
+"""`make demo`: two linked clusters in network namespaces, web called by name from a
+client pod in east, in east and in west (through west's gateway), the serving pods
+and the verified caller identities shown, kubectl usable, and Ctrl-C removing
+everything."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from pyroute2 import netns
 
 
-def test_demo_shows_a_one_cluster_mesh_and_cleans_up(tmp_path: Path) -> None:
+def test_demo_shows_two_linked_clusters_and_cleans_up(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MESHGATE_RUN_DIR": str(tmp_path / "run")}
     proc = subprocess.Popen([sys.executable, "-m", "localcluster.demo", "--state-dir",
                              str(tmp_path / "state")], stdout=subprocess.PIPE,
@@ -45,6 +46,12 @@ def test_demo_shows_a_one_cluster_mesh_and_cleans_up(tmp_path: Path) -> None:
         assert ("web-1: client.default.serviceaccount.identity.meshgate.cluster.local"
                 in text or "web-2: client.default.serviceaccount.identity.meshgate."
                 "cluster.local" in text), text
+        # East calls west's web by its mirror's name; west's pod saw east's client.
+        assert len(re.findall(r"hello from west-web-1 in default", text)) == 5, text
+        assert ("west-web-1 in west: client.default.serviceaccount.identity.meshgate."
+                "cluster.local  5" in text), text
+        assert "east imports west: gateway 172.30.0.2, gateway alive True" in text, text
+        assert "west imports east: gateway 172.30.0.1, gateway alive True" in text, text
         kubeconfig = re.search(r"kubectl --kubeconfig (\S+) get", text)
         assert kubeconfig, text
         kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent))
@@ -56,4 +63,5 @@ def test_demo_shows_a_one_cluster_mesh_and_cleans_up(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
     assert code == 0, "".join(seen)
-    assert not [n for n in netns.listnetns() if n.startswith("mg-east-")]
+    assert not [n for n in netns.listnetns()
+                if n.startswith(("mg-east-", "mg-west-")) or n == "mg-wan"]

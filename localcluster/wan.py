@@ -1,0 +1,392 @@
+"""The WAN that linked clusters on this machine share.
+
+One network namespace (default ``mg-wan``) holds a bridge, ``mgwan0``, and
+nothing else: it is the wire between clusters, not a host. Each cluster started
+with ``cluster up --multicluster`` joins it with a veth pair whose node side,
+``wan0``, carries the cluster's WAN address. The cluster's API server and its
+gateway listen on that address; clusters reach each other only there.
+
+Pod networks are not routed on the WAN. A pod reaches another cluster's
+gateway through its node, which forwards to the WAN and masquerades the pod's
+address to its own WAN address (the WAN has no route back to any pod CIDR).
+Traffic from the WAN into pods is dropped unless it answers a connection a
+pod opened. Both rules are one nftables table, ``ip meshgate``, in the node
+namespace, loaded atomically with ``nft -f``.
+
+The WAN is recorded in ``$MESHGATE_RUN_DIR/wan/<name>/wan.json`` (under an
+fcntl lock): its address range and the clusters attached, with their
+addresses. The namespace is created by the first cluster that joins and
+removed when the last one leaves.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from localcluster import netns
+from localcluster.rootless import run_dir
+from mesh.errors import ConfigError, MeshError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WAN = "mg-wan"
+DEFAULT_WAN_CIDR = IPv4Network("172.30.0.0/24")
+BRIDGE = "mgwan0"
+NODE_IFNAME = "wan0"
+NFT_TABLE = "meshgate"
+LOCK_TIMEOUT = 30.0
+_NAME = re.compile(r"[a-z0-9][-a-z0-9]{0,31}")
+
+
+class WanError(netns.TopologyError):
+    """The WAN cannot be joined, left or used as asked."""
+
+
+class WanAddressInUseError(WanError):
+    """The WAN address asked for belongs to another cluster."""
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """How one cluster's node sits on the WAN."""
+
+    wan: str
+    address: IPv4Interface
+    node_ifname: str = NODE_IFNAME
+
+
+class _Member(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    address: IPv4Address
+    node_netns: str
+    peer: str
+    """The WAN side of the veth pair, on the WAN's bridge."""
+
+
+class _Wan(BaseModel):
+    """Members are recorded before their link is made: a member here may lack its link,
+    but no link of ours exists that is not recorded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    netns: str
+    cidr: IPv4Network
+    members: dict[str, _Member] = Field(default_factory=dict)
+
+
+# --- pure planning -----------------------------------------------------------------------
+
+
+def peer_name(cidr: IPv4Network, address: IPv4Address) -> str:
+    """The WAN-side veth of the node at `address`: unique per address, within IFNAMSIZ."""
+    return f"wan{int(address) - int(cidr.network_address):x}"
+
+
+def choose_address(cidr: IPv4Network, taken: dict[IPv4Address, str],
+                   wanted: IPv4Address | None) -> IPv4Address:
+    """`wanted` if it is free and in `cidr`, else the lowest free host address."""
+    if wanted is not None:
+        if wanted not in cidr or wanted in (cidr.network_address, cidr.broadcast_address):
+            raise ConfigError(f"WAN address {wanted} is not a host address of the WAN "
+                              f"{cidr}; choose one inside it")
+        if wanted in taken:
+            raise WanAddressInUseError(f"WAN address {wanted} is in use by cluster "
+                                       f"{taken[wanted]!r}; choose another --wan-address or "
+                                       "leave it out to get a free one")
+        return wanted
+    for address in cidr.hosts():
+        if address not in taken:
+            return address
+    raise WanError(f"the WAN {cidr} has no free address ({len(taken)} clusters use it); "
+                   "take a cluster down or start the WAN again with a larger --wan-cidr")
+
+
+def check_ranges(wan: IPv4Network, *, pod_cidr: IPv4Network,
+                 service_cidr: IPv4Network) -> None:
+    """A WAN range that overlaps the cluster's own would shadow its pods or services."""
+    for what, cidr in (("pod", pod_cidr), ("service", service_cidr)):
+        if wan.overlaps(cidr):
+            raise ConfigError(f"the WAN {wan} overlaps the {what} CIDR {cidr}; choose "
+                              "ranges that do not overlap (--wan-cidr)")
+
+
+def nft_ruleset(pod_cidr: IPv4Network) -> str:
+    """The node's rules: masquerade pods to the WAN, keep the WAN out of pods.
+
+    Declaring then deleting the table makes one `nft -f` transaction that replaces
+    whatever an earlier `up` loaded, or creates it the first time."""
+    return (f"table ip {NFT_TABLE} {{}}\n"
+            f"delete table ip {NFT_TABLE}\n"
+            f"table ip {NFT_TABLE} {{\n"
+            "  chain postrouting {\n"
+            "    type nat hook postrouting priority srcnat; policy accept;\n"
+            f"    ip saddr {pod_cidr} oifname \"{NODE_IFNAME}\" masquerade\n"
+            "  }\n"
+            "  chain forward {\n"
+            "    type filter hook forward priority filter; policy accept;\n"
+            f"    iifname \"{NODE_IFNAME}\" ct state established,related accept\n"
+            f"    iifname \"{NODE_IFNAME}\" drop\n"
+            "  }\n"
+            "}\n")
+
+
+# --- state -------------------------------------------------------------------------------
+
+
+def check_name(wan: str) -> str:
+    """`wan`, if it can name a network namespace and a directory and leave neither."""
+    if not _NAME.fullmatch(wan):
+        raise ConfigError(f"WAN name {wan!r} must be 1-32 lower-case letters, digits and '-'")
+    return wan
+
+
+def _root(wan: str) -> Path:
+    return run_dir() / "wan" / check_name(wan)
+
+
+def _state_path(wan: str) -> Path:
+    return _root(wan) / "wan.json"
+
+
+def _load(wan: str) -> _Wan | None:
+    path = _state_path(wan)
+    try:
+        return _Wan.model_validate_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValidationError as e:
+        raise WanError(f"{path} is not a WAN record ({e.error_count()} errors); delete the "
+                       f"namespace `ip netns delete {wan}`, then the file") from None
+
+
+def _save(wan: str, state: _Wan) -> None:
+    path = _state_path(wan)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(state.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _locked(wan: str) -> Iterator[None]:
+    """Serialises every change to one WAN, across the clusters that share it."""
+    root = _root(wan)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise WanError(f"another process has held {root / 'lock'} for "
+                                   f"{LOCK_TIMEOUT:.0f} s; wait for it or stop it") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)
+
+
+# --- netlink, sysctl and nftables ----------------------------------------------------------
+
+
+def _build_wan(name: str) -> None:
+    with netns._iproute(name, f"set up the WAN bridge in {name!r}") as ipr:
+        ipr.link("set", index=netns._link_index(ipr, "lo"), state="up")
+        if netns._link_index(ipr, BRIDGE) is None:
+            ipr.link("add", ifname=BRIDGE, kind="bridge")
+        ipr.link("set", index=netns._link_index(ipr, BRIDGE), state="up")
+
+
+def _link_node(wan: _Wan, cluster: str, member: _Member) -> None:
+    """The veth pair between the node and the WAN bridge, and the node's WAN address."""
+    address = IPv4Interface(f"{member.address}/{wan.cidr.prefixlen}")
+    with netns._iproute(member.node_netns, f"link cluster {cluster!r} to the WAN") as node:
+        if netns._link_index(node, NODE_IFNAME) is None:
+            with netns._iproute(wan.netns, "look up the WAN side") as w:
+                stale = netns._link_index(w, member.peer)
+                if stale is not None:
+                    w.link("del", index=stale)
+            # Made in the node with its peer placed straight into the WAN, as pods
+            # are: no end of the pair is ever in the host's namespace.
+            target = os.open(netns.namespace_path(wan.netns), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                node.link("add", ifname=NODE_IFNAME, kind="veth",
+                          peer={"ifname": member.peer, "net_ns_fd": target})
+            finally:
+                os.close(target)
+        index = netns._link_index(node, NODE_IFNAME)
+        present = {a.get_attr("IFA_ADDRESS") for a in node.get_addr(index=index)}
+        if str(member.address) not in present:
+            node.addr("add", index=index, address=str(address.ip),
+                      prefixlen=address.network.prefixlen)
+        node.link("set", index=index, state="up")
+    with netns._iproute(wan.netns, f"attach cluster {cluster!r} to the WAN bridge") as w:
+        w.link("set", index=netns._link_index(w, member.peer),
+               master=netns._link_index(w, BRIDGE), state="up")
+
+
+def _enable_forwarding(node_netns: str) -> None:
+    """net.ipv4.ip_forward=1 in the node only: /proc/sys/net shows the network
+    namespace of the thread that opens it, so a thread that entered the node writes it."""
+    failed: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            fd = os.open(netns.namespace_path(node_netns), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                netns._setns(fd, repr(node_netns))
+            finally:
+                os.close(fd)
+            with open("/proc/sys/net/ipv4/ip_forward", "w", encoding="ascii") as f:
+                f.write("1\n")
+        except BaseException as e:  # handed to the caller's thread
+            failed.append(e)
+
+    # The thread ends inside the node's namespace and takes it with it.
+    worker = threading.Thread(target=write, name=f"forwarding-in-{node_netns}")
+    worker.start()
+    worker.join()
+    if failed:
+        e = failed[0]
+        if isinstance(e, netns.TopologyError):
+            raise e
+        raise WanError(f"cannot enable forwarding in {node_netns!r}: {e}") from e
+
+
+def _load_rules(node_netns: str, pod_cidr: IPv4Network) -> None:
+    nft = shutil.which("nft")
+    nsenter = shutil.which("nsenter")
+    if nft is None:
+        raise WanError("--multicluster needs `nft` (Debian package nftables) to masquerade "
+                       "pods to the WAN; install it (`make tools` does)")
+    if nsenter is None:
+        raise WanError("--multicluster needs `nsenter` (util-linux) on PATH; install it")
+    proc = subprocess.run([nsenter, f"--net={netns.namespace_path(node_netns)}", "--", nft,
+                           "-f", "-"], input=nft_ruleset(pod_cidr), capture_output=True,
+                          text=True, timeout=30, check=False)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise WanError(f"nft refused the rules for {node_netns!r}: "
+                       f"{lines[0] if lines else f'exit status {proc.returncode}'}")
+
+
+def _delete_peer(wan: _Wan, member: _Member) -> None:
+    if not netns._netns_exists(wan.netns):
+        return
+    with netns._iproute(wan.netns, f"delete {member.peer} from the WAN") as w:
+        index = netns._link_index(w, member.peer)
+        if index is not None:
+            w.link("del", index=index)
+
+
+# --- public operations -------------------------------------------------------------------
+
+
+def attach(cluster: str, *, node_netns: str, pod_cidr: IPv4Network,
+           service_cidr: IPv4Network, wan: str = DEFAULT_WAN,
+           cidr: IPv4Network | None = None, address: IPv4Address | None = None) -> Attachment:
+    """Join `cluster`'s node to the WAN `wan`, creating the WAN if it is absent. A
+    cluster already attached keeps its address, and whatever of its link is gone is
+    made again. On failure the cluster is left off the WAN."""
+    netns._require_off_event_loop(f"attaching cluster {cluster!r} to the WAN")
+    netns._require_privileges()
+    with _locked(wan):
+        state = _load(wan)
+        if state is None:
+            if netns._netns_exists(wan):
+                raise netns._taken(wan, f"the WAN recorded in {_root(wan)}")
+            state = _Wan(netns=wan, cidr=cidr or DEFAULT_WAN_CIDR)
+        elif cidr is not None and cidr != state.cidr:
+            raise ConfigError(f"the WAN {wan!r} is {state.cidr}, not {cidr}; leave out "
+                              "--wan-cidr or use another --wan")
+        check_ranges(state.cidr, pod_cidr=pod_cidr, service_cidr=service_cidr)
+        _drop_stale(wan, state, keep=cluster)
+        member = state.members.get(cluster)
+        if member is not None and address is not None and member.address != address:
+            raise ConfigError(f"cluster {cluster!r} is on the WAN at {member.address}, not "
+                              f"{address}; take it down to change its address")
+        if member is None:
+            taken = {m.address: name for name, m in state.members.items()}
+            chosen = choose_address(state.cidr, taken, address)
+            member = _Member(address=chosen, node_netns=node_netns,
+                             peer=peer_name(state.cidr, chosen))
+            state.members[cluster] = member
+        _save(wan, state)
+        try:
+            if not netns._netns_exists(wan):
+                netns._create_netns(wan, f"the WAN recorded in {_root(wan)}")
+            _build_wan(wan)
+            _link_node(state, cluster, member)
+            _enable_forwarding(node_netns)
+            _load_rules(node_netns, pod_cidr)
+        except BaseException as e:
+            try:
+                _leave(wan, state, cluster)
+            except MeshError as cleanup:
+                e.add_note(f"taking cluster {cluster!r} off the WAN also failed: {cleanup}")
+            raise
+    log.info("wan attached cluster=%s wan=%s address=%s", cluster, wan, member.address)
+    return Attachment(wan=wan, address=IPv4Interface(f"{member.address}/{state.cidr.prefixlen}"))
+
+
+def _drop_stale(wan: str, state: _Wan, *, keep: str) -> None:
+    """Forget members whose node namespace is gone (a cluster removed without `down`, or
+    a reboot), so their addresses are free again. A cluster joining always has its node
+    namespace already, so none that is still coming up is taken for stale."""
+    for name, member in list(state.members.items()):
+        if name != keep and not netns._netns_exists(member.node_netns):
+            _delete_peer(state, member)
+            del state.members[name]
+            log.info("wan stale member dropped wan=%s cluster=%s address=%s", wan, name,
+                     member.address)
+
+
+def detach(cluster: str, *, wan: str = DEFAULT_WAN) -> None:
+    """Take `cluster` off the WAN; the last cluster to leave removes the WAN. A cluster
+    that is not on it counts as detached."""
+    netns._require_off_event_loop(f"detaching cluster {cluster!r} from the WAN")
+    if not _state_path(wan).exists():
+        return
+    with _locked(wan):
+        state = _load(wan)
+        if state is None or cluster not in state.members:
+            return
+        netns._require_privileges()
+        _leave(wan, state, cluster)
+    log.info("wan detached cluster=%s wan=%s", cluster, wan)
+
+
+def _leave(wan: str, state: _Wan, cluster: str) -> None:
+    member = state.members.get(cluster)
+    if member is not None:
+        _delete_peer(state, member)
+        del state.members[cluster]
+    if state.members:
+        _save(wan, state)
+        return
+    netns._delete_netns(wan)
+    _state_path(wan).unlink(missing_ok=True)
+    log.info("wan removed wan=%s", wan)
+
+
+def members(wan: str = DEFAULT_WAN) -> dict[str, IPv4Address]:
+    """The clusters on the WAN and their addresses."""
+    state = _load(wan)
+    return {} if state is None else {n: m.address for n, m in state.members.items()}

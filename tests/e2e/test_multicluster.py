@@ -1,0 +1,395 @@
+"""Two clusters on one WAN, as a user runs them: `meshgate cluster up --multicluster`
+with a shared trust anchor, linked both ways with `meshgate multicluster link` and
+`kubectl apply`, and a pod in one calling the other's exported Service by its
+mirror's name, through the other cluster's gateway.
+
+    client (east pod) -> east node (masquerade) -> WAN -> west gateway -> web (west pod)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
+from pyroute2 import netns
+
+from localcluster.pods import in_pod
+from localcluster.up import find
+from mesh.kube import api_client
+from tests.cluster import wait_for
+
+EAST, WEST = "mceast", "mcwest"
+WAN = "mg-mce2ewan"
+WAN_CIDR = "172.31.251.0/24"
+CIDRS = {EAST: ("10.232.0.0/16", "10.233.0.0/16"), WEST: ("10.234.0.0/16", "10.235.0.0/16")}
+MIRROR = f"web-{WEST}"
+MIRROR_NAME = f"{MIRROR}.default.svc.cluster.local"
+CALLER = "frontend.default.serviceaccount.identity.meshgate.cluster.local"
+GATEWAY_ID = "meshgate-gateway.meshgate.serviceaccount.identity.meshgate.cluster.local"
+KUBECTL = str(Path(sys.executable).parent / "kubectl")
+POLICY = "policy.meshgate.io"
+
+CALLS = """
+import sys, urllib.request, urllib.error
+out = []
+for _ in range(int(sys.argv[1])):
+    try:
+        with urllib.request.urlopen(sys.argv[2], timeout=5) as r:
+            out.append(f"{r.status} {r.read().decode().strip()}")
+    except urllib.error.HTTPError as e:
+        out.append(f"{e.code} {e.headers.get('l5d-proxy-error', '')}")
+print("\\n".join(out))
+"""
+GET = """
+import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())
+"""
+CONNECT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2).close()
+    print("connected")
+except OSError as e:
+    print("refused", e)
+"""
+
+
+@dataclass
+class Clusters:
+    base: Path
+    env: dict[str, str]
+    pods: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def state(self, cluster: str) -> Path:
+        return self.base / cluster
+
+    def kubeconfig(self, cluster: str) -> Path:
+        return self.state(cluster) / "kubeconfig"
+
+    def meshgate(self, *args: str, check: bool = True, input: str | None = None
+                 ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "mesh.cli", *args], env=self.env,
+                              capture_output=True, text=True, timeout=90, input=input)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"meshgate {' '.join(args)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def kubectl(self, cluster: str, *args: str, input: str | None = None) -> str:
+        proc = subprocess.run([KUBECTL, "--kubeconfig", str(self.kubeconfig(cluster)), *args],
+                              capture_output=True, text=True, timeout=30, input=input)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def up(self, cluster: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        pods, services = CIDRS[cluster]
+        return self.meshgate("cluster", "up", "--name", cluster, "--state-dir",
+                             str(self.state(cluster)), "--pod-cidr", pods, "--service-cidr",
+                             services, "--identity-dir", str(self.base / "anchor"),
+                             "--multicluster", "--wan", WAN, "--wan-cidr", WAN_CIDR, *extra)
+
+    def wan_address(self, cluster: str) -> str:
+        spec = find(cluster)
+        assert spec.wan_address is not None
+        return spec.wan_address
+
+    def link(self, importing: str, exporting: str) -> None:
+        address = self.wan_address(exporting)
+        docs = self.meshgate("multicluster", "link", "--kubeconfig",
+                             str(self.kubeconfig(exporting)), "--cluster-name", exporting,
+                             "--gateway-address", address, "--api-server",
+                             f"https://{address}:6443").stdout
+        self.kubectl(importing, "apply", "-f", "-", input=docs)
+
+    def core(self, cluster: str) -> client.CoreV1Api:
+        return client.CoreV1Api(api_client(self.kubeconfig(cluster)))
+
+    def run_pod(self, cluster: str, name: str, *command: str, sa: str,
+                labels: tuple[str, ...] = (), port: int | None = None) -> None:
+        args = ["cluster", "run-pod", "--cluster", cluster, "--name", name,
+                "--service-account", sa]
+        for label in labels:
+            args += ["--label", label]
+        if port is not None:
+            args += ["--port", str(port)]
+        log = self.base / f"run-pod-{name}.log"
+        with open(log, "wb") as out:
+            self.pods[name] = subprocess.Popen([sys.executable, "-m", "mesh.cli", *args, "--",
+                                                *command], env=self.env, stdout=out,
+                                               stderr=subprocess.STDOUT,
+                                               start_new_session=True)
+
+        def ready() -> bool:
+            if self.pods[name].poll() is not None:
+                raise AssertionError(f"run-pod {name} exited:\n{log.read_text()}")
+            pod = self.core(cluster).read_namespaced_pod(name, "default")
+            return any(c.type == "Ready" and c.status == "True"
+                       for c in (pod.status.conditions or []))
+
+        wait_for(ready, timeout=40, interval=0.2, what=f"pod {name} to be ready")
+
+    def stop_pods(self) -> None:
+        for proc in self.pods.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.pods.values():
+            proc.wait(30)
+        self.pods.clear()
+
+    def in_pod(self, cluster: str, pod: str, code: str, *args: str) -> str:
+        proc = in_pod(find(cluster), "default", pod, [sys.executable, "-c", code, *args])
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def calls(self, n: int, url: str = f"http://{MIRROR_NAME}/") -> list[str]:
+        return self.in_pod(EAST, "client", CALLS, str(n), url).splitlines()
+
+    def metric(self, cluster: str, pod: str, name: str, **labels: str) -> float:
+        text = self.in_pod(cluster, pod, GET, "http://127.0.0.1:4191/metrics")
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def mirror_ready(self, service: str = MIRROR) -> list[bool]:
+        """The readiness of each endpoint of `service`'s slices in east."""
+        slices = client.DiscoveryV1Api(api_client(self.kubeconfig(EAST)))
+        found = slices.list_namespaced_endpoint_slice(
+            "default", label_selector=f"kubernetes.io/service-name={service}").items
+        return [bool(ep.conditions and ep.conditions.ready)
+                for s in found for ep in s.endpoints or []]
+
+
+def _ours() -> list[str]:
+    return [n for n in netns.listnetns()
+            if n.startswith((f"mg-{EAST}-", f"mg-{WEST}-", "mg-mcthird-")) or n == WAN]
+
+
+@pytest.fixture(scope="module")
+def mc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clusters]:
+    base = tmp_path_factory.mktemp("mc")
+    env = {**os.environ, "MESHGATE_RUN_DIR": str(base / "run"), "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    os.environ["MESHGATE_RUN_DIR"] = env["MESHGATE_RUN_DIR"]
+    assert not _ours(), f"namespaces of an earlier run are in the way: {_ours()}"
+    c = Clusters(base, env)
+    c.meshgate("identity", "init", "--trust-domain", "cluster.local", "--out",
+               str(base / "anchor"))
+    try:
+        c.up(EAST)
+        c.up(WEST)
+        c.link(EAST, WEST)
+        c.link(WEST, EAST)
+        # web is exported; internal selects the same pods and is not.
+        c.kubectl(WEST, "apply", "-f", "-", input=_SERVICES)
+        demo = (sys.executable, "-m", "localcluster.demoapp", "--port", "8080")
+        c.run_pod(WEST, "web-1", *demo, sa="web", labels=("app=web",), port=8080)
+        c.run_pod(EAST, "client", "sleep", "600", sa="frontend")
+        yield c
+    finally:
+        c.stop_pods()
+        for cluster in (EAST, WEST):
+            c.meshgate("cluster", "down", "--name", cluster, check=False)
+        del os.environ["MESHGATE_RUN_DIR"]
+
+
+_SERVICES = """
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default, labels: {mirror.meshgate.io/exported: "true"}}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: internal, namespace: default}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"""
+
+
+def test_a_pod_calls_the_other_cluster_by_name_and_the_target_sees_it(mc: Clusters) -> None:
+    wait_for(lambda: mc.mirror_ready() == [True], timeout=30, interval=0.2,
+             what=f"the mirror {MIRROR} to have a ready gateway endpoint")
+    answers = wait_for(lambda: (a := mc.calls(5)) and all(x.startswith("200") for x in a)
+                       and a, timeout=20, interval=0.5, what="calls through the gateway")
+    assert answers == ["200 hello from web-1 in default"] * 5
+    # West's pod authorized and counted east's pod, not the gateway that forwarded it.
+    assert mc.metric(WEST, "web-1", "request_total", direction="inbound",
+                     client_id=CALLER) >= 5
+    assert mc.metric(WEST, "web-1", "inbound_gateway_forwarded_total",
+                     gateway_id=GATEWAY_ID, client_id=CALLER) >= 1
+    assert mc.metric(WEST, "web-1", "tcp_open_total", client_id=GATEWAY_ID) == 0
+    # Linked the other way too: west runs a mirror controller for east's Link.
+    assert (mc.state(WEST) / "run" / f"mirror-{EAST}.pid").exists()
+
+
+def test_pod_networks_are_not_routed_on_the_wan(mc: Clusters) -> None:
+    web_ip = mc.core(WEST).read_namespaced_pod("web-1", "default").status.pod_ip
+    out = mc.in_pod(EAST, "client", CONNECT, web_ip, "4143")
+    assert out.startswith("refused"), out
+    # The gateway is reachable, on the WAN address only.
+    assert mc.in_pod(EAST, "client", CONNECT, mc.wan_address(WEST), "4143").startswith(
+        "connected")
+
+
+def test_a_policy_in_west_naming_another_caller_answers_403(mc: Clusters) -> None:
+    mc.kubectl(WEST, "apply", "-f", "-", input=_ADMIN_ONLY)
+    try:
+        answers = wait_for(lambda: [a for a in mc.calls(2) if a.startswith("403")],
+                           timeout=20, interval=0.5, what="the call to be refused")
+        assert "unauthorized" in answers[0] and CALLER in answers[0], answers
+    finally:
+        mc.kubectl(WEST, "delete", "-f", "-", input=_ADMIN_ONLY)
+    wait_for(lambda: all(a.startswith("200") for a in mc.calls(2)), timeout=20,
+             interval=0.5, what="calls to be allowed again")
+
+
+def test_an_unexported_service_has_no_mirror_and_the_gateway_refuses_it(
+        mc: Clusters) -> None:
+    names = {s.metadata.name for s in mc.core(EAST).list_namespaced_service("default").items}
+    assert MIRROR in names and f"internal-{WEST}" not in names
+    # A mirror made by hand (labelled for no Link, so no controller collects it) that
+    # names west's unexported Service: the gateway refuses it.
+    forged = _forged_mirror(mc.wan_address(WEST))
+    mc.kubectl(EAST, "apply", "-f", "-", input=forged)
+    try:
+        answers = wait_for(lambda: [a for a in mc.calls(1, "http://forged.default.svc."
+                                                          "cluster.local/")
+                                    if a.startswith("403")],
+                           timeout=20, interval=0.5, what="the gateway to refuse")
+        assert "not-exported" in answers[0], answers
+    finally:
+        mc.kubectl(EAST, "delete", "-f", "-", input=forged)
+
+
+def test_a_dead_mirror_controller_is_reported_and_restarted(mc: Clusters) -> None:
+    pid_file = mc.state(EAST) / "run" / f"mirror-{WEST}.pid"
+    pid = int(pid_file.read_text())
+    os.kill(pid, signal.SIGKILL)
+    log = mc.state(EAST) / "logs" / "mirrors.log"
+    wait_for(lambda: f"mirror exited link=meshgate/{WEST} status=-9" in log.read_text(),
+             timeout=10, interval=0.2, what="the supervisor to report the dead child")
+    wait_for(lambda: pid_file.exists() and int(pid_file.read_text()) != pid, timeout=15,
+             interval=0.2, what="the child to be started again")
+
+
+def test_a_dead_gateway_turns_mirror_endpoints_not_ready_and_up_restores_them(
+        mc: Clusters) -> None:
+    wait_for(lambda: mc.mirror_ready() == [True], timeout=30, interval=0.2,
+             what="the mirror to be ready")
+    os.kill(int((mc.state(WEST) / "run" / "gateway.pid").read_text()), signal.SIGKILL)
+    # probeSpec: every 3 s, 3 failures in a row; allow one period of jitter and a write.
+    wait_for(lambda: mc.mirror_ready() == [False], timeout=30, interval=0.2,
+             what="east to mark west's gateway not ready")
+    mc.meshgate("cluster", "up", "--name", WEST, "--state-dir", str(mc.state(WEST)))
+    wait_for(lambda: mc.mirror_ready() == [True], timeout=20, interval=0.2,
+             what="east to mark west's gateway ready again")
+    wait_for(lambda: all(a.startswith("200") for a in mc.calls(2)), timeout=20,
+             interval=0.5, what="calls to pass again")
+
+
+def test_unlink_stops_the_links_mirror_controller(mc: Clusters) -> None:
+    pid_file = mc.state(WEST) / "run" / f"mirror-{EAST}.pid"
+    assert pid_file.exists()
+    mc.meshgate("multicluster", "unlink", "--kubeconfig", str(mc.kubeconfig(WEST)),
+                "--cluster-name", EAST)
+    wait_for(lambda: not pid_file.exists(), timeout=15, interval=0.2,
+             what="west's supervisor to stop the mirror controller of the deleted Link")
+    log = (mc.state(WEST) / "logs" / "mirrors.log").read_text()
+    assert f"mirror stopped link=meshgate/{EAST} cause=the Link is gone" in log
+
+
+def test_a_wan_address_in_use_is_refused_in_one_line(mc: Clusters) -> None:
+    proc = mc.meshgate("cluster", "up", "--name", "mcthird", "--state-dir",
+                       str(mc.base / "mcthird"), "--pod-cidr", "10.236.0.0/16",
+                       "--service-cidr", "10.237.0.0/16", "--multicluster", "--wan", WAN,
+                       "--wan-address", mc.wan_address(EAST), check=False)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("meshgate:")]
+    assert len(errors) == 1 and f"in use by cluster '{EAST}'" in errors[0], proc.stderr
+    assert not [n for n in netns.listnetns() if n.startswith("mg-mcthird-")]
+    assert "mcthird" not in (mc.base / "run" / "wan" / WAN / "wan.json").read_text()
+
+
+def test_without_nft_up_says_what_to_install_and_leaves_nothing(mc: Clusters) -> None:
+    path = ":".join(d for d in mc.env["PATH"].split(":")
+                    if d and not (Path(d) / "nft").exists())
+    proc = subprocess.run([sys.executable, "-m", "mesh.cli", "cluster", "up", "--name",
+                           "mcthird", "--state-dir", str(mc.base / "mcthird-nonft"),
+                           "--pod-cidr", "10.236.0.0/16", "--service-cidr", "10.237.0.0/16",
+                           "--multicluster", "--wan", WAN],
+                          env={**mc.env, "PATH": path}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("meshgate:")]
+    assert len(errors) == 1 and "needs `nft` (Debian package nftables)" in errors[0], \
+        proc.stderr
+    assert not [n for n in netns.listnetns() if n.startswith("mg-mcthird-")]
+    assert "mcthird" not in (mc.base / "run" / "wan" / WAN / "wan.json").read_text()
+
+
+def test_down_leaves_no_namespace_veth_or_pid_file(mc: Clusters) -> None:
+    mc.stop_pods()
+    mc.meshgate("cluster", "down", "--name", EAST)
+    assert WAN in netns.listnetns()  # west still uses it
+    mc.meshgate("cluster", "down", "--name", WEST)
+    assert _ours() == []
+    for cluster in (EAST, WEST):
+        assert not list((mc.state(cluster) / "run").glob("*.pid"))
+    assert not (mc.base / "run" / "wan" / WAN / "wan.json").exists()
+
+
+_ADMIN_ONLY = f"""
+apiVersion: {POLICY}/v1alpha1
+kind: Server
+metadata: {{name: web-http, namespace: default}}
+spec: {{podSelector: {{matchLabels: {{app: web}}}}, port: 8080, proxyProtocol: HTTP/1}}
+---
+apiVersion: {POLICY}/v1alpha1
+kind: MeshTLSAuthentication
+metadata: {{name: only-admin, namespace: default}}
+spec: {{identityRefs: [{{kind: ServiceAccount, name: admin}}]}}
+---
+apiVersion: {POLICY}/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: web-admin-only, namespace: default}}
+spec:
+  targetRef: {{group: {POLICY}, kind: Server, name: web-http}}
+  requiredAuthenticationRefs:
+  - {{group: {POLICY}, kind: MeshTLSAuthentication, name: only-admin}}
+"""
+
+
+def _forged_mirror(gateway: str) -> str:
+    return f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: forged, namespace: default}}
+spec:
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: forged
+  namespace: default
+  labels:
+    kubernetes.io/service-name: forged
+    endpointslice.kubernetes.io/managed-by: mirror.meshgate.io
+    mirror.meshgate.io/mirrored-service: "true"
+    mirror.meshgate.io/cluster-name: handmade
+  annotations:
+    mirror.meshgate.io/remote-gateway-identity: {GATEWAY_ID}
+    mirror.meshgate.io/remote-svc-fq-name: internal.default.svc.cluster.local
+addressType: IPv4
+endpoints: [{{addresses: ["{gateway}"], conditions: {{ready: true}}}}]
+ports: [{{name: http, port: 4143, protocol: TCP}}]
+"""
