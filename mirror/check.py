@@ -13,7 +13,6 @@ come and returns 1 when any check failed.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,7 +41,6 @@ from mirror.credentials import (
 from mirror.errors import CredentialsError, LinkSpecError, RemoteUnreachable
 from mirror.gateways import cluster_name, condition
 from mirror.importing import LINK_CRD, REQUEST_TIMEOUT, ImportingCluster, Obj, quiet_retries
-from mirror.lease import lease_name
 from mirror.link import LinkSpec, parse_spec
 
 READS = tuple((verb, group, resource) for group, resource in
@@ -55,8 +53,6 @@ WRITES = (("create", "", "services"), ("delete", "", "services"), ("patch", "", 
           ("list", "", "secrets"), ("create", "", "pods"), ("delete", "", "namespaces"),
           ("create", "rbac.authorization.k8s.io", "clusterrolebindings"))
 """A sample of what a read-only link credential must not be allowed."""
-LEASE_SLACK = 5.0
-"""Seconds past a Lease's duration before its holder counts as gone."""
 
 
 @dataclass(frozen=True)
@@ -214,23 +210,12 @@ class LinkCheck:
     # -- the controller's view -----------------------------------------------------------
 
     def _controller(self) -> Outcome:
-        name = lease_name(self.name)
         title = f"{self.prefix}: a mirror controller is serving it"
-        fix = (f"start one: `meshgate mirror run --kubeconfig IMPORTING --link {self.name} "
-               f"--namespace {self.cluster.namespace}`")
-        lease = self.cluster.lease(name)
-        spec = (lease or {}).get("spec") or {}
-        holder = spec.get("holderIdentity")
-        if not holder:
-            return failed(title, f"nothing holds its Lease {self.cluster.namespace}/{name}",
-                          fix)
-        age = _age(spec.get("renewTime"))
-        duration = float(spec.get("leaseDurationSeconds") or 15)
-        if age is None or age > duration + LEASE_SLACK:
-            when = f"{age:.0f}s ago" if age is not None else "at an unknown time"
-            return failed(title, f"its Lease {self.cluster.namespace}/{name} was last renewed "
-                          f"{when} by {holder}, which has stopped", fix)
-        return passed(f"{title} ({holder})")
+        serving = self.cluster.serving(self.name)
+        if serving.problem:
+            return failed(title, serving.problem, "start one: `meshgate mirror run --kubeconfig "
+                          f"IMPORTING --link {self.name} --namespace {self.cluster.namespace}`")
+        return passed(f"{title} ({serving.holder})")
 
     def _gateway(self) -> Outcome:
         title = f"{self.prefix}: the gateway of cluster {self.target} is alive"
@@ -363,16 +348,6 @@ def _may(creds: RemoteCredentials, verb: str, group: str, resource: str,
     except (ApiException, urllib3.exceptions.HTTPError, OSError):
         return None
     return bool((json.loads(resp.data).get("status") or {}).get("allowed"))
-
-
-def _age(stamp: Any) -> float | None:
-    if not isinstance(stamp, str):
-        return None
-    try:
-        when = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (dt.datetime.now(dt.UTC) - when).total_seconds()
 
 
 def _bundle(config_map: Obj, whose: str) -> TrustBundle:

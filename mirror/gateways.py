@@ -1,6 +1,7 @@
 """`meshgate multicluster gateways`: one line per Link of the importing cluster,
 from what its mirror controller wrote in the Link's status: whether the linked
-cluster's gateway is alive (the GatewayAlive condition, with its hysteresis),
+cluster's gateway is alive (the GatewayAlive condition, with its hysteresis;
+Unknown when no controller holds the Link's Lease),
 the latency percentiles of its latest successful probes (``gatewayLatency``)
 and how many Services are mirrored."""
 
@@ -33,10 +34,13 @@ def _ms(value: Any) -> str:
     return f"{float(value):.1f}ms" if isinstance(value, int | float) else "-"
 
 
-def gateway_row(link: Obj) -> tuple[str, ...]:
+def gateway_row(link: Obj, *, served: bool = True) -> tuple[str, ...]:
+    """The Link's line; its gateway's liveness is Unknown when no controller serves
+    the Link, since what its status says may be long out of date."""
     status = link.get("status") or {}
     latency = status.get("gatewayLatency") or {}
-    alive = str(condition(link, "GatewayAlive").get("status") or "Unknown")
+    alive = str(condition(link, "GatewayAlive").get("status") or "Unknown") if served \
+        else "Unknown"
     count = status.get("mirroredServiceCount")
     return (cluster_name(link), alive, _ms(latency.get("p50")), _ms(latency.get("p95")),
             _ms(latency.get("p99")), str(count) if isinstance(count, int) else "-")
@@ -56,11 +60,13 @@ def run_gateways(args: argparse.Namespace) -> int:
             raise MirrorError(f"the importing cluster at {cluster.server} has no Links: the "
                               f"CustomResourceDefinition {LINK_CRD} is not installed")
         links = cluster.links()
+        rows = [gateway_row(link, served=not cluster.serving(link["metadata"]["name"]).problem)
+                for link in links]
     finally:
         cluster.close()
     if not links:
         print(f"no Links in namespace {args.namespace}")
         return 0
-    for line in table([HEADER, *(gateway_row(link) for link in links)]):
+    for line in table([HEADER, *rows]):
         print(line)
     return 0

@@ -9,9 +9,11 @@ and that one line); an object that is not there is None. The calls block.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from kubernetes.client.rest import ApiException
 from mesh.errors import ConfigError
 from mesh.kube import api_client
 from mirror.credentials import first_line, root_cause
+from mirror.lease import lease_name
 from mirror.link import GROUP, PLURAL, VERSION
 from mirror.mirrors import MANAGED_BY, MANAGED_BY_LABEL, MIRRORED_LABEL
 
@@ -30,6 +33,17 @@ Obj = dict[str, Any]
 LINK_CRD = f"{PLURAL}.{GROUP}"
 REQUEST_TIMEOUT = (3.0, 10.0)
 """(connect, read) seconds for each call: a check never hangs on a silent API."""
+LEASE_SLACK = 5.0
+"""Seconds past a Lease's duration before its holder counts as gone (clock skew)."""
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Whether a mirror controller serves a Link, by its Lease."""
+
+    holder: str
+    problem: str
+    """Why no controller serves it, or '' when one does."""
 
 
 def quiet_retries() -> None:
@@ -113,10 +127,34 @@ class ImportingCluster:
                            label_selector=f"{MANAGED_BY_LABEL}={MANAGED_BY},"
                            f"{MIRRORED_LABEL}=true")
 
-    def lease(self, name: str) -> Obj | None:
-        return self.call(f"read Lease {self.namespace}/{name}",
-                         self.coordination.read_namespaced_lease, name, self.namespace)
+    def serving(self, link: str) -> Serving:
+        """Who holds the Link's Lease, and whether they still renew it."""
+        name = lease_name(link)
+        lease = self.call(f"read Lease {self.namespace}/{name}",
+                          self.coordination.read_namespaced_lease, name, self.namespace)
+        spec = (lease or {}).get("spec") or {}
+        holder = str(spec.get("holderIdentity") or "")
+        if not holder:
+            return Serving("", f"nothing holds its Lease {self.namespace}/{name}")
+        age = _age(spec.get("renewTime"))
+        duration = float(spec.get("leaseDurationSeconds") or 15)
+        if age is None or age > duration + LEASE_SLACK:
+            when = f"{age:.0f}s ago" if age is not None else "at an unknown time"
+            return Serving(holder, f"its Lease {self.namespace}/{name} was last renewed "
+                           f"{when} by {holder}, which has stopped")
+        return Serving(holder, "")
 
     def config_map(self, namespace: str, name: str) -> Obj | None:
         return self.call(f"read ConfigMap {namespace}/{name}",
                          self.core.read_namespaced_config_map, name, namespace)
+
+
+def _age(stamp: Any) -> float | None:
+    """Seconds since an RFC 3339 time, by this machine's clock."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (dt.datetime.now(dt.UTC) - when).total_seconds()

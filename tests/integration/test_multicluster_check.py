@@ -189,6 +189,7 @@ def test_gateways_and_check_on_a_healthy_link(env: Env) -> None:
 
     out = meshgate("multicluster", "gateways", "--kubeconfig", str(env.east.kubeconfig),
                    "--namespace", "mc-ok")
+    print(out.stdout)
     assert out.returncode == 0, out.stderr
     header, row = out.stdout.splitlines()
     assert header.split() == ["CLUSTER", "ALIVE", "P50", "P95", "P99", "MIRRORED"]
@@ -323,6 +324,10 @@ def test_check_finds_orphans_collisions_and_mirrors_without_endpoints(env: Env) 
     wait_for(lambda: all(env.mirror_exists("orph", f"{n}-worph")
                          for n in ("web", "gone", "quiet", "api")), what="the mirrors")
     stop_process(controller)  # nothing repairs what follows
+    out = meshgate("multicluster", "gateways", "--kubeconfig", str(env.east.kubeconfig),
+                   "--namespace", "mc-orph")
+    assert out.stdout.splitlines()[1].split()[:2] == ["worph", "Unknown"], \
+        "without a controller, what the status says of the gateway is stale"
 
     env.wcore.delete_namespaced_service("gone", "orph")
     env.wcore.patch_namespaced_service("quiet", "orph", {"metadata": {"labels": {
