@@ -22,13 +22,15 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from mesh.errors import ConfigError
+from mesh.control import crds
+from mesh.errors import ConfigError, CrdError
 from mesh.identity.bundle import TrustBundle, describe
 from mesh.identity.errors import TrustSetupError
 from mesh.identity.names import DEFAULT_CONTROL_NS
 from mesh.identity.trustroots import TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY
 from mesh.workqueue import TemporaryError
 from mirror.audit import LocalView, collisions, missing_endpoints, orphans, unlinked
+from mirror.crds import crd_documents
 from mirror.credentials import (
     SECRET_FIX,
     RemoteCredentials,
@@ -100,6 +102,9 @@ def checks(cluster: ImportingCluster) -> Iterator[Outcome]:
                      "deploy/crds/multicluster.yaml`, then link again")
         return
     yield passed(f"the CustomResourceDefinition {LINK_CRD} is installed")
+    current = _crd_current(crd)
+    if current is not None:
+        yield current
     links = cluster.links()
     local = LocalView.read(cluster)
     if not links:
@@ -327,6 +332,26 @@ class LinkCheck:
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+def _crd_current(installed: Obj) -> Outcome | None:
+    """Whether the installed Link CRD is established and the one this meshgate ships;
+    None when the shipped one cannot be read (meshgate installed without its tree)."""
+    title = f"the CustomResourceDefinition {LINK_CRD} is established and current"
+    fix = ("apply the one this meshgate ships: `kubectl --kubeconfig IMPORTING apply -f "
+           "deploy/crds/multicluster.yaml`")
+    if not crds.is_established(installed):
+        return failed(title, "the API server has not established it (see its "
+                      "status.conditions)", fix)
+    try:
+        shipped = [d for d in crd_documents() if d["metadata"]["name"] == LINK_CRD]
+    except CrdError:
+        return None
+    if shipped and not crds.is_current(installed, shipped[0]):
+        return failed(title, "it differs from the one this meshgate ships (an older "
+                      "version?), so the API server drops the Link fields it does not "
+                      "declare", fix)
+    return passed(title)
+
 
 def _cause(e: CredentialsError) -> str:
     """The error's message without the generic fix the controller's condition carries."""

@@ -27,9 +27,10 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from mesh.control.crds import is_established
 from mesh.identity.ca import IssuerDir
 from mesh.identity.trustroots import TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY
-from mirror.crds import install_crds
+from mirror.crds import crd_documents, install_crds
 from mirror.link import GROUP, PLURAL, VERSION
 from mirror.mirrors import CLUSTER_LABEL, MIRRORED_LABEL, REMOTE_FQ_NAME_ANNOTATION
 from tests.cluster import Cluster, spawn, start_cluster, stop_process, wait_for
@@ -220,16 +221,32 @@ def test_gateways_and_check_on_a_healthy_link(env: Env) -> None:
 
 # -- five broken setups ---------------------------------------------------------------------
 
-def test_check_names_a_missing_crd(tmp_path: Path) -> None:
+def test_check_names_a_missing_or_outdated_crd(tmp_path: Path) -> None:
     bare = start_cluster(tmp_path / "bare", name="bare")
     try:
+        out = meshgate("multicluster", "check", "--kubeconfig", str(bare.kubeconfig))
+        assert out.returncode == 1, out.stdout + out.stderr
+        line = failure(out.stdout.splitlines(),
+                       f"the CustomResourceDefinition {CRD} is installed")
+        assert "deploy/crds/multicluster.yaml" in line
+        assert out.stdout.splitlines()[-1] == "1 check failed"
+
+        # An older CRD: its status does not declare the probe latency yet.
+        (older,) = crd_documents()
+        del older["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"][
+            "properties"]["gatewayLatency"]
+        extensions = client.ApiextensionsV1Api(bare.api())
+        extensions.create_custom_resource_definition(older)
+        wait_for(lambda: is_established(json.loads(extensions.read_custom_resource_definition(
+            CRD, _preload_content=False).data)), what="the older CRD established")
         out = meshgate("multicluster", "check", "--kubeconfig", str(bare.kubeconfig))
     finally:
         bare.stop()
     assert out.returncode == 1, out.stdout + out.stderr
-    line = failure(out.stdout.splitlines(), f"the CustomResourceDefinition {CRD} is installed")
-    assert "deploy/crds/multicluster.yaml" in line
-    assert out.stdout.splitlines()[-1] == "1 check failed"
+    lines = out.stdout.splitlines()
+    assert f"ok    the CustomResourceDefinition {CRD} is installed" in lines
+    line = failure(lines, f"the CustomResourceDefinition {CRD} is established and current")
+    assert "differs from the one this meshgate ships" in line
 
 
 def test_check_names_a_missing_or_malformed_secret(env: Env) -> None:
