@@ -10,6 +10,7 @@ thing and asserts on the line `check` prints and its exit status.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import json
@@ -28,8 +29,9 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from mesh.control.crds import is_established
+from mesh.identity.bundle import TrustBundle
 from mesh.identity.ca import IssuerDir
-from mesh.identity.trustroots import TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY
+from mesh.identity.trustroots import TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY, keep_published
 from mirror.crds import crd_documents, install_crds
 from mirror.link import GROUP, PLURAL, VERSION
 from mirror.mirrors import CLUSTER_LABEL, MIRRORED_LABEL, REMOTE_FQ_NAME_ANNOTATION
@@ -416,3 +418,41 @@ def test_check_without_a_usable_importing_cluster(env: Env, tmp_path: Path) -> N
         assert out.returncode == 2, out.stdout
         assert out.stderr.count("\n") == 1, out.stderr
         assert "cannot be reached" in out.stderr and "Connection refused" in out.stderr
+
+
+# -- the published trust bundle --------------------------------------------------------------
+
+async def test_the_published_bundle_follows_rotations(env: Env, tmp_path: Path) -> None:
+    """What the control plane runs: the ConfigMap is created, then replaced when the
+    bundle gains an anchor, as `identity rotate` makes it do."""
+    first, second = IssuerDir(tmp_path / "a"), IssuerDir(tmp_path / "b")
+    for d in (first, second):
+        d.init(DOMAIN, anchor_lifetime=dt.timedelta(days=1), issuer_lifetime=dt.timedelta(
+            hours=1), now=dt.datetime.now(dt.UTC))
+    old = TrustBundle.from_pem((first.path / "trust-bundle.pem").read_bytes())
+    both = old.with_anchor(second.load_anchor().cert)
+    current = [old]
+    env.namespace(env.ecore, "publish-test")
+    task = asyncio.create_task(keep_published(env.east.api(), "publish-test",
+                                              lambda: current[0], interval=0.05))
+
+    async def published() -> str:
+        def read() -> str:
+            try:
+                cm = env.ecore.read_namespaced_config_map(TRUST_ROOTS_CONFIGMAP, "publish-test")
+            except ApiException:
+                return ""
+            return str((cm.data or {}).get(TRUST_ROOTS_KEY))
+        return await asyncio.to_thread(read)
+
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while await published() != old.to_pem().decode():
+            assert asyncio.get_running_loop().time() < deadline, "the bundle was not published"
+            await asyncio.sleep(0.02)
+        current[0] = both
+        while await published() != both.to_pem().decode():
+            assert asyncio.get_running_loop().time() < deadline, "the rotation was not published"
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
