@@ -5,4 +5,7 @@ exported Services, and the link / unlink / check commands.
 EndpointSlices look like; `controller` the reconciles of one Link, run behind a
 Lease by `run` (``meshgate mirror run``); `credentials`, `remote`, `addresses`
 and `probe` the linked cluster's API, its gateway's addresses and liveness;
-`status` the Link's conditions; `crds` installs the CustomResourceDefinition."""
+`status` the Link's conditions; `crds` installs the CustomResourceDefinition.
+`gateways` and `check` are the commands that report on Links, reading the
+importing cluster through `importing`; `audit` finds orphaned, colliding and
+endpoint-less mirrors."""

@@ -1,11 +1,13 @@
-"""`meshgate multicluster link` and `unlink`.
+"""`meshgate multicluster link` and `unlink`, and the parsers of `gateways` and
+`check` (`mirror.gateways`, `mirror.check`).
 
 `link`, run against the EXPORTING cluster, creates there a ServiceAccount whose
 only rights are to read Services and EndpointSlices (a ClusterRole and its
-binding), waits for its token, and prints two documents for the IMPORTING
-cluster: a Secret (type ``mirror.meshgate.io/remote-kubeconfig``) holding a
-kubeconfig with that token, and the Link that uses it. Apply them with
-``kubectl apply -f -`` in the importing cluster.
+binding) and the ConfigMap holding the cluster's trust bundle (a Role), waits
+for its token, and prints two documents for the IMPORTING cluster: a Secret
+(type ``mirror.meshgate.io/remote-kubeconfig``) holding a kubeconfig with that
+token, and the Link that uses it. Apply them with ``kubectl apply -f -`` in the
+importing cluster.
 
 `unlink`, run against the IMPORTING cluster, removes a Link's mirrors and
 their EndpointSlices, the Link (with its finalizer) and its credentials.
@@ -71,6 +73,31 @@ def add_multicluster_commands(commands: Any) -> None:
     unlink.add_argument("--namespace", default="meshgate")
     unlink.set_defaults(func=_unlink)
 
+    gateways = sub.add_parser("gateways", help="one line per linked cluster: gateway alive, "
+                              "probe latency, mirrored Services")
+    gateways.add_argument("--kubeconfig", required=True, type=Path,
+                          help="the IMPORTING cluster")
+    gateways.add_argument("--namespace", default="meshgate", help="namespace of the Links")
+    gateways.set_defaults(func=_gateways)
+
+    check = sub.add_parser("check", help="check the Links, their credentials, gateways and "
+                           "mirrors; exit status 1 when anything is wrong")
+    check.add_argument("--kubeconfig", required=True, type=Path, help="the IMPORTING cluster")
+    check.add_argument("--namespace", default="meshgate", help="namespace of the Links")
+    check.set_defaults(func=_check)
+
+
+def _gateways(args: argparse.Namespace) -> int:
+    from mirror.gateways import run_gateways
+
+    return run_gateways(args)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from mirror.check import run_check
+
+    return run_check(args)
+
 
 def _link(args: argparse.Namespace) -> int:
     from kubernetes import client
@@ -110,6 +137,8 @@ def _reader_token(core: Any, rbac: Any) -> str:
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
+    from mesh.identity.trustroots import TRUST_ROOTS_CONFIGMAP
+
     def ensure(create: Any, *args: Any) -> None:
         try:
             create(*args)
@@ -132,6 +161,18 @@ def _reader_token(core: Any, rbac: Any) -> str:
     ensure(rbac.create_cluster_role_binding, client.V1ClusterRoleBinding(
         metadata=meta(name=READER),
         role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="ClusterRole",
+                                  name=READER),
+        subjects=[client.RbacV1Subject(kind="ServiceAccount", name=READER,
+                                       namespace="meshgate")]))
+    # One more right, on one object: reading the trust bundle the cluster publishes, so
+    # that `multicluster check` can tell whether the two clusters share an anchor.
+    ensure(rbac.create_namespaced_role, "meshgate", client.V1Role(
+        metadata=meta(name=READER),
+        rules=[client.V1PolicyRule(api_groups=[""], resources=["configmaps"], verbs=["get"],
+                                   resource_names=[TRUST_ROOTS_CONFIGMAP])]))
+    ensure(rbac.create_namespaced_role_binding, "meshgate", client.V1RoleBinding(
+        metadata=meta(name=READER),
+        role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role",
                                   name=READER),
         subjects=[client.RbacV1Subject(kind="ServiceAccount", name=READER,
                                        namespace="meshgate")]))

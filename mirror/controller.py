@@ -58,7 +58,7 @@ from mirror.mirrors import (
 )
 from mirror.probe import GatewayProber
 from mirror.remote import RemoteCluster
-from mirror.status import Condition, ConditionType, link_status, same_status
+from mirror.status import Condition, ConditionType, latency_summary, link_status, same_status
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ CHECK_PERIOD = 1.0
 RETRY_MIN, RETRY_MAX = 0.5, 30.0
 RECHECK_MAX = 5.0
 """The longest wait between checks of a remote API that is away."""
+LATENCY_REPORT = 10.0
+"""How often the probe latency in the Link's status is brought up to date: often
+enough for `multicluster gateways`, rarely enough not to write on every probe."""
 
 
 class Task(Enum):
@@ -155,7 +158,7 @@ class LinkController:
                 await informer.wait_synced()
             self._queue.add(Task.LINK)
             await asyncio.gather(self._queue.run(self._workers), self._every_resync(),
-                                 self._watch_remote())
+                                 self._watch_remote(), self._every_latency_report())
         finally:
             await self._shutdown()
 
@@ -214,6 +217,15 @@ class LinkController:
             await asyncio.sleep(self._resync)
             self._queue.add(Task.LINK)
             self._enqueue_all()
+
+    async def _every_latency_report(self) -> None:
+        reported = -1
+        while True:
+            await asyncio.sleep(LATENCY_REPORT)
+            gateway = self._gateway
+            if gateway is not None and gateway.prober.probes != reported:
+                reported = gateway.prober.probes
+                self._status_soon()
 
     # -- reconciling ------------------------------------------------------------------
 
@@ -569,9 +581,13 @@ class LinkController:
             conditions[ConditionType.GATEWAY_ALIVE] = gateway
         cluster = self._spec.target_cluster_name if self._spec else None
         mirrors = [o for o in self._services.objects() if cluster and owned(o, cluster)]
-        status = link_status(conditions, mirrors, previous=obj.get("status"),
+        previous = obj.get("status") or {}
+        # A new prober has no samples yet: the last figures stand until it has.
+        latency = (latency_summary(self._gateway.prober.latencies) if self._gateway else None
+                   ) or previous.get("gatewayLatency")
+        status = link_status(conditions, mirrors, previous=previous,
                              generation=obj["metadata"].get("generation"),
-                             spec_error=self._spec_error)
+                             spec_error=self._spec_error, latency=latency)
         if cluster:
             self.metrics.mirrored_services.labels(cluster).set(len(mirrors))
         if same_status(status, obj.get("status")):

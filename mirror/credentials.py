@@ -32,7 +32,7 @@ from mirror.link import CREDENTIALS_SECRET_KEY, CREDENTIALS_SECRET_TYPE
 
 VERIFY_TIMEOUT = (3.0, 5.0)
 """(connect, read) seconds for the call that checks a credential."""
-_FIX = "apply the Secret printed by `meshgate multicluster link` for that cluster again"
+SECRET_FIX = "apply the Secret printed by `meshgate multicluster link` for that cluster again"
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,12 @@ def read_secret(core: Any, namespace: str, name: str) -> dict[str, Any]:
     except ApiException as e:
         if e.status == 404:
             raise CredentialsError(f"credentials Secret {namespace}/{name} does not exist; "
-                                   f"{_FIX}", reason="SecretNotFound") from e
+                                   f"{SECRET_FIX}", reason="SecretNotFound") from e
         raise TemporaryError(f"cannot read Secret {namespace}/{name}: {e.status} {e.reason}"
                              ) from e
     except urllib3.exceptions.HTTPError as e:
         raise TemporaryError(f"cannot read Secret {namespace}/{name}: the local API cannot be "
-                             f"reached: {_first_line(_root_cause(e))}") from e
+                             f"reached: {first_line(root_cause(e))}") from e
     body: dict[str, Any] = json.loads(resp.data)
     return body
 
@@ -67,20 +67,20 @@ def credentials_from_secret(secret: Mapping[str, Any]) -> RemoteCredentials:
     where = f"credentials Secret {meta.get('namespace')}/{meta.get('name')}"
     if secret.get("type") != CREDENTIALS_SECRET_TYPE:
         raise CredentialsError(f"{where} has type {secret.get('type')!r}, not "
-                               f"{CREDENTIALS_SECRET_TYPE}; {_FIX}", reason="SecretWrongType")
+                               f"{CREDENTIALS_SECRET_TYPE}; {SECRET_FIX}", reason="SecretWrongType")
     raw = (secret.get("data") or {}).get(CREDENTIALS_SECRET_KEY)
     if not raw:
-        raise CredentialsError(f"{where} has no {CREDENTIALS_SECRET_KEY!r} key; {_FIX}",
+        raise CredentialsError(f"{where} has no {CREDENTIALS_SECRET_KEY!r} key; {SECRET_FIX}",
                                reason="SecretMalformed")
     try:
         text = base64.b64decode(raw, validate=True).decode()
         doc = yaml.safe_load(text)
     except (binascii.Error, UnicodeDecodeError, yaml.YAMLError) as e:
         raise CredentialsError(f"{where}: its {CREDENTIALS_SECRET_KEY!r} is not a kubeconfig "
-                               f"({_first_line(e)}); {_FIX}", reason="SecretMalformed") from e
+                               f"({first_line(e)}); {SECRET_FIX}", reason="SecretMalformed") from e
     if not isinstance(doc, dict) or not doc.get("clusters") or not doc.get("users"):
         raise CredentialsError(f"{where}: its {CREDENTIALS_SECRET_KEY!r} is not a kubeconfig "
-                               f"(it needs clusters, users and contexts); {_FIX}",
+                               f"(it needs clusters, users and contexts); {SECRET_FIX}",
                                reason="SecretMalformed")
     for user in doc.get("users") or []:
         spec = (user or {}).get("user") or {}
@@ -92,8 +92,8 @@ def credentials_from_secret(secret: Mapping[str, Any]) -> RemoteCredentials:
     try:
         api = config.new_client_from_config_dict(doc, persist_config=False)
     except (ConfigException, KeyError, TypeError, ValueError) as e:
-        raise CredentialsError(f"{where}: its kubeconfig cannot be used ({_first_line(e)}); "
-                               f"{_FIX}", reason="SecretMalformed") from e
+        raise CredentialsError(f"{where}: its kubeconfig cannot be used ({first_line(e)}); "
+                               f"{SECRET_FIX}", reason="SecretMalformed") from e
     return RemoteCredentials(api, str(api.configuration.host), fingerprint(secret))
 
 
@@ -125,7 +125,7 @@ def classify(e: Exception, *, server: str, secret: str) -> CredentialsError | Re
         if e.status == 401:
             return CredentialsError(
                 f"the remote API at {server} refused the credential in Secret {secret} "
-                f"(401 Unauthorized): it has expired or been revoked; {_FIX}",
+                f"(401 Unauthorized): it has expired or been revoked; {SECRET_FIX}",
                 reason="CredentialsRejected")
         if e.status == 403:
             return CredentialsError(
@@ -133,16 +133,16 @@ def classify(e: Exception, *, server: str, secret: str) -> CredentialsError | Re
                 "(403 Forbidden); it needs get, list and watch on services", reason=
                 "CredentialsForbidden")
         return RemoteUnreachable(f"the remote API at {server} answered {e.status} {e.reason}")
-    cause = _root_cause(e)
+    cause = root_cause(e)
     if isinstance(cause, ssl.SSLCertVerificationError):
         return CredentialsError(
             f"the remote API at {server} is not the one the kubeconfig in Secret {secret} "
-            f"trusts ({_first_line(cause)}); {_FIX}", reason="RemoteCertificateInvalid")
+            f"trusts ({first_line(cause)}); {SECRET_FIX}", reason="RemoteCertificateInvalid")
     return RemoteUnreachable(f"the remote API at {server} cannot be reached: "
-                             f"{_first_line(cause)}")
+                             f"{first_line(cause)}")
 
 
-def _root_cause(e: BaseException) -> BaseException:
+def root_cause(e: BaseException) -> BaseException:
     """The socket or TLS error under urllib3's wrappers, whose text is stable."""
     seen: set[int] = set()
     current: BaseException | None = e
@@ -157,6 +157,6 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
-def _first_line(e: object) -> str:
+def first_line(e: object) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__

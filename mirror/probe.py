@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ from mirror.mirrors import GatewayEndpoint
 log = logging.getLogger(__name__)
 
 JITTER = 0.1
+LATENCY_WINDOW = 100
+"""Successful probes the Link's latency percentiles are computed over (5 minutes at
+the default 3 s period)."""
 
 
 @dataclass
@@ -76,6 +80,10 @@ class GatewayProber:
         self.cluster = cluster
         self.spec = spec
         self.health: dict[str, GatewayHealth] = {}
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        """Milliseconds of the latest successful probes, every address together."""
+        self.probes = 0
+        """Probe rounds so far."""
         self._addresses = addresses
         self._metrics = metrics
         self._on_change = on_change
@@ -139,6 +147,7 @@ class GatewayProber:
             self._metrics.probes.labels(self.cluster, str(result.ok).lower()).inc()
             if result.ok:
                 self._metrics.probe_latency.labels(self.cluster).observe(result.latency_ms)
+                self.latencies.append(result.latency_ms)
             health = self._health(result.address)
             if health.record(result.ok, result.error):
                 changed = True
@@ -148,6 +157,7 @@ class GatewayProber:
                          "probe succeeded" if result.ok else
                          f"{health.failures} probes failed in a row, last: {result.error}")
         self._metrics.gateway_alive.labels(self.cluster).set(1 if self.alive else 0)
+        self.probes += 1
         if changed or self.summary()[:2] != before:
             self._on_change()
 

@@ -6,12 +6,15 @@ Conditions: CredentialsValid (the Secret and the remote API's verdict on its
 credential), RemoteReachable (the remote API answers), GatewayAlive (the
 gateway's probe, with hysteresis) and Ready (all three hold and the spec is
 valid), each with a CamelCase reason and a message a person can act on.
+Beside them, ``gatewayLatency``: percentiles of the latest successful gateway
+probes, which `meshgate multicluster gateways` prints.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -77,9 +80,23 @@ def mirrored_list(mirrors: Iterable[Obj]) -> list[dict[str, str]]:
     return sorted(out, key=lambda e: (e["namespace"], e["name"]))
 
 
+def latency_summary(samples: Sequence[float]) -> dict[str, Any] | None:
+    """``{"p50", "p95", "p99"}`` in milliseconds (nearest rank, rounded to 0.1 ms) and
+    the number of samples; None without samples."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+
+    def rank(q: float) -> float:
+        return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 1)
+
+    return {"p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99), "samples": len(ordered)}
+
+
 def link_status(conditions: Mapping[ConditionType, Condition], mirrors: Iterable[Obj], *,
                 previous: Mapping[str, Any] | None, generation: int | None,
-                spec_error: str | None = None, now: str | None = None) -> dict[str, Any]:
+                spec_error: str | None = None, latency: Mapping[str, Any] | None = None,
+                now: str | None = None) -> dict[str, Any]:
     """The Link's whole status. A condition keeps its lastTransitionTime while its
     status stays what `previous` says."""
     all_conditions = {**conditions, ConditionType.READY: ready(conditions,
@@ -98,6 +115,8 @@ def link_status(conditions: Mapping[ConditionType, Condition], mirrors: Iterable
     listed = mirrored_list(mirrors)
     status: dict[str, Any] = {"conditions": written, "mirroredServiceCount": len(listed),
                               "mirroredServices": listed}
+    if latency is not None:
+        status["gatewayLatency"] = dict(latency)
     if generation is not None:
         status["observedGeneration"] = generation
     return status

@@ -81,6 +81,16 @@ def _install(api: Any, doc: dict[str, Any]) -> str:
                       "run the install again")
 
 
+def is_current(installed: Mapping[str, Any] | None, doc: Mapping[str, Any]) -> bool:
+    """Whether an installed CRD holds everything its document says: what
+    `install_crds` would leave unchanged."""
+    return installed is not None and _contains(installed, doc)
+
+
+def is_established(installed: Mapping[str, Any] | None) -> bool:
+    return _established(installed)
+
+
 def _read(api: Any, name: str) -> dict[str, Any] | None:
     from kubernetes.client.rest import ApiException
 

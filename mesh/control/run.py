@@ -37,6 +37,7 @@ from mesh.identity.ca import IssuerDir
 from mesh.identity.commands import _trust_domain
 from mesh.identity.names import DEFAULT_CONTROL_NS
 from mesh.identity.service import MAX_BODY, IdentityService
+from mesh.identity.trustroots import keep_published
 from mesh.kube import api_client
 from mesh.memory import return_freed_memory
 
@@ -84,6 +85,7 @@ class ControlPlane:
         self._runner: web.AppRunner | None = None
         self._maintain: asyncio.Task[None] | None = None
         self._trimmer: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY * 2)
@@ -129,9 +131,12 @@ class ControlPlane:
         self.policies.watch_cluster(self.kube, asyncio.get_running_loop())
         self._maintain = asyncio.create_task(self.identity.maintain())
         self._trimmer = asyncio.create_task(return_freed_memory())
+        # The bundle in a ConfigMap too, for tools that compare linked clusters' anchors.
+        self._publisher = asyncio.create_task(keep_published(
+            self.kube, self.settings.control_ns, lambda: self.identity.issuer().bundle))
 
     async def stop(self) -> None:
-        for task in (self._maintain, self._trimmer):
+        for task in (self._maintain, self._trimmer, self._publisher):
             if task is not None:
                 task.cancel()
         self.destinations.stop()

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from kubernetes import client, config
 
+from mesh.identity.trustroots import TRUST_ROOTS_CONFIGMAP
 from mirror.crds import install_crds
 from tests.cluster import Cluster, start_cluster
 
@@ -58,8 +59,16 @@ def test_link_prints_a_read_only_credential_and_a_link(west: Cluster, east: Clus
     core, disc = client.CoreV1Api(remote), client.DiscoveryV1Api(remote)
     core.list_service_for_all_namespaces()
     disc.list_endpoint_slice_for_all_namespaces()
+    # And the one ConfigMap holding the cluster's trust bundle, for `multicluster check`.
+    wcore = client.CoreV1Api(west.api())
+    wcore.create_namespaced_config_map("meshgate", {"metadata": {
+        "name": TRUST_ROOTS_CONFIGMAP}, "data": {"ca-bundle.crt": "x"}})
+    assert core.read_namespaced_config_map(TRUST_ROOTS_CONFIGMAP, "meshgate").data
     for forbidden in (core.list_secret_for_all_namespaces, core.list_pod_for_all_namespaces,
-                      lambda: core.delete_namespaced_service("kubernetes", "default")):
+                      lambda: core.delete_namespaced_service("kubernetes", "default"),
+                      lambda: core.read_namespaced_config_map("kube-root-ca.crt", "meshgate"),
+                      lambda: core.delete_namespaced_config_map(TRUST_ROOTS_CONFIGMAP,
+                                                                "meshgate")):
         with pytest.raises(client.ApiException) as denied:
             forbidden()
         assert denied.value.status == 403
