@@ -1,4 +1,4 @@
-"""`meshgate cluster up | run-pod | down`: a whole cluster on this machine."""
+"""`meshgate cluster up | run-pod | exec | down`: a whole cluster on this machine."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 
 def add_cluster_commands(commands: Any) -> None:
-    """Add up, run-pod and down to the `cluster` command's sub-commands."""
+    """Add up, run-pod, exec and down to the `cluster` command's sub-commands."""
     up = commands.add_parser("up", help="start a cluster in network namespaces, in the "
                              "background")
     up.add_argument("--name", required=True)
@@ -44,6 +44,13 @@ def add_cluster_commands(commands: Any) -> None:
                      help="a port the command listens on (the pod is ready when it answers)")
     pod.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
     pod.set_defaults(func=_run_pod)
+
+    run = commands.add_parser("exec", help="run a command on a cluster's node (its network "
+                              "namespace, KUBECONFIG set to reach the API server from there), "
+                              "where the cluster's controllers run", )
+    run.add_argument("--name", required=True)
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
+    run.set_defaults(func=_exec)
 
     down = commands.add_parser("down", help="stop a cluster and remove its network")
     down.add_argument("--name", required=True)
@@ -107,6 +114,21 @@ def _run_pod(args: argparse.Namespace) -> int:
     return run_pod(PodRequest(cluster=args.cluster, namespace=args.namespace, name=args.name,
                               service_account=args.service_account, command=tuple(command),
                               labels=tuple(args.label), ports=tuple(args.port)))
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from localcluster import rootless
+    from localcluster.up import node_exec
+    from mesh.errors import ConfigError
+
+    if not rootless.privileged():
+        return rootless.run_inside(args.name, rootless.meshgate_argv(args.argv))
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ConfigError("cluster exec: give the command to run after --")
+    return node_exec(args.name, command)
 
 
 def _down(args: argparse.Namespace) -> int:

@@ -170,10 +170,8 @@ class Demo:
             print(f"  {line}")
 
     def report_links(self) -> None:
-        """The one place that reports on the links: each importing cluster's Links as
-        their mirror controllers wrote them, then `meshgate multicluster gateways` and
-        `meshgate multicluster check` when this build has them (they are being built
-        separately; until then the demo says so rather than imitate them)."""
+        """Each importing cluster's Links as their mirror controllers wrote them, then
+        `meshgate multicluster gateways` and `meshgate multicluster check`."""
         print("\nthe links, as each cluster's mirror controller reports them:")
         for cluster in (CLUSTER, REMOTE):
             out = self.kubectl("get", "links", "-n", "meshgate", "-o", _LINK_COLUMNS,
@@ -182,19 +180,25 @@ class Demo:
                 name, gateway, alive, ready = (line.split() + ["?"] * 4)[:4]
                 print(f"  {cluster} imports {name}: gateway {gateway}, gateway alive "
                       f"{alive}, link ready {ready}")
-        for command in ("gateways", "check"):
-            if subprocess.run(_meshgate("multicluster", command, "--help"),
-                              capture_output=True, check=False).returncode != 0:
-                print(f"\n(`meshgate multicluster {command}` is not in this build)")
-                continue
-            for cluster in (CLUSTER, REMOTE):
-                print(f"\nmeshgate multicluster {command} --kubeconfig "
-                      f"{self.specs[cluster].kubeconfig}", flush=True)
-                proc = subprocess.run(_meshgate("multicluster", command, "--kubeconfig",
-                                                str(self.specs[cluster].kubeconfig)),
-                                      capture_output=True, text=True, timeout=60, check=False)
-                for line in (proc.stdout + proc.stderr).splitlines():
-                    print(f"  {line}")
+        for cluster in (CLUSTER, REMOTE):
+            self.run_and_print(
+                f"meshgate multicluster gateways --kubeconfig {self.specs[cluster].kubeconfig}",
+                _meshgate("multicluster", "gateways", "--kubeconfig",
+                          str(self.specs[cluster].kubeconfig)))
+        for cluster in (CLUSTER, REMOTE):
+            # On the node, where the mirror controllers run: only there is the linked
+            # cluster's WAN address reachable.
+            self.run_and_print(
+                f"meshgate cluster exec --name {cluster} -- meshgate multicluster check",
+                _meshgate("cluster", "exec", "--name", cluster, "--",
+                          *_meshgate("multicluster", "check")))
+
+    @staticmethod
+    def run_and_print(title: str, argv: list[str]) -> None:
+        print(f"\n{title}", flush=True)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        for line in (proc.stdout + proc.stderr).splitlines():
+            print(f"  {line}")
 
     def callers(self, pod: str, cluster: str = CLUSTER) -> dict[str, float]:
         page = in_pod(self.specs[cluster], "default", pod,

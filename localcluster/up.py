@@ -420,6 +420,15 @@ def _node_kubeconfig(spec: ClusterSpec) -> Path:
     return path
 
 
+def node_exec(name: str, argv: Sequence[str]) -> int:
+    """Run `argv` on the cluster's node: in its network namespace, where its controllers
+    run (and reach what they reach, a linked cluster's WAN address among them), with
+    KUBECONFIG naming the API server's node address. Returns the command's status."""
+    spec = find(name)
+    env = dict(os.environ, KUBECONFIG=str(_node_kubeconfig(spec)))
+    return subprocess.run(_in_netns(spec.node_netns, argv), env=env, check=False).returncode
+
+
 def _ensure_namespace(core: Any, name: str) -> None:
     from kubernetes import client as k8s
     from kubernetes.client.rest import ApiException

@@ -20,6 +20,7 @@ import argparse
 import base64
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -75,16 +76,24 @@ def add_multicluster_commands(commands: Any) -> None:
 
     gateways = sub.add_parser("gateways", help="one line per linked cluster: gateway alive, "
                               "probe latency, mirrored Services")
-    gateways.add_argument("--kubeconfig", required=True, type=Path,
-                          help="the IMPORTING cluster")
+    _importing_kubeconfig(gateways)
     gateways.add_argument("--namespace", default="meshgate", help="namespace of the Links")
     gateways.set_defaults(func=_gateways)
 
     check = sub.add_parser("check", help="check the Links, their credentials, gateways and "
                            "mirrors; exit status 1 when anything is wrong")
-    check.add_argument("--kubeconfig", required=True, type=Path, help="the IMPORTING cluster")
+    _importing_kubeconfig(check)
     check.add_argument("--namespace", default="meshgate", help="namespace of the Links")
     check.set_defaults(func=_check)
+
+
+def _importing_kubeconfig(parser: argparse.ArgumentParser) -> None:
+    """--kubeconfig of the importing cluster, by default $KUBECONFIG as kubectl does (so
+    `meshgate cluster exec --name east -- meshgate multicluster check` needs no more)."""
+    default = os.environ.get("KUBECONFIG")
+    parser.add_argument("--kubeconfig", type=Path, required=default is None,
+                        default=Path(default) if default else None,
+                        help="the IMPORTING cluster (default: $KUBECONFIG)")
 
 
 def _gateways(args: argparse.Namespace) -> int:

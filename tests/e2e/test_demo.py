@@ -52,6 +52,10 @@ def test_demo_shows_two_linked_clusters_and_cleans_up(tmp_path: Path) -> None:
                 "cluster.local  5" in text), text
         assert "east imports west: gateway 172.30.0.2, gateway alive True" in text, text
         assert "west imports east: gateway 172.30.0.1, gateway alive True" in text, text
+        # Both clusters' link reports: gateways from the host, check on each node.
+        assert re.search(r"^\s+west\s+True\s", text, re.M), text
+        assert re.search(r"^\s+east\s+True\s", text, re.M), text
+        assert text.count("every check passed") == 2, text
         kubeconfig = re.search(r"kubectl --kubeconfig (\S+) get", text)
         assert kubeconfig, text
         kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent))

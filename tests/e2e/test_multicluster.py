@@ -281,6 +281,23 @@ def test_a_dead_mirror_controller_is_reported_and_restarted(mc: Clusters) -> Non
              interval=0.2, what="the child to be started again")
 
 
+def test_check_and_gateways_on_a_healthy_link(mc: Clusters) -> None:
+    wait_for(lambda: mc.mirror_ready() == [True], timeout=30, interval=0.2,
+             what="the mirror to be ready")
+    # On east's node, where its mirror controllers run: west's WAN address is reachable
+    # from there, and only from there.
+    check = ("cluster", "exec", "--name", EAST, "--", sys.executable, "-m", "mesh.cli",
+             "multicluster", "check")
+    wait_for(lambda: mc.meshgate(*check, check=False).returncode == 0, timeout=30,
+             interval=0.5, what="`multicluster check` to pass on east's node")
+    lines = mc.meshgate(*check).stdout.splitlines()
+    assert lines[-1] == "every check passed", lines
+    assert all(line.startswith("ok") for line in lines[:-1]), lines
+    rows = mc.meshgate("multicluster", "gateways", "--kubeconfig",
+                       str(mc.kubeconfig(EAST))).stdout.splitlines()
+    assert rows[1].split()[:2] == [WEST, "True"], rows
+
+
 def test_a_dead_gateway_turns_mirror_endpoints_not_ready_and_up_restores_them(
         mc: Clusters) -> None:
     wait_for(lambda: mc.mirror_ready() == [True], timeout=30, interval=0.2,
@@ -289,6 +306,11 @@ def test_a_dead_gateway_turns_mirror_endpoints_not_ready_and_up_restores_them(
     # probeSpec: every 3 s, 3 failures in a row; allow one period of jitter and a write.
     wait_for(lambda: mc.mirror_ready() == [False], timeout=30, interval=0.2,
              what="east to mark west's gateway not ready")
+    check = mc.meshgate("cluster", "exec", "--name", EAST, "--", sys.executable, "-m",
+                        "mesh.cli", "multicluster", "check", check=False)
+    assert check.returncode == 1
+    assert any(line.startswith("FAIL") and f"the gateway of cluster {WEST} is alive" in line
+               for line in check.stdout.splitlines()), check.stdout
     mc.meshgate("cluster", "up", "--name", WEST, "--state-dir", str(mc.state(WEST)))
     wait_for(lambda: mc.mirror_ready() == [True], timeout=20, interval=0.2,
              what="east to mark west's gateway ready again")
