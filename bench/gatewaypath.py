@@ -290,11 +290,19 @@ def measure(procs: Procs, mesh: Mesh, path: str, mode: str, load: str, connectio
                {who: n for who, n in saw.items() if n > 0})
 
 
+@dataclass
+class Result:
+    runs: list[Run]
+    gateway_idle_rss_kb: int | None
+    """The gateway's RSS once ready, before any traffic."""
+
+
 def bench(root: Path, procs: Procs, *, duration: float, rate: float,
-          warmup: float = 1.0) -> list[Run]:
+          warmup: float = 1.0) -> Result:
     """Start everything, run every (mode, load, path), stop everything."""
     mesh = start_mesh(root, procs)
     try:
+        idle_rss = rss_kb(mesh.gateway.pid)
         for url in mesh.urls.values():
             smoke_test(url)
             run_wrk(procs, url, 16, warmup, close=False)
@@ -308,7 +316,7 @@ def bench(root: Path, procs: Procs, *, duration: float, rate: float,
                           f"p50 {r.p50_ms:.3f} ms  p99 {r.p99_ms:.3f} ms"
                           + (f"  ({r.errors} errors)" if r.errors else ""), flush=True)
                     runs.append(r)
-        return runs
+        return Result(runs, idle_rss)
     finally:
         procs.stop_all()
 
@@ -340,9 +348,10 @@ def _fmt(value: float | int | None, spec: str = "") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_table(runs: list[Run]) -> None:
+def print_table(result: Result) -> None:
+    runs = result.runs
     header = ("mode", "load", "path", "req/s", "p50 ms", "p99 ms",
-              "CPU us/req caller/gw/target", "RSS MB gw", "target saw")
+              "CPU us/req caller/gw/target", "RSS MiB gw", "target saw")
     rows = [header]
     for r in runs:
         cpu = "/".join(_fmt(r.cpu_us_per_req.get(role), ".1f")
@@ -362,6 +371,9 @@ def print_table(runs: list[Run]) -> None:
     for q in ratios(runs):
         print(f"  {q['mode']:6} {q['load']:5}  req/s x{q['rps']:.2f}  p50 x{q['p50']:.2f}  "
               f"p99 x{q['p99']:.2f}")
+    idle = result.gateway_idle_rss_kb
+    idle_mib = _fmt(None if idle is None else idle / 1024, ".0f")
+    print(f"\ngateway RSS once ready, before any traffic: {idle_mib} MiB")
     seen = callers_through_gateway(runs)
     print("\ncallers the target counted on the gateway path: "
           f"{', '.join(_short(who) for who in seen) or 'none'}; the gateway's own identity "
@@ -372,6 +384,8 @@ def callers_through_gateway(runs: list[Run]) -> list[str]:
     return sorted({who for r in runs if r.path == "gateway" for who in r.target_saw})
 
 
-def to_json(runs: list[Run], *, duration: float, rate: float) -> dict[str, Any]:
-    return {"duration_s": duration, "offered_rate": rate, "runs": [asdict(r) for r in runs],
+def to_json(result: Result, *, duration: float, rate: float) -> dict[str, Any]:
+    runs = result.runs
+    return {"duration_s": duration, "offered_rate": rate,
+            "gateway_idle_rss_kb": result.gateway_idle_rss_kb, "runs": [asdict(r) for r in runs],
             "ratios": ratios(runs), "callers_through_gateway": callers_through_gateway(runs)}

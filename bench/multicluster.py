@@ -313,7 +313,7 @@ def report(r: dict[str, Any]) -> None:
         print(f"  {what.ljust(width)}  {value:>14}")
 
 
-def bench_dataplane(args: argparse.Namespace) -> list[gatewaypath.Run]:
+def bench_dataplane(args: argparse.Namespace) -> gatewaypath.Result:
     ensure_packages(("wrk", "nginx"))
     raise_nofile()
     root = Path(tempfile.mkdtemp(prefix="mc-bench-dataplane-"))
@@ -346,12 +346,12 @@ def main() -> None:
             result["mirror"] = measure(args, Path(tmp))
         report(result["mirror"])
     if not args.skip_dataplane:
-        runs = bench_dataplane(args)
-        result["dataplane"] = gatewaypath.to_json(runs, duration=args.duration,
+        dataplane = bench_dataplane(args)
+        result["dataplane"] = gatewaypath.to_json(dataplane, duration=args.duration,
                                                      rate=args.rate)
         print("\ngateway path vs same-cluster path (nginx behind a target proxy, "
               "127.0.0.1)")
-        gatewaypath.print_table(runs)
+        gatewaypath.print_table(dataplane)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
