@@ -18,11 +18,12 @@ name as ``authorityOverride``, as a mirror's endpoints are.
 For each mode (HTTP-aware, opaque) and load, the two paths run one after the
 other: wrk keep-alive at 16 and 64 connections (req/s, p50, p99 and the
 ratio gateway / same-cluster), then a fixed offered load (wrk at 16
-connections, each waiting 16/rate s between requests: ``rate`` req/s less the
-latency). Per run: each proxy's CPU microseconds per request (utime+stime
+connections, each waiting 16/rate s after every response: ``rate`` req/s less
+the latency). Per run: each proxy's CPU microseconds per request (utime+stime
 over the run / requests) and RSS after it, and the callers the target proxy
 counted in the run (``request_total`` for HTTP, ``tcp_open_total`` for opaque,
 by ``client_id``): through the gateway it must be the caller, not the gateway.
+The gateway's RSS is also taken once it is ready, before any traffic.
 """
 
 from __future__ import annotations
