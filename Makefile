@@ -44,6 +44,7 @@ bench: $(STAMP) tools
 	$(PY) bench/identity.py
 	$(PY) bench/dataplane.py
 	$(PY) bench/control.py
+	$(PY) bench/multicluster.py
 
 clean:
 	rm -rf $(VENV) demo-state .mypy_cache .ruff_cache .pytest_cache .hypothesis

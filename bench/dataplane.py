@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,9 +74,9 @@ class BenchError(Exception):
 
 # -- environment --------------------------------------------------------------------------
 
-def ensure_packages() -> None:
-    """Install the Debian packages whose commands are missing."""
-    missing = [pkg for cmd, pkg in PACKAGES.items() if shutil.which(cmd) is None]
+def ensure_packages(commands: Collection[str] = tuple(PACKAGES)) -> None:
+    """Install the Debian packages of `commands` (keys of PACKAGES) that are missing."""
+    missing = [PACKAGES[cmd] for cmd in commands if shutil.which(cmd) is None]
     if not missing:
         return
     print(f"installing Debian packages: {' '.join(missing)}", flush=True)
@@ -122,28 +122,32 @@ class Certs:
     client: Workload
 
 
+def issue_workload(root: Path, issuer: ca.CertKey, identity: Identity, *,
+                   now: dt.datetime) -> Workload:
+    """A workload certificate for `identity` (4 hours), in ``root/<namespace>-<name>``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = ca.sign_leaf(issuer, key.public_key(), identity, now=now,
+                        lifetime=dt.timedelta(hours=4))
+    d = root / f"{identity.namespace}-{identity.service_account}"
+    d.mkdir()
+    chain = ca.cert_pem(leaf) + ca.cert_pem(issuer.cert)
+    (d / "tls.crt").write_bytes(chain)
+    ca.write_private(d / "tls.key", ca.key_pem(key))
+    ca.write_private(d / "tls.pem", chain + ca.key_pem(key))
+    return Workload(identity.dns_name, d / "tls.crt", d / "tls.key", d / "tls.pem")
+
+
 def make_certs(root: Path) -> Certs:
-    """A trust domain and two workload certificates, as `tests/meshproxy.Trust` makes them."""
+    """A trust domain and two workload certificates, as `tests/meshproxy.Trust` makes them;
+    ``ca.IssuerDir(root / "trust")`` issues more with `issue_workload`."""
     now = dt.datetime.now(dt.UTC)
     issuers = ca.IssuerDir(root / "trust")
     issuers.init(DOMAIN, anchor_lifetime=dt.timedelta(days=30),
                  issuer_lifetime=dt.timedelta(days=7), now=now)
     issuer = issuers.load_issuer()
-
-    def workload(sa: str) -> Workload:
-        identity = Identity("default", sa, DOMAIN)
-        key = ec.generate_private_key(ec.SECP256R1())
-        leaf = ca.sign_leaf(issuer, key.public_key(), identity, now=now,
-                            lifetime=dt.timedelta(hours=4))
-        d = root / f"default-{sa}"
-        d.mkdir()
-        chain = ca.cert_pem(leaf) + ca.cert_pem(issuer.cert)
-        (d / "tls.crt").write_bytes(chain)
-        ca.write_private(d / "tls.key", ca.key_pem(key))
-        ca.write_private(d / "tls.pem", chain + ca.key_pem(key))
-        return Workload(identity.dns_name, d / "tls.crt", d / "tls.key", d / "tls.pem")
-
-    return Certs(issuers.bundle, workload("server"), workload("client"))
+    return Certs(issuers.bundle,
+                 issue_workload(root, issuer, Identity("default", "server", DOMAIN), now=now),
+                 issue_workload(root, issuer, Identity("default", "client", DOMAIN), now=now))
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -525,10 +529,12 @@ def parse_wrk(out: str) -> WrkResult:
 
 
 def run_wrk(procs: Procs, url: str, connections: int, duration: float,
-            close: bool) -> WrkResult:
+            close: bool, *, script: Path | None = None) -> WrkResult:
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency"]
     if close:
         argv += ["-H", "Connection: close"]
+    if script is not None:
+        argv += ["-s", str(script)]
     proc = procs.start("wrk", [*argv, url])
     try:
         proc.popen.wait(timeout=duration + 30)

@@ -1,7 +1,8 @@
-"""Benchmark the service-mirror controller: convergence and update propagation.
+"""Benchmark multicluster: the service mirror's convergence and update propagation,
+and a call through the gateway against a same-cluster call.
 
-Runs two embedded API servers (`meshgate cluster serve`: west exports, east
-imports) and one mirror controller (`meshgate mirror run`) as their own
+The mirror part runs two embedded API servers (`meshgate cluster serve`: west
+exports, east imports) and one mirror controller (`meshgate mirror run`) as their own
 processes, links them with the real `meshgate multicluster link` credential,
 and answers the gateway's probe on loopback. Then it measures:
 
@@ -19,11 +20,18 @@ EndpointSlices; a watch that starts late still reports what exists), so the
 figures include a watch's delivery, as any client of the mirrors would see
 them. Everything shares the machine's cores.
 
+The data-plane part (bench/gatewaypath.py) runs nginx behind a target proxy
+and drives it with wrk through a caller proxy straight to the target
+(same-cluster) and through a caller proxy whose endpoint is `meshgate gateway
+run` (as a mirror's is), HTTP-aware and opaque: req/s, p50 and p99 at 16 and
+64 connections and their ratios, each process's CPU per request and RSS at a
+fixed offered load, and the caller identity the target saw.
+
     .venv/bin/python bench/multicluster.py [--services 1000] [--changes 100]
+        [--duration 10] [--rate 1000] [--skip-mirror] [--skip-dataplane]
         [--json FILE]
 
-The data-plane comparison (east -> west through the gateway vs. a same-cluster
-call) is not measured here.
+Missing Debian packages (wrk, nginx) are installed with apt-get.
 """
 
 from __future__ import annotations
@@ -31,9 +39,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
-import re
-import signal
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,8 +53,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import gatewaypath
 import urllib3
 import yaml
+from dataplane import Proc, Procs, ensure_packages, raise_nofile, rss_kb, wait_log
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
@@ -68,50 +76,12 @@ REVISION = "bench-rev"
 
 # -- processes -------------------------------------------------------------------------
 
-@dataclass
-class Process:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start(name: str, args: list[str], log: Path, ready: str, timeout: float = 60.0
-          ) -> tuple[Process, re.Match[str]]:
-    """``meshgate <args>`` with its output in `log`, once a line matches `ready`."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "--log-level", "warning",
-                                 *args], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    p = Process(name, proc, log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if m := re.search(ready, log.read_text(errors="replace")):
-            return p, m
-        time.sleep(0.05)
-    p.stop()
-    raise SystemExit(f"{name} did not start:\n{p.tail()}")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def start(procs: Procs, name: str, args: list[str], ready: str) -> Proc:
+    """``meshgate <args>`` with its output in its log, once the log shows `ready`."""
+    proc = procs.start(name, [sys.executable, "-m", "mesh.cli", "--log-level", "warning",
+                              *args])
+    wait_log(proc, ready, timeout=60)
+    return proc
 
 
 class _Ready(BaseHTTPRequestHandler):
@@ -241,25 +211,22 @@ def pct(values: list[float], q: float) -> float:
 
 
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    procs: list[Process] = []
+    procs = Procs(tmp)
     probe = ThreadingHTTPServer(("127.0.0.1", 0), _Ready)
     threading.Thread(target=probe.serve_forever, daemon=True).start()
     stop = threading.Event()
     try:
         kubeconfigs = {}
         for name, cidr in (("west", "10.97.0.0/16"), ("east", "10.96.0.0/16")):
-            p, _ = start(name, ["cluster", "serve", "--name", name, "--state-dir",
-                                str(tmp / name), "--service-cidr", cidr],
-                         tmp / f"{name}.log", r"kubeconfig: ")
-            procs.append(p)
+            start(procs, name, ["cluster", "serve", "--name", name, "--state-dir",
+                                str(tmp / name), "--service-cidr", cidr], "kubeconfig: ")
             kubeconfigs[name] = tmp / name / "kubeconfig"
         west, east = kubeconfigs["west"], kubeconfigs["east"]
         install_crds(config.new_client_from_config(str(east)))
         link(west, east, probe.server_address[1])
-        controller, _ = start("mirror", ["mirror", "run", "--kubeconfig", str(east), "--link",
-                                         "west", "--metrics-listen", "127.0.0.1:0"],
-                              tmp / "mirror.log", r"metrics at http://")
-        procs.append(controller)
+        controller = start(procs, "mirror", ["mirror", "run", "--kubeconfig", str(east),
+                                             "--link", "west", "--metrics-listen",
+                                             "127.0.0.1:0"], "metrics at http://")
         seen = Seen()
         watch_east(east, seen, stop)
         writer = West(west)
@@ -317,12 +284,11 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                           "mean": statistics.fmean(one)},
             "burst_s": t_burst_done - t_burst,
             "burst_update_ms": {"p50": pct(burst, 0.5), "p99": pct(burst, 0.99)},
-            "controller_rss_mib": rss_mib(controller.proc.pid),
+            "controller_rss_mib": (rss_kb(controller.pid) or 0) / 1024,
         }
     finally:
         stop.set()
-        for p in reversed(procs):
-            p.stop()
+        procs.stop_all()
         probe.shutdown()
 
 
@@ -347,16 +313,45 @@ def report(r: dict[str, Any]) -> None:
         print(f"  {what.ljust(width)}  {value:>14}")
 
 
+def bench_dataplane(args: argparse.Namespace) -> gatewaypath.Result:
+    ensure_packages(("wrk", "nginx"))
+    raise_nofile()
+    root = Path(tempfile.mkdtemp(prefix="mc-bench-dataplane-"))
+    print(f"gateway path vs same-cluster: {args.duration:g} s per run, fixed load "
+          f"{args.rate:g} req/s offered ...", flush=True)
+    try:
+        return gatewaypath.bench(root, Procs(root), duration=args.duration, rate=args.rate)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument("--changes", type=int, default=100)
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="seconds per wrk run (default 10)")
+    parser.add_argument("--rate", type=float, default=1000.0,
+                        help="offered req/s of the fixed-load runs (default 1000)")
+    parser.add_argument("--skip-mirror", action="store_true",
+                        help="leave out mirror convergence")
+    parser.add_argument("--skip-dataplane", action="store_true",
+                        help="leave out the gateway path against the same-cluster path")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="mc-bench-") as tmp:
-        result = measure(args, Path(tmp))
-    report(result)
+    result: dict[str, Any] = {}
+    if not args.skip_mirror:
+        with tempfile.TemporaryDirectory(prefix="mc-bench-") as tmp:
+            result["mirror"] = measure(args, Path(tmp))
+        report(result["mirror"])
+    if not args.skip_dataplane:
+        dataplane = bench_dataplane(args)
+        result["dataplane"] = gatewaypath.to_json(dataplane, duration=args.duration,
+                                                     rate=args.rate)
+        print("\ngateway path vs same-cluster path (nginx behind a target proxy, "
+              "127.0.0.1)")
+        gatewaypath.print_table(dataplane)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
