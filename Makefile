@@ -45,6 +45,7 @@ bench: $(STAMP) tools
 	$(PY) bench/dataplane.py
 	$(PY) bench/control.py
 	$(PY) bench/multicluster.py
+	$(PY) bench/assertion.py
 
 clean:
 	rm -rf $(VENV) demo-state .mypy_cache .ruff_cache .pytest_cache .hypothesis
