@@ -66,6 +66,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         elif self.path == "/slow":
             time.sleep(3)
             self._send(200, b"late")
+        elif self.path == "/slowbody":
+            self.send_response(200)
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"la")
+            self.wfile.flush()
+            time.sleep(3)
+            self.wfile.write(b"te")
         elif self.path == "/ws":
             self.send_response(101)
             self.send_header("Upgrade", "websocket")
@@ -198,6 +206,16 @@ def test_no_endpoint_reachable_is_502_with_cause(mesh: Mesh) -> None:
 def test_timeout_is_504(mesh: Mesh) -> None:
     status, _, headers = mesh.get("/slow")
     assert status == 504 and "timed out" in headers["l5d-proxy-error"]
+
+
+def test_a_response_still_streaming_at_the_timeout_is_cut(mesh: Mesh) -> None:
+    c = mesh.conn()
+    c.request("GET", "/slowbody")
+    r = c.getresponse()
+    assert r.status == 200  # the head came in time
+    with pytest.raises(http.client.IncompleteRead):
+        r.read()
+    c.close()
 
 
 def test_priority_spill_over_and_failure_accrual(mesh: Mesh) -> None:
