@@ -15,28 +15,23 @@ This module owns, for one cluster:
 
 Nothing is created in, or linked to, the host's own network namespace: veth
 pairs are created inside the node namespace with their peer placed directly in
-the pod namespace. `socket_in_namespace` creates sockets in other namespaces
-(a socket keeps the namespace it was created in), and `pod_command` runs a
-command inside a pod with the pod's resolv.conf.
+the pod namespace. `pod_command` runs a command inside a pod with the pod's
+resolv.conf. The namespace and netlink primitives underneath (and
+`socket_in_namespace`) are in localcluster.namespaces.
 
 `up`, `add_pod`, `remove_pod` and `teardown` block (netlink, a file lock); from
-asyncio code call them through `asyncio.to_thread`. `socket_in_namespace` and
-`pod_command` are quick and fine on the event loop.
+asyncio code call them through `asyncio.to_thread`. `pod_command` is quick and
+fine on the event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
-import errno
 import fcntl
 import hashlib
 import logging
 import os
 import re
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -45,20 +40,25 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pyroute2 import IPRoute
-from pyroute2 import netns as pyroute2_netns
-from pyroute2.netlink.exceptions import NetlinkError as PyrouteNetlinkError
 
+from localcluster.namespaces import (
+    NamespaceTakenError,
+    TopologyError,
+    create,
+    delete,
+    exists,
+    iproute,
+    link_index,
+    namespace_path,
+    require_off_event_loop,
+    require_privileges,
+    taken,
+)
 from mesh import redirect
-from mesh.errors import ConfigError, MeshError, NetlinkError
+from mesh.errors import ConfigError, MeshError
 
 log = logging.getLogger(__name__)
 
-NETNS_RUN_DIR = Path(redirect.NETNS_RUN_DIR)
-"""Where named namespaces are bind-mounted: iproute2's place, or, for a cluster run
-without root, a directory of its own inside its private mount namespace
-(localcluster.rootless)."""
-pyroute2_netns.NETNS_RUN_DIR = str(NETNS_RUN_DIR)
 BRIDGE = "mgbr0"
 POD_IFNAME = "eth0"
 DEFAULT_POD_CIDR = IPv4Network("10.244.0.0/16")
@@ -67,23 +67,8 @@ LOCK_TIMEOUT = 30.0
 """Seconds to wait for another process that is changing the same topology."""
 _LOCK_POLL = 0.01
 
-_CLONE_NEWNET = 0x40000000
-_CAPS = ((12, "CAP_NET_ADMIN"), (21, "CAP_SYS_ADMIN"))
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _PREFIX = re.compile(r"[a-z0-9][-a-z0-9]{0,15}")
-_ROOT_HINT = "run as root, or under `unshare --user --map-root-user --net --mount`"
-
-
-class TopologyError(NetlinkError):
-    """A cluster's namespaces, bridge or pods could not be built, changed or removed."""
-
-
-class NotPermittedError(TopologyError):
-    """The process lacks CAP_NET_ADMIN or CAP_SYS_ADMIN."""
-
-
-class NamespaceTakenError(TopologyError):
-    """A network namespace with the name the topology needs exists and is not ours."""
 
 
 class PodCidrExhaustedError(TopologyError):
@@ -351,103 +336,13 @@ def _locked(paths: _Paths) -> Iterator[None]:
 # --- namespaces and links ----------------------------------------------------------------
 
 
-def namespace_path(name: str) -> Path:
-    return NETNS_RUN_DIR / name
-
-
-def _netns_exists(name: str) -> bool:
-    return namespace_path(name).exists()
-
-
-def _effective_caps() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
-
-
-def _require_privileges() -> None:
-    caps = _effective_caps()
-    missing = [name for bit, name in _CAPS if not caps >> bit & 1]
-    if missing:
-        raise NotPermittedError(f"building network namespaces needs {' and '.join(missing)}: "
-                                f"{_ROOT_HINT}")
-
-
-def _translate(action: str, e: BaseException) -> TopologyError:
-    code = getattr(e, "code", None) if isinstance(e, PyrouteNetlinkError) else getattr(
-        e, "errno", None)
-    reason = os.strerror(code) if isinstance(code, int) else str(e)
-    if code in (errno.EPERM, errno.EACCES):
-        return NotPermittedError(f"cannot {action}: {reason}; {_ROOT_HINT}")
-    if code == errno.ERANGE:
-        reason += " (is an interface name longer than 15 characters?)"
-    return TopologyError(f"cannot {action}: {reason}")
-
-
-@contextmanager
-def _iproute(netns: str, action: str) -> Iterator[IPRoute]:
-    """An rtnetlink connection in `netns` (opened, never created)."""
-    try:
-        ipr = IPRoute(netns=netns, flags=0)
-    except OSError as e:
-        raise _translate(action, e) from e
-    try:
-        with ipr:
-            yield ipr
-    except (PyrouteNetlinkError, OSError) as e:
-        raise _translate(action, e) from e
-
-
-def _require_off_event_loop(action: str) -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return
-    # pyroute2's synchronous API runs its own loop, which cannot nest in a running one.
-    raise TopologyError(f"{action} blocks and cannot run on the event loop's thread; call it "
-                        "through `await asyncio.to_thread(...)`")
-
-
-def _link_index(ipr: IPRoute, ifname: str) -> int | None:
-    found = ipr.link_lookup(ifname=ifname)
-    return int(found[0]) if found else None
-
-
-def _create_netns(name: str, owner: str) -> None:
-    try:
-        pyroute2_netns.create(name)
-    except FileExistsError:
-        raise _taken(name, owner) from None
-    except OSError as e:
-        raise _translate(f"create network namespace {name!r}", e) from e
-
-
-def _delete_netns(name: str) -> None:
-    if not _netns_exists(name):
-        return
-    try:
-        pyroute2_netns.remove(name)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise _translate(f"delete network namespace {name!r}", e) from e
-
-
-def _taken(name: str, owner: str) -> NamespaceTakenError:
-    return NamespaceTakenError(f"network namespace {name!r} already exists and is not part of "
-                               f"{owner}; delete it (`ip netns delete {name}`) or choose "
-                               "another name")
-
-
 def _build_node(net: ClusterNetwork) -> None:
     gateway = net.gateway
-    with _iproute(net.node_netns, f"set up the bridge of cluster {net.name!r}") as ipr:
-        ipr.link("set", index=_link_index(ipr, "lo"), state="up")
-        if _link_index(ipr, BRIDGE) is None:
+    with iproute(net.node_netns, f"set up the bridge of cluster {net.name!r}") as ipr:
+        ipr.link("set", index=link_index(ipr, "lo"), state="up")
+        if link_index(ipr, BRIDGE) is None:
             ipr.link("add", ifname=BRIDGE, kind="bridge", address=bridge_mac(net.name))
-        bridge = _link_index(ipr, BRIDGE)
+        bridge = link_index(ipr, BRIDGE)
         present = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=bridge)}
         if str(gateway.ip) not in present:
             ipr.addr("add", index=bridge, address=str(gateway.ip),
@@ -456,8 +351,8 @@ def _build_node(net: ClusterNetwork) -> None:
 
 
 def _build_pod(net: ClusterNetwork, pod: str, record: _PodRecord) -> None:
-    with _iproute(net.node_netns, f"link pod {pod!r} to the bridge") as node:
-        stale = _link_index(node, record.veth)
+    with iproute(net.node_netns, f"link pod {pod!r} to the bridge") as node:
+        stale = link_index(node, record.veth)
         if stale is not None:
             node.link("del", index=stale)
         # Created here with the peer placed straight into the pod: no end of the
@@ -469,11 +364,11 @@ def _build_pod(net: ClusterNetwork, pod: str, record: _PodRecord) -> None:
                       peer={"ifname": POD_IFNAME, "net_ns_fd": target})
         finally:
             os.close(target)
-        node.link("set", index=_link_index(node, record.veth),
-                  master=_link_index(node, BRIDGE), state="up")
-    with _iproute(record.netns, f"configure the network of pod {pod!r}") as ipr:
-        ipr.link("set", index=_link_index(ipr, "lo"), state="up")
-        eth0 = _link_index(ipr, POD_IFNAME)
+        node.link("set", index=link_index(node, record.veth),
+                  master=link_index(node, BRIDGE), state="up")
+    with iproute(record.netns, f"configure the network of pod {pod!r}") as ipr:
+        ipr.link("set", index=link_index(ipr, "lo"), state="up")
+        eth0 = link_index(ipr, POD_IFNAME)
         ipr.addr("add", index=eth0, address=str(record.ip), prefixlen=net.pod_cidr.prefixlen)
         ipr.link("set", index=eth0, state="up")
         ipr.route("replace", dst="0.0.0.0/0", gateway=str(net.gateway.ip))
@@ -481,26 +376,26 @@ def _build_pod(net: ClusterNetwork, pod: str, record: _PodRecord) -> None:
 
 
 def _veth_present(node_netns: str | None, veth: str) -> bool:
-    if node_netns is None or not _netns_exists(node_netns):
+    if node_netns is None or not exists(node_netns):
         return False
-    with _iproute(node_netns, f"look up {veth}") as ipr:
-        return _link_index(ipr, veth) is not None
+    with iproute(node_netns, f"look up {veth}") as ipr:
+        return link_index(ipr, veth) is not None
 
 
 def _remove_pod_parts(node_netns: str | None, pod: str, record: _PodRecord,
                       resolv: Path) -> None:
     """Removes whatever exists of one pod; raises one error naming every part left."""
     failures: list[str] = []
-    if node_netns is not None and _netns_exists(node_netns):
+    if node_netns is not None and exists(node_netns):
         try:
-            with _iproute(node_netns, f"delete {record.veth} of pod {pod!r}") as ipr:
-                index = _link_index(ipr, record.veth)
+            with iproute(node_netns, f"delete {record.veth} of pod {pod!r}") as ipr:
+                index = link_index(ipr, record.veth)
                 if index is not None:
                     ipr.link("del", index=index)
         except MeshError as e:
             failures.append(str(e))
     try:
-        _delete_netns(record.netns)
+        delete(record.netns)
     except MeshError as e:
         failures.append(str(e))
     resolv.unlink(missing_ok=True)
@@ -518,7 +413,7 @@ def _teardown(paths: _Paths, state: _State) -> None:
             failures.append(str(e))
     if state.node_netns is not None:
         try:
-            _delete_netns(state.node_netns)
+            delete(state.node_netns)
             state.node_netns = None
         except MeshError as e:
             failures.append(str(e))
@@ -538,8 +433,8 @@ def _teardown(paths: _Paths, state: _State) -> None:
 def up(net: ClusterNetwork) -> Node:
     """Build (or converge) the node namespace and its bridge; drop pods whose namespace is
     gone and relink pods whose link is gone. On failure everything is torn down."""
-    _require_off_event_loop(f"bringing up the network of cluster {net.name!r}")
-    _require_privileges()
+    require_off_event_loop(f"bringing up the network of cluster {net.name!r}")
+    require_privileges()
     paths = _Paths(net.state_dir)
     owner = f"cluster {net.name!r} (state in {paths.root})"
     with _locked(paths):
@@ -548,15 +443,15 @@ def up(net: ClusterNetwork) -> Node:
             state = _State(spec=_Spec.of(net))
         elif state.spec != _Spec.of(net):
             raise _mismatch(paths, state)
-        if state.node_netns is None and _netns_exists(net.node_netns):
-            raise _taken(net.node_netns, owner)
+        if state.node_netns is None and exists(net.node_netns):
+            raise taken(net.node_netns, owner)
         try:
             if state.node_netns is None:
                 state.node_netns = net.node_netns
                 _save(paths, state)
-            if not _netns_exists(net.node_netns):
+            if not exists(net.node_netns):
                 try:
-                    _create_netns(net.node_netns, owner)
+                    create(net.node_netns, owner)
                 except NamespaceTakenError:
                     state.node_netns = None
                     raise
@@ -572,7 +467,7 @@ def up(net: ClusterNetwork) -> Node:
 
 def _converge_pods(net: ClusterNetwork, paths: _Paths, state: _State) -> None:
     for pod, record in list(state.pods.items()):
-        if not _netns_exists(record.netns):
+        if not exists(record.netns):
             _remove_pod_parts(state.node_netns, pod, record, paths.resolv(pod))
             del state.pods[pod]
             _save(paths, state)
@@ -595,21 +490,21 @@ def add_pod(net: ClusterNetwork, pod: str) -> Pod:
     if not _LABEL.fullmatch(pod):
         raise ConfigError(f"pod name {pod!r} must be a DNS label (lower-case letters, "
                           "digits and '-', at most 63)")
-    _require_off_event_loop(f"adding pod {pod!r}")
-    _require_privileges()
+    require_off_event_loop(f"adding pod {pod!r}")
+    require_privileges()
     paths = _Paths(net.state_dir)
     owner = f"cluster {net.name!r} (state in {paths.root})"
     with _locked(paths):
         state = _require_state(net, paths)
         record = state.pods.get(pod)
-        if record is not None and _netns_exists(record.netns) and _veth_present(
+        if record is not None and exists(record.netns) and _veth_present(
                 state.node_netns, record.veth):
             return _pod(paths, pod, record)
         remnant = record is not None
         if record is None:
             name = net.pod_netns(pod)
-            if _netns_exists(name):
-                raise _taken(name, owner)
+            if exists(name):
+                raise taken(name, owner)
             ip = next_free_address(net.pod_cidr, {r.ip for r in state.pods.values()})
             record = _PodRecord(ip=ip, netns=name, veth=veth_name(net.pod_cidr, ip))
             state.pods[pod] = record
@@ -618,7 +513,7 @@ def add_pod(net: ClusterNetwork, pod: str) -> Pod:
             if remnant:  # half of the pod survived a crash: rebuild it from nothing
                 _remove_pod_parts(state.node_netns, pod, record, paths.resolv(pod))
             _write_atomic(paths.resolv(pod), resolv_conf_text(net))
-            _create_netns(record.netns, owner)
+            create(record.netns, owner)
             _build_pod(net, pod, record)
         except NamespaceTakenError:
             del state.pods[pod]
@@ -640,7 +535,7 @@ def add_pod(net: ClusterNetwork, pod: str) -> Pod:
 def remove_pod(net: ClusterNetwork, pod: str) -> None:
     """Delete the pod's namespace and node-side veth and free its address; a pod that is
     not there counts as removed."""
-    _require_off_event_loop(f"removing pod {pod!r}")
+    require_off_event_loop(f"removing pod {pod!r}")
     paths = _Paths(net.state_dir)
     if not paths.state.exists():
         return
@@ -648,7 +543,7 @@ def remove_pod(net: ClusterNetwork, pod: str) -> None:
         state = _load(paths)
         if state is None or pod not in state.pods:
             return
-        _require_privileges()
+        require_privileges()
         _remove_pod_parts(state.node_netns, pod, state.pods[pod], paths.resolv(pod))
         del state.pods[pod]
         _save(paths, state)
@@ -667,7 +562,7 @@ def list_pods(net: ClusterNetwork) -> list[Pod]:
 def teardown(state_dir: Path) -> None:
     """Remove every namespace, link and bridge recorded in `state_dir`, whoever created
     them; tolerates parts that are already gone. Nothing recorded: nothing to do."""
-    _require_off_event_loop("tearing down a cluster network")
+    require_off_event_loop("tearing down a cluster network")
     paths = _Paths(state_dir)
     if not paths.state.exists():
         return
@@ -675,7 +570,7 @@ def teardown(state_dir: Path) -> None:
         state = _load(paths)
         if state is None:
             return
-        _require_privileges()
+        require_privileges()
         _teardown(paths, state)
 
 
@@ -685,7 +580,7 @@ def pod_command(net: ClusterNetwork, pod: str, argv: Sequence[str]) -> list[str]
     paths = _Paths(net.state_dir)
     state = _load(paths)
     record = state.pods.get(pod) if state is not None else None
-    if record is None or not _netns_exists(record.netns):
+    if record is None or not exists(record.netns):
         raise TopologyError(f"cluster {net.name!r} has no pod {pod!r}; add it with add_pod()")
     tools: dict[str, str] = {}
     for tool in ("unshare", "nsenter", "sh", "mount"):
@@ -723,50 +618,3 @@ def _pod(paths: _Paths, name: str, record: _PodRecord) -> Pod:
 
 # --- sockets in other namespaces ---------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int, what: str) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        code = ctypes.get_errno()
-        if code == errno.EPERM:
-            raise NotPermittedError(f"entering network namespace {what} needs "
-                                    f"CAP_SYS_ADMIN: {_ROOT_HINT}")
-        raise TopologyError(f"cannot enter network namespace {what}: {os.strerror(code)}")
-
-
-def socket_in_namespace(netns: str, family: int = socket.AF_INET,
-                        type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
-    """A socket created in network namespace `netns`; it stays there wherever it is used,
-    so one process can listen in several namespaces. The calling thread is unchanged.
-
-    The socket is made by a short-lived thread that enters `netns` and ends there:
-    setns moves only the calling thread, and a process in a user namespace of its
-    own (localcluster.rootless) may enter the cluster's namespaces but never return
-    to the host's, which belongs to the initial user namespace.
-    """
-    path = namespace_path(netns)
-    made: list[socket.socket] = []
-    failed: list[BaseException] = []
-
-    def make() -> None:
-        try:
-            try:
-                target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise TopologyError(f"network namespace {netns!r} does not exist "
-                                    f"({path})") from None
-            try:
-                _setns(target, repr(netns))
-            finally:
-                os.close(target)
-            made.append(socket.socket(family, type, proto))
-        except BaseException as e:  # handed to the caller's thread
-            failed.append(e)
-
-    worker = threading.Thread(target=make, name=f"socket-in-{netns}")
-    worker.start()
-    worker.join()
-    if failed:
-        raise failed[0]
-    return made[0]

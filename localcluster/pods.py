@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localcluster import netns
+from localcluster import namespaces, netns
 from localcluster.rootless import meshgate_argv
 from localcluster.up import ClusterError, ClusterSpec, find, launch
 from mesh.errors import ConfigError
@@ -292,7 +292,7 @@ def in_pod(spec: ClusterSpec, namespace: str, pod: str, argv: Sequence[str], *,
 
 @contextlib.contextmanager
 def _pod_socket(net: netns.ClusterNetwork, key: str) -> Iterator[socket.socket]:
-    sock = netns.socket_in_namespace(net.pod_netns(key))
+    sock = namespaces.socket_in_namespace(net.pod_netns(key))
     try:
         yield sock
     finally:

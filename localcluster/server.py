@@ -93,7 +93,7 @@ def write_kubeconfig(path: Path, *, name: str, server: str, ca_pem: bytes, token
 
 
 def _listener_in(netns: str, host: str, port: int) -> socket.socket:
-    from localcluster.netns import socket_in_namespace
+    from localcluster.namespaces import socket_in_namespace
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket_in_namespace(netns, family, socket.SOCK_STREAM)

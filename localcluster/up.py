@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from localcluster import multicluster, netns, wan
+from localcluster import multicluster, namespaces, netns, wan
 from localcluster.rootless import meshgate_argv, run_dir
 from mesh.errors import ConfigError, MeshError
 
@@ -143,7 +143,7 @@ def _in_netns(name: str, argv: Sequence[str]) -> list[str]:
     if nsenter is None:
         raise ClusterError("entering the node's network namespace needs `nsenter` "
                            "(util-linux) on PATH; install it")
-    return [nsenter, f"--net={netns.namespace_path(name)}", "--", *argv]
+    return [nsenter, f"--net={namespaces.namespace_path(name)}", "--", *argv]
 
 
 def launch(argv: Sequence[str], log_path: Path, *, ready: str, what: str,

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from localcluster import netns
+from localcluster import namespaces
 from localcluster.rootless import run_dir
 from mesh.errors import ConfigError, MeshError
 
@@ -52,7 +52,7 @@ LOCK_TIMEOUT = 30.0
 _NAME = re.compile(r"[a-z0-9][-a-z0-9]{0,31}")
 
 
-class WanError(netns.TopologyError):
+class WanError(namespaces.TopologyError):
     """The WAN cannot be joined, left or used as asked."""
 
 
@@ -207,39 +207,39 @@ def _locked(wan: str) -> Iterator[None]:
 
 
 def _build_wan(name: str) -> None:
-    with netns._iproute(name, f"set up the WAN bridge in {name!r}") as ipr:
-        ipr.link("set", index=netns._link_index(ipr, "lo"), state="up")
-        if netns._link_index(ipr, BRIDGE) is None:
+    with namespaces.iproute(name, f"set up the WAN bridge in {name!r}") as ipr:
+        ipr.link("set", index=namespaces.link_index(ipr, "lo"), state="up")
+        if namespaces.link_index(ipr, BRIDGE) is None:
             ipr.link("add", ifname=BRIDGE, kind="bridge")
-        ipr.link("set", index=netns._link_index(ipr, BRIDGE), state="up")
+        ipr.link("set", index=namespaces.link_index(ipr, BRIDGE), state="up")
 
 
 def _link_node(wan: _Wan, cluster: str, member: _Member) -> None:
     """The veth pair between the node and the WAN bridge, and the node's WAN address."""
     address = IPv4Interface(f"{member.address}/{wan.cidr.prefixlen}")
-    with netns._iproute(member.node_netns, f"link cluster {cluster!r} to the WAN") as node:
-        if netns._link_index(node, NODE_IFNAME) is None:
-            with netns._iproute(wan.netns, "look up the WAN side") as w:
-                stale = netns._link_index(w, member.peer)
+    with namespaces.iproute(member.node_netns, f"link cluster {cluster!r} to the WAN") as node:
+        if namespaces.link_index(node, NODE_IFNAME) is None:
+            with namespaces.iproute(wan.netns, "look up the WAN side") as w:
+                stale = namespaces.link_index(w, member.peer)
                 if stale is not None:
                     w.link("del", index=stale)
             # Made in the node with its peer placed straight into the WAN, as pods
             # are: no end of the pair is ever in the host's namespace.
-            target = os.open(netns.namespace_path(wan.netns), os.O_RDONLY | os.O_CLOEXEC)
+            target = os.open(namespaces.namespace_path(wan.netns), os.O_RDONLY | os.O_CLOEXEC)
             try:
                 node.link("add", ifname=NODE_IFNAME, kind="veth",
                           peer={"ifname": member.peer, "net_ns_fd": target})
             finally:
                 os.close(target)
-        index = netns._link_index(node, NODE_IFNAME)
+        index = namespaces.link_index(node, NODE_IFNAME)
         present = {a.get_attr("IFA_ADDRESS") for a in node.get_addr(index=index)}
         if str(member.address) not in present:
             node.addr("add", index=index, address=str(address.ip),
                       prefixlen=address.network.prefixlen)
         node.link("set", index=index, state="up")
-    with netns._iproute(wan.netns, f"attach cluster {cluster!r} to the WAN bridge") as w:
-        w.link("set", index=netns._link_index(w, member.peer),
-               master=netns._link_index(w, BRIDGE), state="up")
+    with namespaces.iproute(wan.netns, f"attach cluster {cluster!r} to the WAN bridge") as w:
+        w.link("set", index=namespaces.link_index(w, member.peer),
+               master=namespaces.link_index(w, BRIDGE), state="up")
 
 
 def _enable_forwarding(node_netns: str) -> None:
@@ -249,9 +249,9 @@ def _enable_forwarding(node_netns: str) -> None:
 
     def write() -> None:
         try:
-            fd = os.open(netns.namespace_path(node_netns), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(namespaces.namespace_path(node_netns), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                netns._setns(fd, repr(node_netns))
+                namespaces.setns(fd, repr(node_netns))
             finally:
                 os.close(fd)
             with open("/proc/sys/net/ipv4/ip_forward", "w", encoding="ascii") as f:
@@ -265,7 +265,7 @@ def _enable_forwarding(node_netns: str) -> None:
     worker.join()
     if failed:
         e = failed[0]
-        if isinstance(e, netns.TopologyError):
+        if isinstance(e, namespaces.TopologyError):
             raise e
         raise WanError(f"cannot enable forwarding in {node_netns!r}: {e}") from e
 
@@ -278,7 +278,7 @@ def _load_rules(node_netns: str, pod_cidr: IPv4Network) -> None:
                        "pods to the WAN; install it (`make tools` does)")
     if nsenter is None:
         raise WanError("--multicluster needs `nsenter` (util-linux) on PATH; install it")
-    proc = subprocess.run([nsenter, f"--net={netns.namespace_path(node_netns)}", "--", nft,
+    proc = subprocess.run([nsenter, f"--net={namespaces.namespace_path(node_netns)}", "--", nft,
                            "-f", "-"], input=nft_ruleset(pod_cidr), capture_output=True,
                           text=True, timeout=30, check=False)
     if proc.returncode != 0:
@@ -288,10 +288,10 @@ def _load_rules(node_netns: str, pod_cidr: IPv4Network) -> None:
 
 
 def _delete_peer(wan: _Wan, member: _Member) -> None:
-    if not netns._netns_exists(wan.netns):
+    if not namespaces.exists(wan.netns):
         return
-    with netns._iproute(wan.netns, f"delete {member.peer} from the WAN") as w:
-        index = netns._link_index(w, member.peer)
+    with namespaces.iproute(wan.netns, f"delete {member.peer} from the WAN") as w:
+        index = namespaces.link_index(w, member.peer)
         if index is not None:
             w.link("del", index=index)
 
@@ -305,13 +305,13 @@ def attach(cluster: str, *, node_netns: str, pod_cidr: IPv4Network,
     """Join `cluster`'s node to the WAN `wan`, creating the WAN if it is absent. A
     cluster already attached keeps its address, and whatever of its link is gone is
     made again. On failure the cluster is left off the WAN."""
-    netns._require_off_event_loop(f"attaching cluster {cluster!r} to the WAN")
-    netns._require_privileges()
+    namespaces.require_off_event_loop(f"attaching cluster {cluster!r} to the WAN")
+    namespaces.require_privileges()
     with _locked(wan):
         state = _load(wan)
         if state is None:
-            if netns._netns_exists(wan):
-                raise netns._taken(wan, f"the WAN recorded in {_root(wan)}")
+            if namespaces.exists(wan):
+                raise namespaces.taken(wan, f"the WAN recorded in {_root(wan)}")
             state = _Wan(netns=wan, cidr=cidr or DEFAULT_WAN_CIDR)
         elif cidr is not None and cidr != state.cidr:
             raise ConfigError(f"the WAN {wan!r} is {state.cidr}, not {cidr}; leave out "
@@ -330,8 +330,8 @@ def attach(cluster: str, *, node_netns: str, pod_cidr: IPv4Network,
             state.members[cluster] = member
         _save(wan, state)
         try:
-            if not netns._netns_exists(wan):
-                netns._create_netns(wan, f"the WAN recorded in {_root(wan)}")
+            if not namespaces.exists(wan):
+                namespaces.create(wan, f"the WAN recorded in {_root(wan)}")
             _build_wan(wan)
             _link_node(state, cluster, member)
             _enable_forwarding(node_netns)
@@ -351,7 +351,7 @@ def _drop_stale(wan: str, state: _Wan, *, keep: str) -> None:
     a reboot), so their addresses are free again. A cluster joining always has its node
     namespace already, so none that is still coming up is taken for stale."""
     for name, member in list(state.members.items()):
-        if name != keep and not netns._netns_exists(member.node_netns):
+        if name != keep and not namespaces.exists(member.node_netns):
             _delete_peer(state, member)
             del state.members[name]
             log.info("wan stale member dropped wan=%s cluster=%s address=%s", wan, name,
@@ -361,14 +361,14 @@ def _drop_stale(wan: str, state: _Wan, *, keep: str) -> None:
 def detach(cluster: str, *, wan: str = DEFAULT_WAN) -> None:
     """Take `cluster` off the WAN; the last cluster to leave removes the WAN. A cluster
     that is not on it counts as detached."""
-    netns._require_off_event_loop(f"detaching cluster {cluster!r} from the WAN")
+    namespaces.require_off_event_loop(f"detaching cluster {cluster!r} from the WAN")
     if not _state_path(wan).exists():
         return
     with _locked(wan):
         state = _load(wan)
         if state is None or cluster not in state.members:
             return
-        netns._require_privileges()
+        namespaces.require_privileges()
         _leave(wan, state, cluster)
     log.info("wan detached cluster=%s wan=%s", cluster, wan)
 
@@ -381,7 +381,7 @@ def _leave(wan: str, state: _Wan, cluster: str) -> None:
     if state.members:
         _save(wan, state)
         return
-    netns._delete_netns(wan)
+    namespaces.delete(wan)
     _state_path(wan).unlink(missing_ok=True)
     log.info("wan removed wan=%s", wan)
 

@@ -27,7 +27,7 @@ import pytest
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 
-from localcluster import netns
+from localcluster import namespaces, netns
 from mesh import redirect
 from mesh.errors import ConfigError, NetlinkError
 
@@ -70,11 +70,11 @@ def _addresses(ns: str, ifname: str) -> list[str]:
 
 def _exchange(server_ns: str, server_ip: str, client_ns: str, *, port: int = 7000) -> str:
     """Listens in one namespace, connects from another, echoes bytes; returns the peer IP."""
-    with netns.socket_in_namespace(server_ns) as listener:
+    with namespaces.socket_in_namespace(server_ns) as listener:
         listener.settimeout(TIMEOUT)
         listener.bind((server_ip, port))
         listener.listen()
-        with netns.socket_in_namespace(client_ns) as client:
+        with namespaces.socket_in_namespace(client_ns) as client:
             client.settimeout(TIMEOUT)
             client.connect((server_ip, port))
             conn, peer = listener.accept()
@@ -166,15 +166,15 @@ def test_local_route_lets_any_service_address_be_bound_and_reached(bare_netns: s
     redirect.ensure_local_route("10.96.0.0/16", netns=bare_netns)  # twice is fine
     assert redirect.local_routes(netns=bare_netns) == [SERVICE_CIDR]
 
-    with netns.socket_in_namespace(bare_netns) as vip, \
-            netns.socket_in_namespace(bare_netns) as wildcard:
+    with namespaces.socket_in_namespace(bare_netns) as vip, \
+            namespaces.socket_in_namespace(bare_netns) as wildcard:
         vip.bind(("10.96.0.10", 80))
         vip.listen()
         wildcard.bind(("0.0.0.0", 4140))
         wildcard.listen()
         for listener, target in ((vip, ("10.96.0.10", 80)), (wildcard, ("10.96.200.7", 4140))):
             listener.settimeout(TIMEOUT)
-            with netns.socket_in_namespace(bare_netns) as client:
+            with namespaces.socket_in_namespace(bare_netns) as client:
                 client.settimeout(TIMEOUT)
                 client.connect(target)
                 conn, _ = listener.accept()
@@ -190,7 +190,7 @@ def test_removing_the_local_route_is_idempotent(bare_netns: str) -> None:
     redirect.remove_local_route(SERVICE_CIDR, netns=bare_netns)
     redirect.remove_local_route(SERVICE_CIDR, netns=bare_netns)
     assert redirect.local_routes(netns=bare_netns) == []
-    with netns.socket_in_namespace(bare_netns) as s, pytest.raises(OSError) as e:
+    with namespaces.socket_in_namespace(bare_netns) as s, pytest.raises(OSError) as e:
         s.bind(("10.96.0.10", 80))
     assert e.value.errno == errno.EADDRNOTAVAIL
 
@@ -200,8 +200,8 @@ def test_local_route_for_ipv6_service_cidr(bare_netns: str) -> None:
     redirect.ensure_local_route(cidr, netns=bare_netns)
     assert redirect.local_routes(netns=bare_netns) == [cidr]
     # IPv6 accepts on a wildcard listener (binding one address needs IPV6_FREEBIND).
-    with netns.socket_in_namespace(bare_netns, socket.AF_INET6) as listener, \
-            netns.socket_in_namespace(bare_netns, socket.AF_INET6) as client:
+    with namespaces.socket_in_namespace(bare_netns, socket.AF_INET6) as listener, \
+            namespaces.socket_in_namespace(bare_netns, socket.AF_INET6) as client:
         listener.settimeout(TIMEOUT)
         client.settimeout(TIMEOUT)
         listener.bind(("::", 4140))
@@ -220,7 +220,7 @@ def test_local_route_in_the_callers_own_namespace(bare_netns: str) -> None:
         from mesh.redirect import ensure_local_route
         ensure_local_route("10.96.0.0/16")
         ensure_local_route("10.96.0.0/16")
-        """, prefix=("nsenter", f"--net={netns.namespace_path(bare_netns)}", "--"))
+        """, prefix=("nsenter", f"--net={namespaces.namespace_path(bare_netns)}", "--"))
     assert done.returncode == 0, done.stderr
     assert redirect.local_routes(netns=bare_netns) == [SERVICE_CIDR]
 
@@ -240,20 +240,20 @@ def test_redirect_errors_name_the_namespace() -> None:
 
 def test_socket_in_namespace_returns_the_thread_to_its_namespace(bare_netns: str) -> None:
     home = _thread_netns()
-    s = netns.socket_in_namespace(bare_netns)
+    s = namespaces.socket_in_namespace(bare_netns)
     s.close()
     assert _thread_netns() == home
     with pytest.raises(OSError):
-        netns.socket_in_namespace(bare_netns, family=4242)  # no such family
+        namespaces.socket_in_namespace(bare_netns, family=4242)  # no such family
     assert _thread_netns() == home
-    with pytest.raises(netns.TopologyError, match="does not exist"):
-        netns.socket_in_namespace(f"mgt-missing-{_suffix()}")
+    with pytest.raises(namespaces.TopologyError, match="does not exist"):
+        namespaces.socket_in_namespace(f"mgt-missing-{_suffix()}")
     assert _thread_netns() == home
 
     seen: list[int] = []
 
     def worker() -> None:
-        netns.socket_in_namespace(bare_netns).close()
+        namespaces.socket_in_namespace(bare_netns).close()
         seen.append(_thread_netns())
 
     thread = threading.Thread(target=worker)
@@ -321,7 +321,7 @@ def test_node_and_pods_reach_each_other(cluster: netns.ClusterNetwork) -> None:
 
 async def test_one_event_loop_serves_in_several_namespaces(
         cluster: netns.ClusterNetwork) -> None:
-    with pytest.raises(netns.TopologyError, match="to_thread"):
+    with pytest.raises(namespaces.TopologyError, match="to_thread"):
         netns.add_pod(cluster, "a")
     with pytest.raises(NetlinkError, match="to_thread"):
         redirect.local_routes(netns=cluster.node_netns)
@@ -335,12 +335,12 @@ async def test_one_event_loop_serves_in_several_namespaces(
 
     servers = []
     for ns, ip in ((cluster.node_netns, "10.244.0.1"), (b.netns, str(b.ip))):
-        sock = netns.socket_in_namespace(ns)
+        sock = namespaces.socket_in_namespace(ns)
         sock.bind((ip, 6443))
         servers.append(await asyncio.start_server(echo, sock=sock))
     try:
         for ip in ("10.244.0.1", str(b.ip)):
-            client = netns.socket_in_namespace(a.netns)
+            client = namespaces.socket_in_namespace(a.netns)
             client.setblocking(False)
             await asyncio.wait_for(
                 asyncio.get_running_loop().sock_connect(client, (ip, 6443)), TIMEOUT)
@@ -379,7 +379,7 @@ def test_pod_command_sees_the_pods_resolv_conf_and_interfaces(
     assert seen.returncode == 0, seen.stderr
     assert seen.stdout.split() == ["['eth0',", "'lo']", "['eth0',", "'lo']", str(pod.ip)]
     assert Path("/etc/resolv.conf").read_bytes() == host_resolv
-    with pytest.raises(netns.TopologyError, match="no pod 'nope'"):
+    with pytest.raises(namespaces.TopologyError, match="no pod 'nope'"):
         netns.pod_command(cluster, "nope", ["true"])
 
 
@@ -442,7 +442,7 @@ def test_failed_up_leaves_nothing(network: netns.ClusterNetwork,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # Fails after the node namespace exists: the kernel refuses the bridge's name.
     monkeypatch.setattr(netns, "BRIDGE", "a-name-too-long-for-linux")
-    with pytest.raises(netns.TopologyError, match="Numerical result out of range"):
+    with pytest.raises(namespaces.TopologyError, match="Numerical result out of range"):
         netns.up(network)
     assert _namespaces(f"mgt-{network.name}-") == []
     assert not (network.state_dir / "network" / "topology.json").exists()
@@ -499,7 +499,7 @@ def test_a_busy_topology_is_reported(cluster: netns.ClusterNetwork,
     monkeypatch.setattr(netns, "LOCK_TIMEOUT", 0.1)
     with open(cluster.state_dir / "network" / "lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(netns.TopologyError, match="another process has held"):
+        with pytest.raises(namespaces.TopologyError, match="another process has held"):
             netns.add_pod(cluster, "a")
     assert netns.add_pod(cluster, "a").ip == IPv4Address("10.244.0.2")
 
@@ -507,7 +507,7 @@ def test_a_busy_topology_is_reported(cluster: netns.ClusterNetwork,
 def test_someone_elses_namespace_is_refused_and_kept(network: netns.ClusterNetwork) -> None:
     pyroute2_netns.create(network.node_netns)
     try:
-        with pytest.raises(netns.NamespaceTakenError, match="ip netns delete"):
+        with pytest.raises(namespaces.NamespaceTakenError, match="ip netns delete"):
             netns.up(network)
         assert _namespaces(network.node_netns) == [network.node_netns]
     finally:
@@ -517,7 +517,7 @@ def test_someone_elses_namespace_is_refused_and_kept(network: netns.ClusterNetwo
     foreign = network.pod_netns("taken")
     pyroute2_netns.create(foreign)
     try:
-        with pytest.raises(netns.NamespaceTakenError, match=foreign):
+        with pytest.raises(namespaces.NamespaceTakenError, match=foreign):
             netns.add_pod(network, "taken")
         assert _namespaces(foreign) == [foreign]
         assert netns.list_pods(network) == []
@@ -539,7 +539,7 @@ def test_exhausted_pod_cidr(tmp_path: Path) -> None:
 
 
 def test_add_pod_before_up(network: netns.ClusterNetwork) -> None:
-    with pytest.raises(netns.TopologyError, match="call up"):
+    with pytest.raises(namespaces.TopologyError, match="call up"):
         netns.add_pod(network, "a")
 
 
@@ -547,14 +547,14 @@ def test_without_privileges_the_error_says_what_to_do(network: netns.ClusterNetw
                                                       bare_netns: str) -> None:
     code = f"""
         from pathlib import Path
-        from localcluster import netns
+        from localcluster import namespaces, netns
         net = netns.ClusterNetwork(name={network.name!r}, netns_prefix="mgt-",
                                    state_dir=Path({str(network.state_dir)!r}))
         for attempt in (lambda: netns.up(net),
-                        lambda: netns.socket_in_namespace({bare_netns!r})):
+                        lambda: namespaces.socket_in_namespace({bare_netns!r})):
             try:
                 attempt()
-            except netns.NotPermittedError as e:
+            except namespaces.NotPermittedError as e:
                 print(e)
         """
     # Root without a capability bounding set has no capabilities after exec.
