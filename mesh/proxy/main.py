@@ -35,9 +35,10 @@ from mesh.memory import return_freed_memory
 from mesh.metrics import ProxyMetrics, exposition, share_between_processes
 from mesh.proxy.assertion import AssertionVerifier, ClientCredentials, ReplayCache
 from mesh.proxy.discovery import Discovery, ServiceSpec, StaticDiscovery
-from mesh.proxy.http import HttpOutbound, Pool
+from mesh.proxy.http import HttpOutbound
 from mesh.proxy.inbound import Inbound, InboundPolicy
 from mesh.proxy.outbound import Outbound
+from mesh.proxy.pool import Pool
 
 if TYPE_CHECKING:
     from mesh.discovery.stream import ControlStream

@@ -1,0 +1,154 @@
+"""Connections from an outbound proxy to destination proxies, for HTTP/1.1: each an
+`Upstream` protocol serving one exchange at a time (mesh.proxy.http), idle in the
+`Pool` between exchanges, per endpoint.
+
+A new connection is mTLS to the endpoint's proxy, which must present the endpoint's
+identity, and then the transport header (with the caller's assertion when the
+endpoint is a linked cluster's gateway); an endpoint outside the mesh gets plain
+TCP. An idle connection that hears anything, or is closed by its peer, is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from mesh.errors import IdentityError
+from mesh.identity.names import Identity
+from mesh.identity.tls import check_peer
+from mesh.proxy import http1
+from mesh.proxy.assertion import peer_header
+from mesh.proxy.discovery import EndpointSpec, ServiceSpec
+from mesh.proxy.transport_header import SessionProtocol
+
+if TYPE_CHECKING:
+    from mesh.proxy.http import Exchange
+
+IDLE_PER_ENDPOINT = 64
+
+PoolKey = tuple[str, int, int]
+
+
+class Upstream(asyncio.Protocol):
+    """A connection to a destination proxy (or a plain endpoint), serving one exchange
+    at a time and idling in the `Pool` between them."""
+
+    def __init__(self, key: PoolKey) -> None:
+        self.key = key
+        self.server_id = ""
+        self.transport: asyncio.Transport | None = None
+        self.responses = http1.MessageReader("response")
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def pause_reading(self) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            self.close()  # an idle connection has nothing to say; it cannot be reused
+            return
+        self.responses.receive_data(data)
+        exchange.on_response()
+
+    def eof_received(self) -> bool:
+        self.responses.connection_closed()
+        if self.exchange is not None:
+            self.exchange.on_response()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        self.exchange = None
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Pool:
+    """Idle keep-alive connections to destination proxies, per endpoint."""
+
+    def __init__(self, client_context: Callable[[], ssl.SSLContext], *,
+                 connect_timeout: float) -> None:
+        self.client_context = client_context
+        self.connect_timeout = connect_timeout
+        self.idle: dict[PoolKey, list[Upstream]] = {}
+
+    @staticmethod
+    def key(ep: EndpointSpec) -> PoolKey:
+        host, port = ep.host_port
+        return host, port, ep.target_port
+
+    def take(self, key: PoolKey) -> Upstream | None:
+        """An idle connection for `key`, if one is still open."""
+        idle = self.idle.get(key)
+        while idle:
+            up = idle.pop()
+            if not up.closed and up.transport is not None and not up.transport.is_closing():
+                return up
+        return None
+
+    async def connect(self, service: ServiceSpec, ep: EndpointSpec) -> Upstream:
+        """A new connection to `ep`: mTLS verifying its identity, then the transport
+        header; plain TCP for an endpoint outside the mesh."""
+        loop = asyncio.get_running_loop()
+        host, port = ep.host_port
+        up = Upstream(self.key(ep))
+        if ep.identity is None:
+            await asyncio.wait_for(loop.create_connection(lambda: up, host, port),
+                                   self.connect_timeout)
+            return up
+        transport, _ = await asyncio.wait_for(loop.create_connection(
+            lambda: up, host, port, ssl=self.client_context(), server_hostname=ep.identity,
+            ssl_handshake_timeout=self.connect_timeout), self.connect_timeout)
+        try:
+            check_peer(transport.get_extra_info("ssl_object"),
+                       expected=Identity.parse(ep.identity), side="server", peer=ep.address)
+        except IdentityError:
+            transport.close()
+            raise
+        transport.write(peer_header(self.client_context, ep, service,
+                                    SessionProtocol.HTTP1).encode())
+        up.server_id = ep.identity
+        return up
+
+    def put(self, up: Upstream) -> None:
+        up.exchange = None
+        up.resume_reading()  # paused for a slow client, it must hear a peer's close
+        idle = self.idle.setdefault(up.key, [])
+        if len(idle) < IDLE_PER_ENDPOINT and not up.closed:
+            idle.append(up)
+        else:
+            up.close()
