@@ -459,7 +459,8 @@ class Exchange:
         up.exchange = self
         up.responses.expect_response_to(self.method)
         body = self.body
-        up.write(self.head.raw + b"".join(body) if body else self.head.raw)
+        head = self.head.raw if self.client.requests.keep_alive else _kept_alive(self.head)
+        up.write(head + b"".join(body) if body else head)
         if body is not None and self.body_size > MAX_RETRY_BODY:
             self.body = None  # what was held went out; the rest streams on
 
@@ -597,7 +598,9 @@ class Exchange:
         self.response_started = True
         assert self.series is not None
         self.series.latency(status).observe((time.monotonic() - self.started) * 1000)
-        out.append(head.raw)
+        # A client that asked to close is told so, whatever the upstream said.
+        out.append(head.raw if self.client.requests.keep_alive else
+                   http1.serialize_head(head, replace={b"connection": b"close"}))
         return True
 
     def _closed_early(self) -> None:
@@ -647,3 +650,15 @@ class Exchange:
                 rest = event.rest
         self.client.exchange = None
         self.client.tunnel(up, rest, rest_up)
+
+
+def _kept_alive(head: http1.Head) -> bytes:
+    """The request head to send upstream when the client closes after this request:
+    without its Connection field (and the fields that names, hop-by-hop like it), so
+    the connection between the proxies stays open for the pool. A client that does
+    not keep its connections alive then costs a TCP accept, not a TLS handshake."""
+    if head.version != "1.1" or head.values(b"upgrade"):
+        return head.raw
+    named = {token.strip().lower() for value in head.values(b"connection")
+             for token in value.split(b",")}
+    return http1.serialize_head(head, remove={b"connection", *named})

@@ -358,3 +358,17 @@ def test_large_bodies_sent_while_upstream_connections_open(mesh: Mesh) -> None:
     for t in threads:
         t.join(timeout=30)
     assert results == [b"got %d" % len(body)] * 12
+
+
+def test_clients_that_close_reuse_the_connection_between_proxies(mesh: Mesh) -> None:
+    server = mesh.servers[0]
+    mesh.get("/ok")  # a pooled connection to web's proxy exists from here on
+    opened = server.metric("tcp_open_total", direction="inbound")
+    for _ in range(5):
+        c = mesh.conn()
+        c.request("GET", "/ok", headers={"Connection": "close", "X-Hop": "1"})
+        r = c.getresponse()
+        assert r.status == 200 and r.read().startswith(b"ok from")
+        assert r.getheader("connection") == "close"
+        c.close()
+    assert server.metric("tcp_open_total", direction="inbound") == opened
