@@ -25,6 +25,7 @@ from localcluster.pods import in_pod
 from localcluster.up import find
 from mesh.kube import api_client
 from tests.cluster import wait_for
+from tests.e2e.pod_scripts import CALLS, GET
 
 EAST, WEST = "mceast", "mcwest"
 WAN = "mg-mce2ewan"
@@ -37,21 +38,6 @@ GATEWAY_ID = "meshgate-gateway.meshgate.serviceaccount.identity.meshgate.cluster
 KUBECTL = str(Path(sys.executable).parent / "kubectl")
 POLICY = "policy.meshgate.io"
 
-CALLS = """
-import sys, urllib.request, urllib.error
-out = []
-for _ in range(int(sys.argv[1])):
-    try:
-        with urllib.request.urlopen(sys.argv[2], timeout=5) as r:
-            out.append(f"{r.status} {r.read().decode().strip()}")
-    except urllib.error.HTTPError as e:
-        out.append(f"{e.code} {e.headers.get('l5d-proxy-error', '')}")
-print("\\n".join(out))
-"""
-GET = """
-import sys, urllib.request
-print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())
-"""
 CONNECT = """
 import socket, sys
 try:
