@@ -423,7 +423,7 @@ class Exchange:
         self.series = self.http.series(self.head, self.service, ep)
         if len(self.tried) == 1:
             self.series.request.inc()
-        up = self.http.pool.take(Pool.key(ep))
+        up = self.http.pool.take(Pool.key(self.service, ep))
         if up is not None:
             self._attach(up, reused=True)
             return

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 IDLE_PER_ENDPOINT = 64
 
-PoolKey = tuple[str, int, int]
+PoolKey = tuple[str, int, int, str | None, str]
+"""host, port, target port, identity, transport-header name"""
 
 
 class Upstream(asyncio.Protocol):
@@ -107,9 +108,13 @@ class Pool:
         self.idle: dict[PoolKey, list[Upstream]] = {}
 
     @staticmethod
-    def key(ep: EndpointSpec) -> PoolKey:
+    def key(service: ServiceSpec, ep: EndpointSpec) -> PoolKey:
+        """What a connection is for: the endpoint, the identity it proved and the
+        transport header it was opened with. The header's name is part of it, since
+        a gateway routes a whole connection by that name: a connection opened for one
+        mirrored service must never carry a request for another."""
         host, port = ep.host_port
-        return host, port, ep.target_port
+        return host, port, ep.target_port, ep.identity, ep.authority or service.name
 
     def take(self, key: PoolKey) -> Upstream | None:
         """An idle connection for `key`, if one is still open."""
@@ -125,7 +130,7 @@ class Pool:
         header; plain TCP for an endpoint outside the mesh."""
         loop = asyncio.get_running_loop()
         host, port = ep.host_port
-        up = Upstream(self.key(ep))
+        up = Upstream(self.key(service, ep))
         if ep.identity is None:
             await asyncio.wait_for(loop.create_connection(lambda: up, host, port),
                                    self.connect_timeout)

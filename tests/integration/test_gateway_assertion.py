@@ -71,6 +71,21 @@ class _Headers(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _Named(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with "named": another service behind the same gateway."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("content-length", "5")
+        self.end_headers()
+        self.wfile.write(b"named")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 @dataclass
 class World:
     trust: Trust
@@ -96,19 +111,23 @@ def world(cluster: Cluster, trust: Trust) -> Iterator[World]:
     install_crds(cluster.api())
     app = echo_app()
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Headers)
-    web.daemon_threads = True
-    threading.Thread(target=web.serve_forever, daemon=True).start()
-    ports = {"web": app.server_address[1], "http": web.server_address[1]}
+    named = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Named)
+    for server in (web, named):
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    ports = {"web": app.server_address[1], "http": web.server_address[1],
+             "named": named.server_address[1]}
     target = start_proxy(trust.root, "target", {
         "identity": trust.workload("default", "web"),
         "inbound": {"authorized": [CALLER.dns_name, TESTER.dns_name]}})
-    stack: list[Any] = [app.shutdown, web.shutdown, target.stop]
+    stack: list[Any] = [app.shutdown, web.shutdown, named.shutdown, target.stop]
     try:
         _create_services(cluster, ports, target.inbound[1])
         gateway = _start_gateway(cluster, trust)
         stack.append(lambda: stop_process(gateway.proc))
         port = free_port()
-        vips = {"web-west": ("127.0.2.20", port), "http-west": ("127.0.2.21", port)}
+        vips = {"web-west": ("127.0.2.20", port), "http-west": ("127.0.2.21", port),
+                "named-west": ("127.0.2.22", port)}
         discovery = services_file(trust.root / "caller-services.yaml", *(
             {"name": fqdn(name), "address": f"{host}:{vport}", "opaque": name == "web-west",
              "endpoints": [{"address": f"127.0.0.1:{gateway.listen[1]}", "targetPort": 80,
@@ -218,6 +237,19 @@ def test_the_forwarded_header_reaches_the_app(world: World) -> None:
     wait_for(lambda: world.target.metric("request_total", direction="inbound",
                                          client_id=str(CALLER)) >= 2,
              what="the target to count the asserted caller's HTTP requests")
+
+
+def test_two_services_behind_one_gateway_never_share_a_connection(world: World) -> None:
+    # Both are the same gateway address and target port; the gateway routes a whole
+    # connection by the name in its transport header, so a pooled connection opened
+    # for one must not carry a request for the other.
+    for name, want in (("http-west", b"for="), ("named-west", b"named"),
+                       ("http-west", b"for="), ("named-west", b"named")):
+        host, port = world.vips[name]
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(f"GET / HTTP/1.1\r\nHost: {fqdn(name)}\r\n\r\n".encode())
+            head, body = _response(s)
+        assert head.startswith(b"HTTP/1.1 200") and body.startswith(want), (name, body)
 
 
 def test_a_request_that_names_this_gateway_already_is_a_loop(world: World) -> None:
