@@ -18,7 +18,7 @@ Each refusal is a `Refused` with a `Reason`, which the gateway counts and logs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -35,7 +35,7 @@ from mesh.discovery.index import (
 from mesh.identity.names import Identity
 from mesh.informer import DELETED, Obj
 from mesh.proxy.balancer import Balancer, EndpointState, Pick
-from mesh.proxy.discovery import ServiceSpec, split_host_port
+from mesh.proxy.discovery import EndpointSpec, ServiceSpec, split_host_port
 from mesh.proxy.inbound import BadCaller, Caller, ForgedCaller, caller_of, is_trusted_gateway
 from mesh.proxy.transport_header import TransportHeader
 
@@ -127,22 +127,36 @@ class Exports:
         self._pods: dict[ObjKey, Obj] = {}
         self._balancers: dict[tuple[str, int], Balancer] = {}
         """(service name, service port) -> a balancer over its meshed endpoints."""
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after each change to what decides routes (Services, their
+        endpoints, Pods, policy resources)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     # -- feeding ---------------------------------------------------------------------
 
     def service_event(self, event: str, obj: Obj) -> None:
         _remember(self._services, event, obj)
         self._apply(self.index.service_event(event, obj))
+        self._changed()
 
     def slice_event(self, event: str, obj: Obj) -> None:
         self._apply(self.index.slice_event(event, obj))
+        self._changed()
 
     def pod_event(self, event: str, obj: Obj) -> None:
         _remember(self._pods, event, obj)
         self._apply(self.index.pod_event(event, obj))
+        self._changed()
 
     def policy_event(self, kind: str, event: str, obj: Obj) -> None:
         self.policy.apply(kind, event, obj)  # logs the resources it must ignore
+        self._changed()
 
     def _apply(self, changes: list[Change]) -> None:
         for change in changes:
@@ -205,11 +219,30 @@ class Exports:
         if pick is None:
             return Refused(Reason.NO_ENDPOINTS, f"{spec.name} has no ready meshed endpoint",
                            route.target, service=spec.name, caller=who)
-        endpoint = pick.endpoint.spec
+        admitted = self._admit(route, pick.endpoint.spec)
+        if isinstance(admitted, Refused):
+            pick.released()
+            return admitted
+        pod_key, decision = admitted
+        return Target(pick, pod_key, decision)
+
+    def recheck(self, peer: str, header: TransportHeader, endpoint: EndpointSpec
+                ) -> Refused | None:
+        """Why a connection relayed earlier to `endpoint` may not go on under what is
+        known now (the Service unexported or gone, the endpoint's policy leaving the
+        caller out), or None when it may."""
+        route = self.route(peer, header)
+        if isinstance(route, Refused):
+            return route
+        admitted = self._admit(route, endpoint)
+        return admitted if isinstance(admitted, Refused) else None
+
+    def _admit(self, route: Route, endpoint: EndpointSpec) -> tuple[ObjKey, Decision] | Refused:
+        """The Pod behind `endpoint` and its port's decision for the route's caller."""
+        spec, who = route.service, route.caller.identity
         pod_key = self.index.endpoint_pod(route.key, endpoint)
         pod = self._pods.get(pod_key) if pod_key is not None else None
         if pod_key is None or pod is None:
-            pick.released()
             return Refused(Reason.NO_ENDPOINTS, f"endpoint {endpoint.address} of {spec.name} "
                            "is no Pod the gateway knows, so its policy cannot be read",
                            route.target, service=spec.name, caller=who)
@@ -218,11 +251,10 @@ class Exports:
                                       port_names=port_names(pod))
         decision = policy.allows(who)
         if not decision.allowed:
-            pick.released()
             return Refused(Reason.UNAUTHORIZED, f"pod {pod_key[0]}/{pod_key[1]} port "
                            f"{endpoint.target_port}: {decision.reason}", route.target,
                            service=spec.name, caller=who)
-        return Target(pick, pod_key, decision)
+        return pod_key, decision
 
     def service_key(self, name: str) -> ObjKey | None:
         """(namespace, name) of ``<svc>.<ns>.svc.<cluster-domain>``; None for other names."""

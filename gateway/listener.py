@@ -21,6 +21,7 @@ passes a denial to the application, not a broken connection that it retries.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
@@ -33,10 +34,11 @@ from mesh.identity.names import Identity
 from mesh.metrics import GatewayMetrics
 from mesh.proxy.assertion import AssertionVerifier, BadAssertion
 from mesh.proxy.balancer import EndpointState
+from mesh.proxy.discovery import EndpointSpec
 from mesh.proxy.http1 import error_response
 from mesh.proxy.inbound import MeshConnection, MeshListener
 from mesh.proxy.outbound import CONNECT_ATTEMPTS, dial_proxy
-from mesh.proxy.relay import Labels
+from mesh.proxy.relay import Flow, Labels
 from mesh.proxy.transport_header import CallerAssertion, SessionProtocol, TransportHeader
 
 log = logging.getLogger("gateway")
@@ -58,6 +60,32 @@ class GatewayListener(MeshListener):
         self.metrics = metrics
         self.client_context = client_context
         self.connect_timeout = connect_timeout
+        self.relaying: dict[Flow, tuple[str, str, TransportHeader, EndpointSpec]] = {}
+        """Connections relayed to a target: the TCP peer, its identity, the header it
+        sent and the endpoint it reached."""
+        self._recheck_due = False
+        exports.subscribe(self._exports_changed)
+
+    def _exports_changed(self) -> None:
+        # Informer events come in bursts: decide once after the burst.
+        if not self._recheck_due and self.relaying:
+            self._recheck_due = True
+            asyncio.get_running_loop().call_soon(self.recheck)
+
+    def recheck(self) -> None:
+        """Route every relayed connection again: one its Service, export label or the
+        target's policy no longer admits is closed, so a change holds for connections
+        kept alive from before it (the caller's proxy reconnects and is refused)."""
+        self._recheck_due = False
+        for flow, (peer, peer_id, header, endpoint) in list(self.relaying.items()):
+            refused = self.exports.recheck(peer_id, header, endpoint)
+            if refused is not None:
+                self._refused(peer, peer_id, refused)
+                flow.close()
+
+    def _closed(self, flow: Flow, exc: BaseException | None) -> None:
+        self.relaying.pop(flow, None)
+        super()._closed(flow, exc)
 
     def refuse(self, peer: str, cause: str, *, identity: str = "",
                exc: BaseException | None = None) -> None:
@@ -141,6 +169,7 @@ class GatewayListener(MeshListener):
             if header.protocol is SessionProtocol.HTTP1:
                 conn.client.rewrite = self._forwarded(conn, route)
             self._relay(conn, route, target, server_id)
+            self.relaying[flow] = (conn.peer, peer_id, header, endpoint)
             return
         conn.tls.close()
         self._refused(conn.peer, peer_id, Refused(

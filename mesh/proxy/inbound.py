@@ -253,6 +253,37 @@ class Inbound(MeshListener):
         self.policy = policy
         self.metrics = metrics
         self.assertions = assertions
+        self.relaying: dict[Flow, tuple[int, Caller, str]] = {}
+        """Connections relayed to the application: their port, caller and peer."""
+
+    def _decide(self, port: int, caller: Caller) -> str | None:
+        """Why `caller` may not reach `port` now, or None when it may."""
+        if self.policy.ports is not None:
+            decision = self.policy.ports(port).allows(caller.identity)
+            return None if decision.allowed else decision.reason
+        if not self.policy.allows(caller.identity):
+            return "not-authorized: identity not in inbound.authorized"
+        return None
+
+    def policy_changed(self) -> None:
+        """Authorize every open connection again: one that the policy now leaves out is
+        closed (its caller's proxy then opens a new one, which is refused with the
+        reason), so a policy holds for connections kept alive from before it."""
+        for flow, (port, caller, peer) in list(self.relaying.items()):
+            reason = self._decide(port, caller)
+            if reason is None:
+                continue
+            target = f"{self.policy.app_host}:{port}"
+            self.metrics.tcp_authz_deny.labels("inbound", "true", caller.identity, target,
+                                               "unauthorized").inc()
+            log.info("inbound connection closed peer=%s identity=%s gateway_id=%s target=%s "
+                     "cause=policy changed: %s", peer, caller.identity, caller.gateway or "-",
+                     target, reason)
+            flow.close()
+
+    def _closed(self, flow: Flow, exc: BaseException | None) -> None:
+        self.relaying.pop(flow, None)
+        super()._closed(flow, exc)
 
     def refuse(self, peer: str, cause: str, *, identity: str = "",
                exc: BaseException | None = None) -> None:
@@ -271,15 +302,10 @@ class Inbound(MeshListener):
         if caller is None:
             return
         target = f"{self.policy.app_host}:{header.port}"
-        http = header.protocol is SessionProtocol.HTTP1
-        if self.policy.ports is not None:
-            decision = self.policy.ports(header.port).allows(caller.identity)
-            if not decision.allowed:
-                self._deny(tls, peer, caller, target, decision.reason, http=http)
-                return
-        elif not self.policy.allows(caller.identity):
-            self._deny(tls, peer, caller, target, "not-authorized: identity not in "
-                       "inbound.authorized", http=http)
+        reason = self._decide(header.port, caller)
+        if reason is not None:
+            self._deny(tls, peer, caller, target, reason,
+                       http=header.protocol is SessionProtocol.HTTP1)
             return
         if caller.gateway is not None:
             self.metrics.gateway_forwarded.labels(caller.gateway, caller.identity).inc()
@@ -288,6 +314,8 @@ class Inbound(MeshListener):
                           "target_addr": target, "dst_service": ""}
         self.metrics.tcp_authz_allow.labels("inbound", "true", caller.identity, target).inc()
         await self._connect_app(conn, header, labels, caller.identity)
+        if not conn.client.flow.closed:
+            self.relaying[conn.client.flow] = (header.port, caller, peer)
 
     def _caller(self, conn: MeshConnection, header: TransportHeader) -> Caller | None:
         """Whom the connection is for: the asserted caller, the one a trusted gateway

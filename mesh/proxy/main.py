@@ -190,6 +190,8 @@ class Proxy:
                           workload.server_context, self.metrics, self.flows,
                           assertions=AssertionVerifier(lambda: workload.bundle,
                                                        replay=ReplayCache()))
+        if policy is not None:
+            policy.subscribe(inbound.policy_changed)
         out_cfg = self.config.outbound
         # Dials peers with the workload's context and signs caller assertions for gateways.
         credentials = ClientCredentials(workload)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -33,6 +34,11 @@ class PolicyWatch(ControlStream):
                          **options)
         self.default = AccessPolicy.ALL_AUTHENTICATED
         self.ports: dict[int, PortPolicy] = {}
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after each policy the control plane sends is applied."""
+        self._listeners.append(listener)
 
     def for_port(self, port: int) -> PortPolicy:
         found = self.ports.get(port)
@@ -61,5 +67,7 @@ class PolicyWatch(ControlStream):
         self.default, self.ports = default, ports
         if not self.connected:  # a stream's first message; the later ones are updates
             self.snapshot_applied()
+        for listener in self._listeners:
+            listener()
         log.info("policy applied server=%s default=%s ports=%s", self.url, default,
                  ",".join(str(p) for p in sorted(ports)) or "-")

@@ -215,6 +215,31 @@ def test_a_pod_policy_that_names_another_caller_refuses(exports: Exports) -> Non
                       Refused)
 
 
+def test_a_relayed_connection_is_rechecked_against_what_changed(exports: Exports) -> None:
+    changes: list[int] = []
+    exports.subscribe(lambda: changes.append(1))
+    target = exports.choose(route(exports.route(CALLER, header("web"))))
+    assert isinstance(target, Target)
+    endpoint = target.pick.endpoint.spec
+    assert exports.recheck(CALLER, header("web"), endpoint) is None
+    # A policy that leaves the caller out, then the Service unexported: each is a reason.
+    exports.policy_event(SERVER, ADDED, policy(SERVER, "web", {
+        "podSelector": {"matchLabels": {"app": "web"}}, "port": "http"}))
+    exports.policy_event(MESH_TLS_AUTHENTICATION, ADDED, policy(
+        MESH_TLS_AUTHENTICATION, "others", {"identities": [OTHER]}))
+    exports.policy_event(AUTHORIZATION_POLICY, ADDED, policy(AUTHORIZATION_POLICY, "web", {
+        "targetRef": {"group": "policy.meshgate.io", "kind": "Server", "name": "web"},
+        "requiredAuthenticationRefs": [{"group": "policy.meshgate.io",
+                                        "kind": "MeshTLSAuthentication", "name": "others"}]}))
+    assert refused(exports.recheck(CALLER, header("web"), endpoint)).reason is \
+        Reason.UNAUTHORIZED
+    assert exports.recheck(OTHER, header("web"), endpoint) is None
+    exports.service_event(ADDED, service("web", {}))
+    assert refused(exports.recheck(OTHER, header("web"), endpoint)).reason is \
+        Reason.NOT_EXPORTED
+    assert len(changes) == 4  # every event told the listener
+
+
 def test_the_default_policy_decides_ports_no_server_selects() -> None:
     e = Exports(GATEWAY, default_policy=AccessPolicy.DENY)
     e.service_event(ADDED, service("web", EXPORTED))
