@@ -6,7 +6,12 @@ STAMP   := $(VENV)/.installed
 # Debian tools the tests drive, as command:package; installed when missing.
 DEB_TOOLS := openssl:openssl dig:dnsutils nft:nftables
 
-.PHONY: test demo bench lint typecheck pytest tools venv clean
+# The proxy's per-request modules are compiled with mypyc (mesh/proxy/native.py);
+# any change to the proxy's sources compiles them again.
+NATIVE_SOURCES := $(wildcard mesh/proxy/*.py)
+NATIVE  := build/native/.built
+
+.PHONY: test demo bench lint typecheck pytest tools venv native clean
 
 venv: $(STAMP)
 
@@ -15,6 +20,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+native: $(NATIVE)
+
+$(NATIVE): $(STAMP) $(NATIVE_SOURCES) native_build.py
+	$(PY) native_build.py
+	mkdir -p $(dir $@) && touch $@
 
 tools:
 	@missing=""; for pair in $(DEB_TOOLS); do \
@@ -31,15 +42,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-pytest: $(STAMP) tools
+pytest: $(STAMP) tools $(NATIVE)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
 
 test: lint typecheck pytest
 
-demo: $(STAMP) tools
+demo: $(STAMP) $(NATIVE) tools
 	$(PY) -m localcluster.demo --state-dir demo-state
 
-bench: $(STAMP) tools
+bench: $(STAMP) tools $(NATIVE)
 	$(PY) bench/apiserver.py
 	$(PY) bench/identity.py
 	$(PY) bench/dataplane.py
@@ -48,4 +59,5 @@ bench: $(STAMP) tools
 	$(PY) bench/assertion.py
 
 clean:
-	rm -rf $(VENV) demo-state .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) demo-state .mypy_cache .ruff_cache .pytest_cache .hypothesis build
+	rm -f mesh/proxy/*.so

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from mesh.proxy import native
 from tests.cluster import Cluster, start_cluster
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # An extension older than its source would hide the edit from every test.
+    if stale := native.stale():
+        pytest.exit(f"compiled modules older than their sources: {', '.join(stale)}; "
+                    "run `make native`", returncode=2)
 
 
 @pytest.fixture(scope="module")

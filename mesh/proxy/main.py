@@ -33,6 +33,7 @@ from mesh.identity.names import Identity, service_identity
 from mesh.identity.static import StaticIdentity
 from mesh.memory import return_freed_memory
 from mesh.metrics import ProxyMetrics, exposition, share_between_processes
+from mesh.proxy import native
 from mesh.proxy.assertion import AssertionVerifier, ClientCredentials, ReplayCache
 from mesh.proxy.discovery import Discovery, ServiceSpec, StaticDiscovery
 from mesh.proxy.http import HttpOutbound
@@ -218,9 +219,12 @@ class Proxy:
         await self._start_admin()
         self._trimmer = asyncio.create_task(return_freed_memory())
         self.ready = True
-        log.info("proxy ready identity=%s inbound=%s outbound=%s services=%d",
+        log.info("proxy ready identity=%s inbound=%s outbound=%s services=%d compiled=%d/%d",
                  workload.identity, self.config.inbound.listen, self.config.outbound.listen,
-                 len(discovery.services()))
+                 len(discovery.services()), len(native.compiled()), len(native.MODULES))
+        if stale := native.stale():
+            log.warning("compiled modules older than their sources modules=%s: the proxy runs "
+                        "the old code; run `make native`", ",".join(stale))
 
     async def _redirect(self, service: ServiceSpec) -> None:
         """Listen on a service's address, once, for as long as the proxy runs."""
