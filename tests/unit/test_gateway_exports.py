@@ -193,7 +193,8 @@ def test_unmeshed_endpoints_are_never_chosen(exports: Exports) -> None:
     assert refused(exports.choose(r)).reason is Reason.NO_ENDPOINTS
 
 
-def test_a_pod_policy_that_names_another_caller_refuses(exports: Exports) -> None:
+def admit_only_other(exports: Exports) -> None:
+    """Policy resources (three events) that let only OTHER reach web's http port."""
     exports.policy_event(SERVER, ADDED, policy(SERVER, "web", {
         "podSelector": {"matchLabels": {"app": "web"}}, "port": "http"}))
     exports.policy_event(MESH_TLS_AUTHENTICATION, ADDED, policy(
@@ -202,6 +203,10 @@ def test_a_pod_policy_that_names_another_caller_refuses(exports: Exports) -> Non
         "targetRef": {"group": "policy.meshgate.io", "kind": "Server", "name": "web"},
         "requiredAuthenticationRefs": [{"group": "policy.meshgate.io",
                                         "kind": "MeshTLSAuthentication", "name": "others"}]}))
+
+
+def test_a_pod_policy_that_names_another_caller_refuses(exports: Exports) -> None:
+    admit_only_other(exports)
     denied = refused(exports.choose(route(exports.route(CALLER, header("web")))))
     assert denied.reason is Reason.UNAUTHORIZED
     assert "Server default/web" in denied.detail and CALLER in denied.detail
@@ -223,21 +228,14 @@ def test_a_relayed_connection_is_rechecked_against_what_changed(exports: Exports
     endpoint = target.pick.endpoint.spec
     assert exports.recheck(CALLER, header("web"), endpoint) is None
     # A policy that leaves the caller out, then the Service unexported: each is a reason.
-    exports.policy_event(SERVER, ADDED, policy(SERVER, "web", {
-        "podSelector": {"matchLabels": {"app": "web"}}, "port": "http"}))
-    exports.policy_event(MESH_TLS_AUTHENTICATION, ADDED, policy(
-        MESH_TLS_AUTHENTICATION, "others", {"identities": [OTHER]}))
-    exports.policy_event(AUTHORIZATION_POLICY, ADDED, policy(AUTHORIZATION_POLICY, "web", {
-        "targetRef": {"group": "policy.meshgate.io", "kind": "Server", "name": "web"},
-        "requiredAuthenticationRefs": [{"group": "policy.meshgate.io",
-                                        "kind": "MeshTLSAuthentication", "name": "others"}]}))
+    admit_only_other(exports)
     assert refused(exports.recheck(CALLER, header("web"), endpoint)).reason is \
         Reason.UNAUTHORIZED
     assert exports.recheck(OTHER, header("web"), endpoint) is None
     exports.service_event(ADDED, service("web", {}))
     assert refused(exports.recheck(OTHER, header("web"), endpoint)).reason is \
         Reason.NOT_EXPORTED
-    assert len(changes) == 4  # every event told the listener
+    assert len(changes) == 4  # every event (three policy resources, a Service) told it
 
 
 def test_the_default_policy_decides_ports_no_server_selects() -> None:
