@@ -16,9 +16,10 @@ import errno
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
@@ -34,6 +35,7 @@ without root, a directory of its own inside its private mount namespace
 pyroute2_netns.NETNS_RUN_DIR = str(NETNS_RUN_DIR)
 ROOT_HINT = "run as root, or under `unshare --user --map-root-user --net --mount`"
 _CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 _CAPS = ((12, "CAP_NET_ADMIN"), (21, "CAP_SYS_ADMIN"))
 
 
@@ -151,21 +153,18 @@ def setns(fd: int, what: str) -> None:
         raise TopologyError(f"cannot enter network namespace {what}: {os.strerror(code)}")
 
 
-def socket_in_namespace(netns: str, family: int = socket.AF_INET,
-                        type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
-    """A socket created in network namespace `netns`; it stays there wherever it is used,
-    so one process can listen in several namespaces. The calling thread is unchanged.
-
-    The socket is made by a short-lived thread that enters `netns` and ends there:
-    setns moves only the calling thread, and a process in a user namespace of its
-    own (localcluster.rootless) may enter the cluster's namespaces but never return
-    to the host's, which belongs to the initial user namespace.
-    """
+def run_in_namespace(netns: str, action: Callable[[], T]) -> T:
+    """`action()` run in network namespace `netns`, by a short-lived thread that enters
+    it and ends there; its result is returned and its exception raised here. The
+    calling thread is unchanged: setns moves only the calling thread, and a process in
+    a user namespace of its own (localcluster.rootless) may enter the cluster's
+    namespaces but never return to the host's, which belongs to the initial user
+    namespace."""
     path = namespace_path(netns)
-    made: list[socket.socket] = []
+    done: list[T] = []
     failed: list[BaseException] = []
 
-    def make() -> None:
+    def run() -> None:
         try:
             try:
                 target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -176,14 +175,20 @@ def socket_in_namespace(netns: str, family: int = socket.AF_INET,
                 setns(target, repr(netns))
             finally:
                 os.close(target)
-            made.append(socket.socket(family, type, proto))
+            done.append(action())
         except BaseException as e:  # handed to the caller's thread
             failed.append(e)
 
-    worker = threading.Thread(target=make, name=f"socket-in-{netns}")
+    worker = threading.Thread(target=run, name=f"in-{netns}")
     worker.start()
     worker.join()
     if failed:
         raise failed[0]
-    return made[0]
+    return done[0]
 
+
+def socket_in_namespace(netns: str, family: int = socket.AF_INET,
+                        type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
+    """A socket created in network namespace `netns`; it stays there wherever it is used,
+    so one process can listen in several namespaces (`run_in_namespace`)."""
+    return run_in_namespace(netns, lambda: socket.socket(family, type, proto))

@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -245,28 +244,16 @@ def _link_node(wan: _Wan, cluster: str, member: _Member) -> None:
 def _enable_forwarding(node_netns: str) -> None:
     """net.ipv4.ip_forward=1 in the node only: /proc/sys/net shows the network
     namespace of the thread that opens it, so a thread that entered the node writes it."""
-    failed: list[BaseException] = []
 
     def write() -> None:
-        try:
-            fd = os.open(namespaces.namespace_path(node_netns), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                namespaces.setns(fd, repr(node_netns))
-            finally:
-                os.close(fd)
-            with open("/proc/sys/net/ipv4/ip_forward", "w", encoding="ascii") as f:
-                f.write("1\n")
-        except BaseException as e:  # handed to the caller's thread
-            failed.append(e)
+        with open("/proc/sys/net/ipv4/ip_forward", "w", encoding="ascii") as f:
+            f.write("1\n")
 
-    # The thread ends inside the node's namespace and takes it with it.
-    worker = threading.Thread(target=write, name=f"forwarding-in-{node_netns}")
-    worker.start()
-    worker.join()
-    if failed:
-        e = failed[0]
-        if isinstance(e, namespaces.TopologyError):
-            raise e
+    try:
+        namespaces.run_in_namespace(node_netns, write)
+    except namespaces.TopologyError:
+        raise
+    except Exception as e:
         raise WanError(f"cannot enable forwarding in {node_netns!r}: {e}") from e
 
 
