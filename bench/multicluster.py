@@ -56,6 +56,7 @@ from typing import Any
 import gatewaypath
 import urllib3
 import yaml
+from control import ClusterWriter
 from dataplane import Proc, Procs, ensure_packages, raise_nofile, rss_kb, wait_log
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
@@ -162,19 +163,8 @@ def watch_east(kubeconfig: Path, seen: Seen, stop: threading.Event) -> list[thre
 
 # -- the run ---------------------------------------------------------------------------
 
-class West:
-    """Writes to west from many threads, one ApiClient per thread."""
-
-    def __init__(self, kubeconfig: Path) -> None:
-        self.kubeconfig = kubeconfig
-        self._local = threading.local()
-
-    def core(self) -> Any:
-        api = getattr(self._local, "core", None)
-        if api is None:
-            api = self._local.core = client.CoreV1Api(
-                config.new_client_from_config(str(self.kubeconfig)))
-        return api
+class West(ClusterWriter):
+    """Writes exported Services to west from many threads."""
 
     def create(self, ns: str, name: str) -> float:
         self.core().create_namespaced_service(ns, {
