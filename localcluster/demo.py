@@ -26,7 +26,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from localcluster.pods import in_pod
+from localcluster.pods import in_pod, run_pod_argv
+from localcluster.rootless import meshgate_argv
 from localcluster.up import ClusterSpec, UpRequest, down, find, up
 from mesh.errors import MeshError
 
@@ -45,10 +46,6 @@ for _ in range(int(sys.argv[1])):
 _GET = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())"
 
 
-def _meshgate(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mesh.cli", *args]
-
-
 class Demo:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir.resolve()
@@ -62,8 +59,8 @@ class Demo:
     def start(self) -> None:
         anchor = self.state_dir / "anchor"
         if not (anchor / "anchor.crt").exists():
-            _run(_meshgate("identity", "init", "--trust-domain", "cluster.local", "--out",
-                           str(anchor)), "creating the shared trust anchor")
+            _run(meshgate_argv(["identity", "init", "--trust-domain", "cluster.local",
+                                "--out", str(anchor)]), "creating the shared trust anchor")
         for cluster in (CLUSTER, REMOTE):
             print(f"bringing up cluster {cluster} in network namespaces ...", flush=True)
             pods, services = CIDRS[cluster]
@@ -85,10 +82,10 @@ class Demo:
 
     def link(self, importing: str, exporting: str) -> None:
         spec = self.specs[exporting]
-        docs = _run(_meshgate(
+        docs = _run(meshgate_argv([
             "multicluster", "link", "--kubeconfig", str(spec.kubeconfig), "--cluster-name",
             exporting, "--gateway-address", str(spec.wan_address), "--api-server",
-            f"https://{spec.wan_address}:6443", "--trust-domain", spec.trust_domain),
+            f"https://{spec.wan_address}:6443", "--trust-domain", spec.trust_domain]),
             f"linking {exporting} to {importing}")
         self.kubectl("apply", "-f", "-", input=docs, cluster=importing)
         print(f"  {importing} imports {exporting}'s exported Services (Link {exporting})",
@@ -103,17 +100,12 @@ class Demo:
     def run_pod(self, name: str, sa: str, command: tuple[str, ...], *,
                 labels: tuple[str, ...] = (), port: int | None = None,
                 cluster: str = CLUSTER) -> None:
-        args = ["cluster", "run-pod", "--cluster", cluster, "--name", name,
-                "--service-account", sa]
-        for label in labels:
-            args += ["--label", label]
-        if port is not None:
-            args += ["--port", str(port)]
+        argv = run_pod_argv(cluster, name, command, service_account=sa, labels=labels,
+                            port=port)
         log_path = self.specs[cluster].state_dir / "logs" / f"pod-{name}.log"
         with open(log_path, "wb") as log:
             self.pods[name] = (cluster, subprocess.Popen(
-                _meshgate(*args, "--", *command), stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True))
+                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         _wait(lambda: self._ready(name, log_path), f"pod {name} to be ready")
         print(f"  pod {name} is ready in {cluster} (service account {sa})", flush=True)
 
@@ -183,15 +175,15 @@ class Demo:
         for cluster in (CLUSTER, REMOTE):
             self.run_and_print(
                 f"meshgate multicluster gateways --kubeconfig {self.specs[cluster].kubeconfig}",
-                _meshgate("multicluster", "gateways", "--kubeconfig",
-                          str(self.specs[cluster].kubeconfig)))
+                meshgate_argv(["multicluster", "gateways", "--kubeconfig",
+                               str(self.specs[cluster].kubeconfig)]))
         for cluster in (CLUSTER, REMOTE):
             # On the node, where the mirror controllers run: only there is the linked
             # cluster's WAN address reachable.
             self.run_and_print(
                 f"meshgate cluster exec --name {cluster} -- meshgate multicluster check",
-                _meshgate("cluster", "exec", "--name", cluster, "--",
-                          *_meshgate("multicluster", "check")))
+                meshgate_argv(["cluster", "exec", "--name", cluster, "--",
+                               *meshgate_argv(["multicluster", "check"])]))
 
     @staticmethod
     def run_and_print(title: str, argv: list[str]) -> None:

@@ -297,3 +297,15 @@ def _pod_socket(net: netns.ClusterNetwork, key: str) -> Iterator[socket.socket]:
         yield sock
     finally:
         sock.close()
+
+
+def run_pod_argv(cluster: str, name: str, command: Sequence[str], *, service_account: str,
+                 labels: Sequence[str] = (), port: int | None = None) -> list[str]:
+    """The `meshgate cluster run-pod` command line for one pod running `command`."""
+    args = ["cluster", "run-pod", "--cluster", cluster, "--name", name,
+            "--service-account", service_account]
+    for label in labels:
+        args += ["--label", label]
+    if port is not None:
+        args += ["--port", str(port)]
+    return meshgate_argv([*args, "--", *command])

@@ -20,7 +20,7 @@ from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import IPRoute, netns
 
-from localcluster.pods import in_pod
+from localcluster.pods import in_pod, run_pod_argv
 from localcluster.up import find
 from mesh.kube import api_client
 from tests.cluster import wait_for
@@ -56,15 +56,10 @@ class Mesh:
 
     def run_pod(self, name: str, *command: str, sa: str = "default",
                 labels: tuple[str, ...] = (), port: int | None = None) -> None:
-        args = ["cluster", "run-pod", "--cluster", NAME, "--name", name,
-                "--service-account", sa]
-        for label in labels:
-            args += ["--label", label]
-        if port is not None:
-            args += ["--port", str(port)]
+        argv = run_pod_argv(NAME, name, command, service_account=sa, labels=labels,
+                            port=port)
         log = open(self.state_dir / f"run-pod-{name}.log", "wb")  # noqa: SIM115
-        self.pods[name] = subprocess.Popen([sys.executable, "-m", "mesh.cli", *args, "--",
-                                            *command], env=self.env, stdout=log,
+        self.pods[name] = subprocess.Popen(argv, env=self.env, stdout=log,
                                            stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         wait_for(lambda: self._ready(name), timeout=40, what=f"pod {name} to be ready")

@@ -21,7 +21,7 @@ from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import netns
 
-from localcluster.pods import in_pod
+from localcluster.pods import in_pod, run_pod_argv
 from localcluster.up import find
 from mesh.kube import api_client
 from tests.cluster import wait_for
@@ -100,16 +100,11 @@ class Clusters:
 
     def run_pod(self, cluster: str, name: str, *command: str, sa: str,
                 labels: tuple[str, ...] = (), port: int | None = None) -> None:
-        args = ["cluster", "run-pod", "--cluster", cluster, "--name", name,
-                "--service-account", sa]
-        for label in labels:
-            args += ["--label", label]
-        if port is not None:
-            args += ["--port", str(port)]
+        argv = run_pod_argv(cluster, name, command, service_account=sa, labels=labels,
+                            port=port)
         log = self.base / f"run-pod-{name}.log"
         with open(log, "wb") as out:
-            self.pods[name] = subprocess.Popen([sys.executable, "-m", "mesh.cli", *args, "--",
-                                                *command], env=self.env, stdout=out,
+            self.pods[name] = subprocess.Popen(argv, env=self.env, stdout=out,
                                                stderr=subprocess.STDOUT,
                                                start_new_session=True)
 
