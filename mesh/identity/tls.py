@@ -23,7 +23,6 @@ import contextlib
 import os
 import ssl
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -73,60 +72,98 @@ class ResumingContext(ssl.SSLContext):
     resuming from a session ticket costs neither, which roughly doubles the
     rate of new connections between two proxies. The event loop builds each
     connection's TLS object with `wrap_bio` and cannot pass a session itself,
-    so this context does: the ticket of the last connection to the same server
+    so this context does: it takes one ticket from a connection to a server
     name (the peer's identity, so a session is only ever offered to the
-    identity it was made with) is kept and offered to the next one. Tickets
-    are used for at most `MAX_AGE` seconds; loading a new identity (a renewal)
-    forgets them all, as does a new context (after a trust bundle change). A
-    resumed connection shows the peer's certificate from the full handshake,
-    which may be the one before the peer's latest renewal: still valid, since
-    renewal happens long before expiry.
+    identity it was made with) and offers it to every later connection to that
+    name for `MAX_AGE` seconds (at most 90 % of the ticket's own lifetime);
+    OpenSSL's servers accept a TLS 1.3 ticket more than once outside 0-RTT.
+    Loading a new identity (a renewal) forgets every ticket, as does a new
+    context (after a trust bundle change). A resumed connection shows the
+    peer's certificate from the full handshake, which may be the one before
+    the peer's latest renewal: still valid, since renewal happens long before
+    expiry.
+
+    A ticket is read (``SSLObject.session``) once per server name per
+    `MAX_AGE`, never once per connection: CPython 3.11, and 3.12 before
+    3.12.7, leak a copy of the session (about 7 KB with the peer's chain) on
+    every read of that attribute (CPython gh-116810), which made the proxy
+    grow by that much per connection. While no ticket is held, the next
+    connection reads the ticket of the last full handshake; a read that finds
+    none (the ticket follows the handshake, so a burst of connections may
+    look too early) doubles the wait before the next, so a peer that issues
+    no tickets costs a read an hour, not one per connection.
     """
 
-    MAX_AGE = 300.0
+    MAX_AGE = 6480.0
+    """Seconds a ticket is offered: 90 % of the 7,200 s OpenSSL's servers grant."""
+    FIRST_WAIT = 0.05
+    """Seconds to wait after a read that found no ticket; doubled after each such read."""
+    LONGEST_WAIT = 3600.0
 
-    _sessions: dict[str, ssl.SSLSession]
-    _latest: dict[str, weakref.ref[ssl.SSLObject]]
+    _peers: dict[str, _Tickets]
 
     def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
                  server_side: bool = False, server_hostname: str | bytes | None = None,
                  session: ssl.SSLSession | None = None) -> ssl.SSLObject:
         name = server_hostname.decode() if isinstance(server_hostname, bytes) else \
             server_hostname
-        if session is None and name and not server_side:
-            session = self._session_for(name)
+        tickets = self._tickets(name) if name and not server_side else None
+        if session is None and tickets is not None:
+            session = tickets.session_for(time.monotonic())
         obj = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
-        if name and not server_side:
-            self._latest_objects()[name] = weakref.ref(obj)
+        if tickets is not None and session is None and tickets.full is None:
+            tickets.full = obj  # where the next ticket comes from
         return obj
 
     def load_cert_chain(self, certfile: Any, keyfile: Any = None,
                         password: Any = None) -> None:
         super().load_cert_chain(certfile, keyfile, password)
-        self._latest, self._sessions = {}, {}  # sessions of the old identity
+        self._peers = {}  # sessions of the old identity
 
-    def _latest_objects(self) -> dict[str, weakref.ref[ssl.SSLObject]]:
+    def _tickets(self, name: str) -> _Tickets:
         try:
-            return self._latest
+            peers = self._peers
         except AttributeError:
-            self._latest, self._sessions = {}, {}
-            return self._latest
+            peers = self._peers = {}
+        tickets = peers.get(name)
+        if tickets is None:
+            tickets = peers[name] = _Tickets(self)
+        return tickets
 
-    def _session_for(self, name: str) -> ssl.SSLSession | None:
-        ref = self._latest_objects().get(name)
-        previous = ref() if ref is not None else None
-        if previous is not None:
-            with contextlib.suppress(ValueError, ssl.SSLError):
-                fresh = previous.session  # its ticket arrives after the handshake
-                if fresh is not None and fresh.has_ticket:
-                    self._sessions[name] = fresh
-        session = self._sessions.get(name)
-        if session is None:
+
+class _Tickets:
+    """The session ticket held for one server name, or the full handshake it will be
+    read from (kept until read, even once closed: its session outlives it)."""
+
+    __slots__ = ("ctx", "full", "not_before", "session", "taken", "wait")
+
+    def __init__(self, ctx: ResumingContext) -> None:
+        self.ctx = ctx
+        self.session: ssl.SSLSession | None = None
+        self.taken = 0.0
+        self.full: ssl.SSLObject | None = None
+        self.not_before = 0.0
+        self.wait = ctx.FIRST_WAIT
+
+    def session_for(self, now: float) -> ssl.SSLSession | None:
+        session = self.session
+        if session is not None:
+            if now - self.taken < min(session.timeout * 0.9, self.ctx.MAX_AGE):
+                return session
+            self.session = None
+        full, self.full = self.full, None
+        if full is None or now < self.not_before:
+            self.full = full
             return None
-        if time.time() > session.time + min(session.timeout, self.MAX_AGE):
-            del self._sessions[name]
+        fresh = None
+        with contextlib.suppress(ValueError, ssl.SSLError):
+            fresh = full.session  # one read, one leaked copy on CPython 3.11
+        if fresh is None or not fresh.has_ticket:
+            self.not_before = now + self.wait
+            self.wait = min(self.wait * 2, self.ctx.LONGEST_WAIT)
             return None
-        return session
+        self.session, self.taken, self.wait = fresh, now, self.ctx.FIRST_WAIT
+        return fresh
 
 
 def _context(protocol: ssl._SSLMethod, bundle: TrustBundle | None,
