@@ -271,6 +271,8 @@ class Proxy:
         self.ready = False
         for server in self.servers:
             server.close()
+        if self.outbound is not None and self.outbound.http is not None:
+            self.outbound.http.pool.close_idle()
         for task in (self._renewal, self._trimmer):
             if task is not None:
                 task.cancel()

@@ -149,6 +149,16 @@ class Pool:
         up.server_id = ep.identity
         return up
 
+    def close_idle(self) -> int:
+        """Close every idle connection (at shutdown); returns how many there were."""
+        idle, self.idle = self.idle, {}
+        count = 0
+        for ups in idle.values():
+            for up in ups:
+                up.close()
+                count += 1
+        return count
+
     def put(self, up: Upstream) -> None:
         up.exchange = None
         up.resume_reading()  # paused for a slow client, it must hear a peer's close
