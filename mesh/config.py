@@ -22,6 +22,7 @@ from pydantic import (
 from mesh.authz import AccessPolicy
 from mesh.errors import ConfigError, IdentityError
 from mesh.identity.names import Identity
+from mesh.proxy.detect import DEFAULT_OPAQUE_PORTS
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -141,7 +142,6 @@ class InboundConfig(_Model):
     """Where the local application listens; the transport header gives the port."""
     authorized: list[str] = Field(default_factory=lambda: ["*"])
     """Identity names allowed to connect, or "*" for every identity of the trust bundle."""
-    opaque_ports: list[int] = Field(default_factory=list, alias="opaquePorts")
     trusted_gateways: list[IdentityPattern] = Field(default_factory=list,
                                                     alias="trustedGateways")
     """Gateways whose forwarded caller (transport header field 100) is authorized and
@@ -154,7 +154,12 @@ class OutboundConfig(_Model):
     """Also listen on every service address in discovery (the redirected listeners)."""
     connect_timeout: Duration = Field(timedelta(seconds=1), alias="connectTimeout")
     request_timeout: Duration = Field(timedelta(seconds=10), alias="requestTimeout")
-    opaque_ports: list[int] = Field(default_factory=list, alias="opaquePorts")
+    opaque_ports: list[int] = Field(default_factory=lambda: sorted(DEFAULT_OPAQUE_PORTS),
+                                    alias="opaquePorts")
+    """Service ports relayed without protocol detection, whatever the Service says:
+    Linkerd's default list (server-speaks-first protocols, whose clients would wait
+    `detectTimeout` for their greeting); ``[]`` turns it off. A Service adds its own
+    with the annotation ``config.meshgate.io/opaque-ports``."""
 
 
 class AdminConfig(_Model):

@@ -155,7 +155,7 @@ def _why_not_http(head: bytearray) -> str:
 def opaque_for(port: int, opaque_ports: frozenset[int]) -> bool:
     """Whether connections to `port` skip detection and are relayed opaquely.
 
-    `opaque_ports` is the per-workload override (Linkerd's `config.linkerd.io/opaque-ports`),
-    `DEFAULT_OPAQUE_PORTS` unless configured.
+    `opaque_ports` is the proxy's list (``outbound.opaquePorts``), `DEFAULT_OPAQUE_PORTS`
+    unless configured; a Service's own opaque ports come from discovery.
     """
     return port in opaque_ports
