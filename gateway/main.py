@@ -16,8 +16,6 @@ import logging
 import os
 import signal
 
-from aiohttp import web
-
 from gateway.exports import Exports
 from gateway.listener import GatewayListener
 from mesh.config import GatewayConfig
@@ -28,6 +26,7 @@ from mesh.informer import Informer, all_synced, stop_all
 from mesh.kube import api_client
 from mesh.memory import return_freed_memory
 from mesh.metrics import GatewayMetrics, exposition
+from mesh.proxy.admin import TEXT, AdminServer, Answer, text
 from mesh.proxy.assertion import AssertionVerifier
 from mesh.proxy.main import Workload, listen, load_workload, serve_admin
 
@@ -47,7 +46,7 @@ class Gateway:
         self.workload: Workload | None = None
         self.informers: list[Informer] = []
         self.servers: list[asyncio.AbstractServer] = []
-        self.admin: web.AppRunner | None = None
+        self.admin: asyncio.AbstractServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -75,31 +74,25 @@ class Gateway:
             header_timeout=cfg.header_timeout.total_seconds(),
             assertions=AssertionVerifier(lambda: workload.bundle))
         self.servers.append(await listen(listener.protocol, cfg.listen, "gateway"))
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/ready", self._ready)
-        app.router.add_get("/live", self._live)
-        self.admin = await serve_admin(app, cfg.admin)
+        self.admin = await serve_admin(AdminServer({
+            "/metrics": self._metrics, "/ready": self._ready,
+            "/live": lambda: text("live\n")}), cfg.admin)
         self._tasks.append(asyncio.create_task(return_freed_memory()))
         log.info("gateway started identity=%s listen=%s admin=%s exported=%s "
                  "trusted_gateways=%s", workload.identity, cfg.listen, cfg.admin,
                  cfg.exported_label, ",".join(cfg.trusted_gateways) or "-")
 
-    async def _ready(self, request: web.Request) -> web.Response:
+    def _ready(self) -> Answer:
         if self.ready:
-            return web.Response(text="ready\n")
+            return text("ready\n")
         waiting = [inf.kind for inf in self.informers if not inf.synced]
         why = ("the identity is not loaded" if self.workload is None else
                f"the cluster has not been read yet ({', '.join(waiting)}; are the policy "
                "CRDs installed?)")
-        return web.Response(text=f"not ready: {why}\n", status=503)
+        return text(f"not ready: {why}\n", 503)
 
-    async def _live(self, request: web.Request) -> web.Response:
-        return web.Response(text="live\n")
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=exposition(self.metrics.registry),
-                            content_type="text/plain", charset="utf-8")
+    def _metrics(self) -> Answer:
+        return 200, TEXT, exposition(self.metrics.registry)
 
     async def stop(self) -> None:
         for server in self.servers:
@@ -108,7 +101,7 @@ class Gateway:
             task.cancel()
         stop_all(self.informers)
         if self.admin is not None:
-            await self.admin.cleanup()
+            self.admin.close()
 
 
 def run(config: GatewayConfig, *, loop: str = "uvloop") -> None:

@@ -4,10 +4,11 @@ reads it keeps serving its last known data.
 
 The server is trusted only after its TLS chain verified under the caller's
 context and its certificate named the expected identity (`check_peer`).
-Lines are split here rather than by aiohttp, whose ``readline`` copies a long
-line once per chunk: a snapshot of a large cluster is one line of megabytes.
+Lines are split here, without copying a long line once per chunk: a snapshot
+of a large cluster is one line of megabytes.
 
-This module runs inside the proxy: it must not import the kubernetes client.
+This module runs inside the proxy: it must not import the kubernetes client or a
+web framework (`mesh.https` is its client).
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import random
 import ssl
 from collections.abc import Callable
 
-import aiohttp
-
+from mesh import https
 from mesh.errors import ConfigError, DiscoveryError, IdentityError, MeshError
 from mesh.identity.names import Identity
 from mesh.identity.tls import check_peer
@@ -100,31 +100,27 @@ class ControlStream:
     async def run(self) -> None:
         """Watch until cancelled, reconnecting after every failure."""
         attempt = 0
-        connector = aiohttp.TCPConnector(force_close=True, limit=1)
-        timeout = aiohttp.ClientTimeout(total=None, connect=self._connect_timeout,
-                                        sock_read=None)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            while True:
-                before = self.connections
-                try:
-                    await self._watch_once(session)
-                    cause: MeshError = DiscoveryError(f"control plane {self.url} ended the "
-                                                      f"{self.what}")
-                except MeshError as e:
-                    cause = e
-                except (aiohttp.ClientError, OSError, ssl.SSLError, TimeoutError) as e:
-                    cause = _translate(e, self.url, self.server_identity)
-                except Exception as e:
-                    # The watch must outlive any surprise: the proxy depends on it.
-                    log.exception("%s failed unexpectedly server=%s", self.what, self.url)
-                    cause = DiscoveryError(f"unexpected {type(e).__name__}: {e}")
-                self.connected = False
-                self.last_error = cause
-                attempt = 0 if self.connections > before else attempt + 1
-                delay = self._backoff(attempt)
-                log.warning("%s down server=%s cause=%s retry_in=%.2fs (serving the last "
-                            "known data)", self.what, self.url, cause, delay)
-                await asyncio.sleep(delay)
+        while True:
+            before = self.connections
+            try:
+                await self._watch_once()
+                cause: MeshError = DiscoveryError(f"control plane {self.url} ended the "
+                                                  f"{self.what}")
+            except MeshError as e:
+                cause = e
+            except (OSError, ssl.SSLError, TimeoutError) as e:
+                cause = _translate(e, self.url, self.server_identity)
+            except Exception as e:
+                # The watch must outlive any surprise: the proxy depends on it.
+                log.exception("%s failed unexpectedly server=%s", self.what, self.url)
+                cause = DiscoveryError(f"unexpected {type(e).__name__}: {e}")
+            self.connected = False
+            self.last_error = cause
+            attempt = 0 if self.connections > before else attempt + 1
+            delay = self._backoff(attempt)
+            log.warning("%s down server=%s cause=%s retry_in=%.2fs (serving the last "
+                        "known data)", self.what, self.url, cause, delay)
+            await asyncio.sleep(delay)
 
     def _backoff(self, attempt: int) -> float:
         """Exponential, capped, with jitter (half to all of the step), so restarts spread."""
@@ -133,31 +129,37 @@ class ControlStream:
 
     # -- one stream ------------------------------------------------------------------
 
-    async def _watch_once(self, session: aiohttp.ClientSession) -> None:
+    async def _watch_once(self) -> None:
         ctx = self._context()
         if ctx.verify_mode != ssl.CERT_REQUIRED:
             raise IdentityError("the TLS context for the control plane does not verify the "
                                 "server's certificate; use the workload's client context")
-        async with session.get(f"{self.url}{self.stream_path}", ssl=ctx,
-                               server_hostname=self.server_identity.dns_name) as resp:
-            conn = resp.connection
-            sslobj = conn.transport.get_extra_info("ssl_object") if (
-                conn is not None and conn.transport is not None) else None
-            if sslobj is None:
+        try:
+            resp = await https.request(self.url, "GET", self.stream_path, context=ctx,
+                                       server_hostname=self.server_identity.dns_name,
+                                       timeout=self._connect_timeout)
+        except TimeoutError:
+            raise DiscoveryError(f"control plane {self.url} did not answer within "
+                                 f"{self._connect_timeout:g}s") from None
+        try:
+            if resp.ssl_object is None:
                 raise IdentityError(f"control plane {self.url} did not answer over TLS; the "
                                     "discovery server must be an https:// address")
-            check_peer(sslobj, expected=self.server_identity, side="server", peer=self.url)
+            check_peer(resp.ssl_object, expected=self.server_identity, side="server",
+                       peer=self.url)
             if resp.status != 200:
                 raise DiscoveryError(await _refusal(resp, self.url))
             await self._read(resp)
+        finally:
+            await resp.close()
 
-    async def _read(self, resp: aiohttp.ClientResponse) -> None:
+    async def _read(self, resp: https.Response) -> None:
         buffer = bytearray()
         scanned = 0
         while True:
             # Before the snapshot, and between messages: a silent stream is a dead one.
             async with asyncio.timeout(self._heartbeat * self._stale_after):
-                chunk = await resp.content.readany()
+                chunk = await resp.chunk()
             if not chunk:
                 return
             buffer += chunk
@@ -189,8 +191,8 @@ class ControlStream:
         self.ready.set()
 
 
-async def _refusal(resp: aiohttp.ClientResponse, url: str) -> str:
-    text = await resp.text(errors="replace")
+async def _refusal(resp: https.Response, url: str) -> str:
+    text = (await resp.read()).decode(errors="replace")
     try:
         doc = json.loads(text)
     except ValueError:
@@ -202,10 +204,10 @@ async def _refusal(resp: aiohttp.ClientResponse, url: str) -> str:
 
 
 def _translate(e: BaseException, url: str, expected: Identity) -> MeshError:
-    if isinstance(e, aiohttp.ClientConnectorCertificateError):
-        return IdentityError(f"control plane {url} is not trusted: {e.certificate_error}; it "
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return IdentityError(f"control plane {url} is not trusted: {e.verify_message}; it "
                              f"must present {expected} under an anchor of the trust bundle")
-    if isinstance(e, TimeoutError) and not isinstance(e, aiohttp.ClientError):
+    if isinstance(e, TimeoutError):
         return DiscoveryError(f"control plane {url} went silent (no message or heartbeat in "
                               "time); reconnecting")
     return DiscoveryError(f"control plane {url} unreachable: {type(e).__name__}: {e}")

@@ -8,15 +8,16 @@ impersonate it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from mesh import https
 from mesh.identity import ca
 from mesh.identity.certstore import CertStore, Issued
 from mesh.identity.errors import IssuanceRefused, ServiceUnavailable
@@ -52,16 +53,19 @@ class HttpRequester:
             body["token"] = token
         ctx = self._context(current)
         try:
-            async with aiohttp.ClientSession(
-                    timeout=aiohttp.ClientTimeout(total=self.timeout)) as session, \
-                    session.post(f"{self.url}/v1/certify", json=body, ssl=ctx,
-                                 server_hostname=self.server_name) as resp:
-                text = await resp.text()
-        except aiohttp.ClientConnectorCertificateError as e:
+            async with asyncio.timeout(self.timeout):
+                resp = await https.request(self.url, "POST", "/v1/certify", context=ctx,
+                                           server_hostname=self.server_name,
+                                           timeout=self.timeout, body=body)
+                try:
+                    text = (await resp.read()).decode(errors="replace")
+                finally:
+                    await resp.close()
+        except ssl.SSLCertVerificationError as e:
             raise ServiceUnavailable(
-                f"identity service {self.url} is not trusted: {e.certificate_error}; it must "
+                f"identity service {self.url} is not trusted: {e.verify_message}; it must "
                 f"present {self.server_name} under an anchor of the trust bundle") from e
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        except (https.ResponseError, TimeoutError, OSError, ssl.SSLError) as e:
             raise ServiceUnavailable(f"identity service {self.url} unreachable: "
                                      f"{type(e).__name__}: {e}") from e
         try:

@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from mesh.config import parse_duration
 from mesh.errors import ConfigError
 from mesh.identity import ca
@@ -107,6 +105,8 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web  # the identity service's process only: proxies never load it
+
     from mesh.identity.service import IdentityService
     from mesh.kube import api_client
 

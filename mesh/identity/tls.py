@@ -257,7 +257,14 @@ def check_peer(ssl_object: PeerTLS, *, expected: Identity | None, side: str,
     """The peer's identity, checked against ``expected`` (``None``: any mesh identity).
 
     Raises `PeerIdentityMismatch` naming both identities and the chain's expiry.
+    OpenSSL has verified the chain; the identity is read from the leaf, and the
+    leaves already met are remembered (`_LEAVES`), so a connection from a known
+    peer costs a lookup instead of parsing its chain (~0.25 ms).
     """
+    leaf = ssl_object.getpeercert(binary_form=True)
+    got = _LEAVES.get(leaf) if leaf else None
+    if got is not None and (expected is None or got == expected):
+        return got
     chain = peer_chain(ssl_object)
     if not chain:
         raise UntrustedChain(f"{side} {peer} presented no certificate; meshed peers must "
@@ -270,10 +277,33 @@ def check_peer(ssl_object: PeerTLS, *, expected: Identity | None, side: str,
         raise PeerIdentityMismatch(
             f"{side} {peer} presented {presented_name(chain[0])}, which is no mesh identity"
             f"{wanted}; chain valid until {until}") from e
+    if leaf:
+        _LEAVES.remember(leaf, got)
     if expected is not None and got != expected:
         raise PeerIdentityMismatch(f"{side} {peer} presented {got}, expected {expected}; "
                                    f"chain valid until {until}")
     return got
+
+
+class _Leaves:
+    """Identities of the leaf certificates met, by their DER bytes; at most `SIZE`
+    (then forgotten all at once: renewals and new peers refill it)."""
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self._names: dict[bytes, Identity] = {}
+
+    def get(self, der: bytes) -> Identity | None:
+        return self._names.get(der)
+
+    def remember(self, der: bytes, identity: Identity) -> None:
+        if len(self._names) >= self.SIZE:
+            self._names.clear()
+        self._names[der] = identity
+
+
+_LEAVES = _Leaves()
 
 
 async def fetch_peer_leaf(host: str, port: int, *, timeout: float) -> list[x509.Certificate]:

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import ssl
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
@@ -34,6 +33,7 @@ from mesh.identity.static import StaticIdentity
 from mesh.memory import return_freed_memory
 from mesh.metrics import ProxyMetrics, exposition, share_between_processes
 from mesh.proxy import native
+from mesh.proxy.admin import JSON, TEXT, AdminServer, Answer, text
 from mesh.proxy.assertion import AssertionVerifier, ClientCredentials, ReplayCache
 from mesh.proxy.discovery import Discovery, ServiceSpec, StaticDiscovery
 from mesh.proxy.http import HttpOutbound
@@ -103,22 +103,9 @@ async def listen(factory: Callable[[], asyncio.BaseProtocol], address: str, what
         raise ConfigError(f"{what} listener cannot bind {address}: {e.strerror or e}") from e
 
 
-async def serve_admin(app: web.Application, address: str) -> web.AppRunner:
-    """Serve the admin application (``/metrics``, ``/ready``, ``/live``) on HOST:PORT."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    host, port = split_address(address)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        await runner.cleanup()
-        raise ConfigError(f"admin listener cannot bind {address}: {e.strerror or e}") from e
-    await web.SockSite(runner, sock).start()
-    return runner
+async def serve_admin(admin: AdminServer, address: str) -> asyncio.AbstractServer:
+    """Serve the admin endpoints (``/metrics``, ``/ready``, ``/live``) on HOST:PORT."""
+    return await listen(admin.protocol, address, "admin")
 
 
 class Proxy:
@@ -127,7 +114,7 @@ class Proxy:
         self.metrics = ProxyMetrics()
         self.flows = self.metrics.flows()
         self.servers: list[asyncio.AbstractServer] = []
-        self.admin: web.AppRunner | None = None
+        self.admin: asyncio.AbstractServer | None = None
         self.workload: Workload | None = None
         self._renewal: asyncio.Task[None] | None = None
         self._trimmer: asyncio.Task[None] | None = None
@@ -244,28 +231,21 @@ class Proxy:
             self.discovery.reload()
 
     async def _start_admin(self) -> None:
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/ready", self._ready)
-        app.router.add_get("/live", self._live)
-        app.router.add_get("/endpoints", self._endpoints)
-        self.admin = await serve_admin(app, self.config.admin.listen)
+        self.admin = await serve_admin(AdminServer({
+            "/metrics": self._metrics, "/ready": self._ready, "/live": lambda: text("live\n"),
+            "/endpoints": self._endpoints}), self.config.admin.listen)
 
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=exposition(self.metrics.registry),
-                            content_type="text/plain", charset="utf-8")
+    def _metrics(self) -> Answer:
+        return 200, TEXT, exposition(self.metrics.registry)
 
-    async def _ready(self, request: web.Request) -> web.Response:
-        return web.Response(text="ready\n" if self.ready else "not ready\n",
-                            status=200 if self.ready else 503)
+    def _ready(self) -> Answer:
+        return text("ready\n") if self.ready else text("not ready\n", 503)
 
-    async def _endpoints(self, request: web.Request) -> web.Response:
+    def _endpoints(self) -> Answer:
         """Every service the proxy knows and the endpoints behind it, as discovery says."""
         services = self.discovery.services() if self.discovery is not None else []
-        return web.json_response([svc.model_dump(by_alias=True) for svc in services])
-
-    async def _live(self, request: web.Request) -> web.Response:
-        return web.Response(text="live\n")
+        return 200, JSON, json.dumps([svc.model_dump(mode="json", by_alias=True)
+                                      for svc in services]).encode()
 
     async def stop(self) -> None:
         self.ready = False
@@ -279,7 +259,7 @@ class Proxy:
         for stream in self._streams:
             await stream.stop()
         if self.admin is not None:
-            await self.admin.cleanup()
+            self.admin.close()
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -352,7 +352,7 @@ async def test_last_policy_survives_the_control_plane_and_catches_up(
             assert not before.allows(client_id).allowed
             plane.kill()
             await eventually(lambda: not w.connected, timeout=5.0, what="the stream to drop")
-            await eventually(lambda: "ClientConnectorError" in str(w.last_error), timeout=5.0,
+            await eventually(lambda: "unreachable" in str(w.last_error), timeout=5.0,
                              what="a reconnection to fail")
             t.patch(SERVER, "web-http", {"accessPolicy": "all-authenticated"})
             assert w.for_port(HTTP) == before  # still the last known policy

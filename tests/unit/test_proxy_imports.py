@@ -1,4 +1,5 @@
-"""The proxy must not load the kubernetes client: it is memory every sidecar pays for."""
+"""The proxy must not load the kubernetes client or a web framework: their memory is
+paid by every sidecar."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import subprocess
 import sys
 
 
-def test_proxy_process_does_not_import_kubernetes() -> None:
+def test_proxy_process_does_not_import_kubernetes_or_aiohttp() -> None:
     code = ("import sys, mesh.cli, mesh.proxy.main, mesh.identity.certstore, "
-            "mesh.identity.client; mesh.cli.build_parser(); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'))")
+            "mesh.identity.client, mesh.discovery.client, mesh.proxy.policy; "
+            "mesh.cli.build_parser(); print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('kubernetes', 'aiohttp')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "[]"
