@@ -2,7 +2,8 @@
 taken through the steps every mesh listener shares (`MeshListener`: mTLS from any
 identity of the trust bundle, ALPN, transport header), routed and authorized by
 `Exports`, then re-originated over mTLS to the chosen endpoint's proxy with the
-gateway's own identity and a header carrying the caller (field 100), and relayed.
+gateway's own identity and a header carrying the caller (field 100), through the
+mesh's one dial path (`mesh.proxy.dial`), and relayed.
 A caller assertion (field 101) must verify against the gateway's trust bundle,
 name the service the header names and prove the caller the gateway sees (the
 mTLS peer, or the caller a trusted gateway forwarded); it is passed on to the
@@ -24,20 +25,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from gateway.exports import Exports, Reason, Refused, Route, Target
 from gateway.forwarded import ForwardedLoop, ForwardedRequests
-from mesh.errors import IdentityError, ProtocolError
-from mesh.identity.names import Identity
+from mesh.errors import ProtocolError
 from mesh.metrics import GatewayMetrics
 from mesh.proxy.assertion import AssertionVerifier, BadAssertion
-from mesh.proxy.balancer import EndpointState
+from mesh.proxy.balancer import EndpointState, Pick
+from mesh.proxy.dial import Connected, Dialer, DialError, Unreachable
 from mesh.proxy.discovery import EndpointSpec
 from mesh.proxy.http1 import error_response
 from mesh.proxy.inbound import MeshConnection, MeshListener
-from mesh.proxy.outbound import CONNECT_ATTEMPTS, dial_proxy
 from mesh.proxy.relay import Flow, Labels
 from mesh.proxy.transport_header import CallerAssertion, SessionProtocol, TransportHeader
 
@@ -49,17 +48,15 @@ _FORBIDDEN = frozenset({Reason.UNAUTHORIZED, Reason.NOT_EXPORTED})
 
 class GatewayListener(MeshListener):
     def __init__(self, exports: Exports, metrics: GatewayMetrics, *,
-                 server_context: Callable[[], ssl.SSLContext],
-                 client_context: Callable[[], ssl.SSLContext],
-                 connect_timeout: float, handshake_timeout: float,
-                 header_timeout: float, assertions: AssertionVerifier) -> None:
+                 server_context: Callable[[], ssl.SSLContext], dialer: Dialer,
+                 handshake_timeout: float, header_timeout: float,
+                 assertions: AssertionVerifier) -> None:
         super().__init__(server_context, metrics.flows(), handshake_timeout=handshake_timeout,
                          header_timeout=header_timeout)
         self.assertions = assertions
         self.exports = exports
         self.metrics = metrics
-        self.client_context = client_context
-        self.connect_timeout = connect_timeout
+        self.dialer = dialer
         self.relaying: dict[Flow, tuple[str, str, TransportHeader, EndpointSpec]] = {}
         """Connections relayed to a target: the TCP peer, its identity, the header it
         sent and the endpoint it reached."""
@@ -131,51 +128,35 @@ class GatewayListener(MeshListener):
                 self._refused(conn.peer, peer_id, bad)
                 return
         flow = conn.client.flow
-        tried: list[EndpointState] = []
-        failure = ""
-        for _attempt in range(CONNECT_ATTEMPTS):
+
+        def choose(tried: Sequence[EndpointState]) -> Pick | Refused:
             target = self.exports.choose(route, avoid=tried)
-            if isinstance(target, Refused):
-                self._close(conn, header, target)
-                self._refused(conn.peer, peer_id, target)
-                return
-            tried.append(target.pick.endpoint)
-            endpoint = target.pick.endpoint.spec
-            started = time.monotonic()
-            try:
-                server_id = await dial_proxy(
-                    flow.server, endpoint,
-                    TransportHeader(port=endpoint.target_port, name=route.service.name,
-                                    protocol=header.protocol, caller=route.caller.identity,
-                                    assertion=header.assertion),
-                    context=self.client_context(), timeout=self.connect_timeout)
-            except (OSError, TimeoutError, ssl.SSLError, IdentityError) as e:
-                target.pick.failed()
-                if flow.server.transport is not None:
-                    flow.server.transport.close()
-                flow.server.transport = None
-                failure = f"{endpoint.address} ({endpoint.identity}): {type(e).__name__}: {e}"
-                log.info("gateway upstream failed peer=%s caller=%s target=%s endpoint=%s "
-                         "cause=%s", conn.peer, route.caller.identity, route.target,
-                         endpoint.address, e)
-                if flow.closed:
-                    return
-                continue
-            target.pick.succeeded(time.monotonic() - started)
-            if flow.closed:  # the caller left while the endpoint was being dialled
-                if flow.server.transport is not None:
-                    flow.server.transport.close()
-                return
+            return target.pick if isinstance(target, Target) else target
+
+        def forward(endpoint: EndpointSpec) -> TransportHeader:
+            return TransportHeader(port=endpoint.target_port, name=route.service.name,
+                                   protocol=header.protocol, caller=route.caller.identity,
+                                   assertion=header.assertion)
+
+        def failed(endpoint: EndpointSpec, e: DialError) -> None:
+            log.info("gateway upstream failed peer=%s caller=%s target=%s endpoint=%s "
+                     "cause=%s", conn.peer, route.caller.identity, route.target,
+                     endpoint.address, e)
+
+        result = await self.dialer.connect_first(flow, choose, forward, failed=failed)
+        if isinstance(result, Connected):
             if header.protocol is SessionProtocol.HTTP1:
                 conn.client.rewrite = self._forwarded(conn, route)
-            self._relay(conn, route, target, server_id)
-            self.relaying[flow] = (conn.peer, peer_id, header, endpoint)
-            return
-        conn.tls.close()
-        self._refused(conn.peer, peer_id, Refused(
-            Reason.CONNECT_FAILED, f"no endpoint answered after {CONNECT_ATTEMPTS} attempts; "
-            f"last: {failure}", route.target, service=route.service.name,
-            caller=route.caller.identity))
+            self._relay(conn, route, result)
+            self.relaying[flow] = (conn.peer, peer_id, header, result.pick.endpoint.spec)
+        elif isinstance(result, Refused):
+            self._close(conn, header, result)
+            self._refused(conn.peer, peer_id, result)
+        elif isinstance(result, Unreachable):
+            conn.tls.close()
+            self._refused(conn.peer, peer_id, Refused(
+                Reason.CONNECT_FAILED, str(result), route.target, service=route.service.name,
+                caller=route.caller.identity))
 
     def _forwarded(self, conn: MeshConnection, route: Route) -> Callable[[bytes], bytes]:
         """What the caller's HTTP/1 bytes become on their way to the target."""
@@ -202,11 +183,10 @@ class GatewayListener(MeshListener):
             conn.tls.write(error_response(403, f"{refused.reason}: {refused.detail}"))
         conn.tls.close()
 
-    def _relay(self, conn: MeshConnection, route: Route, target: Target,
-               server_id: Identity) -> None:
+    def _relay(self, conn: MeshConnection, route: Route, connected: Connected) -> None:
         flow = conn.client.flow
         caller, service = route.caller.identity, route.service.name
-        endpoint = target.pick.endpoint.spec
+        endpoint, server_id = connected.pick.endpoint.spec, connected.identity
         common = {"direction": "gateway", "tls": "true", "client_id": caller,
                   "target_addr": endpoint.address, "dst_service": service}
         src: Labels = {**common, "peer": "src", "server_id": str(self.exports.identity)}

@@ -28,6 +28,7 @@ from mesh.memory import return_freed_memory
 from mesh.metrics import GatewayMetrics, exposition
 from mesh.proxy.admin import TEXT, AdminServer, Answer, text
 from mesh.proxy.assertion import AssertionVerifier
+from mesh.proxy.dial import Dialer
 from mesh.proxy.main import Workload, listen, load_workload, serve_admin
 
 log = logging.getLogger("gateway")
@@ -68,8 +69,9 @@ class Gateway:
         cfg = self.config
         listener = GatewayListener(
             exports, self.metrics, server_context=workload.server_context,
-            client_context=workload.client_context,
-            connect_timeout=cfg.connect_timeout.total_seconds(),
+            # The caller's identity travels in the header: never in plain TCP.
+            dialer=Dialer(workload.client_context,
+                          timeout=cfg.connect_timeout.total_seconds(), plain=False),
             handshake_timeout=cfg.handshake_timeout.total_seconds(),
             header_timeout=cfg.header_timeout.total_seconds(),
             assertions=AssertionVerifier(lambda: workload.bundle))

@@ -22,6 +22,10 @@ class IdentityError(MeshError):
     """A certificate, token or peer identity could not be obtained or verified."""
 
 
+class ConnectError(MeshError):
+    """A peer could not be reached: the connection was refused, reset or not made in time."""
+
+
 class DiscoveryError(MeshError):
     """Service discovery data could not be obtained or is inconsistent."""
 

@@ -160,9 +160,11 @@ def start_cluster(state_dir: Path, *extra: str, name: str = "test",
 
 
 def add_meshed_service(api: client.ApiClient, name: str, *, app_port: int, inbound_port: int,
-                       labels: dict[str, str], port_name: str | None = None) -> None:
+                       labels: dict[str, str], port_name: str | None = None,
+                       service_account: str = "web") -> None:
     """A Service `name` in default selecting one ready Pod at 127.0.0.1, whose app listens
-    on `app_port` behind a proxy whose inbound listener is `inbound_port`."""
+    on `app_port` behind a proxy whose inbound listener is `inbound_port`; the Pod runs
+    as `service_account`, the identity its proxy must present."""
     from mesh.discovery.index import INBOUND_PORT_ANNOTATION
 
     core: Any = client.CoreV1Api(api)
@@ -175,7 +177,7 @@ def add_meshed_service(api: client.ApiClient, name: str, *, app_port: int, inbou
     core.create_namespaced_pod("default", {
         "metadata": {"name": f"{name}-1", "labels": {"app": name},
                      "annotations": {INBOUND_PORT_ANNOTATION: str(inbound_port)}},
-        "spec": {"serviceAccountName": "web",
+        "spec": {"serviceAccountName": service_account,
                  "containers": [{"name": "app", "image": "app", "ports": [port]}]}})
     core.patch_namespaced_pod_status(f"{name}-1", "default", {"status": {
         "phase": "Running", "podIP": "127.0.0.1",

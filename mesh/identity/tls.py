@@ -7,7 +7,8 @@ names: `check_peer` checks the peer's identity explicitly, so that a mismatch
 is reported with both names. `explain_handshake_failure` turns OpenSSL's
 failures into `IdentityError` subclasses that say which side failed, which
 identity was expected and which was presented, until when the chain is valid,
-and which trust anchor was missing.
+and which trust anchor was missing; `explain_dial_failure` does so for a
+server this side dialled, fetching the certificate it refused without blocking.
 
 Private keys never touch a file system: `load_identity` hands them to OpenSSL
 through anonymous memory files (``memfd_create``).
@@ -339,6 +340,40 @@ async def fetch_peer_leaf(host: str, port: int, *, timeout: float) -> list[x509.
 # -- explaining failures -------------------------------------------------------------
 
 
+def context_bundle(ctx: ssl.SSLContext) -> TrustBundle:
+    """The trust anchors ``ctx`` verifies peers with: what a handshake under it trusted."""
+    return TrustBundle(tuple(x509.load_der_x509_certificate(der)
+                             for der in ctx.get_ca_certs(binary_form=True)))
+
+
+async def explain_dial_failure(err: ssl.SSLError, *, host: str, port: int, peer: str,
+                               expected: Identity | None, bundle: TrustBundle,
+                               timeout: float) -> IdentityError:
+    """`explain_handshake_failure` for a server this side dialled at ``host:port``.
+
+    When this side refused the server's certificate, the certificate is fetched
+    again (`fetch_peer_leaf`, within ``timeout``) before the explanation is
+    written, so that no event loop waits on a blocking re-dial.
+    """
+    chain: list[x509.Certificate] = []
+    failure: BaseException | None = None
+    if isinstance(err, ssl.SSLCertVerificationError):
+        try:
+            async with asyncio.timeout(timeout):
+                chain = await fetch_peer_leaf(host, port, timeout=timeout)
+        except (OSError, ssl.SSLError, TimeoutError, ValueError) as e:
+            failure = e
+
+    def fetched() -> list[x509.Certificate]:
+        if failure is not None:
+            raise failure
+        return chain
+
+    return explain_handshake_failure(err, side="server", peer=peer, expected=expected,
+                                     bundle=bundle, diagnose=fetched)
+
+
+
 def explain_handshake_failure(err: ssl.SSLError, *, side: str, peer: str,
                               expected: Identity | None, bundle: TrustBundle,
                               diagnose: Callable[[], list[x509.Certificate]] | None,
@@ -441,6 +476,8 @@ _ALERTS: list[tuple[str, type[IdentityError], str]] = [
      "shares no key exchange group with this side ({alert}); meshed peers use P-256"),
     ("WRONG_VERSION_NUMBER", IdentityError,
      "did not answer in TLS ({alert}); is it a plain-text port?"),
+    ("HTTP_REQUEST", IdentityError,
+     "sent plain-text HTTP, not TLS ({alert}); mesh ports take mTLS from proxies only"),
 ]
 
 

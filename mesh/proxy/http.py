@@ -23,12 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from mesh.errors import IdentityError, ProtocolError
+from mesh.errors import ConnectError, IdentityError, ProtocolError
 from mesh.identity.names import Identity
 from mesh.metrics import ProxyMetrics
 from mesh.proxy import http1
@@ -442,7 +441,7 @@ class Exchange:
             return
         if exc is not None:
             ep = self.pick.endpoint.spec if self.pick else None
-            if not isinstance(exc, OSError | TimeoutError | ssl.SSLError | IdentityError):
+            if not isinstance(exc, ConnectError | IdentityError):
                 log.warning("outbound connect failed unexpectedly endpoint=%s cause=%r",
                             ep.address if ep else "-", exc)
             self._attempt_failed(UpstreamError(

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, cast
 from mesh.authz import identity_matches
 from mesh.errors import IdentityError, ProtocolError
 from mesh.identity.names import Identity
-from mesh.identity.tls import ALPN, check_peer
+from mesh.identity.tls import ALPN, check_peer, context_bundle, explain_handshake_failure
 from mesh.metrics import ProxyMetrics
 from mesh.proxy.assertion import AssertionVerifier, BadAssertion
 from mesh.proxy.http1 import error_response
@@ -115,6 +115,8 @@ class MeshListener:
     `protocol` is the listener's protocol factory. Each accepted socket is given
     to TLS with the server context current at that moment; the handshake, the
     ALPN and the peer's certificate are checked, and `serve` gets the connection.
+    A failed handshake is refused (``tls-handshake``) with OpenSSL's verdict in
+    words (`explain_handshake_failure`), as the dialling side tells its own.
     """
 
     def __init__(self, server_context: Callable[[], ssl.SSLContext], flows: FlowMetrics, *,
@@ -157,7 +159,14 @@ class MeshListener:
             tls, _ = await loop.connect_accepted_socket(
                 lambda: protocol, sock, ssl=context,
                 ssl_handshake_timeout=self.handshake_timeout)
-        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
+        except ssl.SSLError as e:
+            # No client can be dialled back for its certificate: OpenSSL's verdict is told
+            # in words, with what this side trusts.
+            self.refuse(peer, "tls-handshake", exc=explain_handshake_failure(
+                e, side="client", peer=peer, expected=None, bundle=context_bundle(context),
+                diagnose=None))
+            return None
+        except (OSError, TimeoutError) as e:
             self.refuse(peer, "tls-handshake", exc=e)
             return None
         sslobj = tls.get_extra_info("ssl_object")

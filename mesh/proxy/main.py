@@ -35,6 +35,7 @@ from mesh.metrics import ProxyMetrics, exposition, share_between_processes
 from mesh.proxy import native
 from mesh.proxy.admin import JSON, TEXT, AdminServer, Answer, text
 from mesh.proxy.assertion import AssertionVerifier, ClientCredentials, ReplayCache
+from mesh.proxy.dial import Dialer
 from mesh.proxy.discovery import Discovery, ServiceSpec, StaticDiscovery
 from mesh.proxy.http import HttpOutbound
 from mesh.proxy.inbound import Inbound, InboundPolicy
@@ -182,14 +183,13 @@ class Proxy:
             policy.subscribe(inbound.policy_changed)
         out_cfg = self.config.outbound
         # Dials peers with the workload's context and signs caller assertions for gateways.
-        credentials = ClientCredentials(workload)
-        http = HttpOutbound(Pool(credentials,
-                                 connect_timeout=out_cfg.connect_timeout.total_seconds()),
-                            self.metrics, request_timeout=out_cfg.request_timeout.total_seconds(),
+        dialer = Dialer(ClientCredentials(workload),
+                        timeout=out_cfg.connect_timeout.total_seconds())
+        http = HttpOutbound(Pool(dialer), self.metrics,
+                            request_timeout=out_cfg.request_timeout.total_seconds(),
                             own_identity=lambda: workload.identity,
                             head_timeout=self.config.detect_timeout.total_seconds())
-        outbound = Outbound(discovery, credentials, self.metrics, self.flows,
-                            connect_timeout=out_cfg.connect_timeout.total_seconds(),
+        outbound = Outbound(discovery, dialer, self.metrics, self.flows,
                             own_identity=lambda: workload.identity, http=http,
                             detect_timeout=self.config.detect_timeout.total_seconds(),
                             opaque_ports=frozenset(out_cfg.opaque_ports))

@@ -1,6 +1,7 @@
 """The outbound side: an application dials a service address, the proxy picks an
 endpoint, opens mTLS to that endpoint's proxy verifying the identity it must
-present, sends the transport header, and relays.
+present and sends the transport header (the `Dialer`'s connect-retry loop), and
+relays.
 
 The service comes from the address the application dialled, read with
 ``getsockname()`` on a redirected listener (DESIGN.md: the service range is
@@ -12,40 +13,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from mesh.errors import IdentityError
 from mesh.identity.names import Identity
-from mesh.identity.tls import check_peer
 from mesh.metrics import ProxyMetrics
-from mesh.proxy.assertion import peer_header
-from mesh.proxy.balancer import Balancer
+from mesh.proxy.balancer import Balancer, EndpointState, Pick
 from mesh.proxy.detect import Detected, Detector, ProtocolKind, opaque_for
+from mesh.proxy.dial import Connected, Dialer, DialError, Unreachable
 from mesh.proxy.discovery import Discovery, EndpointSpec, ServiceSpec
 from mesh.proxy.http import HttpOutbound, Route
 from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
-from mesh.proxy.transport_header import TransportHeader
 
 log = logging.getLogger("mesh.proxy.outbound")
-CONNECT_ATTEMPTS = 3
 
 
 class Outbound:
-    def __init__(self, discovery: Discovery, client_context: Callable[[], ssl.SSLContext],
-                 metrics: ProxyMetrics, flows: FlowMetrics, *, connect_timeout: float,
-                 own_identity: Callable[[], Identity], http: HttpOutbound | None = None,
-                 detect_timeout: float = 10.0, opaque_ports: frozenset[int] = frozenset()
-                 ) -> None:
+    def __init__(self, discovery: Discovery, dialer: Dialer, metrics: ProxyMetrics,
+                 flows: FlowMetrics, *, own_identity: Callable[[], Identity],
+                 http: HttpOutbound | None = None, detect_timeout: float = 10.0,
+                 opaque_ports: frozenset[int] = frozenset()) -> None:
         self.http = http
         self.detect_timeout = detect_timeout
         self.opaque_ports = opaque_ports
         self.discovery = discovery
-        self.client_context = client_context
+        self.dialer = dialer
         self.metrics = metrics
         self.flows = flows
-        self.connect_timeout = connect_timeout
         self.own_identity = own_identity
         self.balancers: dict[str, Balancer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -98,37 +91,26 @@ class Outbound:
                 self._serve_http(client, service, balancer, peer)
                 return
         flow = client.flow
-        for _attempt in range(CONNECT_ATTEMPTS):
-            pick = balancer.pick() if balancer is not None else None
-            if pick is None:
-                transport.close()
-                self._refuse(peer, "no-endpoints", service=service.name)
-                return
-            endpoint = pick.endpoint
-            started = time.monotonic()
-            try:
-                labels = await self._connect(flow, service, endpoint.spec)
-            except (OSError, TimeoutError, ssl.SSLError, IdentityError) as e:
-                pick.failed()
-                if flow.server.transport is not None:
-                    flow.server.transport.close()
-                flow.server.transport = None
-                self._refuse(peer, "connect-failed", service=service.name,
-                             identity=endpoint.spec.identity or "", exc=e)
-                if flow.closed:
-                    return
-                continue
-            pick.succeeded(time.monotonic() - started)
-            if flow.closed:
-                if flow.server.transport is not None:
-                    flow.server.transport.close()
-                return
-            flow.labels = labels
-            self.flows.open(labels)
+
+        def choose(tried: Sequence[EndpointState]) -> Pick | None:
+            return balancer.pick(avoid=tried) if balancer is not None else None
+
+        def failed(endpoint: EndpointSpec, e: DialError) -> None:
+            self._refuse(peer, "connect-failed", service=service.name,
+                         identity=endpoint.identity or "", exc=e)
+
+        result = await self.dialer.connect_first(
+            flow, choose, lambda endpoint: self.dialer.header(endpoint, service), failed=failed)
+        if isinstance(result, Connected):
+            flow.labels = self._labels(service, result)
+            self.flows.open(flow.labels)
             flow.server.start_relaying()
             client.start_relaying()
-            return
-        transport.close()
+        elif result is None:
+            transport.close()
+            self._refuse(peer, "no-endpoints", service=service.name)
+        elif isinstance(result, Unreachable):
+            transport.close()  # each attempt was logged as it failed
 
     async def _detect(self, client: Half) -> Detected:
         """Read until the protocol is known (or the detect timeout); keep every byte."""
@@ -180,44 +162,14 @@ class Outbound:
         held, client.pending = client.pending, []
         self.http.serve(client.transport, held, client.eof, service, balancer, peer)
 
-    async def _connect(self, flow: Flow, service: ServiceSpec, endpoint: EndpointSpec
-                       ) -> Labels:
-        loop = asyncio.get_running_loop()
-        host, port = endpoint.host_port
-        labels: Labels = {"direction": "outbound", "peer": "dst", "tls": "true",
-                          "client_id": str(self.own_identity()), "server_id": "",
-                          "target_addr": endpoint.address, "dst_service": service.name}
-        if endpoint.identity is None:
-            labels["tls"] = "no_identity"
-            await asyncio.wait_for(loop.create_connection(lambda: flow.server, host, port),
-                                   self.connect_timeout)
-            return labels
-        expected = await dial_proxy(flow.server, endpoint,
-                                    peer_header(self.client_context, endpoint, service),
-                                    context=self.client_context(),
-                                    timeout=self.connect_timeout)
-        labels["server_id"] = str(expected)
-        return labels
-
-
-async def dial_proxy(upstream: Half, endpoint: EndpointSpec, header: TransportHeader, *,
-                     context: ssl.SSLContext, timeout: float) -> Identity:
-    """Open mTLS to a meshed endpoint's proxy with `upstream` as the protocol, check that
-    it presents the endpoint's identity, and send `header`; returns that identity.
-
-    On failure `upstream.transport`, if set, is the caller's to close.
-    """
-    if endpoint.identity is None:
-        raise IdentityError(f"endpoint {endpoint.address} has no identity: it is not meshed")
-    host, port = endpoint.host_port
-    expected = Identity.parse(endpoint.identity)
-    transport, _ = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
-        lambda: upstream, host, port, ssl=context, server_hostname=endpoint.identity,
-        ssl_handshake_timeout=timeout), timeout)
-    check_peer(transport.get_extra_info("ssl_object"), expected=expected, side="server",
-               peer=endpoint.address)
-    transport.write(header.encode())
-    return expected
+    def _labels(self, service: ServiceSpec, connected: Connected) -> Labels:
+        identity = connected.identity
+        return {"direction": "outbound", "peer": "dst",
+                "tls": "true" if identity is not None else "no_identity",
+                "client_id": str(self.own_identity()),
+                "server_id": str(identity) if identity is not None else "",
+                "target_addr": connected.pick.endpoint.spec.address,
+                "dst_service": service.name}
 
 
 class _Accepted(Half):

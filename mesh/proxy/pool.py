@@ -2,24 +2,20 @@
 `Upstream` protocol serving one exchange at a time (mesh.proxy.http), idle in the
 `Pool` between exchanges, per endpoint.
 
-A new connection is mTLS to the endpoint's proxy, which must present the endpoint's
-identity, and then the transport header (with the caller's assertion when the
-endpoint is a linked cluster's gateway); an endpoint outside the mesh gets plain
-TCP. An idle connection that hears anything, or is closed by its peer, is dropped.
+A new connection is opened by the proxy's `Dialer` (mesh.proxy.dial): mTLS to the
+endpoint's proxy, which must present the endpoint's identity, and then the
+transport header (with the caller's assertion when the endpoint is a linked
+cluster's gateway); an endpoint outside the mesh gets plain TCP. An idle
+connection that hears anything, or is closed by its peer, is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
-from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from mesh.errors import IdentityError
-from mesh.identity.names import Identity
-from mesh.identity.tls import check_peer
 from mesh.proxy import http1
-from mesh.proxy.assertion import peer_header
+from mesh.proxy.dial import Dialer
 from mesh.proxy.discovery import EndpointSpec, ServiceSpec
 from mesh.proxy.transport_header import SessionProtocol
 
@@ -101,10 +97,8 @@ class Upstream(asyncio.Protocol):
 class Pool:
     """Idle keep-alive connections to destination proxies, per endpoint."""
 
-    def __init__(self, client_context: Callable[[], ssl.SSLContext], *,
-                 connect_timeout: float) -> None:
-        self.client_context = client_context
-        self.connect_timeout = connect_timeout
+    def __init__(self, dialer: Dialer) -> None:
+        self.dialer = dialer
         self.idle: dict[PoolKey, list[Upstream]] = {}
 
     @staticmethod
@@ -126,27 +120,11 @@ class Pool:
         return None
 
     async def connect(self, service: ServiceSpec, ep: EndpointSpec) -> Upstream:
-        """A new connection to `ep`: mTLS verifying its identity, then the transport
-        header; plain TCP for an endpoint outside the mesh."""
-        loop = asyncio.get_running_loop()
-        host, port = ep.host_port
+        """A new connection to `ep` (`Dialer.open`); raises what that raises."""
         up = Upstream(self.key(service, ep))
-        if ep.identity is None:
-            await asyncio.wait_for(loop.create_connection(lambda: up, host, port),
-                                   self.connect_timeout)
-            return up
-        transport, _ = await asyncio.wait_for(loop.create_connection(
-            lambda: up, host, port, ssl=self.client_context(), server_hostname=ep.identity,
-            ssl_handshake_timeout=self.connect_timeout), self.connect_timeout)
-        try:
-            check_peer(transport.get_extra_info("ssl_object"),
-                       expected=Identity.parse(ep.identity), side="server", peer=ep.address)
-        except IdentityError:
-            transport.close()
-            raise
-        transport.write(peer_header(self.client_context, ep, service,
-                                    SessionProtocol.HTTP1).encode())
-        up.server_id = ep.identity
+        identity = await self.dialer.open(up, ep, self.dialer.header(ep, service,
+                                                                     SessionProtocol.HTTP1))
+        up.server_id = str(identity) if identity is not None else ""
         return up
 
     def close_idle(self) -> int:

@@ -57,6 +57,7 @@ CALLER = Identity("default", "client", DOMAIN).dns_name
 OTHER = Identity("default", "other", DOMAIN).dns_name
 """The only caller the AuthorizationPolicy on `admin` admits."""
 TESTER = Identity("default", "tester", DOMAIN).dns_name
+WEB = Identity("default", "web", DOMAIN).dns_name
 """A workload that talks to the proxies and the gateway directly."""
 FAR_CALLER = Identity("east", "frontend", DOMAIN).dns_name
 """A caller that reaches this gateway through WEST_GATEWAY."""
@@ -110,6 +111,9 @@ def _create_services(cluster: Cluster, app_port: int, inbound_port: int) -> None
     for name, labels in (("web", EXPORTED), ("secret", {}), ("admin", EXPORTED)):
         add_meshed_service(api, name, app_port=app_port, inbound_port=inbound_port,
                            labels=labels, port_name="echo")
+    # Its Pod runs as `other`, but the proxy behind it presents web: the wrong identity.
+    add_meshed_service(api, "impostor", app_port=app_port, inbound_port=inbound_port,
+                       labels=EXPORTED, port_name="echo", service_account="other")
     # The local mirror of a linked cluster's web: its endpoints would be that gateway.
     core.create_namespaced_service("default", {
         "metadata": {"name": "web-west", "labels": {
@@ -132,9 +136,9 @@ def _create_services(cluster: Cluster, app_port: int, inbound_port: int) -> None
     def every_slice_filled() -> bool:
         return all(any(s.endpoints for s in slices.list_namespaced_endpoint_slice(
             "default", label_selector=f"kubernetes.io/service-name={name}").items)
-            for name in ("web", "secret", "admin"))
+            for name in ("web", "secret", "admin", "impostor"))
 
-    wait_for(every_slice_filled, what="EndpointSlices for web, secret and admin")
+    wait_for(every_slice_filled, what="EndpointSlices for web, secret, admin and impostor")
 
 
 def _start_gateway(cluster: Cluster, trust: Trust) -> GatewayProcess:
@@ -366,6 +370,43 @@ def test_bad_input_is_refused_and_others_continue(world: World, payload: bytes, 
             raw.sendall(payload)
             assert _closed(raw)
     wait_for(lambda: _refused_total(world, reason=reason) > before, what=f"{reason} counted")
+    assert world.call("web", b"ok") == b"ok"
+
+
+def test_a_client_without_a_certificate_is_refused_in_words(world: World) -> None:
+    before = _refused_total(world, reason="tls-handshake")
+    ctx = mtls.client_context(TrustBundle.from_pem(world.trust.bundle.read_bytes()))
+    with socket.create_connection(world.gateway.listen, timeout=5) as raw:
+        host, port = raw.getsockname()[:2]
+        me = f"{host}:{port}"
+        try:
+            with ctx.wrap_socket(raw, server_hostname="mesh") as s:
+                s.sendall(TransportHeader(port=80, name=fqdn("web")).encode())
+                assert _closed(s)
+        except (ssl.SSLError, ConnectionError):
+            pass  # refused during the handshake: as good as closed
+    wait_for(lambda: _refused_total(world, reason="tls-handshake") > before,
+             what="the handshake failure counted")
+    wait_for(lambda: world.gateway.logged(
+        f"peer={me} ", "reason=tls-handshake", f"client {me} presented no certificate; "
+        "meshed clients must present their workload certificate"), what="a refusal in words")
+
+
+def test_an_endpoint_that_presents_another_identity_is_refused_in_words(
+        world: World) -> None:
+    tester = world.trust.workload("default", "tester")
+    with _tls(world, world.gateway.listen, tester) as s:
+        s.sendall(TransportHeader(port=80, name=fqdn("impostor")).encode() + b"x")
+        assert _closed(s)
+    target = f"{world.target.inbound[0]}:{world.target.inbound[1]}"
+    wait_for(lambda: world.gateway.logged(
+        "gateway upstream failed", f"target={fqdn('impostor')}:80",
+        f"cause=server {target} presented {WEB}, expected {OTHER}; chain valid until"),
+        what="each failed attempt told with both identities")
+    wait_for(lambda: world.gateway.logged(
+        "reason=connect-failed", "no endpoint answered after 3 attempts; last: "
+        f"{target} ({OTHER}): server {target} presented {WEB}, expected {OTHER}"),
+        what="the refusal with the last attempt's words")
     assert world.call("web", b"ok") == b"ok"
 
 

@@ -8,8 +8,9 @@ service is ``opaque: true``: outbound HTTP detection has its own uvloop race,
 see `test_detected_service_answers_promptly`), and an
 in-process `Inbound` on both loops: per-connection context selection (a trust
 anchor dropped from the context stops being trusted for new connections),
-handshake failures counted and logged with the peer, the header timeout, and
-the transport header arriving in the same read as the end of the handshake.
+handshake failures counted and logged with the peer and explained in words, the
+header timeout, and the transport header arriving in the same read as the end
+of the handshake.
 """
 
 from __future__ import annotations
@@ -339,6 +340,11 @@ def test_handshake_failures_are_counted_and_name_the_peer(
             lines = [r.getMessage() for r in caplog.records
                      if r.name == "mesh.proxy.inbound"]
             assert sum(f"peer=127.0.0.1:{port} " in line and "cause=tls-handshake" in line
+                       and f"client 127.0.0.1:{port} sent plain-text HTTP, not TLS" in line
+                       for line in lines) == 1, lines
+            # The client without a certificate is told of in words, not OpenSSL's codes.
+            assert sum("cause=tls-handshake" in line and "presented no certificate; meshed "
+                       "clients must present their workload certificate" in line
                        for line in lines) == 1, lines
             assert await running.call(setup.client_context(setup.client_a), b"ok") == b"ok"
         finally:
