@@ -11,10 +11,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client import values as _values
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from mesh.memory import HeapCollector
 from mesh.proxy.relay import FlowMetrics
 
 # Linkerd's proxy buckets (linkerd2-proxy: metrics/latency.rs).
@@ -37,6 +45,9 @@ class TcpMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        # process_resident_memory_bytes, process_open_fds, ... as Linkerd's proxy has.
+        ProcessCollector(registry=r)
+        r.register(HeapCollector())
         self.tcp_open = Counter("tcp_open", "Connections opened", TCP_LABELS, registry=r)
         self.tcp_close = Counter("tcp_close", "Connections closed", (*TCP_LABELS, "errno"),
                                  registry=r)

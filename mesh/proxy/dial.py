@@ -35,7 +35,7 @@ from mesh.identity.tls import check_peer, context_bundle, explain_dial_failure
 from mesh.proxy.assertion import peer_header
 from mesh.proxy.balancer import EndpointState, Pick
 from mesh.proxy.discovery import EndpointSpec, ServiceSpec
-from mesh.proxy.relay import Flow
+from mesh.proxy.relay import Flow, release
 from mesh.proxy.transport_header import SessionProtocol, TransportHeader
 
 CONNECT_ATTEMPTS = 3
@@ -119,7 +119,7 @@ class Dialer:
                 await asyncio.wait_for(loop.create_connection(lambda: protocol, host, port),
                                        self.timeout)
             except (OSError, TimeoutError) as e:
-                raise self._unreachable(endpoint, e) from e
+                raise self._unreachable(endpoint, release(e)) from e
             return None
         expected = Identity.parse(endpoint.identity)
         context = self.credentials()
@@ -129,10 +129,10 @@ class Dialer:
                 ssl_handshake_timeout=self.timeout), self.timeout)
         except ssl.SSLError as e:
             raise await explain_dial_failure(
-                e, host=host, port=port, peer=endpoint.address, expected=expected,
+                release(e), host=host, port=port, peer=endpoint.address, expected=expected,
                 bundle=context_bundle(context), timeout=self.timeout) from e
         except (OSError, TimeoutError) as e:
-            raise self._unreachable(endpoint, e) from e
+            raise self._unreachable(endpoint, release(e)) from e
         try:
             check_peer(transport.get_extra_info("ssl_object"), expected=expected,
                        side="server", peer=endpoint.address)

@@ -38,7 +38,7 @@ from mesh.metrics import ProxyMetrics
 from mesh.proxy.assertion import AssertionVerifier, BadAssertion
 from mesh.proxy.http1 import error_response
 from mesh.proxy.observe import HttpObserver
-from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
+from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe, release
 from mesh.proxy.transport_header import HeaderDecoder, SessionProtocol, TransportHeader
 
 if TYPE_CHECKING:
@@ -163,11 +163,11 @@ class MeshListener:
             # No client can be dialled back for its certificate: OpenSSL's verdict is told
             # in words, with what this side trusts.
             self.refuse(peer, "tls-handshake", exc=explain_handshake_failure(
-                e, side="client", peer=peer, expected=None, bundle=context_bundle(context),
-                diagnose=None))
+                release(e), side="client", peer=peer, expected=None,
+                bundle=context_bundle(context), diagnose=None))
             return None
         except (OSError, TimeoutError) as e:
-            self.refuse(peer, "tls-handshake", exc=e)
+            self.refuse(peer, "tls-handshake", exc=release(e))
             return None
         sslobj = tls.get_extra_info("ssl_object")
         if sslobj is None or sslobj.selected_alpn_protocol() != ALPN:

@@ -18,13 +18,14 @@ import errno
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from prometheus_client import Counter, Gauge, Histogram
 
 log = logging.getLogger("mesh.proxy")
 
 Labels = dict[str, str]
+E = TypeVar("E", bound=BaseException)
 
 
 class Flow:
@@ -154,6 +155,27 @@ class Half(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.flow.close(exc)
+        # The transport and this protocol refer to each other (and the transport holds
+        # its TLS object and buffers, ~300 KiB): let go of it now, so it is freed at
+        # once rather than at the next full collection of reference cycles.
+        self.transport = None
+        self.on_data = self.observe = self.rewrite = None
+        self.pending = []
+
+
+def release(exc: E) -> E:
+    """`exc` without its tracebacks (and those of its causes), returned.
+
+    A failed TLS handshake's exception is referenced by the protocol that failed
+    (its waiter), and its traceback's frames reference that protocol: a cycle that
+    holds the connection's TLS object and buffers (~300 KiB) until the next full
+    collection. Once the exception has been told, its frames are of no use.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        seen.__traceback__ = None
+        seen = seen.__cause__ or seen.__context__
+    return exc
 
 
 def errno_label(exc: BaseException | None) -> str:
