@@ -53,8 +53,17 @@ class Outbound:
         balancer.update(service.endpoints)
 
     def protocol(self) -> asyncio.Protocol:
-        flow = Flow({}, self._closed)
-        return _Accepted(flow, self)
+        """The protocol of a connection an application made: its flow's client half,
+        routed once it connects."""
+        client = Flow({}, self._closed).client
+        client.on_connected = self._accepted
+        return client
+
+    def _accepted(self, client: Half) -> None:
+        client.on_data = client.hold  # held until routed
+        task = asyncio.get_running_loop().create_task(self.handle(client))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _closed(self, flow: Flow, exc: BaseException | None) -> None:
         if flow.labels:
@@ -170,21 +179,3 @@ class Outbound:
                 "server_id": str(identity) if identity is not None else "",
                 "target_addr": connected.pick.endpoint.spec.address,
                 "dst_service": service.name}
-
-
-class _Accepted(Half):
-    """The application's side of an outbound flow; routing starts once it connects."""
-
-    def __init__(self, flow: Flow, outbound: Outbound) -> None:
-        super().__init__(flow)
-        flow.client = self
-        self.peer = flow.server
-        flow.server.peer = self
-        self.outbound = outbound
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.on_data = self.hold
-        task = asyncio.get_running_loop().create_task(self.outbound.handle(self))
-        self.outbound._tasks.add(task)
-        task.add_done_callback(self.outbound._tasks.discard)

@@ -62,8 +62,8 @@ class Flow:
 class Half(asyncio.Protocol):
     """One side of a flow: what it reads is written to its peer."""
 
-    __slots__ = ("eof", "flow", "observe", "on_data", "peer", "pending", "read_bytes",
-                 "rewrite", "transport")
+    __slots__ = ("eof", "flow", "observe", "on_connected", "on_data", "peer", "pending",
+                 "read_bytes", "rewrite", "transport")
 
     def __init__(self, flow: Flow) -> None:
         self.flow = flow
@@ -79,10 +79,14 @@ class Half(asyncio.Protocol):
         self.rewrite: Callable[[bytes], bytes] | None = None
         """Turns what this side reads into what its peer is sent (the gateway's
         Forwarded header); it deals with its own errors."""
+        self.on_connected: Callable[[Half], None] | None = None
+        """Called once the transport is there (an accepted connection's routing)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but behave as one.
         self.transport = cast(asyncio.Transport, transport)
+        if self.on_connected is not None:
+            self.on_connected(self)
 
     def data_received(self, data: bytes) -> None:
         self.read_bytes += len(data)
@@ -159,7 +163,7 @@ class Half(asyncio.Protocol):
         # its TLS object and buffers, ~300 KiB): let go of it now, so it is freed at
         # once rather than at the next full collection of reference cycles.
         self.transport = None
-        self.on_data = self.observe = self.rewrite = None
+        self.on_data = self.observe = self.rewrite = self.on_connected = None
         self.pending = []
 
 
