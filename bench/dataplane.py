@@ -262,6 +262,7 @@ class Target:
     url: str
     client: Proc | None = None
     server: Proc | None = None
+    server_admin: str | None = None  # the server proxy's admin URL (meshgate pairs)
 
     def procs(self) -> list[Proc]:
         return [p for p in (self.client, self.server) if p is not None]
@@ -439,6 +440,7 @@ def start_meshgate(root: Path, procs: Procs, certs: Certs, nginx_port: int, *, o
     server_conf = {"identity": identity(certs.server),
                    "inbound": {"listen": f"127.0.0.1:{inbound}", "authorized": ["*"]},
                    **listeners()}
+    server_admin = f"http://{server_conf['admin']['listen']}"
     service_port = free_port(SERVICE_HOST)
     discovery = {"services": [{
         "name": SERVICE_NAME, "address": f"{SERVICE_HOST}:{service_port}", "opaque": opaque,
@@ -457,7 +459,7 @@ def start_meshgate(root: Path, procs: Procs, certs: Certs, nginx_port: int, *, o
             sys.executable, "-m", "mesh.cli", "proxy", "run", "--config", str(path), *extra])
         wait_log(started[side], " ready (pid")
     return Target(config, f"http://{SERVICE_HOST}:{service_port}/", started["client"],
-                  started["server"])
+                  started["server"], server_admin)
 
 
 def start_target(config: str, root: Path, procs: Procs, certs: Certs, nginx_port: int,

@@ -205,7 +205,9 @@ def start_caller(root: Path, procs: Procs, certs: Certs, path: str,
     return proc, {mode: f"http://{SERVICE_HOST}:{ports[mode]}/" for mode in MODES}
 
 
-def start_mesh(root: Path, procs: Procs) -> Mesh:
+def start_mesh(root: Path, procs: Procs, paths: tuple[str, ...] = PATHS) -> Mesh:
+    """nginx, the target proxy, the API server, the gateway and a caller for each of
+    `paths`."""
     certs = make_certs(root)
     nginx_port = start_nginx(root, procs)
     inbound, target_admin = free_port(), f"127.0.0.1:{free_port()}"
@@ -225,7 +227,7 @@ def start_mesh(root: Path, procs: Procs) -> Mesh:
     }
     callers: dict[str, Proc] = {}
     urls: dict[tuple[str, str], str] = {}
-    for path in PATHS:
+    for path in paths:
         callers[path], by_mode = start_caller(root, procs, certs, path, endpoints[path])
         urls |= {(path, mode): url for mode, url in by_mode.items()}
     return Mesh(target, f"http://{target_admin}", gateway, callers, urls)
