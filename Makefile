@@ -57,6 +57,7 @@ bench: $(STAMP) tools $(NATIVE)
 	$(PY) bench/control.py
 	$(PY) bench/multicluster.py
 	$(PY) bench/assertion.py
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) demo-state .mypy_cache .ruff_cache .pytest_cache .hypothesis build
