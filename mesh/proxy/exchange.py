@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-from collections.abc import Callable
 from typing import assert_never
 
 from mesh.errors import ProtocolError
@@ -60,14 +59,10 @@ from mesh.proxy.exchange_io import (
     WriteClient,
     WriteUpstream,
 )
-from mesh.proxy.exchanges import MAX_RETRY_BODY, Exchanges, Failure, Request, kept_alive
+from mesh.proxy.exchanges import MAX_RETRY_BODY, Exchanges, Failure, Request, Route, kept_alive
 from mesh.proxy.retry import is_retryable
 
 log = logging.getLogger("mesh.proxy.http")
-
-Route = Callable[[str], "tuple[ServiceSpec, Balancer] | None"]
-"""An HTTP authority -> the service it names and its balancer, or None."""
-
 
 class Phase(enum.Enum):
     HTTP = "http"
@@ -81,7 +76,7 @@ class Exchange:
     """The HTTP side of one client connection; see the module doc."""
 
     def __init__(self, shared: Exchanges, target: ServiceSpec | Route,
-                 balancer: Balancer | None, peer: str) -> None:
+                 balancer: Balancer | None, *, peer: str) -> None:
         self.shared, self.target, self.balancer, self.peer = shared, target, balancer, peer
         self.service: ServiceSpec | None = target if isinstance(target, ServiceSpec) else None
         self.phase = Phase.HTTP
@@ -210,9 +205,9 @@ class Exchange:
             service, balancer = found
             self.service = service
         assert balancer is not None
-        now = self._now
-        request = self.request = Request(head, service, balancer, self.shared.budget(service.name),
-                                         started=now, timeout=self.shared.request_timeout)
+        request = self.request = Request(head, service, balancer, started=self._now,
+                                         budget=self.shared.budget(service.name),
+                                         timeout=self.shared.request_timeout)
         request.budget.deposit()
         self._watch_deadline(request.deadline)
         self._attempt(None)
@@ -293,7 +288,8 @@ class Exchange:
         """Answer the client with the error and end the connection."""
         request = self.request
         assert request is not None
-        self.shared.failed(request.head, request.service, failure.status, failure.cause)
+        self.shared.failed(request.head, request.service, status=failure.status,
+                           cause=failure.cause)
         self._out.append(WriteClient(http1.error_response(failure.status, failure.cause)))
         self._done(keep_alive=False)
 

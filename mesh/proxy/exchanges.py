@@ -1,6 +1,7 @@
 """What HTTP exchanges (mesh.proxy.exchange) keep besides their connection's state:
 `Exchanges`, shared by every client connection of one proxy (the retry budget per
-service, the metric children per label set, the timeouts), `Request`, one request
+service, the metric children per label set, the timeouts), the `Route` from an
+authority to a service on the outbound listener, `Request`, one request
 and its response over one or more attempts, and the request head sent upstream for a
 client that closes (`kept_alive`).
 """
@@ -24,6 +25,9 @@ log = logging.getLogger("mesh.proxy.http")
 
 MAX_RETRY_BODY = 64 * 1024
 """The largest request body kept for a retry; a larger one streams on and is not retried."""
+
+Route = Callable[[str], "tuple[ServiceSpec, Balancer] | None"]
+"""An HTTP authority -> the service it names and its balancer, or None."""
 
 _MAX_SERIES = 10_000
 """Metric children kept looked up; bounds memory against unbounded authorities."""
@@ -105,7 +109,8 @@ class Exchanges:
                 "client_id": str(self.own_identity()), "server_id": server_id,
                 "target_addr": target, "dst_service": service.name}
 
-    def failed(self, head: http1.Head, service: ServiceSpec, status: int, cause: str) -> None:
+    def failed(self, head: http1.Head, service: ServiceSpec, *, status: int,
+               cause: str) -> None:
         """Count a request the proxy answered itself with an error."""
         self.metrics.response.labels(
             **self.labels(head, service, "", ""), status_code=str(status),
@@ -125,8 +130,8 @@ class Request:
                  "method", "pick", "response_started", "reused", "series", "service",
                  "started", "status", "tried", "upgrade")
 
-    def __init__(self, head: http1.Head, service: ServiceSpec, balancer: Balancer,
-                 budget: RetryBudget, *, started: float, timeout: float) -> None:
+    def __init__(self, head: http1.Head, service: ServiceSpec, balancer: Balancer, *,
+                 budget: RetryBudget, started: float, timeout: float) -> None:
         self.head, self.service, self.balancer, self.budget = head, service, balancer, budget
         self.method = head.method or "GET"
         # CONNECT switches protocols on a 2xx whether or not it says Upgrade.

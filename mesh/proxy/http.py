@@ -27,7 +27,7 @@ from mesh.identity.names import Identity
 from mesh.metrics import ProxyMetrics
 from mesh.proxy.balancer import Balancer
 from mesh.proxy.discovery import EndpointSpec, ServiceSpec
-from mesh.proxy.exchange import Exchange, Phase, Route
+from mesh.proxy.exchange import Exchange, Phase
 from mesh.proxy.exchange_io import (
     CLIENT_EOF,
     UPSTREAM_EOF,
@@ -57,7 +57,7 @@ from mesh.proxy.exchange_io import (
     WriteClient,
     WriteUpstream,
 )
-from mesh.proxy.exchanges import Exchanges
+from mesh.proxy.exchanges import Exchanges, Route
 from mesh.proxy.pool import Pool, Upstream
 
 log = logging.getLogger("mesh.proxy.http")
@@ -80,12 +80,12 @@ class HttpOutbound:
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def serve(self, transport: asyncio.Transport, target: ServiceSpec | Route,
-              balancer: Balancer | None, peer: str) -> ClientConnection:
+              balancer: Balancer | None, *, peer: str) -> ClientConnection:
         """The HTTP side of a client connection, paused; `start` it. `target` is the
         service the client dialled, or, on the outbound listener, a `Route` that finds
         each request's service from its authority (the Host header)."""
         return ClientConnection(self, transport, Exchange(self.exchanges, target, balancer,
-                                                          peer))
+                                                          peer=peer))
 
     def spawn(self, coro: Any, done: Callable[[asyncio.Task[Any]], None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

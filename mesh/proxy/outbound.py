@@ -25,7 +25,7 @@ from mesh.proxy.assertion import peer_header
 from mesh.proxy.balancer import Balancer
 from mesh.proxy.detect import Detected, Detector, ProtocolKind, opaque_for
 from mesh.proxy.discovery import Discovery, EndpointSpec, ServiceSpec
-from mesh.proxy.exchange import Route
+from mesh.proxy.exchanges import Route
 from mesh.proxy.http import ClientConnection, HttpOutbound
 from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
 from mesh.proxy.transport_header import TransportHeader
@@ -181,7 +181,7 @@ class Outbound:
         """Give the connection, with the bytes read so far, to the HTTP layer."""
         assert self.http is not None and client.transport is not None
         held, client.pending = b"".join(client.pending), []
-        client.http = self.http.serve(client.transport, service, balancer, peer)
+        client.http = self.http.serve(client.transport, service, balancer, peer=peer)
         client.phase = Phase.HTTP
         client.http.start(held, eof=client.eof)
 

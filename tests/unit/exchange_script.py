@@ -12,9 +12,9 @@ from mesh.identity.names import Identity
 from mesh.metrics import ProxyMetrics
 from mesh.proxy.balancer import Balancer
 from mesh.proxy.discovery import EndpointSpec, ServiceSpec
-from mesh.proxy.exchange import Exchange, Route
+from mesh.proxy.exchange import Exchange
 from mesh.proxy.exchange_io import RESUME_CLIENT, ClientData, Command, Event, WriteClient
-from mesh.proxy.exchanges import Exchanges
+from mesh.proxy.exchanges import Exchanges, Route
 
 DOMAIN = "cluster.local"
 WEB_ID = Identity("default", "web", DOMAIN).dns_name
@@ -52,7 +52,8 @@ class Script:
                                 clock=self.clock)
         # Routed: as on the outbound listener, each request names its service.
         target: ServiceSpec | Route = self.route if routed else self.service
-        self.exchange = Exchange(self.shared, target, None if routed else self.balancer, PEER)
+        self.exchange = Exchange(self.shared, target, None if routed else self.balancer,
+                                 peer=PEER)
         assert self.send(ClientData(b"")) == [RESUME_CLIENT]
 
     def route(self, authority: str) -> tuple[ServiceSpec, Balancer] | None:

@@ -54,7 +54,8 @@ async def test_the_adapter_carries_out_the_commands_on_transports() -> None:
     up.connection_made(up_transport)  # type: ignore[arg-type]
     http.pool.put(up)
     client = _Transport()
-    connection = http.serve(client, s.service, s.balancer, PEER)  # type: ignore[arg-type]
+    connection = http.serve(client, s.service, s.balancer,  # type: ignore[arg-type]
+                            peer=PEER)
     connection.start(GET, eof=False)
     assert client.reading and up_transport.written == [GET] and up.owner is connection
     assert set(connection.timers) == {Timer.REQUEST}
@@ -67,6 +68,6 @@ async def test_the_adapter_carries_out_the_commands_on_transports() -> None:
 def test_the_adapter_refuses_a_command_it_does_not_know() -> None:
     s = Script()
     client = ClientConnection(_http(), _Transport(),  # type: ignore[arg-type]
-                              Exchange(s.shared, s.service, s.balancer, PEER))
+                              Exchange(s.shared, s.service, s.balancer, peer=PEER))
     with pytest.raises((AssertionError, TypeError)):
         client.execute([object()])  # type: ignore[list-item]
