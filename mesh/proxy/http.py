@@ -3,10 +3,10 @@ machine of mesh.proxy.exchange on a client connection.
 
 `HttpOutbound` is what the client connections of one proxy share (the pool of
 connections to destination proxies, the exchanges' shared state, the tasks that open
-connections). A client connection the outbound listener finds to speak HTTP/1 has a
-`ClientConnection` for the rest of its life, to which its protocol (in its HTTP phase,
-mesh.proxy.outbound) hands every transport event: those events, the events of the
-`Upstream` serving it (mesh.proxy.pool) and its timers become events for its
+connections). A client connection the outbound listener finds to speak HTTP/1 is
+handed over to a `ClientConnection` for the rest of its life: its protocol (a
+`Half`, mesh.proxy.relay) passes every transport event on. Those events, the events
+of the `Upstream` serving it (mesh.proxy.pool) and its timers become events for its
 `Exchange`, and the commands that come back become calls on the transports, the pool
 and the event loop, in order. The machine decides; this module only acts, and a
 command it does not know is an error. The only coroutine is opening a new upstream
@@ -95,8 +95,8 @@ class HttpOutbound:
 
 
 class ClientConnection:
-    """One HTTP client connection, told its transport's events by the connection's
-    protocol, and the owner of the upstream serving it; its phase is its exchange's."""
+    """One HTTP client connection (the `Layer` its `Half` hands it over to) and the
+    owner of the upstream serving it; its phase is its exchange's."""
 
     def __init__(self, http: HttpOutbound, transport: asyncio.Transport,
                  exchange: Exchange) -> None:

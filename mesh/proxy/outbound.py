@@ -11,7 +11,6 @@ identity are outside the mesh and get plain TCP, counted as ``tls="no_identity"`
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import ssl
 import time
@@ -26,7 +25,7 @@ from mesh.proxy.balancer import Balancer
 from mesh.proxy.detect import Detected, Detector, ProtocolKind, opaque_for
 from mesh.proxy.discovery import Discovery, EndpointSpec, ServiceSpec
 from mesh.proxy.exchanges import Route
-from mesh.proxy.http import ClientConnection, HttpOutbound
+from mesh.proxy.http import HttpOutbound
 from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
 from mesh.proxy.transport_header import TransportHeader
 
@@ -75,7 +74,7 @@ class Outbound:
         log.info("outbound connection failed peer=%s service=%s identity=%s cause=%s "
                  "detail=%s", peer, service or "-", identity or "-", cause, exc or "-")
 
-    async def handle(self, client: _Accepted) -> None:
+    async def handle(self, client: Half) -> None:
         transport = client.transport
         assert transport is not None
         client.hold(b"")
@@ -127,7 +126,6 @@ class Outbound:
                 return
             flow.labels = labels
             self.flows.open(labels)
-            client.phase = Phase.RELAY
             flow.server.start_relaying()
             client.start_relaying()
             return
@@ -176,14 +174,14 @@ class Outbound:
         balancer = self.balancers.get(service.address) if service is not None else None
         return (service, balancer) if service is not None and balancer is not None else None
 
-    def _serve_http(self, client: _Accepted, service: ServiceSpec | Route,
+    def _serve_http(self, client: Half, service: ServiceSpec | Route,
                           balancer: Balancer | None, peer: str) -> None:
-        """Give the connection, with the bytes read so far, to the HTTP layer."""
+        """Hand the connection, with the bytes read so far, to the HTTP layer."""
         assert self.http is not None and client.transport is not None
         held, client.pending = b"".join(client.pending), []
-        client.http = self.http.serve(client.transport, service, balancer, peer=peer)
-        client.phase = Phase.HTTP
-        client.http.start(held, eof=client.eof)
+        http = self.http.serve(client.transport, service, balancer, peer=peer)
+        client.hand_over(http)
+        http.start(held, eof=client.eof)
 
     async def _connect(self, flow: Flow, service: ServiceSpec, endpoint: EndpointSpec
                        ) -> Labels:
@@ -225,18 +223,8 @@ async def dial_proxy(upstream: Half, endpoint: EndpointSpec, header: TransportHe
     return expected
 
 
-class Phase(enum.Enum):
-    ROUTING = "routing"
-    """Bytes are held while the protocol and the destination are found."""
-    RELAY = "relay"
-    """Bytes are relayed opaquely: the connection is the client side of its flow."""
-    HTTP = "http"
-    """An HTTP/1 connection: its events go to the HTTP layer (mesh.proxy.http)."""
-
-
 class _Accepted(Half):
-    """An application's connection to the outbound proxy, the one protocol of its
-    transport; routing starts once it connects."""
+    """The application's side of an outbound flow; routing starts once it connects."""
 
     def __init__(self, flow: Flow, outbound: Outbound) -> None:
         super().__init__(flow)
@@ -244,37 +232,6 @@ class _Accepted(Half):
         self.peer = flow.server
         flow.server.peer = self
         self.outbound = outbound
-        self.phase = Phase.ROUTING
-        self.http: ClientConnection | None = None
-
-    def data_received(self, data: bytes) -> None:
-        if self.phase is Phase.HTTP and self.http is not None:
-            self.http.data_received(data)
-        else:
-            super().data_received(data)
-
-    def eof_received(self) -> bool:
-        if self.phase is Phase.HTTP and self.http is not None:
-            return self.http.eof_received()
-        return super().eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.phase is Phase.HTTP and self.http is not None:
-            self.http.connection_lost(exc)
-        else:
-            super().connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self.phase is Phase.HTTP and self.http is not None:
-            self.http.pause_writing()
-        else:
-            super().pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.phase is Phase.HTTP and self.http is not None:
-            self.http.resume_writing()
-        else:
-            super().resume_writing()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

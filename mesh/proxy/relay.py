@@ -9,16 +9,21 @@ are held in ``pending`` with reading paused.
 
 Accounting lives in one `Flow` per relayed connection and reaches the metric
 families once, when the flow ends, so the hot path touches no labels.
+
+An accepted connection found to speak a protocol the proxy understands (HTTP/1) is
+handed over to that protocol's `Layer` instead of being relayed: its `Half` stays
+its transport's protocol and passes every event on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import errno
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -58,11 +63,32 @@ class Flow:
         self._on_close(self, exc)
 
 
+class Layer(Protocol):
+    """What takes a connection over from its `Half` (mesh.proxy.http's HTTP layer)."""
+
+    def data_received(self, data: bytes) -> None: ...
+
+    def eof_received(self) -> bool: ...
+
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
+    def pause_writing(self) -> None: ...
+
+    def resume_writing(self) -> None: ...
+
+
+class Phase(enum.Enum):
+    RELAY = "relay"
+    """Reads are held, given to `on_data`, or relayed to the peer."""
+    HANDED_OVER = "handed over"
+    """The connection is its `layer`'s: every transport event goes there."""
+
+
 class Half(asyncio.Protocol):
     """One side of a flow: what it reads is written to its peer."""
 
-    __slots__ = ("eof", "flow", "observe", "on_data", "peer", "pending", "read_bytes",
-                 "rewrite", "transport")
+    __slots__ = ("eof", "flow", "layer", "observe", "on_data", "peer", "pending", "phase",
+                 "read_bytes", "rewrite", "transport")
 
     def __init__(self, flow: Flow) -> None:
         self.flow = flow
@@ -78,12 +104,22 @@ class Half(asyncio.Protocol):
         self.rewrite: Callable[[bytes], bytes] | None = None
         """Turns what this side reads into what its peer is sent (the gateway's
         Forwarded header); it deals with its own errors."""
+        self.phase = Phase.RELAY
+        self.layer: Layer | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but behave as one.
         self.transport = cast(asyncio.Transport, transport)
 
+    def hand_over(self, layer: Layer) -> None:
+        """Give the connection to `layer` for the rest of its life (it was not relayed)."""
+        self.layer = layer
+        self.phase = Phase.HANDED_OVER
+
     def data_received(self, data: bytes) -> None:
+        if self.phase is Phase.HANDED_OVER and self.layer is not None:
+            self.layer.data_received(data)
+            return
         self.read_bytes += len(data)
         if self.on_data is not None:
             self.on_data(data)
@@ -126,6 +162,8 @@ class Half(asyncio.Protocol):
             self.transport.resume_reading()
 
     def eof_received(self) -> bool:
+        if self.phase is Phase.HANDED_OVER and self.layer is not None:
+            return self.layer.eof_received()
         self.eof = True
         if self.on_data is None and self.peer is not None and self.peer.transport is not None:
             self._forward_eof()
@@ -143,16 +181,24 @@ class Half(asyncio.Protocol):
             peer.transport.write_eof()
 
     def pause_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
+        if self.phase is Phase.HANDED_OVER and self.layer is not None:
+            self.layer.pause_writing()
+        elif self.peer is not None and self.peer.transport is not None:
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        if self.phase is Phase.HANDED_OVER and self.layer is not None:
+            self.layer.resume_writing()
+            return
         peer = self.peer
         if peer is not None and peer.transport is not None and peer.on_data is None and \
                 not peer.transport.is_closing():
             peer.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.phase is Phase.HANDED_OVER and self.layer is not None:
+            self.layer.connection_lost(exc)
+            return
         self.flow.close(exc)
 
 

@@ -1,6 +1,6 @@
 """The asyncio adapter of the HTTP exchange (mesh.proxy.http): it carries out what
 the machine answers on transports, the pool and the event loop, and nothing it does
-not know."""
+not know; the connection's protocol hands every event over to it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from mesh.proxy.exchange import Exchange
 from mesh.proxy.exchange_io import Timer
 from mesh.proxy.http import ClientConnection, HttpOutbound
 from mesh.proxy.pool import Pool, Upstream
+from mesh.proxy.relay import Flow, Phase
 from tests.unit.exchange_script import GET, OK, PEER, Script
 
 
@@ -71,3 +72,39 @@ def test_the_adapter_refuses_a_command_it_does_not_know() -> None:
                               Exchange(s.shared, s.service, s.balancer, peer=PEER))
     with pytest.raises((AssertionError, TypeError)):
         client.execute([object()])  # type: ignore[list-item]
+
+
+class _Layer:
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    def data_received(self, data: bytes) -> None:
+        self.events.append(data)
+
+    def eof_received(self) -> bool:
+        self.events.append("eof")
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.append(("lost", exc))
+
+    def pause_writing(self) -> None:
+        self.events.append("pause")
+
+    def resume_writing(self) -> None:
+        self.events.append("resume")
+
+
+def test_a_connection_handed_over_passes_every_event_to_its_layer() -> None:
+    closed: list[Flow] = []
+    half = Flow({}, lambda flow, exc: closed.append(flow)).client
+    layer = _Layer()
+    half.hand_over(layer)
+    assert half.phase is Phase.HANDED_OVER
+    half.data_received(GET)
+    assert half.eof_received()
+    half.pause_writing()
+    half.resume_writing()
+    half.connection_lost(None)
+    assert layer.events == [GET, "eof", "pause", "resume", ("lost", None)]
+    assert half.read_bytes == 0 and not half.pending and not closed  # no flow was relayed
