@@ -93,6 +93,16 @@ class Head:
     headers: tuple[tuple[bytes, bytes], ...]
     raw: bytes
 
+    def __init__(self, method: str | None, target: str | None, status: int | None,
+                 version: str, headers: tuple[tuple[bytes, bytes], ...], raw: bytes) -> None:
+        # Written out, so that mypyc compiles it (see `Body`).
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "version", version)
+        object.__setattr__(self, "headers", headers)
+        object.__setattr__(self, "raw", raw)
+
     def values(self, name: bytes) -> list[bytes]:
         """The values of every field called `name`, compared case-insensitively."""
         name = name.lower()
@@ -104,6 +114,11 @@ class Body:
     """Body bytes as they appear on the wire (chunk framing included)."""
 
     data: bytes
+
+    def __init__(self, data: bytes) -> None:
+        # Compiled with mypyc, a dataclass's generated __init__ stays interpreted and
+        # costs several times a written one; events are made per message.
+        object.__setattr__(self, "data", data)
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,9 @@ class Upgrade:
 
     rest: bytes
 
+    def __init__(self, rest: bytes) -> None:
+        object.__setattr__(self, "rest", rest)
+
 
 @dataclass(frozen=True)
 class ConnectionClosed:
@@ -124,6 +142,9 @@ class ConnectionClosed:
 
 
 Event = Head | Body | End | Upgrade | ConnectionClosed | NeedData | Paused
+
+_END = End()  # events without fields are made once (see `Body`)
+_CLOSED = ConnectionClosed()
 
 
 class _FastHash(enum.Enum):
@@ -296,7 +317,7 @@ class MessageReader:
             return NEED_DATA
         if self._state is not _State.CLOSED:
             self._fire(_Trigger.EOF)
-        return ConnectionClosed()
+        return _CLOSED
 
     def _fire(self, trigger: _Trigger) -> None:
         state = _TRANSITIONS.get((self._state, trigger))
@@ -380,7 +401,7 @@ class MessageReader:
         if self._end_due:
             self._end_due = False
             self._fire(self._end_trigger)
-            return End()
+            return _END
         start = self._pos
         if self._framing is _Framing.LENGTH:
             end = min(len(self._buf), start + self._remaining)

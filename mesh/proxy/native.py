@@ -1,10 +1,10 @@
 """The proxy modules compiled with mypyc, and whether the running proxy uses them.
 
-The per-request path (HTTP/1.1 framing, exchanges, the pool, the balancer, the
-retry budget, the opaque relay, HTTP observation, the transport header and protocol
-detection) is plain typed Python that mypyc compiles into C extensions beside
-the sources (`make native`, run by `make test`, `make demo` and `make bench`);
-compiled, it costs about a third of the CPU per request. Python prefers an
+The per-request path (HTTP/1.1 framing, the exchange machine and its adapter, the
+pool, the balancer, the retry budget, the opaque relay, HTTP observation, the
+transport header and protocol detection) is plain typed Python that mypyc compiles
+into C extensions beside the sources (`make native`, run by `make test`, `make demo`
+and `make bench`); compiled, it costs about a third of the CPU per request. Python prefers an
 extension to the source next to it, so an extension older than its source would
 hide an edit: `stale()` names those, the proxy warns of them at start and the
 test suite refuses to run with them. A compiled class cannot be subclassed by an
@@ -18,7 +18,8 @@ import importlib.machinery
 import importlib.util
 from pathlib import Path
 
-MODULES = ("mesh.proxy.http1", "mesh.proxy.http", "mesh.proxy.pool", "mesh.proxy.balancer",
+MODULES = ("mesh.proxy.http1", "mesh.proxy.exchange_io", "mesh.proxy.exchanges",
+           "mesh.proxy.exchange", "mesh.proxy.http", "mesh.proxy.pool", "mesh.proxy.balancer",
            "mesh.proxy.retry", "mesh.proxy.relay", "mesh.proxy.observe",
            "mesh.proxy.transport_header", "mesh.proxy.detect")
 GROUP = "mesh.proxy._native"

@@ -21,7 +21,8 @@ from mesh.proxy.balancer import Balancer, EndpointState, Pick
 from mesh.proxy.detect import Detected, Detector, ProtocolKind, opaque_for
 from mesh.proxy.dial import Connected, Dialer, DialError, Unreachable
 from mesh.proxy.discovery import Discovery, EndpointSpec, ServiceSpec
-from mesh.proxy.http import HttpOutbound, Route
+from mesh.proxy.exchanges import Route
+from mesh.proxy.http import HttpOutbound
 from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
 
 log = logging.getLogger("mesh.proxy.outbound")
@@ -168,8 +169,10 @@ class Outbound:
                           balancer: Balancer | None, peer: str) -> None:
         """Hand the connection, with the bytes read so far, to the HTTP layer."""
         assert self.http is not None and client.transport is not None
-        held, client.pending = client.pending, []
-        self.http.serve(client.transport, held, client.eof, service, balancer, peer)
+        held, client.pending = b"".join(client.pending), []
+        http = self.http.serve(client.transport, service, balancer, peer=peer)
+        client.hand_over(http)
+        http.start(held, eof=client.eof)
 
     def _labels(self, service: ServiceSpec, connected: Connected) -> Labels:
         identity = connected.identity

@@ -1,6 +1,6 @@
 """Connections from an outbound proxy to destination proxies, for HTTP/1.1: each an
-`Upstream` protocol serving one exchange at a time (mesh.proxy.http), idle in the
-`Pool` between exchanges, per endpoint.
+`Upstream` protocol serving one client connection at a time (its `UpstreamOwner`,
+mesh.proxy.http), idle in the `Pool` between responses, per endpoint.
 
 A new connection is opened by the proxy's `Dialer` (mesh.proxy.dial): mTLS to the
 endpoint's proxy, which must present the endpoint's identity, and then the
@@ -12,15 +12,12 @@ connection that hears anything, or is closed by its peer, is dropped.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+import enum
+from typing import Protocol, cast
 
-from mesh.proxy import http1
 from mesh.proxy.dial import Dialer
 from mesh.proxy.discovery import EndpointSpec, ServiceSpec
 from mesh.proxy.transport_header import SessionProtocol
-
-if TYPE_CHECKING:
-    from mesh.proxy.http import Exchange
 
 IDLE_PER_ENDPOINT = 64
 
@@ -28,22 +25,59 @@ PoolKey = tuple[str, int, int, str | None, str]
 """host, port, target port, identity, transport-header name"""
 
 
+class UpstreamOwner(Protocol):
+    """What an upstream connection tells the client connection it serves."""
+
+    def upstream_data(self, data: bytes) -> None: ...
+
+    def upstream_eof(self) -> bool:
+        """The peer ended its input; True to keep the connection open for writing."""
+
+    def upstream_lost(self, exc: Exception | None) -> None: ...
+
+    def upstream_write_full(self) -> None: ...
+
+    def upstream_write_drained(self) -> None: ...
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    """Open and serving nobody: new, or in the pool."""
+    SERVING = "serving"
+    CLOSED = "closed"
+
+
 class Upstream(asyncio.Protocol):
-    """A connection to a destination proxy (or a plain endpoint), serving one exchange
-    at a time and idling in the `Pool` between them."""
+    """A connection to a destination proxy (or a plain endpoint), serving one client
+    connection at a time and idling in the `Pool` between responses."""
 
     def __init__(self, key: PoolKey) -> None:
         self.key = key
         self.server_id = ""
         self.transport: asyncio.Transport | None = None
-        self.responses = http1.MessageReader("response")
-        self.exchange: Exchange | None = None
-        self.closed = False
+        self.owner: UpstreamOwner | None = None
+        self.phase = Phase.IDLE
         self.paused = False
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but behave as one.
         self.transport = cast(asyncio.Transport, transport)
+
+    def serve(self, owner: UpstreamOwner) -> None:
+        """Serve `owner` until given back to the pool or closed."""
+        self.owner = owner
+        self.phase = Phase.SERVING
+
+    def release(self) -> None:
+        """Serve nobody, reading: paused for a slow client, it must hear a peer's close."""
+        self.owner = None
+        if not self.closed:
+            self.phase = Phase.IDLE
+            self.resume_reading()
 
     def pause_reading(self) -> None:
         if not self.paused and self.transport is not None and not self.closed:
@@ -56,40 +90,48 @@ class Upstream(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        exchange = self.exchange
-        if exchange is None:
+        owner = self.owner
+        if owner is None:
             self.close()  # an idle connection has nothing to say; it cannot be reused
             return
-        self.responses.receive_data(data)
-        exchange.on_response()
+        owner.upstream_data(data)
 
     def eof_received(self) -> bool:
-        self.responses.connection_closed()
-        if self.exchange is not None:
-            self.exchange.on_response()
-        return False
+        owner = self.owner
+        keep = owner is not None and owner.upstream_eof()
+        return keep and self.transport is not None and self.transport.can_write_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange.upstream_lost(self, exc)
+        self.phase = Phase.CLOSED
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.upstream_lost(exc)
 
     def pause_writing(self) -> None:
-        if self.exchange is not None:
-            self.exchange.client.pause_reading()
+        if self.owner is not None:
+            self.owner.upstream_write_full()
 
     def resume_writing(self) -> None:
-        if self.exchange is not None:
-            self.exchange.client.resume_reading()
+        if self.owner is not None:
+            self.owner.upstream_write_drained()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
 
+    def end_write(self) -> None:
+        """Half-close, or close where the transport cannot (TLS): the owner then hears
+        of the loss."""
+        if self.transport is None:
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
+
     def close(self) -> None:
-        self.closed = True
-        self.exchange = None
+        self.phase = Phase.CLOSED
+        self.owner = None
         if self.transport is not None:
             self.transport.close()
 
@@ -138,8 +180,7 @@ class Pool:
         return count
 
     def put(self, up: Upstream) -> None:
-        up.exchange = None
-        up.resume_reading()  # paused for a slow client, it must hear a peer's close
+        up.release()
         idle = self.idle.setdefault(up.key, [])
         if len(idle) < IDLE_PER_ENDPOINT and not up.closed:
             idle.append(up)

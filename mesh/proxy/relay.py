@@ -9,16 +9,21 @@ are held in ``pending`` with reading paused.
 
 Accounting lives in one `Flow` per relayed connection and reaches the metric
 families once, when the flow ends, so the hot path touches no labels.
+
+An accepted connection found to speak a protocol the proxy understands (HTTP/1) is
+handed over to that protocol's `Layer` instead of being relayed: its `Half` stays
+its transport's protocol and passes every event on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import errno
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -59,10 +64,32 @@ class Flow:
         self._on_close(self, exc)
 
 
+class Layer(Protocol):
+    """What takes a connection over from its `Half` (mesh.proxy.http's HTTP layer)."""
+
+    def data_received(self, data: bytes) -> None: ...
+
+    def eof_received(self) -> bool: ...
+
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
+    def pause_writing(self) -> None: ...
+
+    def resume_writing(self) -> None: ...
+
+
+class Phase(enum.Enum):
+    RELAY = "relay"
+    """Reads are held, given to `on_data`, or relayed to the peer."""
+    HANDED_OVER = "handed over"
+    """The connection is its `layer`'s: every transport event goes there."""
+
+
 class Half(asyncio.Protocol):
     """One side of a flow: what it reads is written to its peer."""
 
-    __slots__ = ("eof", "flow", "observe", "on_connected", "on_data", "peer", "pending",
+    __slots__ = ("eof", "flow", "layer", "observe", "on_connected", "on_data", "peer",
+                 "pending", "phase",
                  "read_bytes", "rewrite", "transport")
 
     def __init__(self, flow: Flow) -> None:
@@ -81,6 +108,8 @@ class Half(asyncio.Protocol):
         Forwarded header); it deals with its own errors."""
         self.on_connected: Callable[[Half], None] | None = None
         """Called once the transport is there (an accepted connection's routing)."""
+        self.phase = Phase.RELAY
+        self.layer: Layer | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but behave as one.
@@ -88,7 +117,15 @@ class Half(asyncio.Protocol):
         if self.on_connected is not None:
             self.on_connected(self)
 
+    def hand_over(self, layer: Layer) -> None:
+        """Give the connection to `layer` for the rest of its life (it was not relayed)."""
+        self.layer = layer
+        self.phase = Phase.HANDED_OVER
+
     def data_received(self, data: bytes) -> None:
+        if self.phase is Phase.HANDED_OVER and self.layer is not None:
+            self.layer.data_received(data)
+            return
         self.read_bytes += len(data)
         if self.on_data is not None:
             self.on_data(data)
@@ -131,6 +168,8 @@ class Half(asyncio.Protocol):
             self.transport.resume_reading()
 
     def eof_received(self) -> bool:
+        if self.phase is Phase.HANDED_OVER and self.layer is not None:
+            return self.layer.eof_received()
         self.eof = True
         if self.on_data is None and self.peer is not None and self.peer.transport is not None:
             self._forward_eof()
@@ -148,21 +187,30 @@ class Half(asyncio.Protocol):
             peer.transport.write_eof()
 
     def pause_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
+        if self.phase is Phase.HANDED_OVER and self.layer is not None:
+            self.layer.pause_writing()
+        elif self.peer is not None and self.peer.transport is not None:
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        if self.phase is Phase.HANDED_OVER and self.layer is not None:
+            self.layer.resume_writing()
+            return
         peer = self.peer
         if peer is not None and peer.transport is not None and peer.on_data is None and \
                 not peer.transport.is_closing():
             peer.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.flow.close(exc)
+        if self.phase is Phase.HANDED_OVER and self.layer is not None:
+            self.layer.connection_lost(exc)
+        else:
+            self.flow.close(exc)
         # The transport and this protocol refer to each other (and the transport holds
         # its TLS object and buffers, ~300 KiB): let go of it now, so it is freed at
         # once rather than at the next full collection of reference cycles.
         self.transport = None
+        self.layer = None
         self.on_data = self.observe = self.rewrite = self.on_connected = None
         self.pending = []
 
