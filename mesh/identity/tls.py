@@ -160,10 +160,10 @@ class _Tickets:
             if now - self.taken < min(session.timeout * 0.9, self.ctx.MAX_AGE):
                 return session
             self.session = None
-        full, self.full = self.full, None
+        full = self.full
         if full is None or now < self.not_before:
-            self.full = full
             return None
+        self.full = None
         fresh = None
         with contextlib.suppress(ValueError, ssl.SSLError):
             fresh = full.session  # one read, one leaked copy on CPython 3.11
@@ -371,7 +371,6 @@ async def explain_dial_failure(err: ssl.SSLError, *, host: str, port: int, peer:
 
     return explain_handshake_failure(err, side="server", peer=peer, expected=expected,
                                      bundle=bundle, diagnose=fetched)
-
 
 
 def explain_handshake_failure(err: ssl.SSLError, *, side: str, peer: str,

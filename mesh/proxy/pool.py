@@ -169,15 +169,12 @@ class Pool:
         up.server_id = str(identity) if identity is not None else ""
         return up
 
-    def close_idle(self) -> int:
-        """Close every idle connection (at shutdown); returns how many there were."""
+    def close_idle(self) -> None:
+        """Close every idle connection (at shutdown)."""
         idle, self.idle = self.idle, {}
-        count = 0
         for ups in idle.values():
             for up in ups:
                 up.close()
-                count += 1
-        return count
 
     def put(self, up: Upstream) -> None:
         up.release()

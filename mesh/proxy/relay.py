@@ -89,8 +89,7 @@ class Half(asyncio.Protocol):
     """One side of a flow: what it reads is written to its peer."""
 
     __slots__ = ("eof", "flow", "layer", "observe", "on_connected", "on_data", "peer",
-                 "pending", "phase",
-                 "read_bytes", "rewrite", "transport")
+                 "pending", "phase", "read_bytes", "rewrite", "transport")
 
     def __init__(self, flow: Flow) -> None:
         self.flow = flow

@@ -38,6 +38,7 @@ import yaml
 from mesh.config import ProxyConfig
 from mesh.memory import heap_in_use
 from mesh.proxy.main import Proxy
+from tests.controlplane import eventually
 from tests.meshproxy import Trust, free_port
 
 CHURN = 2000
@@ -206,9 +207,9 @@ async def settled(pair: Pair) -> None:
     timing) and wait, bounded, until no connection is open through either proxy."""
     assert pair.client.outbound is not None and pair.client.outbound.http is not None
     pair.client.outbound.http.pool.close_idle()
-    async with asyncio.timeout(30):
-        while _open_connections(pair.client) or _open_connections(pair.server):
-            await asyncio.sleep(0.05)
+    await eventually(lambda: not (_open_connections(pair.client) or
+                                  _open_connections(pair.server)),
+                     timeout=30, what="every connection through the pair closed")
 
 
 def _open_connections(proxy: Proxy) -> float:
