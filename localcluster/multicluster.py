@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from localcluster.rootless import meshgate_argv
-from mesh.identity.names import Identity
-from mirror.commands import GATEWAY_SERVICE_ACCOUNT
+from mesh.identity.names import GATEWAY_SERVICE_ACCOUNT, Identity
 
 CONTROL_NAMESPACE = "meshgate"
 GATEWAY_PORT = 4143

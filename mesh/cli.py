@@ -17,8 +17,9 @@ from pathlib import Path
 
 from localcluster.commands import add_cluster_commands
 from mesh.errors import ConfigError, MeshError
-from mesh.identity.commands import add_identity_commands, add_vm_commands
+from mesh.identity.commands import add_identity_commands
 from mirror.commands import add_multicluster_commands
+from vm_agent.commands import add_vm_commands
 
 
 def _listen(value: str) -> tuple[str, int]:

@@ -40,9 +40,15 @@ RTN_LOCAL = 2
 RTPROT_KERNEL = 2
 RT_SCOPE_HOST = 254
 LOOPBACK = "lo"
+RTPROT_BOOT = 3
+"""What `ip route add` marks its routes with, and so ours by default."""
+RTPROT_MESHGATE = 77
+"""The protocol the VM agent marks its routes with, so that it finds every route it
+added (and only those) even after a crash: `ip route show table local proto 77`."""
 
 
-def ensure_local_route(cidr: Network | str, *, netns: str | None = None) -> None:
+def ensure_local_route(cidr: Network | str, *, netns: str | None = None,
+                       proto: int = RTPROT_BOOT) -> None:
     """Make every address of `cidr` local in `netns` (None: this namespace); idempotent."""
     net = _network(cidr)
     where = _where(netns)
@@ -54,7 +60,7 @@ def ensure_local_route(cidr: Network | str, *, netns: str | None = None) -> None
         # A local route on a down loopback accepts nothing, and IPv6 refuses
         # the route outright, so the loopback is brought up first.
         ipr.link("set", index=lo, state="up")
-        ipr.route("replace", **_route_spec(net, lo))
+        ipr.route("replace", proto=proto, **_route_spec(net, lo))
 
 
 def remove_local_route(cidr: Network | str, *, netns: str | None = None) -> None:
@@ -71,8 +77,9 @@ def remove_local_route(cidr: Network | str, *, netns: str | None = None) -> None
                 raise
 
 
-def local_routes(*, netns: str | None = None) -> list[Network]:
-    """The AnyIP routes on the loopback of `netns` that someone added (not the kernel's own)."""
+def local_routes(*, netns: str | None = None, proto: int | None = None) -> list[Network]:
+    """The AnyIP routes on the loopback of `netns` that someone added (not the kernel's
+    own); only those marked `proto` when it is given."""
     if netns is not None and not _netns_exists(netns):
         raise NetlinkError(f"cannot list local routes: network namespace {netns!r} does not exist")
     found: list[Network] = []
@@ -81,7 +88,8 @@ def local_routes(*, netns: str | None = None) -> list[Network]:
         for family in (socket.AF_INET, socket.AF_INET6):
             for route in ipr.route("dump", family=family, table=LOCAL_TABLE):
                 if (route["type"] != RTN_LOCAL or route["proto"] == RTPROT_KERNEL
-                        or route.get_attr("RTA_OIF") != lo):
+                        or route.get_attr("RTA_OIF") != lo
+                        or (proto is not None and route["proto"] != proto)):
                     continue
                 dst = route.get_attr("RTA_DST")
                 found.append(ipaddress.ip_network(f"{dst}/{route['dst_len']}"))

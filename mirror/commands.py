@@ -28,7 +28,7 @@ from typing import Any, cast
 import yaml
 
 from mesh.errors import MeshError
-from mesh.identity.names import Identity
+from mesh.identity.names import GATEWAY_SERVICE_ACCOUNT, Identity
 
 # mirror.link and mirror.mirrors are imported where they are used: `meshgate` builds
 # this command's parser for every sub-command, the proxy's included, which must not
@@ -36,7 +36,6 @@ from mesh.identity.names import Identity
 
 READER = "meshgate-mirror-reader"
 """The ServiceAccount, ClusterRole and binding that linked clusters read through."""
-GATEWAY_SERVICE_ACCOUNT = "meshgate-gateway"
 TOKEN_WAIT = 10.0
 
 

@@ -1,4 +1,4 @@
-"""The ``meshgate identity`` and ``meshgate vm token`` commands."""
+"""The ``meshgate identity`` commands."""
 
 from __future__ import annotations
 
@@ -71,18 +71,6 @@ def add_identity_commands(commands: Any) -> None:
     rotate.add_argument("--force", action="store_true",
                         help="take the step now even if workloads may not have caught up")
     rotate.set_defaults(func=_rotate)
-
-
-def add_vm_commands(commands: Any) -> None:
-    vm = commands.add_parser("vm", help="VM mesh expansion")
-    sub = vm.add_subparsers(dest="vm_command", required=True)
-    token = sub.add_parser("token", help="mint a single-use join token for one VM")
-    token.add_argument("--kubeconfig", required=True, type=Path)
-    token.add_argument("--namespace", required=True)
-    token.add_argument("--workload", required=True, help="the ExternalWorkload's name")
-    token.add_argument("--service-account", required=True)
-    token.add_argument("--ttl", type=_duration, default=dt.timedelta(hours=1))
-    token.set_defaults(func=_vm_token)
 
 
 def _trust_domain(directory: IssuerDir) -> str:
@@ -196,26 +184,4 @@ def _rotate(args: argparse.Namespace) -> int:
         print(f"meshgate: {e}", file=sys.stderr)
         return 3
     print(rotation.describe(_now()))
-    return 0
-
-
-def _vm_token(args: argparse.Namespace) -> int:
-    from kubernetes import client
-    from kubernetes.client.rest import ApiException
-
-    from mesh.identity import jointoken
-    from mesh.kube import api_client
-
-    core = client.CoreV1Api(api_client(args.kubeconfig))
-    try:
-        core.read_namespaced_service_account(args.service_account, args.namespace)
-        token, expires = jointoken.mint(core, namespace=args.namespace, workload=args.workload,
-                                        service_account=args.service_account, ttl=args.ttl)
-    except ApiException as e:
-        if e.status == 404:
-            raise ConfigError(f"ServiceAccount {args.namespace}/{args.service_account} does not "
-                              "exist; create it first (kubectl create serviceaccount)") from e
-        raise ConfigError(f"the cluster refused: {e.status} {e.reason}") from e
-    print(token)
-    print(f"single use, valid until {expires:%Y-%m-%dT%H:%M:%SZ}", file=sys.stderr)
     return 0

@@ -18,6 +18,8 @@ DEFAULT_CONTROL_NS = "meshgate"
 SERVICE_AUDIENCE = "identity.meshgate.io"
 """The audience of ServiceAccount tokens that the identity service accepts."""
 IDENTITY_SERVICE_ACCOUNT = "meshgate-identity"
+GATEWAY_SERVICE_ACCOUNT = "meshgate-gateway"
+"""The multicluster gateway's ServiceAccount, in the control namespace."""
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _MARKER = ".serviceaccount.identity."

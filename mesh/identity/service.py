@@ -140,7 +140,7 @@ class IdentityService:
     # -- proofs -----------------------------------------------------------------------
 
     async def _prove(self, token: str | None, peer_cert: x509.Certificate | None
-                     ) -> tuple[Identity, str]:
+                     ) -> tuple[Identity, str, jointoken.Grant | None]:
         if token:
             if self.kube is None:
                 raise Refusal(503, "cluster-unavailable", "the service has no cluster to "
@@ -153,10 +153,10 @@ class IdentityService:
                 except jointoken.JoinTokenRefused as e:
                     raise Refusal(401, e.reason, str(e)) from e
                 return Identity(grant.namespace, grant.service_account, self.trust_domain,
-                                self.control_ns), "join-token"
-            return await self._review(token), "service-account-token"
+                                self.control_ns), "join-token", grant
+            return await self._review(token), "service-account-token", None
         if peer_cert is not None:
-            return Identity.from_certificate(peer_cert), "renewal"
+            return Identity.from_certificate(peer_cert), "renewal", None
         raise Refusal(401, "no-credential", "send a ServiceAccount token, a join token, or "
                       "present your current certificate to renew it")
 
@@ -196,7 +196,7 @@ class IdentityService:
                 wanted, public_key = ca.csr_identity(csr.encode())
             except CsrRefused as e:
                 raise Refusal(400, e.reason, str(e)) from e
-            proven, proof = await self._prove(token, self._peer_cert(request))
+            proven, proof, grant = await self._prove(token, self._peer_cert(request))
             if wanted != proven:
                 raise Refusal(403, "identity-mismatch", f"the {proof.replace('-', ' ')} proves "
                               f"{proven}, but the CSR asks for {wanted}")
@@ -216,10 +216,18 @@ class IdentityService:
         leaf = x509.load_pem_x509_certificate(chain[0])
         log.info("certificate issued identity=%s proof=%s peer=%s not_after=%s", wanted, proof,
                  request.remote, leaf.not_valid_after_utc.isoformat())
-        return web.json_response({
+        answer: dict[str, Any] = {
             "certificate": chain[0].decode(), "chain": b"".join(chain).decode(),
             "trustBundle": self.issuer().bundle.to_pem().decode(),
-            "notAfter": leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")})
+            "notAfter": leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        if grant is not None:
+            # A VM learns here, once, which ExternalWorkload it is and how to reach it.
+            answer["workload"] = {"namespace": grant.namespace, "name": grant.workload,
+                                  "serviceAccount": grant.service_account}
+            if grant.agent is not None:
+                answer["agent"] = {"server": grant.agent.server, "token": grant.agent.token,
+                                   "certificateAuthority": grant.agent.certificate_authority}
+        return web.json_response(answer)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         if request.content_length is not None and request.content_length > MAX_BODY:

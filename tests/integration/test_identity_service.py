@@ -8,7 +8,6 @@ import datetime as dt
 import json
 import ssl
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -186,14 +185,11 @@ async def test_bad_requests_are_refused_and_service_keeps_serving(
 async def test_join_token_single_use_even_under_race(cluster: Cluster,
                                                      service: Service) -> None:
     ns = _sa(cluster, "vm")
-    out = subprocess.run([sys.executable, "-m", "mesh.cli", "vm", "token", "--kubeconfig",
-                          str(cluster.kubeconfig), "--namespace", ns, "--workload", "db-1",
-                          "--service-account", "vm", "--ttl", "10m"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    token = out.stdout.strip()
-    stored = client.CoreV1Api(cluster.api()).list_namespaced_secret(
-        ns, label_selector="meshgate.io/join-token=true").items
+    core = client.CoreV1Api(cluster.api())
+    token, _ = jointoken.mint(core, namespace=ns, workload="db-1", service_account="vm",
+                              ttl=dt.timedelta(minutes=10))
+    assert jointoken.parse(token).service_account == "vm"
+    stored = core.list_namespaced_secret(ns, label_selector="meshgate.io/join-token=true").items
     assert len(stored) == 1 and token.split(".")[-1] not in json.dumps(
         stored[0].to_dict(), default=str)
     me = Identity(ns, "vm", DOMAIN)
@@ -201,8 +197,29 @@ async def test_join_token_single_use_even_under_race(cluster: Cluster,
                                      for _ in range(2)))
     assert sorted(r[0] for r in results) == [200, 401]
     assert [r[1]["error"] for r in results if r[0] == 401] == ["token-used"]
+    granted = next(r[1] for r in results if r[0] == 200)
+    assert granted["workload"] == {"namespace": ns, "name": "db-1", "serviceAccount": "vm"}
+    assert "agent" not in granted  # minted without an agent credential
     status, body = await service.post({"csr": _csr(me)[0], "token": token})
     assert (status, body["error"]) == (401, "token-used")
+
+
+async def test_join_token_for_another_service_account_is_refused(
+        cluster: Cluster, service: Service) -> None:
+    ns = _sa(cluster, "vm")
+    token, _ = jointoken.mint(client.CoreV1Api(cluster.api()), namespace=ns, workload="w",
+                              service_account="vm", ttl=dt.timedelta(minutes=5))
+    forged = token.replace(".vm.", ".admin.", 1)
+    status, body = await service.post({"csr": _csr(Identity(ns, "admin", DOMAIN))[0],
+                                       "token": forged})
+    assert (status, body["error"]) == (401, "invalid-token")
+    status, body = await service.post({"csr": _csr(Identity(ns, "vm", DOMAIN))[0],
+                                       "token": "mgjoin.x.y"})
+    assert (status, body["error"]) == (401, "malformed-token")
+    # The genuine token was not spent by the forgery.
+    status, _ = await service.post({"csr": _csr(Identity(ns, "vm", DOMAIN))[0],
+                                    "token": token})
+    assert status == 200
 
 
 async def test_expired_join_token(cluster: Cluster, service: Service) -> None:
