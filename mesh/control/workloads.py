@@ -18,7 +18,6 @@ nothing else happens. Time is the injected `clock` (monotonic seconds).
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import time
@@ -33,10 +32,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from mesh.control.externalworkloads import (
     DEFAULT_INTERVAL,
     DEFAULT_MISSED,
-    GROUP,
     MANAGED_BY,
-    PLURAL,
-    VERSION,
     Heartbeats,
     Obj,
     ObjKey,
@@ -45,6 +41,7 @@ from mesh.control.externalworkloads import (
 )
 from mesh.control.workloadslices import desired_slices, owner_service, selects, up_to_date
 from mesh.discovery.index import MANAGED_BY_LABEL
+from mesh.discovery.server import watch_workloads
 from mesh.informer import DELETED, Informer, all_synced, stop_all
 from mesh.workqueue import PermanentError, TemporaryError, WorkQueue
 
@@ -82,16 +79,13 @@ class WorkloadEndpoints:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         core, disc = client.CoreV1Api(self._kube), client.DiscoveryV1Api(self._kube)
-        custom = client.CustomObjectsApi(self._kube)
         self._services = Informer(core.list_service_for_all_namespaces, kind="services",
                                   handler=self._service)
         self._slices = Informer(disc.list_endpoint_slice_for_all_namespaces,
                                 kind="endpointslices", handler=self._slice,
                                 label_selector=f"{MANAGED_BY_LABEL}={MANAGED_BY}")
-        workloads = Informer(functools.partial(custom.list_cluster_custom_object, GROUP,
-                                               VERSION, PLURAL),
-                             kind=PLURAL, handler=self._workload)
-        self._informers = [self._services, self._slices, workloads]
+        self._informers = [self._services, self._slices,
+                           watch_workloads(self._kube, self._workload)]
         for informer in self._informers:
             informer.start(loop)
         self._task = loop.create_task(self._run())
