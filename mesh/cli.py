@@ -44,6 +44,25 @@ def _netns_listen(value: str) -> tuple[str, str, int]:
     return netns, host, port
 
 
+def _duration(value: str) -> float:
+    """An argparse type for a positive duration: 10s, 500ms, 2m, or plain seconds."""
+    text = value.strip()
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if text.endswith(suffix):
+            number, unit = text.removesuffix(suffix), scale
+            break
+    else:
+        number, unit = text, 1.0
+    try:
+        seconds = float(number) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration such as 10s or "
+                                         "500ms") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be longer than zero")
+    return seconds
+
+
 def _positive(number: type[int] | type[float]) -> Callable[[str], float]:
     """An argparse type for numbers above zero (whole numbers when ``number`` is int)."""
 
@@ -110,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     crun.add_argument("--identity-dir", required=True, type=Path,
                       help="the issuer directory (`meshgate identity init --out`)")
     crun.add_argument("--trust-domain", required=True)
-    crun.add_argument("--listen", type=_listen, default=("0.0.0.0", 8086),
-                      help="HOST:PORT of the mTLS listener (default 0.0.0.0:8086)")
+    crun.add_argument("--listen", type=_listen, action="append",
+                      help="HOST:PORT of an mTLS listener; repeat it to listen on several "
+                      "addresses, all serving the same (default 0.0.0.0:8086)")
     crun.add_argument("--cluster-domain", default="cluster.local",
                       help="the DNS domain of Service names (<svc>.<ns>.svc.<domain>)")
     crun.add_argument("--cluster-name", help="this cluster's name, for logs")
@@ -119,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     crun.add_argument("--heartbeat", type=_positive(float), default=10.0,
                       help="seconds of silence after which a destination watch gets a "
                       "heartbeat")
+    crun.add_argument("--workload-heartbeat", type=_duration, default=10.0,
+                      help="how often ExternalWorkloads heartbeat their Ready condition, "
+                      "as 10s, 500ms or seconds (default 10s)")
+    crun.add_argument("--workload-missed-heartbeats", type=_positive(int), default=3,
+                      help="heartbeats an ExternalWorkload may miss before its endpoints "
+                      "are not ready (default 3)")
     crun.set_defaults(func=_control_run)
 
     gateway = commands.add_parser("gateway", help="the multicluster gateway")
@@ -165,9 +191,12 @@ def _control_run(args: argparse.Namespace) -> int:
     from mesh.control.run import ControlSettings, run
 
     run(ControlSettings(kubeconfig=args.kubeconfig, identity_dir=args.identity_dir,
-                        trust_domain=args.trust_domain, listen=args.listen,
+                        trust_domain=args.trust_domain,
+                        listen=tuple(args.listen or [("0.0.0.0", 8086)]),
                         cluster_domain=args.cluster_domain, cluster_name=args.cluster_name,
-                        control_ns=args.control_namespace, heartbeat=args.heartbeat))
+                        control_ns=args.control_namespace, heartbeat=args.heartbeat,
+                        workload_heartbeat=args.workload_heartbeat,
+                        workload_missed_heartbeats=int(args.workload_missed_heartbeats)))
     return 0
 
 

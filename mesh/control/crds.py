@@ -1,13 +1,15 @@
 """meshgate's CustomResourceDefinitions: read from deploy/crds/<name>.yaml
-(``policy`` for policy.meshgate.io, ``multicluster`` for the Link) and installed
-(created, or updated when they differ) through the kubernetes client."""
+(``policy`` for policy.meshgate.io, ``workload`` for the ExternalWorkload,
+``multicluster`` for the Link) and installed (created, or updated when they
+differ) through the kubernetes client. The control plane reads the first two
+(`CORE`), which are what `install_crds` installs unless told otherwise."""
 
 from __future__ import annotations
 
 import copy
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,15 @@ from mesh.errors import CrdError
 
 # deploy/ is not a package: it is found beside mesh/ in the (editable) checkout.
 CRD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "crds"
+CORE = ("policy", "workload")
+"""The CRD files whose resources the control plane reads."""
 
 
-def crd_documents(name: str = "policy") -> list[dict[str, Any]]:
-    """The CustomResourceDefinitions in deploy/crds/<name>.yaml."""
+def crd_documents(name: str | Sequence[str] = CORE) -> list[dict[str, Any]]:
+    """The CustomResourceDefinitions in deploy/crds/<name>.yaml (each file of `name`,
+    in order, when it names several)."""
+    if not isinstance(name, str):
+        return [doc for one in name for doc in crd_documents(one)]
     path = CRD_DIR / f"{name}.yaml"
     try:
         text = path.read_text()
@@ -30,10 +37,10 @@ def crd_documents(name: str = "policy") -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def install_crds(api_client: Any, *, name: str = "policy",
+def install_crds(api_client: Any, *, name: str | Sequence[str] = CORE,
                  timeout: float = 30.0) -> dict[str, str]:
-    """Create or update the CRDs of deploy/crds/<name>.yaml and wait until they are
-    established.
+    """Create or update the CRDs of deploy/crds/<name>.yaml (by default the control
+    plane's, `CORE`) and wait until they are established.
 
     Returns what happened to each, by name: ``created``, ``updated`` or
     ``unchanged``. Running it again changes nothing.

@@ -1,14 +1,16 @@
 """``meshgate control run``: the per-cluster control-plane process.
 
-One mTLS listener serves the identity service (``/v1/certify``,
-``/v1/status``), the destination API (``/v1/destinations``) and the policy
-API (``/v1/policy``), with one
-``/metrics`` page for both and a ``/ready`` that holds until the cluster has
-been read. The listener accepts callers without a certificate, since a
-workload asks for its first certificate with a token; the destination API
-refuses those itself (see `mesh.discovery.server`). The server presents the
-identity service's own identity (`service_identity`), which is what proxies
-check for.
+One mTLS app serves the identity service (``/v1/certify``, ``/v1/status``),
+the destination API (``/v1/destinations``) and the policy API
+(``/v1/policy``), with one ``/metrics`` page for all and a ``/ready`` that
+holds until the cluster has been read; it listens on every address of
+``--listen`` (e.g. the node's address for pods and the WAN address for VMs).
+Beside them runs the endpoints controller for ExternalWorkloads
+(`mesh.control.workloads`). The listeners accept callers without a
+certificate, since a workload asks for its first certificate with a token; the
+destination API refuses those itself (see `mesh.discovery.server`). The server
+presents the identity service's own identity (`service_identity`), which is
+what proxies check for.
 
 Errors a person can fix (a kubeconfig that cannot be used, a missing or
 broken identity directory, a trust domain that is not the directory's, an
@@ -28,8 +30,10 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from mesh.control.externalworkloads import DEFAULT_INTERVAL, DEFAULT_MISSED
 from mesh.control.policy import PolicyIndex
 from mesh.control.policy_api import PolicyService
+from mesh.control.workloads import WorkloadEndpoints
 from mesh.discovery.index import DestinationIndex
 from mesh.discovery.server import DestinationService
 from mesh.errors import ConfigError
@@ -49,16 +53,25 @@ class ControlSettings:
     kubeconfig: Path
     identity_dir: Path
     trust_domain: str
-    listen: tuple[str, int] = ("0.0.0.0", 8086)
+    listen: tuple[tuple[str, int], ...] = (("0.0.0.0", 8086),)
     cluster_domain: str = "cluster.local"
     cluster_name: str | None = None
     control_ns: str = DEFAULT_CONTROL_NS
     heartbeat: float = 10.0
     leaf_lifetime: dt.timedelta = dt.timedelta(hours=24)
+    workload_heartbeat: float = DEFAULT_INTERVAL
+    """Seconds between an ExternalWorkload's heartbeats."""
+    workload_missed_heartbeats: int = DEFAULT_MISSED
+    """Heartbeats missed after which an ExternalWorkload's endpoints are not ready."""
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ConfigError("the control plane needs at least one address to listen on")
 
 
 class ControlPlane:
-    """Identity and destination on one listener; `start` returns once it listens."""
+    """Identity, destination and policy on every listener; `start` returns once it
+    listens on all of them."""
 
     def __init__(self, settings: ControlSettings) -> None:
         self.settings = settings
@@ -81,7 +94,10 @@ class ControlPlane:
             PolicyIndex(settings.trust_domain, control_ns=settings.control_ns),
             trust=lambda: self.identity.issuer().bundle, registry=self.registry,
             heartbeat=settings.heartbeat)
-        self.address: tuple[str, int] | None = None
+        self.workloads = WorkloadEndpoints(self.kube, registry=self.registry,
+                                           interval=settings.workload_heartbeat,
+                                           missed=settings.workload_missed_heartbeats)
+        self.addresses: list[tuple[str, int]] = []
         self._runner: web.AppRunner | None = None
         self._maintain: asyncio.Task[None] | None = None
         self._trimmer: asyncio.Task[None] | None = None
@@ -107,13 +123,16 @@ class ControlPlane:
                             "policy CRDs installed?)\n", status=503)
 
     async def start(self) -> None:
-        sock = _bind(*self.settings.listen)
+        socks: list[socket.socket] = []
         try:
+            for host, port in dict.fromkeys(self.settings.listen):
+                socks.append(_bind(host, port))
             ctx = self.identity.server_context()  # loads the issuer: a broken one fails here
         except BaseException:
-            sock.close()
+            for sock in socks:
+                sock.close()
             raise
-        self.address = sock.getsockname()[:2]
+        self.addresses = [sock.getsockname()[:2] for sock in socks]
         # handler_cancellation: a watch whose proxy has gone ends at once, rather than
         # at its next write, and lets go of what it holds.
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
@@ -121,14 +140,18 @@ class ControlPlane:
                                shutdown_timeout=1.0)
         await runner.setup()
         self._runner = runner
-        try:
-            await web.SockSite(runner, sock, ssl_context=ctx, backlog=1024).start()
-        except OSError as e:
-            sock.close()
-            raise ConfigError(f"cannot listen on {_hostport(self.settings.listen)}: "
-                              f"{e.strerror or e}") from e
-        self.destinations.watch_cluster(self.kube, asyncio.get_running_loop())
-        self.policies.watch_cluster(self.kube, asyncio.get_running_loop())
+        for sock, address in zip(socks, self.addresses, strict=True):
+            try:
+                await web.SockSite(runner, sock, ssl_context=ctx, backlog=1024).start()
+            except OSError as e:
+                for s in socks:
+                    s.close()
+                raise ConfigError(f"cannot listen on {_hostport(address)}: "
+                                  f"{e.strerror or e}") from e
+        loop = asyncio.get_running_loop()
+        self.destinations.watch_cluster(self.kube, loop)
+        self.policies.watch_cluster(self.kube, loop)
+        self.workloads.start(loop)
         self._maintain = asyncio.create_task(self.identity.maintain())
         self._trimmer = asyncio.create_task(return_freed_memory())
         # The bundle in a ConfigMap too, for tools that compare linked clusters' anchors.
@@ -141,13 +164,23 @@ class ControlPlane:
                 task.cancel()
         self.destinations.stop()
         self.policies.stop()
+        await self.workloads.stop()
         if self._runner is not None:
             await self._runner.cleanup()
 
     @property
+    def address(self) -> tuple[str, int]:
+        """The first address it listens on."""
+        assert self.addresses, "not started"
+        return self.addresses[0]
+
+    @property
     def url(self) -> str:
-        assert self.address is not None
         return f"https://{_hostport(self.address)}"
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"https://{_hostport(a)}" for a in self.addresses]
 
 
 def _check_identity_dir(path: Path, trust_domain: str) -> None:
@@ -191,8 +224,8 @@ def run(settings: ControlSettings) -> None:
         try:
             await plane.start()
             cluster = f" of cluster {settings.cluster_name}" if settings.cluster_name else ""
-            print(f"control plane{cluster} for {settings.trust_domain} serving at {plane.url} "
-                  f"as {plane.identity.identity}", flush=True)
+            print(f"control plane{cluster} for {settings.trust_domain} serving at "
+                  f"{' '.join(plane.urls)} as {plane.identity.identity}", flush=True)
             await stop.wait()
         finally:
             await plane.stop()

@@ -1,13 +1,15 @@
 """The destination index: what each Service port resolves to, as the proxy's
-`ServiceSpec`, kept current from Services, EndpointSlices and Pods.
+`ServiceSpec`, kept current from Services, EndpointSlices, Pods and
+ExternalWorkloads.
 
 The index is fed watch events as plain dicts (`service_event`, `slice_event`,
-`pod_event`) and answers with the `Change`s they cause; it does no I/O, so it
-is tested with dicts and served by whoever feeds it. Updates are incremental:
-a Service or EndpointSlice event recomputes that one Service, and a Pod event
-recomputes only the Services whose slices point at that Pod (``targetRef``),
-and only when what the index reads from the Pod (its inbound port annotation
-and ServiceAccount) changed.
+`pod_event`, `workload_event`) and answers with the `Change`s they cause; it
+does no I/O, so it is tested with dicts and served by whoever feeds it. Updates
+are incremental: a Service or EndpointSlice event recomputes that one Service,
+and a Pod (or ExternalWorkload) event recomputes only the Services whose slices
+point at it (``targetRef``), and only when what the index reads from it (a
+Pod's inbound port annotation and ServiceAccount, a workload's identity)
+changed.
 
 One `ServiceSpec` per Service port (TCP only; headless and ExternalName
 Services have no address to redirect and are skipped): named
@@ -18,7 +20,11 @@ Service's slices, on the slice port of the same name. A meshed Pod (annotation
 ``meshgate.io/inbound-port``) is reached on that port with the identity of its
 ServiceAccount; an unmeshed one directly on the target port, without identity.
 An endpoint whose Pod the index has not seen (yet, or any more) is left out
-until the Pod shows up: reaching a meshed Pod in plain text would fail.
+until the Pod shows up: reaching a meshed Pod in plain text would fail. An
+endpoint whose targetRef is an ExternalWorkload (a VM) is reached on the VM
+proxy's inbound port (4143) with the workload's ``spec.meshTLS.identity``, once
+the index has seen the workload; one whose identity is no identity name is left
+out, with a warning.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mesh.control.externalworkloads import INBOUND_PORT as WORKLOAD_INBOUND_PORT
+from mesh.control.externalworkloads import KIND as WORKLOAD_KIND
+from mesh.control.externalworkloads import workload_identity
 from mesh.errors import IdentityError
 from mesh.identity.names import DEFAULT_CONTROL_NS, Identity
 from mesh.informer import DELETED
@@ -54,6 +63,8 @@ ObjKey = tuple[str, str]
 """(namespace, name)"""
 Address = tuple[str, int]
 """A canonical (host, port), as `canonical_address` spells it."""
+RefKey = tuple[str, str, str]
+"""(kind, namespace, name) of an endpoint's targetRef: a Pod or an ExternalWorkload."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,13 @@ class _PodView:
     service_account: str
 
 
+@dataclass(frozen=True)
+class _WorkloadView:
+    """What the index reads from an ExternalWorkload: its identity, if it is usable."""
+
+    identity: str | None
+
+
 def address_key(change: Change) -> Address:
     """The canonical VIP:port a change is about."""
     if isinstance(change, ServiceUpdated):
@@ -103,9 +121,10 @@ class DestinationIndex:
         self._slice_owner: dict[ObjKey, ObjKey] = {}
         """Slice key -> the Service key its label named when last seen."""
         self._pods: dict[ObjKey, _PodView] = {}
-        self._pod_refs: dict[ObjKey, set[ObjKey]] = {}
-        """Pod key -> Services whose slices reference it."""
-        self._service_pods: dict[ObjKey, set[ObjKey]] = {}
+        self._workloads: dict[ObjKey, _WorkloadView] = {}
+        self._refs: dict[RefKey, set[ObjKey]] = {}
+        """Pod or ExternalWorkload -> Services whose slices reference it."""
+        self._service_refs: dict[ObjKey, set[RefKey]] = {}
         self._specs: dict[ObjKey, dict[Address, ServiceSpec]] = {}
         self._by_address: dict[Address, ServiceSpec] = {}
         self._by_name: dict[tuple[str, int], ServiceSpec] = {}
@@ -184,8 +203,36 @@ class DestinationIndex:
             self._pods.pop(key, None)
         else:
             self._pods[key] = view
+        return self._recompute_referring(("Pod", *key))
+
+    def workload_event(self, event: str, obj: Obj) -> list[Change]:
+        """An ExternalWorkload (a VM) was added, changed or deleted."""
+        key = _key(obj)
+        view = None if event == DELETED else self._workload_view(key, obj)
+        if self._workloads.get(key) == view:
+            return []
+        if view is None:
+            self._workloads.pop(key, None)
+        else:
+            self._workloads[key] = view
+        return self._recompute_referring((WORKLOAD_KIND, *key))
+
+    def _workload_view(self, key: ObjKey, obj: Obj) -> _WorkloadView:
+        name = workload_identity(obj)
+        try:
+            identity = Identity.parse(name)
+            if identity.trust_domain != self.trust_domain:
+                raise IdentityError(f"it is of trust domain {identity.trust_domain}, not "
+                                    f"{self.trust_domain}")
+        except IdentityError as e:
+            log.warning("external workload endpoints skipped workload=%s/%s identity=%r "
+                        "cause=%s", key[0], key[1], name, e)
+            return _WorkloadView(None)
+        return _WorkloadView(identity.dns_name)
+
+    def _recompute_referring(self, ref: RefKey) -> list[Change]:
         changes: list[Change] = []
-        for svc in sorted(self._pod_refs.get(key, ())):
+        for svc in sorted(self._refs.get(ref, ())):
             changes += self._recompute(svc)
         return changes
 
@@ -197,7 +244,7 @@ class DestinationIndex:
         old = self._specs.pop(key, {})
         if new:
             self._specs[key] = new
-        self._track_pods(key, svc is not None)
+        self._track_refs(key, svc is not None)
         changes: list[Change] = []
         for addr, spec in old.items():
             if addr not in new:
@@ -216,26 +263,27 @@ class DestinationIndex:
             changes.append(ServiceUpdated(spec))
         return changes
 
-    def _track_pods(self, key: ObjKey, exists: bool) -> None:
-        """Remember which Pods this Service's slices name, so Pod events find it."""
-        pods: set[ObjKey] = set()
+    def _track_refs(self, key: ObjKey, exists: bool) -> None:
+        """Remember which Pods and ExternalWorkloads this Service's slices name, so
+        their events find it."""
+        now: set[RefKey] = set()
         if exists:
             for slice_obj in self._slices.get(key, {}).values():
                 for ep in slice_obj.get("endpoints") or []:
                     ref = ep.get("targetRef") or {}
-                    if ref.get("kind") == "Pod" and ref.get("name"):
-                        pods.add((ref.get("namespace") or key[0], ref["name"]))
-        before = self._service_pods.pop(key, set())
-        if pods:
-            self._service_pods[key] = pods
-        for pod in before - pods:
-            refs = self._pod_refs.get(pod)
-            if refs is not None:
-                refs.discard(key)
-                if not refs:
-                    del self._pod_refs[pod]
-        for pod in pods - before:
-            self._pod_refs.setdefault(pod, set()).add(key)
+                    if ref.get("kind") in ("Pod", WORKLOAD_KIND) and ref.get("name"):
+                        now.add((ref["kind"], ref.get("namespace") or key[0], ref["name"]))
+        before = self._service_refs.pop(key, set())
+        if now:
+            self._service_refs[key] = now
+        for ref in before - now:
+            services = self._refs.get(ref)
+            if services is not None:
+                services.discard(key)
+                if not services:
+                    del self._refs[ref]
+        for ref in now - before:
+            self._refs.setdefault(ref, set()).add(key)
 
     def _build(self, key: ObjKey, svc: Obj) -> dict[Address, ServiceSpec]:
         spec = svc.get("spec") or {}
@@ -310,6 +358,12 @@ class DestinationIndex:
                     log.warning("endpoint skipped pod=%s/%s cause=%s", *pod_key, e)
                     return None
                 port = pod.inbound_port
+        elif ref.get("kind") == WORKLOAD_KIND:
+            workload = self._workloads.get((ref.get("namespace") or key[0],
+                                            str(ref.get("name"))))
+            if workload is None or workload.identity is None:
+                return None  # not seen yet, gone, or no identity to check it by
+            identity, port = workload.identity, WORKLOAD_INBOUND_PORT
         try:
             return EndpointSpec(address=_join(host, port), target_port=target,
                                 identity=identity, zone=str(ep.get("zone") or ""),

@@ -28,6 +28,7 @@ starts again from a fresh snapshot, and no other watcher waits for it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -39,6 +40,9 @@ from aiohttp import web
 from kubernetes import client
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from mesh.control.externalworkloads import GROUP as WORKLOAD_GROUP
+from mesh.control.externalworkloads import PLURAL as WORKLOAD_PLURAL
+from mesh.control.externalworkloads import VERSION as WORKLOAD_VERSION
 from mesh.discovery.index import (
     SERVICE_NAME_LABEL,
     Address,
@@ -186,11 +190,13 @@ class DestinationService:
     # -- feeding the index ---------------------------------------------------------
 
     def watch_cluster(self, kube: client.ApiClient, loop: asyncio.AbstractEventLoop) -> None:
-        """Keep the index current from the cluster: informers on Pods, slices, Services."""
+        """Keep the index current from the cluster: informers on Pods, slices, Services
+        and ExternalWorkloads."""
         self._informers += watch_destinations(
             kube, loop, pods=self._feed(self.index.pod_event),
             slices=self._feed(self.index.slice_event),
-            services=self._feed(self.index.service_event))
+            services=self._feed(self.index.service_event),
+            workloads=self._feed(self.index.workload_event))
 
     def _feed(self, apply: Callable[[str, Obj], list[Change]]) -> Callable[[str, Obj], None]:
         def handle(event: str, obj: Obj) -> None:
@@ -329,9 +335,11 @@ async def pump(sub: Subscription, resp: web.StreamResponse, *, heartbeat: float,
 
 
 def watch_destinations(kube: client.ApiClient, loop: asyncio.AbstractEventLoop, *,
-                       pods: Handler, slices: Handler, services: Handler) -> list[Informer]:
+                       pods: Handler, slices: Handler, services: Handler,
+                       workloads: Handler | None = None) -> list[Informer]:
     """Start the informers a `DestinationIndex` needs, each calling its handler on `loop`
-    (hand each event to the index's ``pod_event``, ``slice_event``, ``service_event``)."""
+    (hand each event to the index's ``pod_event``, ``slice_event``, ``service_event`` and
+    ``workload_event``); ExternalWorkloads are watched when `workloads` is given."""
     core, disc = client.CoreV1Api(kube), client.DiscoveryV1Api(kube)
     informers = [
         Informer(core.list_pod_for_all_namespaces, kind="pods", handler=pods),
@@ -339,9 +347,19 @@ def watch_destinations(kube: client.ApiClient, loop: asyncio.AbstractEventLoop, 
                  label_selector=SERVICE_NAME_LABEL, handler=slices),
         Informer(core.list_service_for_all_namespaces, kind="services", handler=services),
     ]
+    if workloads is not None:
+        informers.append(watch_workloads(kube, workloads))
     for informer in informers:
         informer.start(loop)
     return informers
+
+
+def watch_workloads(kube: client.ApiClient, handler: Handler) -> Informer:
+    """An informer (not yet started) on every ExternalWorkload, calling `handler`."""
+    custom = client.CustomObjectsApi(kube)
+    return Informer(functools.partial(custom.list_cluster_custom_object, WORKLOAD_GROUP,
+                                      WORKLOAD_VERSION, WORKLOAD_PLURAL),
+                    kind=WORKLOAD_PLURAL, handler=handler)
 
 
 def peer_identity(request: web.Request, trust: TrustBundle) -> Identity:

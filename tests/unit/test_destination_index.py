@@ -362,3 +362,58 @@ def test_a_mirror_is_reached_through_its_gateway_with_the_remote_name(
         "mirror.meshgate.io/remote-svc-fq-name": "web.default.svc.cluster.local"}
     spec = updated(index.slice_event(ADDED, forged))[f"{VIP}:80"]
     assert ("192.0.2.9:4143", 4143, None) in eps(spec)
+
+
+# ---------------------------------------------------------------- ExternalWorkloads
+
+
+def vm_endpoint(ip: str, workload: str, *, ready: bool = True) -> dict[str, Any]:
+    return {"addresses": [ip], "conditions": {"ready": ready},
+            "targetRef": {"kind": "ExternalWorkload", "namespace": NS, "name": workload}}
+
+
+def external_workload(name: str, *, identity: str | None = None) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": NS},
+            "spec": {"meshTLS": {"identity": ident(name) if identity is None else identity,
+                                 "serverName": name},
+                     "workloadIPs": [{"ip": "192.0.2.7"}]}}
+
+
+def test_a_vm_endpoint_is_its_proxy_with_its_identity_once_seen(
+        index: DestinationIndex) -> None:
+    index.service_event(ADDED, service(ports=(("http", 80),)))
+    index.slice_event(ADDED, endpoint_slice("web-ew", vm_endpoint("192.0.2.7", "vm1")))
+    assert eps(index.by_address(VIP, 80)) == []  # the workload is not known yet
+    assert index.workload_event(ADDED, external_workload("unrelated")) == []
+    changes = index.workload_event(ADDED, external_workload("vm1"))
+    assert eps(updated(changes)[f"{VIP}:80"]) == [("192.0.2.7:4143", 8080, ident("vm1"))]
+    # What the index does not read changes nothing; a new identity does.
+    relabelled = external_workload("vm1")
+    relabelled["metadata"]["labels"] = {"v": "2"}
+    assert index.workload_event(MODIFIED, relabelled) == []
+    changes = index.workload_event(MODIFIED, external_workload("vm1", identity=ident("vm2")))
+    assert eps(updated(changes)[f"{VIP}:80"])[0][2] == ident("vm2")
+    changes = index.workload_event(DELETED, external_workload("vm1"))
+    assert eps(updated(changes)[f"{VIP}:80"]) == []
+
+
+def test_a_not_ready_vm_endpoint_is_left_out(index: DestinationIndex) -> None:
+    index.service_event(ADDED, service(ports=(("http", 80),)))
+    index.workload_event(ADDED, external_workload("vm1"))
+    index.slice_event(ADDED, endpoint_slice("web-ew", vm_endpoint("192.0.2.7", "vm1")))
+    assert len(eps(index.by_address(VIP, 80))) == 1
+    changes = index.slice_event(MODIFIED, endpoint_slice(
+        "web-ew", vm_endpoint("192.0.2.7", "vm1", ready=False)))
+    assert eps(updated(changes)[f"{VIP}:80"]) == []
+
+
+@pytest.mark.parametrize("identity", ["", "vm1.shop", "not an identity",
+                                      Identity(NS, "vm1", "other.example").dns_name])
+def test_a_vm_without_a_usable_identity_is_skipped_with_a_warning(
+        index: DestinationIndex, identity: str, caplog: pytest.LogCaptureFixture) -> None:
+    index.service_event(ADDED, service(ports=(("http", 80),)))
+    index.slice_event(ADDED, endpoint_slice("web-ew", vm_endpoint("192.0.2.7", "vm1")))
+    with caplog.at_level(logging.WARNING):
+        index.workload_event(ADDED, external_workload("vm1", identity=identity))
+    assert eps(index.by_address(VIP, 80)) == []
+    assert any("workload=shop/vm1" in r.getMessage() for r in caplog.records)

@@ -556,7 +556,7 @@ def test_from_json_rebuilds_the_same_decisions(p: PortPolicy, identity: str | No
 
 
 def test_crds_are_structural_and_name_the_three_kinds() -> None:
-    docs = crd_documents()
+    docs = crd_documents("policy")
     assert [d["spec"]["names"]["kind"] for d in docs] == [
         SERVER, MESH_TLS_AUTHENTICATION, AUTHORIZATION_POLICY]
     for doc in docs:
@@ -567,7 +567,7 @@ def test_crds_are_structural_and_name_the_three_kinds() -> None:
 
 
 def test_crd_enums_match_the_evaluation() -> None:
-    server_crd = crd_documents()[0]
+    server_crd = crd_documents("policy")[0]
     spec = server_crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     props = spec["properties"]
     assert props["proxyProtocol"]["enum"] == [str(p) for p in ProxyProtocol]
