@@ -100,7 +100,7 @@ def test_another_cluster_domain() -> None:
     (WEB, ["not-an-ip"]),
 ])
 def test_bad_names_and_addresses_are_discovery_errors(name: str, ips: list[str]) -> None:
-    with pytest.raises(DiscoveryError, match="control plane|only the cluster"):
+    with pytest.raises(DiscoveryError, match=r"control plane|only the cluster"):
         MeshNames().set(name, ips)
 
 
