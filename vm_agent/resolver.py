@@ -232,13 +232,20 @@ class ResolvedLink:
 
     def revert(self, link: str) -> None:
         from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError as PyrouteError
 
-        with IPRoute() as ip:
-            found = ip.link_lookup(ifname=link)
-            if found:
-                with contextlib.suppress(OSError, subprocess.SubprocessError, ResolverError):
-                    _run(revert_command(link))  # deleting the link drops its settings anyway
-                ip.link("del", index=found[0])
+        try:
+            with IPRoute() as ip:
+                found = ip.link_lookup(ifname=link)
+                if found:
+                    try:
+                        _run(revert_command(link))
+                    except ResolverError as e:  # deleting the link drops its settings too
+                        log.warning("resolver: revert link=%s failed, deleting it: %s", link, e)
+                    ip.link("del", index=found[0])
+        except PyrouteError as e:
+            raise ResolverError(f"cannot delete the dummy link {link}: {e}; delete it with "
+                                f"`ip link del {link}`") from e
 
 
 def _run(argv: Sequence[str]) -> None:
