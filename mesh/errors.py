@@ -36,3 +36,8 @@ class NetlinkError(MeshError):
 
 class CrdError(MeshError):
     """meshgate's CustomResourceDefinitions could not be read or installed."""
+
+
+class ResolverError(MeshError):
+    """A host's resolver configuration (/etc/resolv.conf, systemd-resolved) could not be
+    read, changed or restored; the message names the file or line and what to do."""

@@ -30,8 +30,9 @@ import pytest
 from kubernetes import client
 from prometheus_client import CollectorRegistry
 
-from localcluster.dns import DNSServer, bind_sockets, main, start
+from localcluster.dns import DNSServer, main, start
 from localcluster.dnszone import ClusterZone
+from mesh.dnsserver import bind_sockets
 from mesh.informer import ADDED
 from tests.cluster import Cluster, stop_process, wait_for
 

@@ -16,16 +16,9 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from localcluster.dns import Complaints, parse_address
-from localcluster.dnszone import (
-    ClusterZone,
-    Forward,
-    Malformed,
-    Reply,
-    decode_request,
-    respond,
-    udp_wire,
-)
+from localcluster.dnszone import ClusterZone
+from mesh.dns import Forward, Malformed, Reply, decode_request, parse_address, respond, udp_wire
+from mesh.dnsserver import Complaints
 from mesh.errors import ConfigError
 from mesh.informer import ADDED, DELETED, MODIFIED
 
@@ -265,7 +258,7 @@ def test_udp_answers_that_do_not_fit_are_truncated() -> None:
 def test_complaints_are_rate_limited_per_cause(caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
     complaints = Complaints(interval=60, clock=lambda: now[0])
-    with caplog.at_level(logging.WARNING, logger="localcluster.dns"):
+    with caplog.at_level(logging.WARNING, logger="mesh.dnsserver"):
         for _ in range(100):
             complaints.note("malformed udp: short header", "peer=127.0.0.1")
         complaints.note("malformed tcp: empty message", "peer=127.0.0.1")
