@@ -181,26 +181,32 @@ class Agent:
                                server_identity=service_identity(me.trust_domain,
                                                                 me.control_ns))
         names = dns.MeshNames(self.state.cluster_domain)
-        self.state_dir.begin(self.state, Change.RESOLVER)
-        upstreams = await asyncio.to_thread(
-            resolver.take_over, self.state.resolver_file, self.state_dir.resolver,
-            dns_address=self.state.dns_address,
-            search=mesh_search(self.state.namespace, self.state.cluster_domain))
-        server = dns.MeshDnsServer(names, listen=(self.state.dns_address, 53),
-                                   upstreams=upstreams)
-        await server.start()
-        self.state_dir.begin(self.state, Change.ROUTES)
 
         def changed(_: Any) -> None:
             table: dict[str, set[str]] = {}
             for spec in watch.services():
                 table.setdefault(spec.name, set()).add(spec.host_port[0])
-            names.replace({name: sorted(hosts) for name, hosts in table.items()})
+            for gone in set(names.table()) - set(table):
+                names.remove(gone)
+            for name, hosts in table.items():
+                names.set(name, sorted(hosts))
             self.status.services = len(table)
             self._routes_dirty.set()
 
         watch.subscribe(changed)
         watch.start()
+        # Fill the names before answering, or the first lookups would get NXDOMAIN.
+        await watch.wait_ready(10.0)
+        changed(None)
+        self.state_dir.begin(self.state, Change.ROUTES)
+        self.state_dir.begin(self.state, Change.RESOLVER)
+        taken = await asyncio.to_thread(
+            resolver.take_over, self.state.resolver_file, self.state_dir.resolver,
+            dns_address=self.state.dns_address, cluster_domain=self.state.cluster_domain,
+            search=resolver.mesh_search(self.state.namespace, self.state.cluster_domain))
+        server = dns.MeshDnsServer(names, listen=(self.state.dns_address, 53),
+                                   upstreams=taken.upstreams)
+        await server.start()
         self._tasks = [asyncio.create_task(self.proxy.run()),
                        asyncio.create_task(self._keep_routes(watch)),
                        asyncio.create_task(self._heartbeats(watch))]
@@ -279,7 +285,3 @@ class Agent:
 def _reach(cause: str) -> tuple[bool, str]:
     return (not cause, cause)
 
-
-def mesh_search(namespace: str, domain: str) -> list[str]:
-    """The search list pods of `namespace` get, so short names work as in a pod."""
-    return [f"{namespace}.svc.{domain}", f"svc.{domain}", domain]

@@ -73,6 +73,38 @@ def proxy_config(sd: StateDir, state: VmState) -> dict[str, object]:
     }
 
 
+def preflight(*, dns_address: str, resolver_file: Path = Path("/etc/resolv.conf")) -> None:
+    """What would stop the agent later, checked before the single-use token is spent:
+    a resolver file it cannot read, ports another process holds."""
+    from vm_agent import resolver
+
+    try:
+        resolver.ResolvConf.parse(resolver_file.read_bytes(), source=str(resolver_file))
+    except OSError as e:
+        raise AgentError(f"cannot read {resolver_file}: {e.strerror or e}") from e
+    for host, port, kind, what in ((dns_address, 53, socket.SOCK_DGRAM, "the mesh DNS"),
+                                   ("0.0.0.0", 4143, socket.SOCK_STREAM, "the proxy's inbound"),
+                                   ("127.0.0.1", 4140, socket.SOCK_STREAM,
+                                    "the proxy's outbound"),
+                                   ("127.0.0.1", 4191, socket.SOCK_STREAM,
+                                    "the proxy's admin")):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                raise AgentError(f"{what} needs {host}:{port}, which is not free: "
+                                 f"{e.strerror or e}{port_owner(port, kind)}; stop what holds "
+                                 "it, or (DNS) choose another --dns-address") from e
+
+
+def port_owner(port: int, kind: int) -> str:
+    """", held by pid N (name)" for a local port, when /proc tells; "" otherwise."""
+    from mesh.proxy.owners import owner_of
+
+    found = owner_of(port, udp=kind == socket.SOCK_DGRAM)
+    return f", held by {found}" if found else ""
+
+
 def join(args: argparse.Namespace) -> int:
     sd = StateDir(args.state_dir)
     if not args.foreground and not systemd.running():
@@ -91,6 +123,7 @@ def join(args: argparse.Namespace) -> int:
             log.warning("a previous join stopped half way; undoing what it did first")
             undo(sd, before)
         address = args.address or source_address(args.control_plane)
+        preflight(dns_address=args.dns_address)  # before the token is spent
         enrolled = asyncio.run(enroll(args.control_plane, args.token, anchors,
                                       deadline=time.monotonic() + args.timeout))
         if enrolled.agent is None:

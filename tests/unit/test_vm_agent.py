@@ -11,7 +11,6 @@ import pytest
 
 from mesh.identity import jointoken
 from vm_agent import routes, systemd
-from vm_agent.agent import mesh_search
 from vm_agent.state import AlreadyRunning, AgentError, Change, Phase, StateDir, VmState
 
 
@@ -82,7 +81,3 @@ def test_the_unit_runs_the_agent_of_its_state_directory() -> None:
     assert "vm run --state-dir /var/lib/meshgate" in text
     assert "Restart=always" in text and "WantedBy=multi-user.target" in text
 
-
-def test_mesh_search_list_matches_a_pods() -> None:
-    assert mesh_search("db", "cluster.local") == [
-        "db.svc.cluster.local", "svc.cluster.local", "cluster.local"]
