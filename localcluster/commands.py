@@ -123,8 +123,9 @@ def _up(args: argparse.Namespace) -> int:
     print(f"kubeconfig: {spec.kubeconfig}")
     print(f"  kubectl --kubeconfig {spec.kubeconfig} get pods -A")
     if spec.wan_address is not None:
-        print(f"WAN {spec.wan}: {spec.wan_address} (API server :6443, gateway :4143, probe "
-              ":4191)")
+        print(f"WAN {spec.wan}: {spec.wan_address} (API server :6443, control plane :8086, "
+              "gateway :4143, probe :4191)")
+        print(f"kubeconfig for VMs and other clusters: {spec.kubeconfig_wan}")
         print(f"link another cluster to this one: meshgate multicluster link --kubeconfig "
               f"{spec.kubeconfig} --cluster-name {spec.name} --gateway-address "
               f"{spec.wan_address} --api-server https://{spec.wan_address}:6443 "
