@@ -4,6 +4,7 @@ plane's URL and a kubeconfig naming the API server at the node's WAN address."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -31,7 +32,7 @@ def test_a_cluster_off_the_wan_has_no_wan_endpoints(tmp_path: Path) -> None:
 
 
 def test_the_wan_kubeconfig_differs_from_the_hosts_only_in_its_server(tmp_path: Path) -> None:
-    host = {"apiVersion": "v1", "kind": "Config", "current-context": "east",
+    host: dict[str, Any] = {"apiVersion": "v1", "kind": "Config", "current-context": "east",
             "clusters": [{"name": "east", "cluster": {"server": "https://127.0.0.1:40000",
                                                       "certificate-authority-data": "Q0E="}}],
             "users": [{"name": "admin", "user": {"token": "secret"}}],
