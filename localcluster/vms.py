@@ -47,7 +47,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path, PurePosixPath
 
@@ -153,7 +153,7 @@ class MountPlan:
     overlays: tuple[Overlay, ...] = ()
     placeholders: tuple[tuple[Path, bool], ...] = ()
     """Made in the upper layers before mounting: (path, whether a directory)."""
-    binds: tuple[tuple[Path, PurePosixPath], ...] = field(default=())
+    binds: tuple[tuple[Path, PurePosixPath], ...] = ()
     """(private copy, path in the VM)."""
 
     def script(self) -> str:
@@ -533,5 +533,8 @@ def exec_argv(name: str, argv: Sequence[str]) -> list[str]:
         raise VmError(f"VM {name!r} is recorded in {vm.state_dir} but its namespaces are "
                       f"gone; delete it (`meshgate cluster vm delete --name {name}`) and "
                       "create it again")
-    return wrap(argv, nsenter=_tools()["nsenter"],
+    nsenter = shutil.which("nsenter")
+    if nsenter is None:
+        raise VmError("entering a VM needs `nsenter` (util-linux) on PATH; install it")
+    return wrap(argv, nsenter=nsenter,
                 netns_path=namespaces.namespace_path(vm.netns), mount_ns=vm.mount_ns)
