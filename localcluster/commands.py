@@ -1,4 +1,5 @@
-"""`meshgate cluster up | run-pod | exec | down`: a whole cluster on this machine."""
+"""`meshgate cluster up | run-pod | exec | down`: a whole cluster on this machine;
+`meshgate cluster vm create | exec | delete | list`: a VM beside it, on the WAN."""
 
 from __future__ import annotations
 
@@ -56,6 +57,37 @@ def add_cluster_commands(commands: Any) -> None:
     down.add_argument("--name", required=True)
     down.set_defaults(func=_down)
 
+    _add_vm_commands(commands)
+
+
+def _add_vm_commands(commands: Any) -> None:
+    vm = commands.add_parser("vm", help="VMs on this machine, on a cluster WAN (network and "
+                             "mount namespaces of their own), for mesh expansion")
+    vm_cmds = vm.add_subparsers(dest="vm_command", required=True)
+    create = vm_cmds.add_parser("create", help="create a VM on the WAN (and the WAN, if it "
+                                "does not exist yet)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--wan", default="mg-wan", help="the WAN's network namespace "
+                        "(default mg-wan), as in `cluster up --multicluster --wan`")
+    create.add_argument("--address", help="the VM's WAN address (default: the lowest free one)")
+    create.add_argument("--wan-cidr", help="the WAN's range, when this VM creates the WAN "
+                        "(default 172.30.0.0/24)")
+    create.set_defaults(func=_vm_create)
+
+    run = vm_cmds.add_parser("exec", help="run a command inside a VM (from /, with this "
+                             "environment); exits with its status")
+    run.add_argument("--name", required=True)
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
+    run.set_defaults(func=_vm_exec)
+
+    delete = vm_cmds.add_parser("delete", help="stop everything in a VM and remove it "
+                                "(a VM that is not there counts as deleted)")
+    delete.add_argument("--name", required=True)
+    delete.set_defaults(func=_vm_delete)
+
+    listing = vm_cmds.add_parser("list", help="the VMs on this machine")
+    listing.set_defaults(func=_vm_list)
+
 
 def _label(value: str) -> tuple[str, str]:
     key, sep, val = value.partition("=")
@@ -91,8 +123,9 @@ def _up(args: argparse.Namespace) -> int:
     print(f"kubeconfig: {spec.kubeconfig}")
     print(f"  kubectl --kubeconfig {spec.kubeconfig} get pods -A")
     if spec.wan_address is not None:
-        print(f"WAN {spec.wan}: {spec.wan_address} (API server :6443, gateway :4143, probe "
-              ":4191)")
+        print(f"WAN {spec.wan}: {spec.wan_address} (API server :6443, control plane :8086, "
+              "gateway :4143, probe :4191)")
+        print(f"kubeconfig for VMs and other clusters: {spec.kubeconfig_wan}")
         print(f"link another cluster to this one: meshgate multicluster link --kubeconfig "
               f"{spec.kubeconfig} --cluster-name {spec.name} --gateway-address "
               f"{spec.wan_address} --api-server https://{spec.wan_address}:6443 "
@@ -143,4 +176,56 @@ def _down(args: argparse.Namespace) -> int:
 
     down(args.name)
     print(f"cluster {args.name} is down")
+    return 0
+
+
+def _vm_create(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    from localcluster import vms
+    from mesh.errors import ConfigError
+
+    try:
+        address = ipaddress.IPv4Address(args.address) if args.address else None
+        cidr = ipaddress.IPv4Network(args.wan_cidr) if args.wan_cidr else None
+    except ValueError as e:
+        raise ConfigError(f"--address/--wan-cidr: {e}") from e
+    vm = vms.create(args.name, wan=args.wan, address=address, wan_cidr=cidr)
+    print(f"VM {vm.name} is up: {vm.address} on WAN {vm.wan}, network namespace {vm.netns}, "
+          f"state in {vm.state_dir}")
+    print(f"run a command in it: meshgate cluster vm exec --name {vm.name} -- COMMAND")
+    return 0
+
+
+def _vm_exec(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    from localcluster import vms
+    from mesh.errors import ConfigError
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ConfigError("cluster vm exec: give the command to run after --")
+    argv = vms.exec_argv(args.name, command)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)  # the command's status, signals and streams are its own
+
+
+def _vm_delete(args: argparse.Namespace) -> int:
+    from localcluster import vms
+
+    vms.delete(args.name)
+    print(f"VM {args.name} is deleted")
+    return 0
+
+
+def _vm_list(args: argparse.Namespace) -> int:
+    from localcluster import vms
+
+    for vm in vms.list_vms():
+        print(f"{vm.name}\t{vm.address.ip}\t{vm.wan}\t{vm.netns}")
     return 0

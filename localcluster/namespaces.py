@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import fcntl
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,6 +110,28 @@ def require_off_event_loop(action: str) -> None:
     # pyroute2's synchronous API runs its own loop, which cannot nest in a running one.
     raise TopologyError(f"{action} blocks and cannot run on the event loop's thread; call it "
                         "through `await asyncio.to_thread(...)`")
+
+
+@contextmanager
+def locked(path: Path, *, timeout: float = 30.0) -> Iterator[None]:
+    """An exclusive fcntl lock on the file `path` (created if absent), across threads and
+    processes; a holder that keeps it past `timeout` seconds is reported."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TopologyError(f"another process has held {path} for {timeout:.0f} s; "
+                                        "wait for it or stop it") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)
 
 
 def link_index(ipr: IPRoute, ifname: str) -> int | None:

@@ -10,9 +10,10 @@ the state directory:
 - the control plane (identity, destination, policy) and the cluster DNS, inside
   the node namespace, where pods reach them across the bridge;
 - with ``--multicluster``: the node joins the shared WAN (localcluster.wan), the
-  API server also listens on the node's WAN address, and the gateway and the
-  mirror supervisor (localcluster.multicluster, localcluster.mirrorset) run in
-  the node namespace.
+  API server and the control plane also listen on the node's WAN address (for
+  VMs and other clusters, which reach the API server with ``DIR/kubeconfig.wan``),
+  and the gateway and the mirror supervisor (localcluster.multicluster,
+  localcluster.mirrorset) run in the node namespace.
 
 `run-pod` is localcluster.pods.
 
@@ -89,8 +90,20 @@ class ClusterSpec(BaseModel):
         return f"https://{self.node_address}:{CONTROL_PORT}"
 
     @property
+    def control_url_wan(self) -> str | None:
+        """The control plane as VMs and other clusters on the WAN reach it."""
+        if self.wan_address is None:
+            return None
+        return f"https://{self.wan_address}:{CONTROL_PORT}"
+
+    @property
     def kubeconfig(self) -> Path:
         return self.state_dir / "kubeconfig"
+
+    @property
+    def kubeconfig_wan(self) -> Path | None:
+        """The API server at the node's WAN address, for VMs and other clusters."""
+        return self.state_dir / "kubeconfig.wan" if self.wan_address is not None else None
 
     @property
     def identity_dir(self) -> Path:
@@ -363,6 +376,8 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
             "--service-cidr", spec.service_cidr,
             *(arg for a in also for arg in ("--also-listen", a)))), ready="kubeconfig:")
     node_kubeconfig = _node_kubeconfig(spec)
+    if spec.wan_address is not None:
+        write_wan_kubeconfig(spec)
     from kubernetes import client as k8s
 
     from mesh.control.crds import install_crds
@@ -375,11 +390,15 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
             install_multicluster_crds(api)
         _ensure_namespace(k8s.CoreV1Api(api), "meshgate")
     if not _daemon_alive(d, "control"):
+        listen = [f"{node}:{CONTROL_PORT}"]
+        if spec.wan_address is not None:
+            listen.append(f"{spec.wan_address}:{CONTROL_PORT}")
         _start_daemon(d, "control", _in_netns(spec.node_netns, meshgate_argv((
             "control", "run", "--kubeconfig", str(node_kubeconfig),
             "--identity-dir", str(spec.identity_dir), "--trust-domain", spec.trust_domain,
-            "--listen", f"{node}:{CONTROL_PORT}", "--cluster-domain", spec.cluster_domain,
-            "--cluster-name", spec.name))), ready="serving at")
+            *(arg for a in listen for arg in ("--listen", a)),
+            "--cluster-domain", spec.cluster_domain, "--cluster-name", spec.name))),
+            ready="serving at")
     if not _daemon_alive(d, "dns"):
         _start_daemon(d, "dns", _in_netns(spec.node_netns, [
             sys.executable, "-m", "localcluster.dns", "--kubeconfig", str(node_kubeconfig),
@@ -411,9 +430,19 @@ def _start_multicluster_processes(spec: ClusterSpec, node_kubeconfig: Path) -> N
 
 def _node_kubeconfig(spec: ClusterSpec) -> Path:
     """The host kubeconfig, pointed at the API server's listener on the node."""
+    return _kubeconfig_at(spec, spec.node_address, spec.state_dir / "kubeconfig.node")
+
+
+def write_wan_kubeconfig(spec: ClusterSpec) -> Path:
+    """The host kubeconfig, pointed at the API server's listener on the node's WAN
+    address: the one VMs and other clusters reach."""
+    assert spec.wan_address is not None and spec.kubeconfig_wan is not None
+    return _kubeconfig_at(spec, spec.wan_address, spec.kubeconfig_wan)
+
+
+def _kubeconfig_at(spec: ClusterSpec, address: str, path: Path) -> Path:
     doc = yaml.safe_load(spec.kubeconfig.read_text())
-    doc["clusters"][0]["cluster"]["server"] = f"https://{spec.node_address}:{API_PORT}"
-    path = spec.state_dir / "kubeconfig.node"
+    doc["clusters"][0]["cluster"]["server"] = f"https://{address}:{API_PORT}"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(doc, f, sort_keys=False)

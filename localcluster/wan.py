@@ -13,21 +13,24 @@ Traffic from the WAN into pods is dropped unless it answers a connection a
 pod opened. Both rules are one nftables table, ``ip meshgate``, in the node
 namespace, loaded atomically with ``nft -f``.
 
+VMs (localcluster.vms) join the same bridge with a veth whose VM side is
+``eth0``; they get an address from the same range and no other route, so they
+reach clusters only at the nodes' WAN addresses.
+
 The WAN is recorded in ``$MESHGATE_RUN_DIR/wan/<name>/wan.json`` (under an
-fcntl lock): its address range and the clusters attached, with their
-addresses. The namespace is created by the first cluster that joins and
-removed when the last one leaves.
+fcntl lock): its address range and the clusters and VMs attached, with their
+addresses, so that no two members ever get the same one. The namespace is
+created by the first member that joins (cluster or VM) and removed when the
+last one leaves.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +49,7 @@ DEFAULT_WAN = "mg-wan"
 DEFAULT_WAN_CIDR = IPv4Network("172.30.0.0/24")
 BRIDGE = "mgwan0"
 NODE_IFNAME = "wan0"
+VM_IFNAME = "eth0"
 NFT_TABLE = "meshgate"
 LOCK_TIMEOUT = 30.0
 _NAME = re.compile(r"[a-z0-9][-a-z0-9]{0,31}")
@@ -56,7 +60,7 @@ class WanError(namespaces.TopologyError):
 
 
 class WanAddressInUseError(WanError):
-    """The WAN address asked for belongs to another cluster."""
+    """The WAN address asked for belongs to another member (a cluster or a VM)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class _Member(BaseModel):
 
     address: IPv4Address
     node_netns: str
+    """The member's network namespace: a cluster's node, or a VM."""
     peer: str
     """The WAN side of the veth pair, on the WAN's bridge."""
 
@@ -86,6 +91,15 @@ class _Wan(BaseModel):
     netns: str
     cidr: IPv4Network
     members: dict[str, _Member] = Field(default_factory=dict)
+    """Clusters, by name."""
+    vms: dict[str, _Member] = Field(default_factory=dict)
+    """VMs, by name (a VM may have a cluster's name)."""
+
+    def holders(self) -> dict[IPv4Address, str]:
+        """Every address in use, and who holds it: "cluster 'east'", "VM 'db'"."""
+        taken = {m.address: f"cluster {name!r}" for name, m in self.members.items()}
+        taken.update({m.address: f"VM {name!r}" for name, m in self.vms.items()})
+        return taken
 
 
 # --- pure planning -----------------------------------------------------------------------
@@ -98,21 +112,23 @@ def peer_name(cidr: IPv4Network, address: IPv4Address) -> str:
 
 def choose_address(cidr: IPv4Network, taken: dict[IPv4Address, str],
                    wanted: IPv4Address | None) -> IPv4Address:
-    """`wanted` if it is free and in `cidr`, else the lowest free host address."""
+    """`wanted` if it is free and in `cidr`, else the lowest free host address. `taken`
+    maps each address in use to its holder, as the error names it ("cluster 'east'")."""
     if wanted is not None:
         if wanted not in cidr or wanted in (cidr.network_address, cidr.broadcast_address):
             raise ConfigError(f"WAN address {wanted} is not a host address of the WAN "
                               f"{cidr}; choose one inside it")
         if wanted in taken:
-            raise WanAddressInUseError(f"WAN address {wanted} is in use by cluster "
-                                       f"{taken[wanted]!r}; choose another --wan-address or "
-                                       "leave it out to get a free one")
+            raise WanAddressInUseError(f"WAN address {wanted} is in use by {taken[wanted]}; "
+                                       "choose another address (--wan-address of a cluster, "
+                                       "--address of a VM) or leave it out to get a free one")
         return wanted
     for address in cidr.hosts():
         if address not in taken:
             return address
-    raise WanError(f"the WAN {cidr} has no free address ({len(taken)} clusters use it); "
-                   "take a cluster down or start the WAN again with a larger --wan-cidr")
+    raise WanError(f"the WAN {cidr} has no free address ({len(taken)} clusters and VMs use "
+                   "it); take a cluster down or delete a VM, or start the WAN again with a "
+                   "larger --wan-cidr")
 
 
 def check_ranges(wan: IPv4Network, *, pod_cidr: IPv4Network,
@@ -182,24 +198,9 @@ def _save(wan: str, state: _Wan) -> None:
 
 @contextmanager
 def _locked(wan: str) -> Iterator[None]:
-    """Serialises every change to one WAN, across the clusters that share it."""
-    root = _root(wan)
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise WanError(f"another process has held {root / 'lock'} for "
-                                   f"{LOCK_TIMEOUT:.0f} s; wait for it or stop it") from None
-                time.sleep(0.01)
+    """Serialises every change to one WAN, across the clusters and VMs that share it."""
+    with namespaces.locked(_root(wan) / "lock", timeout=LOCK_TIMEOUT):
         yield
-    finally:
-        os.close(fd)
 
 
 # --- netlink, sysctl and nftables ----------------------------------------------------------
@@ -213,11 +214,12 @@ def _build_wan(name: str) -> None:
         ipr.link("set", index=namespaces.link_index(ipr, BRIDGE), state="up")
 
 
-def _link_node(wan: _Wan, cluster: str, member: _Member) -> None:
-    """The veth pair between the node and the WAN bridge, and the node's WAN address."""
+def _link_node(wan: _Wan, holder: str, member: _Member, ifname: str = NODE_IFNAME) -> None:
+    """The veth pair between the member (`holder`: "cluster 'east'", "VM 'db'") and the
+    WAN bridge, and the member's WAN address on its side, `ifname`."""
     address = IPv4Interface(f"{member.address}/{wan.cidr.prefixlen}")
-    with namespaces.iproute(member.node_netns, f"link cluster {cluster!r} to the WAN") as node:
-        if namespaces.link_index(node, NODE_IFNAME) is None:
+    with namespaces.iproute(member.node_netns, f"link {holder} to the WAN") as node:
+        if namespaces.link_index(node, ifname) is None:
             with namespaces.iproute(wan.netns, "look up the WAN side") as w:
                 stale = namespaces.link_index(w, member.peer)
                 if stale is not None:
@@ -226,17 +228,17 @@ def _link_node(wan: _Wan, cluster: str, member: _Member) -> None:
             # are: no end of the pair is ever in the host's namespace.
             target = os.open(namespaces.namespace_path(wan.netns), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                node.link("add", ifname=NODE_IFNAME, kind="veth",
+                node.link("add", ifname=ifname, kind="veth",
                           peer={"ifname": member.peer, "net_ns_fd": target})
             finally:
                 os.close(target)
-        index = namespaces.link_index(node, NODE_IFNAME)
+        index = namespaces.link_index(node, ifname)
         present = {a.get_attr("IFA_ADDRESS") for a in node.get_addr(index=index)}
         if str(member.address) not in present:
             node.addr("add", index=index, address=str(address.ip),
                       prefixlen=address.network.prefixlen)
         node.link("set", index=index, state="up")
-    with namespaces.iproute(wan.netns, f"attach cluster {cluster!r} to the WAN bridge") as w:
+    with namespaces.iproute(wan.netns, f"attach {holder} to the WAN bridge") as w:
         w.link("set", index=namespaces.link_index(w, member.peer),
                master=namespaces.link_index(w, BRIDGE), state="up")
 
@@ -310,8 +312,7 @@ def attach(cluster: str, *, node_netns: str, pod_cidr: IPv4Network,
             raise ConfigError(f"cluster {cluster!r} is on the WAN at {member.address}, not "
                               f"{address}; take it down to change its address")
         if member is None:
-            taken = {m.address: name for name, m in state.members.items()}
-            chosen = choose_address(state.cidr, taken, address)
+            chosen = choose_address(state.cidr, state.holders(), address)
             member = _Member(address=chosen, node_netns=node_netns,
                              peer=peer_name(state.cidr, chosen))
             state.members[cluster] = member
@@ -320,7 +321,7 @@ def attach(cluster: str, *, node_netns: str, pod_cidr: IPv4Network,
             if not namespaces.exists(wan):
                 namespaces.create(wan, f"the WAN recorded in {_root(wan)}")
             _build_wan(wan)
-            _link_node(state, cluster, member)
+            _link_node(state, f"cluster {cluster!r}", member)
             _enable_forwarding(node_netns)
             _load_rules(node_netns, pod_cidr)
         except BaseException as e:
@@ -333,16 +334,18 @@ def attach(cluster: str, *, node_netns: str, pod_cidr: IPv4Network,
     return Attachment(wan=wan, address=IPv4Interface(f"{member.address}/{state.cidr.prefixlen}"))
 
 
-def _drop_stale(wan: str, state: _Wan, *, keep: str) -> None:
-    """Forget members whose node namespace is gone (a cluster removed without `down`, or
-    a reboot), so their addresses are free again. A cluster joining always has its node
-    namespace already, so none that is still coming up is taken for stale."""
-    for name, member in list(state.members.items()):
-        if name != keep and not namespaces.exists(member.node_netns):
-            _delete_peer(state, member)
-            del state.members[name]
-            log.info("wan stale member dropped wan=%s cluster=%s address=%s", wan, name,
-                     member.address)
+def _drop_stale(wan: str, state: _Wan, *, keep: str = "", keep_vm: str = "") -> None:
+    """Forget members whose namespace is gone (a cluster removed without `down`, a VM
+    whose namespace was deleted by hand, or a reboot), so their addresses are free again.
+    A member joining always has its namespace already, so none that is still coming up
+    is taken for stale."""
+    for kind, group, kept in (("cluster", state.members, keep), ("vm", state.vms, keep_vm)):
+        for name, member in list(group.items()):
+            if name != kept and not namespaces.exists(member.node_netns):
+                _delete_peer(state, member)
+                del group[name]
+                log.info("wan stale member dropped wan=%s %s=%s address=%s", wan, kind, name,
+                         member.address)
 
 
 def detach(cluster: str, *, wan: str = DEFAULT_WAN) -> None:
@@ -360,12 +363,13 @@ def detach(cluster: str, *, wan: str = DEFAULT_WAN) -> None:
     log.info("wan detached cluster=%s wan=%s", cluster, wan)
 
 
-def _leave(wan: str, state: _Wan, cluster: str) -> None:
-    member = state.members.get(cluster)
+def _leave(wan: str, state: _Wan, name: str, *, vm: bool = False) -> None:
+    group = state.vms if vm else state.members
+    member = group.get(name)
     if member is not None:
         _delete_peer(state, member)
-        del state.members[cluster]
-    if state.members:
+        del group[name]
+    if state.members or state.vms:
         _save(wan, state)
         return
     namespaces.delete(wan)
@@ -377,3 +381,69 @@ def members(wan: str = DEFAULT_WAN) -> dict[str, IPv4Address]:
     """The clusters on the WAN and their addresses."""
     state = _load(wan)
     return {} if state is None else {n: m.address for n, m in state.members.items()}
+
+
+def vms(wan: str = DEFAULT_WAN) -> dict[str, IPv4Address]:
+    """The VMs on the WAN and their addresses."""
+    state = _load(wan)
+    return {} if state is None else {n: m.address for n, m in state.vms.items()}
+
+
+def join_vm(vm: str, *, netns: str, wan: str = DEFAULT_WAN, cidr: IPv4Network | None = None,
+            address: IPv4Address | None = None) -> Attachment:
+    """Link VM `vm`, whose network namespace `netns` exists, to the WAN `wan` (created
+    as the first cluster would create it, if absent), at `address` or the lowest free
+    one. The VM's side is ``eth0``, with no route beyond the WAN's range. A VM already on
+    the WAN keeps its address. On failure the VM is left off the WAN."""
+    namespaces.require_off_event_loop(f"attaching VM {vm!r} to the WAN")
+    namespaces.require_privileges()
+    with _locked(wan):
+        state = _load(wan)
+        if state is None:
+            if namespaces.exists(wan):
+                raise namespaces.taken(wan, f"the WAN recorded in {_root(wan)}")
+            state = _Wan(netns=wan, cidr=cidr or DEFAULT_WAN_CIDR)
+        elif cidr is not None and cidr != state.cidr:
+            raise ConfigError(f"the WAN {wan!r} is {state.cidr}, not {cidr}; leave out "
+                              "--wan-cidr or use another --wan")
+        _drop_stale(wan, state, keep_vm=vm)
+        member = state.vms.get(vm)
+        if member is not None and (member.node_netns != netns or
+                                   (address is not None and member.address != address)):
+            raise ConfigError(f"VM {vm!r} is on the WAN {wan!r} at {member.address} from "
+                              f"{member.node_netns!r}; delete it first to change it")
+        if member is None:
+            chosen = choose_address(state.cidr, state.holders(), address)
+            member = _Member(address=chosen, node_netns=netns,
+                             peer=peer_name(state.cidr, chosen))
+            state.vms[vm] = member
+        _save(wan, state)
+        try:
+            if not namespaces.exists(wan):
+                namespaces.create(wan, f"the WAN recorded in {_root(wan)}")
+            _build_wan(wan)
+            _link_node(state, f"VM {vm!r}", member, VM_IFNAME)
+        except BaseException as e:
+            try:
+                _leave(wan, state, vm, vm=True)
+            except MeshError as cleanup:
+                e.add_note(f"taking VM {vm!r} off the WAN also failed: {cleanup}")
+            raise
+    log.info("wan attached vm=%s wan=%s address=%s", vm, wan, member.address)
+    return Attachment(wan=wan, address=IPv4Interface(f"{member.address}/{state.cidr.prefixlen}"),
+                      node_ifname=VM_IFNAME)
+
+
+def leave_vm(vm: str, *, wan: str = DEFAULT_WAN) -> None:
+    """Take VM `vm` off the WAN and free its address; the last member to leave removes
+    the WAN. A VM that is not on it counts as gone."""
+    namespaces.require_off_event_loop(f"detaching VM {vm!r} from the WAN")
+    if not _state_path(wan).exists():
+        return
+    with _locked(wan):
+        state = _load(wan)
+        if state is None or vm not in state.vms:
+            return
+        namespaces.require_privileges()
+        _leave(wan, state, vm, vm=True)
+    log.info("wan detached vm=%s wan=%s", vm, wan)

@@ -31,9 +31,10 @@ def test_an_address_asked_for_is_used_when_free() -> None:
     assert choose_address(WAN, {}, IPv4Address("172.30.0.5")) == IPv4Address("172.30.0.5")
 
 
-def test_an_address_in_use_names_the_cluster_that_has_it() -> None:
-    with pytest.raises(WanAddressInUseError, match="in use by cluster 'east'"):
-        choose_address(WAN, {IPv4Address("172.30.0.1"): "east"}, IPv4Address("172.30.0.1"))
+@pytest.mark.parametrize("holder", ["cluster 'east'", "VM 'db'"])
+def test_an_address_in_use_names_the_member_that_has_it(holder: str) -> None:
+    with pytest.raises(WanAddressInUseError, match=f"in use by {holder}; choose another"):
+        choose_address(WAN, {IPv4Address("172.30.0.1"): holder}, IPv4Address("172.30.0.1"))
 
 
 @pytest.mark.parametrize("address", ["172.30.0.0", "172.30.0.7", "10.0.0.1"])
