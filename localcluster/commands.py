@@ -30,6 +30,9 @@ def add_cluster_commands(commands: Any) -> None:
                     "clusters on the same WAN reach each other's gateways")
     up.add_argument("--wan-cidr", help="with --multicluster: the WAN's range, when this "
                     "cluster creates the WAN (default 172.30.0.0/24)")
+    up.add_argument("--workload-heartbeat", default="10s", type=_heartbeat,
+                    help="how often VM agents report ready; a VM that misses 3 reports "
+                    "leaves its Services' endpoints (default 10s)")
     up.add_argument("--wan-address", help="with --multicluster: this node's WAN address "
                     "(default: the lowest free one)")
     up.set_defaults(func=_up)
@@ -89,6 +92,17 @@ def _add_vm_commands(commands: Any) -> None:
     listing.set_defaults(func=_vm_list)
 
 
+def _heartbeat(value: str) -> str:
+    from mesh.config import parse_duration
+    from mesh.errors import ConfigError
+
+    try:
+        parse_duration(value)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def _label(value: str) -> tuple[str, str]:
     key, sep, val = value.partition("=")
     if not sep or not key:
@@ -117,7 +131,8 @@ def _up(args: argparse.Namespace) -> int:
                         service_cidr=args.service_cidr, cluster_domain=args.cluster_domain,
                         identity_dir=args.identity_dir, trust_domain=args.trust_domain,
                         multicluster=args.multicluster, wan=args.wan, wan_cidr=args.wan_cidr,
-                        wan_address=args.wan_address))
+                        wan_address=args.wan_address,
+                        workload_heartbeat=args.workload_heartbeat))
     print(f"cluster {spec.name} is up: node {spec.node_address} in network namespace "
           f"{spec.node_netns}, trust domain {spec.trust_domain}")
     print(f"kubeconfig: {spec.kubeconfig}")

@@ -72,6 +72,8 @@ class ClusterSpec(BaseModel):
     trust_domain: str = Field(alias="trustDomain")
     node_netns: str = Field(alias="nodeNetns")
     node_address: str = Field(alias="nodeAddress")
+    workload_heartbeat: str = Field("10s", alias="workloadHeartbeat")
+    """How often VMs' agents report; the control plane drops one after 3 missed reports."""
     netns_prefix: str = Field("mg-", alias="netnsPrefix")
     wan: str | None = None
     """The WAN namespace the cluster is attached to; None: not multicluster."""
@@ -269,6 +271,7 @@ class UpRequest:
     wan: str = wan.DEFAULT_WAN
     wan_cidr: str | None = None
     wan_address: str | None = None
+    workload_heartbeat: str = "10s"
 
 
 DAEMONS = ("apiserver", "control", "dns", "gateway", "mirrors")
@@ -315,7 +318,8 @@ def up(req: UpRequest) -> ClusterSpec:
                        service_cidr=str(net.service_cidr), cluster_domain=req.cluster_domain,
                        trust_domain=trust_domain, node_netns=net.node_netns,
                        node_address=str(net.gateway.ip), netns_prefix=req.netns_prefix,
-                       wan=req.wan if req.multicluster else None)
+                       wan=req.wan if req.multicluster else None,
+                       workload_heartbeat=req.workload_heartbeat)
     entry.parent.mkdir(parents=True, exist_ok=True)
     entry.write_text(f"{state_dir}\n")
     (state_dir / "cluster.json").write_text(spec.model_dump_json(by_alias=True, indent=2))
@@ -397,7 +401,8 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
             "control", "run", "--kubeconfig", str(node_kubeconfig),
             "--identity-dir", str(spec.identity_dir), "--trust-domain", spec.trust_domain,
             *(arg for a in listen for arg in ("--listen", a)),
-            "--cluster-domain", spec.cluster_domain, "--cluster-name", spec.name))),
+            "--cluster-domain", spec.cluster_domain, "--cluster-name", spec.name,
+            "--workload-heartbeat", spec.workload_heartbeat))),
             ready="serving at")
     if not _daemon_alive(d, "dns"):
         _start_daemon(d, "dns", _in_netns(spec.node_netns, [

@@ -11,7 +11,7 @@ import pytest
 
 from mesh.identity import jointoken
 from vm_agent import routes, systemd
-from vm_agent.state import AlreadyRunning, AgentError, Change, Phase, StateDir, VmState
+from vm_agent.state import AgentError, AlreadyRunning, Change, Phase, StateDir, VmState
 
 
 def test_token_names_namespace_and_service_account_in_the_clear() -> None:
@@ -69,9 +69,9 @@ def test_the_state_directory_has_one_owner_at_a_time(tmp_path: Path) -> None:
     assert sd.holder() is None
     with sd.locked("meshgate vm join"):
         assert sd.holder() is not None and sd.holder_pid() is not None
-        with pytest.raises(AlreadyRunning, match=r"in use by meshgate vm join \(pid \d+\)"):
-            with StateDir(tmp_path / "s").locked("meshgate vm join"):
-                pass
+        with pytest.raises(AlreadyRunning, match=r"in use by meshgate vm join \(pid \d+\)"), \
+                StateDir(tmp_path / "s").locked("meshgate vm join"):
+            pass
     assert sd.holder() is None
     assert oct(sd.path.stat().st_mode & 0o777) == "0o700"
 
