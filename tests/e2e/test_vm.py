@@ -1,0 +1,441 @@
+"""A VM joins a cluster, as a user does it: `meshgate vm token` on the operator's
+side, `meshgate vm join` inside a VM namespace on the WAN (no route to any pod
+network), then calls both ways by name, policy, the heartbeat window, `vm status`,
+`vm leave` restoring the VM byte for byte, and the join's bad inputs.
+
+    VM app -> VM proxy (AnyIP route, mesh DNS) -> WAN -> home gateway -> web pod
+    client pod -> node (masquerade) -> WAN -> VM proxy (4143) -> VM app
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
+from pyroute2 import netns
+
+from localcluster import vms
+from localcluster.pods import in_pod, run_pod_argv
+from localcluster.up import find
+from mesh.control.externalworkloads import GROUP, PLURAL, VERSION
+from mesh.kube import api_client
+from tests.cluster import wait_for
+from tests.e2e.pod_scripts import CALLS
+
+HOME, VM = "vmhome", "legacy"
+WAN = "mg-vme2ewan"
+WAN_CIDR = "172.31.250.0/24"
+PODS, SERVICES = "10.236.0.0/16", "10.237.0.0/16"
+DOMAIN = "cluster.local"
+VM_ID = f"legacy.default.serviceaccount.identity.meshgate.{DOMAIN}"
+CLIENT_ID = f"frontend.default.serviceaccount.identity.meshgate.{DOMAIN}"
+WEB = f"web.default.svc.{DOMAIN}"
+LEGACY = f"legacy.default.svc.{DOMAIN}"
+KUBECTL = str(Path(sys.executable).parent / "kubectl")
+STATE = "/var/lib/meshgate"
+HEARTBEAT = "1s"
+"""The cluster's heartbeat interval: a VM whose agent stops leaves within 3 s."""
+
+SERVICES_YAML = """
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: legacy, namespace: default}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy, namespace: default}
+spec:
+  selector: {app: legacy}
+  ports: [{name: http, port: 80, targetPort: http}]
+"""
+
+
+@dataclass
+class Home:
+    base: Path
+    env: dict[str, str]
+    pods: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    agent: subprocess.Popen[str] | None = None
+    app: subprocess.Popen[bytes] | None = None
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.base / HOME / "kubeconfig"
+
+    @property
+    def wan_address(self) -> str:
+        address = find(HOME).wan_address
+        assert address is not None
+        return address
+
+    def meshgate(self, *args: str, check: bool = True, input: str | None = None,
+                 timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "mesh.cli", *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout, input=input)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"meshgate {' '.join(args)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def kubectl(self, *args: str, input: str | None = None) -> str:
+        proc = subprocess.run([KUBECTL, "--kubeconfig", str(self.kubeconfig), *args],
+                              capture_output=True, text=True, timeout=30, input=input)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def vm(self, *argv: str, check: bool = True, timeout: float = 60
+           ) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the VM."""
+        proc = subprocess.run(vms.exec_argv(VM, argv), env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"in the VM, {shlex.join(argv)} failed ({proc.returncode}):"
+                                 f"\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def vm_meshgate(self, *args: str, check: bool = True, timeout: float = 60
+                    ) -> subprocess.CompletedProcess[str]:
+        return self.vm(sys.executable, "-m", "mesh.cli", *args, check=check, timeout=timeout)
+
+    def token(self) -> list[str]:
+        """A fresh join line for the VM, as `vm token` prints it (argv after `meshgate`)."""
+        wan = self.wan_address
+        out = self.meshgate("vm", "token", "--kubeconfig", str(self.kubeconfig),
+                            "--namespace", "default", "--workload", VM, "--service-account",
+                            "legacy", "--label", "app=legacy", "--port", "http:8080",
+                            "--control-plane", f"https://{wan}:8086", "--gateway",
+                            f"{wan}:4143", "--api-server", f"https://{wan}:6443",
+                            "--trust-anchor-out", str(self.base / "anchor.pem")).stdout
+        line = shlex.split(out.strip())
+        assert line[:3] == ["meshgate", "vm", "join"], out
+        return line[1:]
+
+    def join(self, line: list[str]) -> subprocess.Popen[str]:
+        argv = [sys.executable, "-m", "mesh.cli", *line, "--foreground", "--heartbeat",
+                "0.5s", "--state-dir", STATE]
+        log = open(self.base / "agent.log", "a")  # noqa: SIM115 - the agent outlives this call
+        proc = subprocess.Popen(vms.exec_argv(VM, argv), env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.agent = proc
+
+        def joined() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"vm join exited {proc.returncode}:\n"
+                                     f"{(self.base / 'agent.log').read_text()}")
+            return "joined:" in (self.base / "agent.log").read_text()
+
+        wait_for(joined, timeout=60, interval=0.2, what="the VM to join")
+        return proc
+
+    def stop_agent(self) -> None:
+        if self.agent is not None and self.agent.poll() is None:
+            self.agent.send_signal(signal.SIGTERM)
+            self.agent.wait(30)
+        self.agent = None
+
+    def run_pod(self, name: str, *command: str, sa: str, labels: tuple[str, ...] = (),
+                port: int | None = None) -> None:
+        argv = run_pod_argv(HOME, name, command, service_account=sa, labels=labels, port=port)
+        with open(self.base / f"pod-{name}.log", "wb") as out:
+            self.pods[name] = subprocess.Popen(argv, env=self.env, stdout=out,
+                                               stderr=subprocess.STDOUT,
+                                               start_new_session=True)
+
+        def ready() -> bool:
+            if self.pods[name].poll() is not None:
+                raise AssertionError(f"run-pod {name} exited")
+            pod = client.CoreV1Api(api_client(self.kubeconfig)).read_namespaced_pod(
+                name, "default")
+            return any(c.type == "Ready" and c.status == "True"
+                       for c in (pod.status.conditions or []))
+
+        wait_for(ready, timeout=40, interval=0.2, what=f"pod {name} to be ready")
+
+    def calls(self, n: int, url: str = f"http://{LEGACY}/") -> list[str]:
+        proc = in_pod(find(HOME), "default", "client", [sys.executable, "-c", CALLS, str(n),
+                                                          url])
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    def metric(self, text: str, name: str, **labels: str) -> float:
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def pod_metrics(self, pod: str) -> str:
+        proc = in_pod(find(HOME), "default", pod, ["curl", "-s",
+                                                     "http://127.0.0.1:4191/metrics"])
+        return proc.stdout
+
+    def endpoints(self) -> list[tuple[str, bool]]:
+        """legacy's endpoints the control plane wrote: (address, ready)."""
+        api = client.DiscoveryV1Api(api_client(self.kubeconfig))
+        found = api.list_namespaced_endpoint_slice(
+            "default", label_selector="kubernetes.io/service-name=legacy").items
+        return [(ep.addresses[0], bool(ep.conditions and ep.conditions.ready))
+                for s in found for ep in s.endpoints or []]
+
+    def snapshot(self) -> dict[str, str]:
+        """What `vm leave` must give back byte for byte."""
+        return {"routes": self.vm("ip", "-d", "route", "show", "table", "all").stdout,
+                "addresses": self.vm("ip", "-d", "address", "show").stdout,
+                "resolv.conf": self.vm("cat", "/etc/resolv.conf").stdout,
+                "hosts": self.vm("cat", "/etc/hosts").stdout,
+                "units": self.vm("ls", "-la", "/etc/systemd/system").stdout,
+                "state": self.vm("ls", "-la", STATE).stdout}
+
+
+def _ours() -> list[str]:
+    return [n for n in netns.listnetns() if n.startswith(f"mg-{HOME}-") or n in (
+        WAN, vms.netns_name(VM))]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
+    base = tmp_path_factory.mktemp("vm")
+    env = {**os.environ, "MESHGATE_RUN_DIR": str(base / "run"), "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    previous = os.environ.get("MESHGATE_RUN_DIR")
+    os.environ["MESHGATE_RUN_DIR"] = env["MESHGATE_RUN_DIR"]
+    assert not _ours(), f"namespaces of an earlier run are in the way: {_ours()}"
+    h = Home(base, env)
+    try:
+        h.meshgate("identity", "init", "--trust-domain", DOMAIN, "--out", str(base / "anchor"))
+        h.meshgate("cluster", "up", "--name", HOME, "--state-dir", str(base / HOME),
+                   "--pod-cidr", PODS, "--service-cidr", SERVICES, "--identity-dir",
+                   str(base / "anchor"), "--multicluster", "--wan", WAN, "--wan-cidr",
+                   WAN_CIDR, "--workload-heartbeat", HEARTBEAT)
+        h.kubectl("apply", "-f", "-", input=SERVICES_YAML)
+        demo = (sys.executable, "-m", "localcluster.demoapp", "--port", "8080")
+        h.run_pod("web-1", *demo, sa="web", labels=("app=web",), port=8080)
+        h.run_pod("client", "sleep", "900", sa="frontend")
+        vms.create(VM, wan=WAN)
+        # The VM's own application, on its loopback: only the proxy exposes it.
+        h.app = subprocess.Popen(vms.exec_argv(VM, [
+            "env", "POD_NAME=legacy-vm", "POD_NAMESPACE=default", sys.executable, "-m",
+            "localcluster.demoapp", "--port", "8080"]), env=env, start_new_session=True)
+        yield h
+    finally:
+        h.stop_agent()
+        if vms.netns_name(VM) in netns.listnetns():
+            h.vm_meshgate("vm", "leave", "--state-dir", STATE, check=False)
+        for proc in [*h.pods.values(), *([h.app] if h.app else [])]:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        vms.delete(VM)
+        h.meshgate("cluster", "down", "--name", HOME, check=False)
+        if previous is None:
+            del os.environ["MESHGATE_RUN_DIR"]
+        else:
+            os.environ["MESHGATE_RUN_DIR"] = previous
+        assert not _ours(), f"left behind: {_ours()}"
+
+
+@pytest.fixture(scope="module")
+def before(home: Home) -> dict[str, str]:
+    return home.snapshot()
+
+
+def test_bad_inputs_leave_the_vm_as_it_was_and_keep_the_token(home: Home,
+                                                              before: dict[str, str]) -> None:
+    line = home.token()
+    flags = dict(zip(line[2::2], line[3::2], strict=True))
+    # A trust anchor of another trust domain's cluster: the control plane is not trusted.
+    other = home.base / "other-anchor"
+    home.meshgate("identity", "init", "--trust-domain", DOMAIN, "--out", str(other))
+    wrong = home.vm_meshgate("vm", "join", "--token", flags["--token"], "--control-plane",
+                             flags["--control-plane"], "--trust-anchor",
+                             str(other / "trust-bundle.pem"), "--foreground", "--state-dir",
+                             STATE, check=False)
+    assert wrong.returncode == 2 and "is not trusted" in wrong.stderr, wrong.stderr
+    # Nothing answers there: retried, then named with the time it was first tried.
+    gone = home.vm_meshgate("vm", "join", "--token", flags["--token"], "--control-plane",
+                            f"https://{home.wan_address}:9", "--trust-anchor",
+                            flags["--trust-anchor"], "--foreground", "--timeout", "2s",
+                            "--state-dir", STATE, check=False)
+    assert gone.returncode == 2 and "unreachable since" in gone.stderr, gone.stderr
+    garbled = home.vm_meshgate("vm", "join", "--token", "mgjoin.nope", "--control-plane",
+                               flags["--control-plane"], "--trust-anchor",
+                               flags["--trust-anchor"], "--foreground", "--state-dir", STATE,
+                               check=False)
+    assert garbled.returncode == 2 and "malformed" in garbled.stderr
+    assert home.snapshot() == before
+    # The token survived all of that: it still joins.
+    home.join(line)
+    home.stop_agent()
+    assert home.vm_meshgate("vm", "leave", "--state-dir", STATE).returncode == 0
+    assert home.snapshot() == before
+    # ...and only once.
+    replay = home.vm_meshgate("vm", "join", *line[2:], "--foreground", "--state-dir", STATE,
+                              check=False)
+    assert replay.returncode == 2 and "already used" in replay.stderr, replay.stderr
+    assert home.snapshot() == before
+
+
+@pytest.fixture(scope="module")
+def joined(home: Home, before: dict[str, str]) -> Home:
+    home.join(home.token())
+    return home
+
+
+def test_the_vm_calls_web_by_name_through_the_gateway(joined: Home) -> None:
+    vip = client.CoreV1Api(api_client(joined.kubeconfig)).read_namespaced_service(
+        "web", "default").spec.cluster_ip
+    assert joined.vm("getent", "hosts", WEB).stdout.split()[0] == vip
+    assert joined.vm("getent", "hosts", "web").stdout.split()[0] == vip  # search list
+    assert joined.vm("dig", "+short", WEB).stdout.strip() == vip
+    # Every other name still goes to the VM's own resolvers (which do not know this one).
+    assert joined.vm("dig", "+short", f"nothing.{DOMAIN}").stdout.strip() == ""
+    answers = [joined.vm("curl", "-s", "--max-time", "5", f"http://{WEB}/").stdout.strip()
+               for _ in range(3)]
+    assert answers == ["hello from web-1 in default"] * 3
+    # web's proxy authorized and counted the VM, not the gateway that forwarded it.
+    metrics = joined.pod_metrics("web-1")
+    assert joined.metric(metrics, "request_total", direction="inbound",
+                         client_id=VM_ID) >= 3
+
+
+def test_a_pod_calls_the_vm_by_name(joined: Home) -> None:
+    wait_for(lambda: joined.endpoints() == [(joined_address(joined), True)], timeout=20,
+             interval=0.2, what="the VM in legacy's endpoints")
+    answers = wait_for(lambda: (a := joined.calls(3)) and all(x.startswith("200") for x in a)
+                       and a, timeout=20, interval=0.5, what="calls to the VM")
+    assert answers == ["200 hello from legacy-vm in default"] * 3
+    metrics = joined.vm("curl", "-s", "http://127.0.0.1:4191/metrics").stdout
+    assert joined.metric(metrics, "request_total", direction="inbound",
+                         client_id=CLIENT_ID) >= 3
+
+
+def joined_address(home: Home) -> str:
+    ew = client.CustomObjectsApi(api_client(home.kubeconfig)).get_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, VM)
+    return str(ew["spec"]["workloadIPs"][0]["ip"])
+
+
+POLICY = """
+apiVersion: policy.meshgate.io/v1alpha1
+kind: Server
+metadata: {name: legacy-http, namespace: default}
+spec:
+  externalWorkloadSelector: {matchLabels: {app: legacy}}
+  port: http
+  accessPolicy: deny
+---
+apiVersion: policy.meshgate.io/v1alpha1
+kind: MeshTLSAuthentication
+metadata: {name: admins, namespace: default}
+spec:
+  identities: ["admin.default.serviceaccount.identity.meshgate.cluster.local"]
+---
+apiVersion: policy.meshgate.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: legacy-admins, namespace: default}
+spec:
+  targetRef: {group: policy.meshgate.io, kind: Server, name: legacy-http}
+  requiredAuthenticationRefs:
+    - {group: policy.meshgate.io, kind: MeshTLSAuthentication, name: admins}
+"""
+
+
+def test_a_server_selecting_the_vm_that_leaves_the_caller_out_answers_403(
+        joined: Home) -> None:
+    joined.kubectl("apply", "-f", "-", input=POLICY)
+    try:
+        refused = wait_for(lambda: [a for a in joined.calls(2) if a.startswith("403")],
+                           timeout=20, interval=0.5, what="the VM's proxy to refuse")
+        assert CLIENT_ID in refused[0], refused
+    finally:
+        joined.kubectl("delete", "-f", "-", input=POLICY)
+    wait_for(lambda: all(a.startswith("200") for a in joined.calls(2)), timeout=20,
+             interval=0.5, what="calls to be allowed again")
+
+
+def test_status_and_a_second_join(joined: Home) -> None:
+    status = joined.vm_meshgate("vm", "status", "--state-dir", STATE)
+    assert "phase:        joined" in status.stdout
+    assert VM_ID in status.stdout and "certificate valid until" in status.stdout
+    assert "proxy admin:  ready" in status.stdout
+    again = joined.vm_meshgate("vm", "join", *joined.token()[2:], "--foreground",
+                               "--state-dir", STATE, check=False)
+    assert again.returncode == 2 and "in use by meshgate vm join" in again.stderr, again.stderr
+
+
+def test_a_port_another_process_holds_is_named_and_the_rest_works(joined: Home) -> None:
+    holder = subprocess.Popen(vms.exec_argv(VM, [
+        sys.executable, "-c", "import socket, time; s = socket.socket(); "
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 9090));"
+        " s.listen(); time.sleep(120)"]), env=joined.env, start_new_session=True)
+    other = """
+apiVersion: v1
+kind: Service
+metadata: {name: other, namespace: default}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 9090, targetPort: 8080}]
+"""
+    try:
+        joined.kubectl("apply", "-f", "-", input=other)
+
+        def named() -> str:
+            text = joined.vm("curl", "-s", "http://127.0.0.1:4191/redirects").stdout
+            return text if ":9090" in text and f"pid {holder.pid}" in text else ""
+
+        report = wait_for(named, timeout=20, interval=0.3, what="the conflict to be named")
+        assert "python" in report
+        assert joined.vm("curl", "-s", "--max-time", "5", f"http://{WEB}/").stdout.strip() \
+            == "hello from web-1 in default"
+    finally:
+        holder.send_signal(signal.SIGTERM)
+        holder.wait(10)
+        joined.kubectl("delete", "-f", "-", input=other)
+
+
+def test_a_stopped_agent_leaves_the_endpoints_and_comes_back(joined: Home) -> None:
+    address = joined_address(joined)
+    joined.stop_agent()
+    stopped = time.monotonic()
+    wait_for(lambda: joined.endpoints() == [(address, False)], timeout=15, interval=0.2,
+             what="the VM to turn not ready")
+    assert time.monotonic() - stopped < 10
+    # `vm run` is what the systemd unit starts after a reboot.
+    log = open(joined.base / "agent.log", "a")  # noqa: SIM115
+    joined.agent = subprocess.Popen(vms.exec_argv(VM, [
+        sys.executable, "-m", "mesh.cli", "vm", "run", "--state-dir", STATE, "--heartbeat",
+        "0.5s"]), env=joined.env, stdout=log, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    wait_for(lambda: joined.endpoints() == [(address, True)], timeout=30, interval=0.2,
+             what="the VM to be ready again")
+    wait_for(lambda: all(a.startswith("200") for a in joined.calls(2)), timeout=20,
+             interval=0.5, what="calls to the VM again")
+
+
+def test_leave_restores_the_vm_byte_for_byte(joined: Home, before: dict[str, str]) -> None:
+    assert joined.snapshot() != before  # routes, resolver and state were changed
+    left = joined.vm_meshgate("vm", "leave", "--state-dir", STATE)
+    assert "left:" in left.stdout
+    joined.agent = None
+    assert joined.snapshot() == before
+    ew = client.CustomObjectsApi(api_client(joined.kubeconfig)).get_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, VM)
+    assert ew["spec"]["workloadIPs"] == []
+    assert ew["status"]["conditions"][0]["reason"] == "Left"
+    wait_for(lambda: all(not ready for _, ready in joined.endpoints()), timeout=10,
+             interval=0.2, what="the VM to leave legacy's endpoints")
+    again = joined.vm_meshgate("vm", "leave", "--state-dir", STATE)
+    assert "nothing to undo" in again.stdout
