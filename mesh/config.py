@@ -118,7 +118,11 @@ def split_address(value: str) -> tuple[str, int]:
 
 
 class IdentityConfig(_Model):
-    """Where the proxy's certificate comes from: files, or the identity service."""
+    """Where the proxy's certificate comes from: files never renewed (certFile and
+    keyFile); the identity service (server and tokenFile); or files held from
+    before and renewed through the identity service, written back on each renewal
+    (server, certFile and keyFile, as on an enrolled VM; tokenFile then serves only
+    when the held certificate cannot prove the identity any more)."""
 
     name: str
     trust_bundle: Path = Field(alias="trustBundle")
@@ -129,11 +133,23 @@ class IdentityConfig(_Model):
 
     @model_validator(mode="after")
     def _one_source(self) -> IdentityConfig:
-        files = self.cert_file is not None and self.key_file is not None
-        service = self.server is not None and self.token_file is not None
-        if files == service:
-            raise ValueError("give either certFile and keyFile, or server and tokenFile")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give certFile and keyFile together")
+        files = self.cert_file is not None
+        if self.server is None and (not files or self.token_file is not None):
+            raise ValueError("give certFile and keyFile (files, never renewed), server and "
+                             "tokenFile (a certificate from the identity service), or server, "
+                             "certFile and keyFile (held files renewed through the identity "
+                             "service)")
+        if self.server is not None and not files and self.token_file is None:
+            raise ValueError("server needs tokenFile, or certFile and keyFile holding a "
+                             "certificate to renew")
         return self
+
+    @property
+    def renewed_files(self) -> bool:
+        """Held certificate files that the identity service renews (a VM's)."""
+        return self.server is not None and self.cert_file is not None
 
 
 class InboundConfig(_Model):

@@ -17,6 +17,7 @@ import shutil
 import signal
 import ssl
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -28,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from mesh.config import IdentityConfig, ProxyConfig, split_address
 from mesh.errors import ConfigError
 from mesh.identity.bundle import TrustBundle
+from mesh.identity.errors import TrustSetupError
 from mesh.identity.names import Identity, service_identity
 from mesh.identity.static import StaticIdentity
 from mesh.memory import return_freed_memory
@@ -44,6 +46,7 @@ from mesh.proxy.pool import Pool
 
 if TYPE_CHECKING:
     from mesh.discovery.stream import ControlStream
+    from mesh.identity.certstore import CertStore
     from mesh.proxy.policy import PolicyWatch
 
 log = logging.getLogger("mesh.proxy")
@@ -66,24 +69,19 @@ class Workload(Protocol):
 
 async def load_workload(cfg: IdentityConfig, registry: CollectorRegistry
                         ) -> tuple[Workload, asyncio.Task[None] | None]:
-    """The identity `cfg` describes: certificate files, or a certificate from the
-    identity service with the task that renews it (cancel it to stop)."""
-    if cfg.cert_file is not None and cfg.key_file is not None:
+    """The identity `cfg` describes: certificate files; a certificate from the
+    identity service; or held files renewed through it and written back. Returns
+    it with the task that renews it (cancel it to stop), None for files alone."""
+    if cfg.server is None:
+        assert cfg.cert_file is not None and cfg.key_file is not None
         workload: Workload = StaticIdentity.load(cfg.cert_file, cfg.key_file, cfg.trust_bundle)
         renewal = None
     else:
-        from mesh.identity.certstore import CertStore
-        from mesh.identity.client import HttpRequester
-
-        assert cfg.server is not None and cfg.token_file is not None
-        token_file = cfg.token_file
-        bundle_pem = cfg.trust_bundle.read_bytes()
-        identity = Identity.parse(cfg.name)
-        store = CertStore(identity, HttpRequester(
-            cfg.server, bundle_pem=bundle_pem, trust_domain=identity.trust_domain,
-            control_ns=identity.control_ns, token=lambda: _read_token(token_file)),
-            bundle=TrustBundle.from_pem(bundle_pem), registry=registry)
-        await store.start()
+        store = _cert_store(cfg, registry)
+        if cfg.renewed_files:
+            _adopt_files(store, cfg)
+        else:
+            await store.start()
         workload, renewal = store, asyncio.create_task(store.run())
     if str(workload.identity) != cfg.name:
         if renewal is not None:
@@ -91,6 +89,51 @@ async def load_workload(cfg: IdentityConfig, registry: CollectorRegistry
         raise ConfigError(f"identity.name is {cfg.name} but the certificate names "
                           f"{workload.identity}")
     return workload, renewal
+
+
+def _cert_store(cfg: IdentityConfig, registry: CollectorRegistry) -> CertStore:
+    from mesh.identity.certstore import CertStore
+    from mesh.identity.client import HttpRequester
+
+    assert cfg.server is not None
+    token_file = cfg.token_file
+    bundle_pem = cfg.trust_bundle.read_bytes()
+    identity = Identity.parse(cfg.name)
+    return CertStore(identity, HttpRequester(
+        cfg.server, bundle_pem=bundle_pem, trust_domain=identity.trust_domain,
+        control_ns=identity.control_ns, certificate_first=cfg.renewed_files,
+        token=lambda: _read_token(token_file) if token_file is not None else None),
+        bundle=TrustBundle.from_pem(bundle_pem), registry=registry)
+
+
+def _adopt_files(store: CertStore, cfg: IdentityConfig) -> None:
+    """Serve with the held certificate files and write every renewal back to them."""
+    from mesh.identity.certstore import write_back
+    from mesh.identity.errors import CertificateExpired
+
+    assert cfg.cert_file is not None and cfg.key_file is not None
+    try:
+        chain, key = cfg.cert_file.read_bytes(), cfg.key_file.read_bytes()
+    except OSError as e:
+        raise TrustSetupError(f"cannot read {e.filename}: {e.strerror}; run `meshgate vm "
+                              "join` to obtain the machine's certificate") from e
+    try:
+        store.adopt(chain, key)
+    except CertificateExpired as e:
+        if not _lapsed(chain):
+            raise  # not yet valid: the message names the clock
+        raise CertificateExpired(
+            f"{e}. The identity service renews only a valid certificate, so this machine "
+            f"must join again: run `meshgate vm leave`, then `meshgate vm join` with a new "
+            f"token from `meshgate vm token`") from e
+    store.on_change.append(write_back(cfg.cert_file, cfg.key_file))
+
+
+def _lapsed(chain_pem: bytes) -> bool:
+    """Whether the leaf of ``chain_pem`` is past its notAfter (an expired issuer's
+    leaves are clamped to its own expiry, so the leaf tells for the chain)."""
+    leaf = x509.load_pem_x509_certificate(chain_pem)
+    return leaf.not_valid_after_utc.timestamp() <= time.time()
 
 
 async def listen(factory: Callable[[], asyncio.BaseProtocol], address: str, what: str
