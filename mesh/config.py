@@ -107,7 +107,16 @@ def _dns_name(value: str) -> str:
     return value
 
 
+def _identity_name(value: str) -> str:
+    try:
+        Identity.parse(value)
+    except IdentityError as e:
+        raise ValueError(str(e)) from None
+    return value
+
+
 IdentityPattern = Annotated[str, AfterValidator(_identity_pattern)]
+IdentityName = Annotated[str, AfterValidator(_identity_name)]
 LabelSelector = Annotated[str, AfterValidator(_label_selector)]
 DnsName = Annotated[str, AfterValidator(_dns_name)]
 
@@ -164,6 +173,16 @@ class InboundConfig(_Model):
     counted instead of the gateway; field 100 from any other peer is refused."""
 
 
+class HomeGatewayConfig(_Model):
+    """The home cluster's gateway, for a proxy with no route to the pod network (an
+    enrolled VM): meshed pods are reached through it."""
+
+    address: Address
+    """HOST:PORT of the gateway's mTLS listener."""
+    identity: IdentityName
+    """The identity the gateway must present."""
+
+
 class OutboundConfig(_Model):
     listen: Address = "127.0.0.1:4140"
     redirect: bool = True
@@ -176,6 +195,9 @@ class OutboundConfig(_Model):
     Linkerd's default list (server-speaks-first protocols, whose clients would wait
     `detectTimeout` for their greeting); ``[]`` turns it off. A Service adds its own
     with the annotation ``config.meshgate.io/opaque-ports``."""
+    gateway: HomeGatewayConfig | None = None
+    """Reach every meshed pod through this gateway instead of directly (see
+    mesh.proxy.through_gateway); endpoints outside the mesh are then out of reach."""
 
 
 class AdminConfig(_Model):

@@ -43,6 +43,7 @@ from mesh.proxy.http import HttpOutbound
 from mesh.proxy.inbound import Inbound, InboundPolicy
 from mesh.proxy.outbound import Outbound
 from mesh.proxy.pool import Pool
+from mesh.proxy.through_gateway import ThroughGateway
 
 if TYPE_CHECKING:
     from mesh.discovery.stream import ControlStream
@@ -164,11 +165,22 @@ class Proxy:
         self._trimmer: asyncio.Task[None] | None = None
         self.ready = False
         self.discovery: Discovery | None = None
+        """What the outbound routes by: `_source`, through the gateway when configured."""
+        self._source: Discovery | None = None
         self.outbound: Outbound | None = None
         self.redirected: set[str] = set()
         self._streams: list[ControlStream] = []
 
     def _discovery(self, workload: Workload) -> Discovery:
+        source = self._source = self._discovery_source(workload)
+        gateway = self.config.outbound.gateway
+        if gateway is None:
+            return source
+        log.info("outbound through gateway address=%s identity=%s", gateway.address,
+                 gateway.identity)
+        return ThroughGateway(source, address=gateway.address, identity=gateway.identity)
+
+    def _discovery_source(self, workload: Workload) -> Discovery:
         dest = self.config.destination
         if dest is not None:
             from mesh.discovery.client import WatchDiscovery
@@ -270,8 +282,8 @@ class Proxy:
 
     def reload(self) -> None:
         """Re-read the discovery file (SIGHUP); the last good data stays on failure."""
-        if isinstance(self.discovery, StaticDiscovery) and self.discovery.path is not None:
-            self.discovery.reload()
+        if isinstance(self._source, StaticDiscovery) and self._source.path is not None:
+            self._source.reload()
 
     async def _start_admin(self) -> None:
         self.admin = await serve_admin(AdminServer({
