@@ -1,9 +1,9 @@
 """One proxy process: its identity, discovery, listeners and admin server.
 
 Listeners: inbound (4143, mTLS from other proxies), outbound (4140) plus one
-redirected listener per service address in discovery, and admin (4191:
-``/metrics``, ``/ready``, ``/live``). Listening sockets set SO_REUSEPORT so
-that ``--workers N`` processes share them.
+redirected listener per service address in discovery (mesh.proxy.redirects), and
+admin (4191: ``/metrics``, ``/ready``, ``/live``, ``/endpoints``, ``/redirects``).
+Listening sockets set SO_REUSEPORT so that ``--workers N`` processes share them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 
-from mesh.config import IdentityConfig, ProxyConfig, split_address
+from mesh.config import IdentityConfig, ProxyConfig
 from mesh.errors import ConfigError
 from mesh.identity.bundle import TrustBundle
 from mesh.identity.errors import TrustSetupError
@@ -41,8 +41,10 @@ from mesh.proxy.dial import Dialer
 from mesh.proxy.discovery import Discovery, ServiceSpec, StaticDiscovery
 from mesh.proxy.http import HttpOutbound
 from mesh.proxy.inbound import Inbound, InboundPolicy
+from mesh.proxy.listeners import listen
 from mesh.proxy.outbound import Outbound
 from mesh.proxy.pool import Pool
+from mesh.proxy.redirects import Redirects
 from mesh.proxy.through_gateway import ThroughGateway
 
 if TYPE_CHECKING:
@@ -137,17 +139,6 @@ def _lapsed(chain_pem: bytes) -> bool:
     return leaf.not_valid_after_utc.timestamp() <= time.time()
 
 
-async def listen(factory: Callable[[], asyncio.BaseProtocol], address: str, what: str
-                 ) -> asyncio.AbstractServer:
-    """A listener on HOST:PORT, shared with other workers (SO_REUSEPORT)."""
-    host, port = split_address(address)
-    loop = asyncio.get_running_loop()
-    try:
-        return await loop.create_server(factory, host, port, reuse_port=True, backlog=1024)
-    except OSError as e:
-        raise ConfigError(f"{what} listener cannot bind {address}: {e.strerror or e}") from e
-
-
 async def serve_admin(admin: AdminServer, address: str) -> asyncio.AbstractServer:
     """Serve the admin endpoints (``/metrics``, ``/ready``, ``/live``) on HOST:PORT."""
     return await listen(admin.protocol, address, "admin")
@@ -168,7 +159,7 @@ class Proxy:
         """What the outbound routes by: `_source`, through the gateway when configured."""
         self._source: Discovery | None = None
         self.outbound: Outbound | None = None
-        self.redirected: set[str] = set()
+        self.redirects: Redirects | None = None
         self._streams: list[ControlStream] = []
 
     def _discovery(self, workload: Workload) -> Discovery:
@@ -251,13 +242,14 @@ class Proxy:
         await self._listen(inbound.protocol, self.config.inbound.listen, "inbound")
         await self._listen(outbound.protocol, self.config.outbound.listen, "outbound")
         self.discovery, self.outbound = discovery, outbound
+        self.redirects = Redirects(outbound.protocol)
         if self.config.outbound.redirect:
             # Subscribe first: a stream may announce services while listeners open.
             discovery.subscribe(self._service_changed)
             for stream in self._streams:
                 await stream.wait_ready(5.0)
             for service in discovery.services():
-                await self._redirect(service)
+                await self.redirects.open(service)
         await self._start_admin()
         self._trimmer = asyncio.create_task(return_freed_memory())
         self.ready = True
@@ -268,16 +260,10 @@ class Proxy:
             log.warning("compiled modules older than their sources modules=%s: the proxy runs "
                         "the old code; run `make native`", ",".join(stale))
 
-    async def _redirect(self, service: ServiceSpec) -> None:
-        """Listen on a service's address, once, for as long as the proxy runs."""
-        if service.address in self.redirected or self.outbound is None:
-            return
-        self.redirected.add(service.address)
-        await self._listen(self.outbound.protocol, service.address, f"service {service.name}")
-
     def _service_changed(self, service: ServiceSpec) -> None:
-        if service.address not in self.redirected and service.endpoints:
-            task = asyncio.get_running_loop().create_task(self._redirect(service))
+        redirects = self.redirects
+        if redirects is not None and service.address not in redirects and service.endpoints:
+            task = asyncio.get_running_loop().create_task(redirects.open(service))
             task.add_done_callback(_log_failure)
 
     def reload(self) -> None:
@@ -288,7 +274,8 @@ class Proxy:
     async def _start_admin(self) -> None:
         self.admin = await serve_admin(AdminServer({
             "/metrics": self._metrics, "/ready": self._ready, "/live": lambda: text("live\n"),
-            "/endpoints": self._endpoints}), self.config.admin.listen)
+            "/endpoints": self._endpoints, "/redirects": self._redirects}),
+            self.config.admin.listen)
 
     def _metrics(self) -> Answer:
         return 200, TEXT, exposition(self.metrics.registry)
@@ -302,8 +289,16 @@ class Proxy:
         return 200, JSON, json.dumps([svc.model_dump(mode="json", by_alias=True)
                                       for svc in services]).encode()
 
+    def _redirects(self) -> Answer:
+        """Each redirected listener: its address, service, state (bound or failed) and
+        the cause of its failure, naming the process that holds the address."""
+        report = self.redirects.report() if self.redirects is not None else []
+        return 200, JSON, json.dumps(report).encode()
+
     async def stop(self) -> None:
         self.ready = False
+        if self.redirects is not None:
+            self.redirects.close()
         for server in self.servers:
             server.close()
         if self.outbound is not None and self.outbound.http is not None:
@@ -319,7 +314,7 @@ class Proxy:
 
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.warning("redirected listener failed cause=%s", task.exception())
+        log.error("redirected listener not opened cause=%s", task.exception())
 
 
 def _read_token(path: Path) -> str | None:
