@@ -29,7 +29,8 @@ from mesh.metrics import GatewayMetrics, exposition
 from mesh.proxy.admin import TEXT, AdminServer, Answer, text
 from mesh.proxy.assertion import AssertionVerifier
 from mesh.proxy.dial import Dialer
-from mesh.proxy.main import Workload, listen, load_workload, serve_admin
+from mesh.proxy.listeners import listen
+from mesh.proxy.main import Workload, load_workload, serve_admin
 
 log = logging.getLogger("gateway")
 

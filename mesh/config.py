@@ -107,7 +107,16 @@ def _dns_name(value: str) -> str:
     return value
 
 
+def _identity_name(value: str) -> str:
+    try:
+        Identity.parse(value)
+    except IdentityError as e:
+        raise ValueError(str(e)) from None
+    return value
+
+
 IdentityPattern = Annotated[str, AfterValidator(_identity_pattern)]
+IdentityName = Annotated[str, AfterValidator(_identity_name)]
 LabelSelector = Annotated[str, AfterValidator(_label_selector)]
 DnsName = Annotated[str, AfterValidator(_dns_name)]
 
@@ -118,7 +127,11 @@ def split_address(value: str) -> tuple[str, int]:
 
 
 class IdentityConfig(_Model):
-    """Where the proxy's certificate comes from: files, or the identity service."""
+    """Where the proxy's certificate comes from: files never renewed (certFile and
+    keyFile); the identity service (server and tokenFile); or files held from
+    before and renewed through the identity service, written back on each renewal
+    (server, certFile and keyFile, as on an enrolled VM; tokenFile then serves only
+    when the held certificate cannot prove the identity any more)."""
 
     name: str
     trust_bundle: Path = Field(alias="trustBundle")
@@ -129,11 +142,23 @@ class IdentityConfig(_Model):
 
     @model_validator(mode="after")
     def _one_source(self) -> IdentityConfig:
-        files = self.cert_file is not None and self.key_file is not None
-        service = self.server is not None and self.token_file is not None
-        if files == service:
-            raise ValueError("give either certFile and keyFile, or server and tokenFile")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give certFile and keyFile together")
+        files = self.cert_file is not None
+        if self.server is None and (not files or self.token_file is not None):
+            raise ValueError("give certFile and keyFile (files, never renewed), server and "
+                             "tokenFile (a certificate from the identity service), or server, "
+                             "certFile and keyFile (held files renewed through the identity "
+                             "service)")
+        if self.server is not None and not files and self.token_file is None:
+            raise ValueError("server needs tokenFile, or certFile and keyFile holding a "
+                             "certificate to renew")
         return self
+
+    @property
+    def renewed_files(self) -> bool:
+        """Held certificate files that the identity service renews (a VM's)."""
+        return self.server is not None and self.cert_file is not None
 
 
 class InboundConfig(_Model):
@@ -148,6 +173,16 @@ class InboundConfig(_Model):
     counted instead of the gateway; field 100 from any other peer is refused."""
 
 
+class HomeGatewayConfig(_Model):
+    """The home cluster's gateway, for a proxy with no route to the pod network (an
+    enrolled VM): meshed pods are reached through it."""
+
+    address: Address
+    """HOST:PORT of the gateway's mTLS listener."""
+    identity: IdentityName
+    """The identity the gateway must present."""
+
+
 class OutboundConfig(_Model):
     listen: Address = "127.0.0.1:4140"
     redirect: bool = True
@@ -160,6 +195,9 @@ class OutboundConfig(_Model):
     Linkerd's default list (server-speaks-first protocols, whose clients would wait
     `detectTimeout` for their greeting); ``[]`` turns it off. A Service adds its own
     with the annotation ``config.meshgate.io/opaque-ports``."""
+    gateway: HomeGatewayConfig | None = None
+    """Reach every meshed pod through this gateway instead of directly (see
+    mesh.proxy.through_gateway); endpoints outside the mesh are then out of reach."""
 
 
 class AdminConfig(_Model):

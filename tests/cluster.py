@@ -161,24 +161,25 @@ def start_cluster(state_dir: Path, *extra: str, name: str = "test",
 
 def add_meshed_service(api: client.ApiClient, name: str, *, app_port: int, inbound_port: int,
                        labels: dict[str, str], port_name: str | None = None,
-                       service_account: str = "web") -> None:
+                       service_account: str = "web", port: int = 80) -> None:
     """A Service `name` in default selecting one ready Pod at 127.0.0.1, whose app listens
     on `app_port` behind a proxy whose inbound listener is `inbound_port`; the Pod runs
-    as `service_account`, the identity its proxy must present."""
+    as `service_account`, the identity its proxy must present. The Service listens on
+    `port`."""
     from mesh.discovery.index import INBOUND_PORT_ANNOTATION
 
     core: Any = client.CoreV1Api(api)
     core.create_namespaced_service("default", {
         "metadata": {"name": name, "labels": labels},
-        "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": app_port}]}})
-    port: dict[str, Any] = {"containerPort": app_port}
+        "spec": {"selector": {"app": name}, "ports": [{"port": port, "targetPort": app_port}]}})
+    container_port: dict[str, Any] = {"containerPort": app_port}
     if port_name:
-        port["name"] = port_name
+        container_port["name"] = port_name
     core.create_namespaced_pod("default", {
         "metadata": {"name": f"{name}-1", "labels": {"app": name},
                      "annotations": {INBOUND_PORT_ANNOTATION: str(inbound_port)}},
         "spec": {"serviceAccountName": service_account,
-                 "containers": [{"name": "app", "image": "app", "ports": [port]}]}})
+                 "containers": [{"name": "app", "image": "app", "ports": [container_port]}]}})
     core.patch_namespaced_pod_status(f"{name}-1", "default", {"status": {
         "phase": "Running", "podIP": "127.0.0.1",
         "conditions": [{"type": "Ready", "status": "True"}]}},

@@ -413,6 +413,12 @@ def write_private(path: Path, data: bytes) -> None:
     _write_atomic(path, data, 0o600)
 
 
+def write_public(path: Path, data: bytes) -> None:
+    """Write ``data`` that may be read by anyone (certificates) to ``path``
+    atomically, mode 0644."""
+    _write_atomic(path, data, 0o644)
+
+
 class IssuerDir:
     """The files of ``meshgate identity init --out DIR``.
 

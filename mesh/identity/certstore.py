@@ -5,6 +5,10 @@ service (through a `Requester`), renews it at ``renew_at`` of its lifetime,
 and keeps two long-lived TLS contexts presenting it: `server_context` for
 accepting mesh connections and `client_context` for dialling them.
 
+A store may instead `adopt` a chain and key held from before (a VM's files,
+which `write_back` keeps current with each renewal) and renew those, proving
+the identity with the certificate itself.
+
 Renewal loads the new chain and key *into the same context objects*, so
 listeners and dialers holding them present the new certificate from their next
 handshake on; connections already open keep working, since an established
@@ -30,6 +34,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
@@ -217,6 +222,32 @@ class CertStore:
             raise IdentityError(f"the certificate store of {self._identity} was stopped "
                                 "before it obtained a certificate")
 
+    def adopt(self, chain_pem: bytes, key_pem: bytes) -> None:
+        """Present a chain and key obtained before (a VM's certificate files, kept
+        across restarts) until `run` renews them, when due, through the identity
+        service, which accepts the certificate itself as the proof for its renewal.
+
+        Checked as an issued chain is (this identity, the trust bundle, the key's
+        own certificate); raises `CertificateExpired` when it is no longer (or not
+        yet) valid, `UntrustedChain` or `TrustSetupError` when it is unusable.
+        """
+        what = f"the certificate held for {self._identity} is"
+        try:
+            certs, key = tuple(ca.load_certs(chain_pem)), ca.load_key(key_pem)
+        except TrustSetupError as e:
+            raise TrustSetupError(f"{what} unreadable: {e}") from e
+        if not _same_key(certs[0], key):
+            raise TrustSetupError(f"{what} not the held key's: the certificate and key "
+                                  "do not belong together (written by different "
+                                  "enrollments, or interrupted while being replaced)")
+        self._check(certs, self._bundle, what=f"{what} a")
+        # Lifetimes count from issuance, which the service backdates notBefore from.
+        issued = certs[0].not_valid_before_utc.timestamp() + ca.BACKDATE.total_seconds()
+        self._install(certs, key, self._bundle, received=min(issued, self._clock()))
+        log.info("identity certificate adopted identity=%s serial=%x not_after=%s "
+                 "renew_in=%.0fs", self._identity, certs[0].serial_number,
+                 rfc3339(certs[0].not_valid_after_utc), self._renewal_delay())
+
     async def run(self) -> None:
         """Renew for ever (until `stop`), at ``renew_at`` of each certificate's lifetime.
 
@@ -263,7 +294,11 @@ class CertStore:
         csr_pem = ca.make_csr(key, self._identity).public_bytes(serialization.Encoding.PEM)
         issued = await self._requester.certify(csr_pem, current=self if self._valid() else None)
         certs, bundle = self._accept(issued, key)
-        self._install(certs, key, bundle)
+        self._install(certs, key, bundle, received=self._clock())
+        self._metrics.refresh.labels("success").inc()
+        log.info("identity certificate issued identity=%s serial=%x not_after=%s",
+                 self._identity, certs[0].serial_number,
+                 rfc3339(certs[0].not_valid_after_utc))
 
     def _accept(self, issued: Issued, key: ec.EllipticCurvePrivateKey
                 ) -> tuple[tuple[x509.Certificate, ...], TrustBundle]:
@@ -275,25 +310,29 @@ class CertStore:
                 else self._bundle
         except TrustSetupError as e:
             raise TrustSetupError(f"{what} something unusable: {e}") from e
-        leaf = certs[0]
-        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        if leaf.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        if not _same_key(certs[0], key):
             raise TrustSetupError(f"{what} a certificate for another key than the one in "
                                   "the request; the service or a proxy before it is broken")
+        self._check(certs, bundle, what=f"{what} a")
+        return certs, bundle
+
+    def _check(self, certs: tuple[x509.Certificate, ...], bundle: TrustBundle, *,
+               what: str) -> None:
+        """Raise unless ``certs`` name this workload and verify under ``bundle`` now;
+        ``what`` begins each message (it reads on with "certificate ..." or "chain ...")."""
         try:
-            named = Identity.from_certificate(leaf)
+            named = Identity.from_certificate(certs[0])
         except InvalidName as e:
-            raise TrustSetupError(f"{what} a certificate that names no identity: {e}") from e
+            raise TrustSetupError(f"{what} certificate that names no identity: {e}") from e
         if named != self._identity:
-            raise TrustSetupError(f"{what} a certificate for {named}")
+            raise TrustSetupError(f"{what} certificate for {named}")
         try:
             bundle.verify(certs, now=self._now())
         except (UntrustedChain, CertificateExpired) as e:
-            raise type(e)(f"{what} a chain that this workload cannot use: {e}") from e
-        return certs, bundle
+            raise type(e)(f"{what} chain that this workload cannot use: {e}") from e
 
     def _install(self, certs: tuple[x509.Certificate, ...], key: ec.EllipticCurvePrivateKey,
-                 bundle: TrustBundle) -> None:
+                 bundle: TrustBundle, *, received: float) -> None:
         chain_pem = b"".join(ca.cert_pem(c) for c in certs)
         key_pem = ca.key_pem(key)
         server, client = self._server_ctx, self._client_ctx
@@ -316,12 +355,8 @@ class CertStore:
                      _listing(self._bundle, old - new), bool(old - new))
         self._server_ctx, self._client_ctx = server, client
         self._bundle = bundle
-        self._current = _Current(certs, chain_pem, key, self._clock())
+        self._current = _Current(certs, chain_pem, key, received)
         self._metrics.expiration.labels(str(self._identity)).set(self._current.not_after)
-        self._metrics.refresh.labels("success").inc()
-        log.info("identity certificate issued identity=%s serial=%x not_after=%s",
-                 self._identity, certs[0].serial_number,
-                 rfc3339(certs[0].not_valid_after_utc))
         for listener in list(self.on_change):
             try:
                 listener(self)
@@ -381,6 +416,40 @@ class CertStore:
         if error is not None:
             raise error
         return not self._stopped.is_set()
+
+
+def _same_key(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> bool:
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+
+
+def write_back(cert_file: Path, key_file: Path) -> ChangeListener:
+    """A listener that writes each new chain and key over ``cert_file`` and
+    ``key_file``, so that a restarted process adopts the latest (`CertStore.adopt`).
+
+    Each file is replaced atomically (a temporary file in the same directory,
+    fsync, rename); the key file is mode 0600. The two renames are not one: a crash
+    between them (microseconds, once a renewal) leaves a pair that `adopt` refuses.
+    A write that fails is logged and tried again at the next renewal; the store
+    keeps serving from memory.
+    """
+
+    def write(store: CertStore) -> None:
+        chain = store.chain
+        if chain is None:
+            return
+        try:
+            ca.write_private(key_file, store.key_pem)
+            ca.write_public(cert_file, chain)
+        except OSError as e:
+            log.warning("identity files not written identity=%s cert_file=%s key_file=%s "
+                        "cause=%s; a restart would adopt the previous certificate",
+                        store.identity, cert_file, key_file, e.strerror or e)
+            return
+        log.info("identity files written identity=%s cert_file=%s key_file=%s",
+                 store.identity, cert_file, key_file)
+
+    return write
 
 
 def _listing(bundle: TrustBundle, fingerprints: set[str]) -> str:

@@ -28,15 +28,23 @@ TokenSource = Callable[[], str | None]
 
 
 class HttpRequester:
-    """Requests certificates from ``url`` (``https://host:port``)."""
+    """Requests certificates from ``url`` (``https://host:port``).
+
+    The current certificate, while valid, is presented over mTLS. With
+    ``certificate_first`` it is the only proof sent while it lasts and the token
+    is read only without it: a VM's join token proves its identity once, its
+    certificate from then on.
+    """
 
     def __init__(self, url: str, *, bundle_pem: bytes, trust_domain: str,
-                 token: TokenSource, control_ns: str = "meshgate", timeout: float = 10.0) -> None:
+                 token: TokenSource, control_ns: str = "meshgate", timeout: float = 10.0,
+                 certificate_first: bool = False) -> None:
         self.url = url.rstrip("/")
         self.bundle_pem = bundle_pem
         self.server_name = service_identity(trust_domain, control_ns).dns_name
         self.token = token
         self.timeout = timeout
+        self.certificate_first = certificate_first
 
     def _context(self, current: CertStore | None) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cadata=(current.bundle.to_pem() if current and
@@ -48,7 +56,7 @@ class HttpRequester:
 
     async def certify(self, csr_pem: bytes, *, current: CertStore | None) -> Issued:
         body: dict[str, Any] = {"csr": csr_pem.decode()}
-        token = self.token()
+        token = None if self.certificate_first and current is not None else self.token()
         if token:
             body["token"] = token
         ctx = self._context(current)

@@ -1,9 +1,9 @@
 """One proxy process: its identity, discovery, listeners and admin server.
 
 Listeners: inbound (4143, mTLS from other proxies), outbound (4140) plus one
-redirected listener per service address in discovery, and admin (4191:
-``/metrics``, ``/ready``, ``/live``). Listening sockets set SO_REUSEPORT so
-that ``--workers N`` processes share them.
+redirected listener per service address in discovery (mesh.proxy.redirects), and
+admin (4191: ``/metrics``, ``/ready``, ``/live``, ``/endpoints``, ``/redirects``).
+Listening sockets set SO_REUSEPORT so that ``--workers N`` processes share them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import shutil
 import signal
 import ssl
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -25,9 +26,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 
-from mesh.config import IdentityConfig, ProxyConfig, split_address
+from mesh.config import IdentityConfig, ProxyConfig
 from mesh.errors import ConfigError
 from mesh.identity.bundle import TrustBundle
+from mesh.identity.errors import TrustSetupError
 from mesh.identity.names import Identity, service_identity
 from mesh.identity.static import StaticIdentity
 from mesh.memory import return_freed_memory
@@ -39,11 +41,15 @@ from mesh.proxy.dial import Dialer
 from mesh.proxy.discovery import Discovery, ServiceSpec, StaticDiscovery
 from mesh.proxy.http import HttpOutbound
 from mesh.proxy.inbound import Inbound, InboundPolicy
+from mesh.proxy.listeners import listen
 from mesh.proxy.outbound import Outbound
 from mesh.proxy.pool import Pool
+from mesh.proxy.redirects import Redirects
+from mesh.proxy.through_gateway import ThroughGateway
 
 if TYPE_CHECKING:
     from mesh.discovery.stream import ControlStream
+    from mesh.identity.certstore import CertStore
     from mesh.proxy.policy import PolicyWatch
 
 log = logging.getLogger("mesh.proxy")
@@ -66,24 +72,19 @@ class Workload(Protocol):
 
 async def load_workload(cfg: IdentityConfig, registry: CollectorRegistry
                         ) -> tuple[Workload, asyncio.Task[None] | None]:
-    """The identity `cfg` describes: certificate files, or a certificate from the
-    identity service with the task that renews it (cancel it to stop)."""
-    if cfg.cert_file is not None and cfg.key_file is not None:
+    """The identity `cfg` describes: certificate files; a certificate from the
+    identity service; or held files renewed through it and written back. Returns
+    it with the task that renews it (cancel it to stop), None for files alone."""
+    if cfg.server is None:
+        assert cfg.cert_file is not None and cfg.key_file is not None
         workload: Workload = StaticIdentity.load(cfg.cert_file, cfg.key_file, cfg.trust_bundle)
         renewal = None
     else:
-        from mesh.identity.certstore import CertStore
-        from mesh.identity.client import HttpRequester
-
-        assert cfg.server is not None and cfg.token_file is not None
-        token_file = cfg.token_file
-        bundle_pem = cfg.trust_bundle.read_bytes()
-        identity = Identity.parse(cfg.name)
-        store = CertStore(identity, HttpRequester(
-            cfg.server, bundle_pem=bundle_pem, trust_domain=identity.trust_domain,
-            control_ns=identity.control_ns, token=lambda: _read_token(token_file)),
-            bundle=TrustBundle.from_pem(bundle_pem), registry=registry)
-        await store.start()
+        store = _cert_store(cfg, registry)
+        if cfg.renewed_files:
+            _adopt_files(store, cfg)
+        else:
+            await store.start()
         workload, renewal = store, asyncio.create_task(store.run())
     if str(workload.identity) != cfg.name:
         if renewal is not None:
@@ -93,15 +94,49 @@ async def load_workload(cfg: IdentityConfig, registry: CollectorRegistry
     return workload, renewal
 
 
-async def listen(factory: Callable[[], asyncio.BaseProtocol], address: str, what: str
-                 ) -> asyncio.AbstractServer:
-    """A listener on HOST:PORT, shared with other workers (SO_REUSEPORT)."""
-    host, port = split_address(address)
-    loop = asyncio.get_running_loop()
+def _cert_store(cfg: IdentityConfig, registry: CollectorRegistry) -> CertStore:
+    from mesh.identity.certstore import CertStore
+    from mesh.identity.client import HttpRequester
+
+    assert cfg.server is not None
+    token_file = cfg.token_file
+    bundle_pem = cfg.trust_bundle.read_bytes()
+    identity = Identity.parse(cfg.name)
+    return CertStore(identity, HttpRequester(
+        cfg.server, bundle_pem=bundle_pem, trust_domain=identity.trust_domain,
+        control_ns=identity.control_ns, certificate_first=cfg.renewed_files,
+        token=lambda: _read_token(token_file) if token_file is not None else None),
+        bundle=TrustBundle.from_pem(bundle_pem), registry=registry)
+
+
+def _adopt_files(store: CertStore, cfg: IdentityConfig) -> None:
+    """Serve with the held certificate files and write every renewal back to them."""
+    from mesh.identity.certstore import write_back
+    from mesh.identity.errors import CertificateExpired
+
+    assert cfg.cert_file is not None and cfg.key_file is not None
     try:
-        return await loop.create_server(factory, host, port, reuse_port=True, backlog=1024)
+        chain, key = cfg.cert_file.read_bytes(), cfg.key_file.read_bytes()
     except OSError as e:
-        raise ConfigError(f"{what} listener cannot bind {address}: {e.strerror or e}") from e
+        raise TrustSetupError(f"cannot read {e.filename}: {e.strerror}; run `meshgate vm "
+                              "join` to obtain the machine's certificate") from e
+    try:
+        store.adopt(chain, key)
+    except CertificateExpired as e:
+        if not _lapsed(chain):
+            raise  # not yet valid: the message names the clock
+        raise CertificateExpired(
+            f"{e}. The identity service renews only a valid certificate, so this machine "
+            f"must join again: run `meshgate vm leave`, then `meshgate vm join` with a new "
+            f"token from `meshgate vm token`") from e
+    store.on_change.append(write_back(cfg.cert_file, cfg.key_file))
+
+
+def _lapsed(chain_pem: bytes) -> bool:
+    """Whether the leaf of ``chain_pem`` is past its notAfter (an expired issuer's
+    leaves are clamped to its own expiry, so the leaf tells for the chain)."""
+    leaf = x509.load_pem_x509_certificate(chain_pem)
+    return leaf.not_valid_after_utc.timestamp() <= time.time()
 
 
 async def serve_admin(admin: AdminServer, address: str) -> asyncio.AbstractServer:
@@ -121,11 +156,22 @@ class Proxy:
         self._trimmer: asyncio.Task[None] | None = None
         self.ready = False
         self.discovery: Discovery | None = None
+        """What the outbound routes by: `_source`, through the gateway when configured."""
+        self._source: Discovery | None = None
         self.outbound: Outbound | None = None
-        self.redirected: set[str] = set()
+        self.redirects: Redirects | None = None
         self._streams: list[ControlStream] = []
 
     def _discovery(self, workload: Workload) -> Discovery:
+        source = self._source = self._discovery_source(workload)
+        gateway = self.config.outbound.gateway
+        if gateway is None:
+            return source
+        log.info("outbound through gateway address=%s identity=%s", gateway.address,
+                 gateway.identity)
+        return ThroughGateway(source, address=gateway.address, identity=gateway.identity)
+
+    def _discovery_source(self, workload: Workload) -> Discovery:
         dest = self.config.destination
         if dest is not None:
             from mesh.discovery.client import WatchDiscovery
@@ -196,13 +242,14 @@ class Proxy:
         await self._listen(inbound.protocol, self.config.inbound.listen, "inbound")
         await self._listen(outbound.protocol, self.config.outbound.listen, "outbound")
         self.discovery, self.outbound = discovery, outbound
+        self.redirects = Redirects(outbound.protocol)
         if self.config.outbound.redirect:
             # Subscribe first: a stream may announce services while listeners open.
             discovery.subscribe(self._service_changed)
             for stream in self._streams:
                 await stream.wait_ready(5.0)
             for service in discovery.services():
-                await self._redirect(service)
+                await self.redirects.open(service)
         await self._start_admin()
         self._trimmer = asyncio.create_task(return_freed_memory())
         self.ready = True
@@ -213,27 +260,22 @@ class Proxy:
             log.warning("compiled modules older than their sources modules=%s: the proxy runs "
                         "the old code; run `make native`", ",".join(stale))
 
-    async def _redirect(self, service: ServiceSpec) -> None:
-        """Listen on a service's address, once, for as long as the proxy runs."""
-        if service.address in self.redirected or self.outbound is None:
-            return
-        self.redirected.add(service.address)
-        await self._listen(self.outbound.protocol, service.address, f"service {service.name}")
-
     def _service_changed(self, service: ServiceSpec) -> None:
-        if service.address not in self.redirected and service.endpoints:
-            task = asyncio.get_running_loop().create_task(self._redirect(service))
+        redirects = self.redirects
+        if redirects is not None and service.address not in redirects and service.endpoints:
+            task = asyncio.get_running_loop().create_task(redirects.open(service))
             task.add_done_callback(_log_failure)
 
     def reload(self) -> None:
         """Re-read the discovery file (SIGHUP); the last good data stays on failure."""
-        if isinstance(self.discovery, StaticDiscovery) and self.discovery.path is not None:
-            self.discovery.reload()
+        if isinstance(self._source, StaticDiscovery) and self._source.path is not None:
+            self._source.reload()
 
     async def _start_admin(self) -> None:
         self.admin = await serve_admin(AdminServer({
             "/metrics": self._metrics, "/ready": self._ready, "/live": lambda: text("live\n"),
-            "/endpoints": self._endpoints}), self.config.admin.listen)
+            "/endpoints": self._endpoints, "/redirects": self._redirects}),
+            self.config.admin.listen)
 
     def _metrics(self) -> Answer:
         return 200, TEXT, exposition(self.metrics.registry)
@@ -247,8 +289,16 @@ class Proxy:
         return 200, JSON, json.dumps([svc.model_dump(mode="json", by_alias=True)
                                       for svc in services]).encode()
 
+    def _redirects(self) -> Answer:
+        """Each redirected listener: its address, service, state (bound or failed) and
+        the cause of its failure, naming the process that holds the address."""
+        report = self.redirects.report() if self.redirects is not None else []
+        return 200, JSON, json.dumps(report).encode()
+
     async def stop(self) -> None:
         self.ready = False
+        if self.redirects is not None:
+            self.redirects.close()
         for server in self.servers:
             server.close()
         if self.outbound is not None and self.outbound.http is not None:
@@ -264,7 +314,7 @@ class Proxy:
 
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.warning("redirected listener failed cause=%s", task.exception())
+        log.error("redirected listener not opened cause=%s", task.exception())
 
 
 def _read_token(path: Path) -> str | None:

@@ -8,10 +8,12 @@ traffic to the gateway.
 
 from __future__ import annotations
 
+import http.server
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -329,6 +331,70 @@ def test_refusals_at_the_gateway(world: World, who: str, service: str, caller: s
     wait_for(lambda: world.gateway.logged(f"reason={reason}", f"target={fqdn(service)}:80"),
              what="a log line naming the target")
     assert world.call("web", b"still fine") == b"still fine"
+
+
+# -- a VM's proxy, which reaches the pods only through the gateway --------------------------
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = f"hello {self.path}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_proxy_with_an_outbound_gateway_reaches_pods_through_it(
+        world: World, cluster: Cluster) -> None:
+    """The VM's discovery names the pods' own proxies (as the control plane does), which
+    a VM cannot dial; with `outbound.gateway` its proxy goes to the gateway instead,
+    naming each service and port, opaque and HTTP alike."""
+    hello = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    hello.daemon_threads = True
+    threading.Thread(target=hello.serve_forever, daemon=True).start()
+    port = free_port()  # the Services' port: the VIP port the VM's apps dial
+    apps = {"vm-echo": world.app_port, "vm-hello": hello.server_address[1]}
+    api: Any = client.DiscoveryV1Api(cluster.api())
+    for name, app_port in apps.items():
+        add_meshed_service(cluster.api(), name, app_port=app_port,
+                           inbound_port=world.target.inbound[1], labels=EXPORTED, port=port)
+    wait_for(lambda: all(any(s.endpoints for s in api.list_namespaced_endpoint_slice(
+        "default", label_selector=f"kubernetes.io/service-name={name}").items)
+        for name in apps), what="EndpointSlices for vm-echo and vm-hello")
+    vips = {"vm-echo": ("127.0.2.40", port), "vm-hello": ("127.0.2.41", port)}
+    discovery = services_file(world.trust.root / "vm-services.yaml", *(
+        {"name": fqdn(name), "address": f"{host}:{vport}", "opaque": name == "vm-echo",
+         "endpoints": [{"address": f"{world.target.inbound[0]}:{world.target.inbound[1]}",
+                        "targetPort": apps[name], "identity": WEB}]}
+        for name, (host, vport) in vips.items()))
+    vm = start_proxy(world.trust.root, "vm", {
+        "identity": world.trust.workload("default", "tester"), "discovery": str(discovery),
+        "outbound": {"gateway": {"address": f"127.0.0.1:{world.gateway.listen[1]}",
+                                 "identity": GATEWAY}}})
+    try:
+        # The gateway learns of the new Services from its watch.
+        wait_for(lambda: call(vips["vm-echo"], b"from the vm") == b"from the vm",
+                 what="an opaque call through the gateway")
+        with urllib.request.urlopen(f"http://{vips['vm-hello'][0]}:{port}/there",
+                                    timeout=10) as resp:
+            assert (resp.status, resp.read()) == (200, b"hello /there")
+        with urllib.request.urlopen(f"http://{vips['vm-hello'][0]}:{port}/again",
+                                    timeout=10) as resp:
+            assert resp.read() == b"hello /again"
+        for name in apps:
+            assert world.gateway.metric("gateway_requests_total", dst_service=fqdn(name),
+                                        client_id=TESTER) >= 1
+        wait_for(lambda: world.target.metric("inbound_gateway_forwarded_total",
+                                             gateway_id=GATEWAY, client_id=TESTER) >= 2,
+                 what="the target to see the VM's calls forwarded by the gateway")
+        assert vm.metric("tcp_open_total", direction="outbound", server_id=WEB) == 0
+    finally:
+        vm.stop()
+        hello.shutdown()
 
 
 # -- the target's side of field 100 ---------------------------------------------------------

@@ -282,3 +282,78 @@ async def test_status_names_the_issuer_and_its_anchor(service: Service) -> None:
     assert doc["trustDomain"] == DOMAIN
     assert doc["issuer"]["anchor"] == service.issuers.load_bundle().describe(anchor)
     assert doc["anchors"] == [doc["issuer"]["anchor"]]
+
+
+async def test_held_files_are_renewed_by_certificate_and_written_back(
+        service: Service, tmp_path: Path) -> None:
+    """A VM's proxy: it starts from the certificate files `vm join` left, renews them
+    at 70 % of their life through the service with the certificate as the proof,
+    and writes each renewal back for the next start."""
+    from prometheus_client import CollectorRegistry
+
+    from mesh.config import IdentityConfig
+    from mesh.identity.certstore import CertStore
+    from mesh.proxy.main import load_workload
+
+    me = Identity("vms", "db", DOMAIN)
+    key = ec.generate_private_key(ec.SECP256R1())
+    # Short-lived, so that renewal falls due within the test.
+    leaf = ca.sign_leaf(service.issuers.load_issuer(), key.public_key(), me,
+                        now=dt.datetime.now(dt.UTC) - ca.BACKDATE,
+                        lifetime=dt.timedelta(seconds=4) + ca.BACKDATE)
+    held = ca.cert_pem(leaf) + ca.cert_pem(service.issuers.load_issuer().cert)
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_file.write_bytes(held)
+    ca.write_private(key_file, ca.key_pem(key))
+    cfg = IdentityConfig.model_validate({
+        "name": me.dns_name, "trustBundle": str(service.issuers.bundle),
+        "server": service.url, "certFile": str(cert_file), "keyFile": str(key_file)})
+    workload, renewal = await load_workload(cfg, CollectorRegistry())
+    assert isinstance(workload, CertStore) and renewal is not None
+    try:
+        assert workload.chain == held  # served at once, before any request
+        deadline = time.monotonic() + 15
+        while cert_file.read_bytes() == held:
+            assert time.monotonic() < deadline, "the held certificate was not renewed"
+            await asyncio.sleep(0.1)
+        renewed = ca.load_certs(cert_file.read_bytes())
+        assert Identity.from_certificate(renewed[0]) == me
+        assert renewed[0].not_valid_after_utc - renewed[0].not_valid_before_utc == \
+            dt.timedelta(hours=24, seconds=20)
+        assert ca.load_key(key_file.read_bytes()).public_key() == renewed[0].public_key()
+        assert (key_file.stat().st_mode & 0o777) == 0o600
+        assert service.svc.issued.labels("renewal")._value.get() == 1
+    finally:
+        renewal.cancel()
+    # A restart adopts what was written back.
+    again, renewal = await load_workload(cfg, CollectorRegistry())
+    assert renewal is not None
+    renewal.cancel()
+    assert again.certificates[0] == renewed[0]
+
+
+async def test_an_expired_held_certificate_says_to_join_again(
+        service: Service, tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from mesh.config import IdentityConfig
+    from mesh.identity.errors import CertificateExpired
+    from mesh.proxy.main import load_workload
+
+    me = Identity("vms", "db", DOMAIN)
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer = service.issuers.load_issuer()
+    leaf = ca.sign_leaf(issuer, key.public_key(), me, now=dt.datetime.now(dt.UTC),
+                        lifetime=dt.timedelta(seconds=1))
+    # Lapsed within two seconds (X.509 times are whole seconds, compared as such).
+    while dt.datetime.now(dt.UTC) <= leaf.not_valid_after_utc + dt.timedelta(seconds=1):
+        await asyncio.sleep(0.05)
+    (tmp_path / "tls.crt").write_bytes(ca.cert_pem(leaf) + ca.cert_pem(issuer.cert))
+    ca.write_private(tmp_path / "tls.key", ca.key_pem(key))
+    cfg = IdentityConfig.model_validate({
+        "name": me.dns_name, "trustBundle": str(service.issuers.bundle),
+        "server": service.url, "certFile": str(tmp_path / "tls.crt"),
+        "keyFile": str(tmp_path / "tls.key")})
+    with pytest.raises(CertificateExpired, match=r"expired.*must join again: run "
+                       r"`meshgate vm leave`, then `meshgate vm join` with a new token"):
+        await load_workload(cfg, CollectorRegistry())

@@ -13,6 +13,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,8 +22,9 @@ from prometheus_client import CollectorRegistry
 from mesh.errors import ConfigError, IdentityError
 from mesh.identity import ca
 from mesh.identity.bundle import TrustBundle
-from mesh.identity.certstore import RENEW_JITTER, CertStore, Issued
+from mesh.identity.certstore import RENEW_JITTER, CertStore, Issued, write_back
 from mesh.identity.errors import (
+    CertificateExpired,
     IssuanceRefused,
     ServiceUnavailable,
     TrustSetupError,
@@ -390,3 +392,101 @@ async def test_stores_may_share_a_registry(
         assert registry.get_sample_value("identity_cert_expiration_timestamp_seconds",
                                          {"identity": str(s.identity)}) == s.expires_at
     assert refreshes(registry, "success") == 2
+
+
+# -- held certificate files (a VM's) ----------------------------------------------------------
+
+
+def issue(authority: Authority, identity: Identity, *, now: float,
+          lifetime: timedelta = DAY) -> tuple[bytes, bytes]:
+    """A chain and key as `meshgate vm join` leaves them on disk."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = ca.sign_leaf(authority.issuer, key.public_key(), identity,
+                        now=datetime.fromtimestamp(now, UTC), lifetime=lifetime)
+    return ca.cert_pem(leaf) + ca.cert_pem(authority.issuer.cert), ca.key_pem(key)
+
+
+async def test_adopted_files_are_renewed_by_certificate_and_written_back(
+        store: CertStore, service: FakeIdentityService, authority: Authority,
+        time_: SteppedTime, registry: CollectorRegistry, tmp_path: Path) -> None:
+    issued_at = T0 - 6 * 3600  # the VM was down for a while
+    chain, key = issue(authority, WEB, now=issued_at)
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_file.write_bytes(chain)
+    ca.write_private(key_file, key)
+    store.adopt(cert_file.read_bytes(), key_file.read_bytes())
+    store.on_change.append(write_back(cert_file, key_file))
+    assert store.chain == chain and store.key_pem == ca.key_pem(ca.load_key(key))
+    assert service.calls == 0 and refreshes(registry, "success") == 0
+    running = asyncio.create_task(store.run())
+
+    due = await time_.sleeping()  # at 70 % of the held certificate's life, not of now's
+    assert abs(time_.now + due - (issued_at + 0.7 * DAY.total_seconds())) <= \
+        RENEW_JITTER * DAY.total_seconds() + 20
+    time_.wake()
+    await time_.sleeping()  # renewed; the next renewal is scheduled
+    assert service.currents == [store]  # proven by the held certificate
+    assert store.chain != chain
+    assert cert_file.read_bytes() == store.chain and key_file.read_bytes() == store.key_pem
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    restarted = CertStore(WEB, service, bundle=authority.bundle, clock=time_.clock)
+    restarted.adopt(cert_file.read_bytes(), key_file.read_bytes())  # a reboot
+    assert restarted.certificates == store.certificates
+    store.stop()
+    await asyncio.wait_for(running, 5)
+
+
+async def test_a_failed_write_back_is_logged_and_the_store_keeps_serving(
+        store: CertStore, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    store.on_change.append(write_back(tmp_path / "gone" / "tls.crt",
+                                      tmp_path / "gone" / "tls.key"))
+    await store.start()
+    assert store.chain is not None
+    assert any("identity files not written" in r.getMessage() and "cause=" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("case", ["expired", "other-identity", "other-key", "untrusted"])
+def test_unusable_held_files_are_refused(
+        case: str, store: CertStore, authority: Authority) -> None:
+    lifetime = timedelta(minutes=10) if case == "expired" else DAY
+    signer = Authority.new(T0 - 7200) if case == "untrusted" else authority
+    chain, key = issue(signer, Identity("default", "api", DOMAIN) if case == "other-identity"
+                       else WEB, now=T0 - 3600, lifetime=lifetime)
+    if case == "other-key":
+        key = ca.key_pem(ec.generate_private_key(ec.SECP256R1()))
+    expected: type[IdentityError] = {"expired": CertificateExpired,
+                                     "untrusted": UntrustedChain}.get(case, TrustSetupError)
+    with pytest.raises(expected, match=rf"certificate held for {WEB} is") as raised:
+        store.adopt(chain, key)
+    assert store.chain is None
+    if case == "expired":
+        assert "expired" in str(raised.value)
+    if case == "other-key":
+        assert "do not belong together" in str(raised.value)
+
+
+@pytest.mark.parametrize(("fields", "error"), [
+    ({"certFile": "c", "keyFile": "k"}, None),
+    ({"server": "https://id:8080", "tokenFile": "t"}, None),
+    ({"server": "https://id:8080", "certFile": "c", "keyFile": "k"}, None),
+    ({"server": "https://id:8080", "certFile": "c", "keyFile": "k", "tokenFile": "t"}, None),
+    ({"server": "https://id:8080"}, "server needs tokenFile"),
+    ({"server": "https://id:8080", "certFile": "c"}, "together"),
+    ({"tokenFile": "t"}, "give certFile and keyFile"),
+    ({"certFile": "c", "keyFile": "k", "tokenFile": "t"}, "give certFile and keyFile"),
+])
+def test_identity_config_sources(fields: dict[str, str], error: str | None) -> None:
+    from pydantic import ValidationError
+
+    from mesh.config import IdentityConfig
+
+    doc = {"name": WEB.dns_name, "trustBundle": "b", **fields}
+    if error is None:
+        cfg = IdentityConfig.model_validate(doc)
+        assert cfg.renewed_files == ("server" in fields and "certFile" in fields)
+    else:
+        with pytest.raises(ValidationError, match=error):
+            IdentityConfig.model_validate(doc)
