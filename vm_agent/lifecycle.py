@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mesh.identity.names import GATEWAY_SERVICE_ACCOUNT, Identity
+from mesh.proxy.listeners import bind_failure
 from vm_agent import routes, systemd
 from vm_agent.agent import Agent
 from vm_agent.enroll import Anchors, Enrolled, enroll, identity_of
@@ -92,17 +93,12 @@ def preflight(*, dns_address: str, resolver_file: Path = Path("/etc/resolv.conf"
             try:
                 s.bind((host, port))
             except OSError as e:
-                raise AgentError(f"{what} needs {host}:{port}, which is not free: "
-                                 f"{e.strerror or e}{port_owner(port, kind)}; stop what holds "
-                                 "it, or (DNS) choose another --dns-address") from e
-
-
-def port_owner(port: int, kind: int) -> str:
-    """", held by pid N (name)" for a local port, when /proc tells; "" otherwise."""
-    from mesh.proxy.owners import owner_of
-
-    found = owner_of(port, udp=kind == socket.SOCK_DGRAM)
-    return f", held by {found}" if found else ""
+                cause = (bind_failure(e, f"{host}:{port}") if kind == socket.SOCK_STREAM
+                         else e.strerror or str(e))
+                raise AgentError(f"{what} needs {host}:{port}, which is not free ({cause}); "
+                                 "stop what holds it"
+                                 + (", or choose another --dns-address" if port == 53 else "")
+                                 ) from e
 
 
 def join(args: argparse.Namespace) -> int:

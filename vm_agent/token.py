@@ -120,13 +120,14 @@ def _ca_pem(api: client.ApiClient) -> str:
 
 def apply_workload(api: client.ApiClient, *, namespace: str, name: str, identity: Identity,
                    labels: dict[str, str], ports: list[tuple[str, int]]) -> None:
-    """Create the ExternalWorkload, or update its identity, labels and ports (its
-    address, set by the VM, is kept)."""
+    """Create the ExternalWorkload, or update its identity, and the labels and ports
+    given (its address, set by the VM, is kept)."""
     objects = client.CustomObjectsApi(api)
     spec: dict[str, Any] = {"meshTLS": {"identity": identity.dns_name,
                                         "serverName": identity.dns_name},
                             "ports": [{"name": n, "port": p, "protocol": "TCP"}
                                       for n, p in ports]}
+    current: Any
     try:
         current = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     except ApiException as e:
@@ -149,6 +150,8 @@ def apply_workload(api: client.ApiClient, *, namespace: str, name: str, identity
         return
     meta = current.get("metadata") or {}
     spec["workloadIPs"] = (current.get("spec") or {}).get("workloadIPs") or []
+    if not ports:  # minting another token leaves the ports declared before alone
+        spec["ports"] = (current.get("spec") or {}).get("ports") or []
     objects.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {
         "metadata": {"labels": {**(meta.get("labels") or {}), **labels}}, "spec": spec})
 
