@@ -1,14 +1,17 @@
 """What the gateway lets through: the exported Services of its cluster, their meshed
 endpoints, and the pod-port policies that say which callers may reach them.
 
-`Exports` is fed watch events as plain dicts (Services, EndpointSlices, Pods and
-the policy.meshgate.io resources) and answers, without I/O, the two questions
-each connection asks:
+`Exports` is fed watch events as plain dicts (Services, EndpointSlices, Pods,
+ExternalWorkloads and the policy.meshgate.io resources) and answers, without
+I/O, the two questions each connection asks:
 
 - `route`: the Service the transport header names exists, carries the exported
   label, and is not a mirror reached from another gateway (a loop); and who the
   caller is: the mTLS peer, or the caller a trusted gateway forwarded in field
-  100 (`mesh.proxy.inbound.caller_of`, the rule inbound proxies apply);
+  100 (`mesh.proxy.inbound.caller_of`, the rule inbound proxies apply). A VM of
+  this cluster reaches the cluster's pods through this gateway: a peer (not a
+  forwarded caller) whose identity is the ``spec.meshTLS.identity`` of one of
+  the cluster's ExternalWorkloads may reach every Service, exported or not;
 - `choose`: a meshed endpoint of that Service port (balanced), the Pod behind
   it, and whether that Pod port's `PortPolicy` admits the caller.
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from mesh.authz import AccessPolicy, Decision
+from mesh.control.externalworkloads import workload_identity
 from mesh.control.policy import PolicyIndex
 from mesh.control.policy_api import port_names
 from mesh.discovery.index import (
@@ -125,6 +129,8 @@ class Exports:
                                   control_ns=identity.control_ns)
         self._services: dict[ObjKey, Obj] = {}
         self._pods: dict[ObjKey, Obj] = {}
+        self._workload_identities: dict[ObjKey, str] = {}
+        """ExternalWorkload -> its spec.meshTLS.identity: this cluster's VMs."""
         self._balancers: dict[tuple[str, int], Balancer] = {}
         """(service name, service port) -> a balancer over its meshed endpoints."""
         self._listeners: list[Callable[[], None]] = []
@@ -153,6 +159,21 @@ class Exports:
         _remember(self._pods, event, obj)
         self._apply(self.index.pod_event(event, obj))
         self._changed()
+
+    def workload_event(self, event: str, obj: Obj) -> None:
+        """An ExternalWorkload (a VM of this cluster) was added, changed or deleted."""
+        meta = obj.get("metadata") or {}
+        key = (str(meta.get("namespace") or ""), str(meta.get("name")))
+        identity = workload_identity(obj)
+        if event == DELETED or not identity:
+            self._workload_identities.pop(key, None)
+        else:
+            self._workload_identities[key] = identity
+        self._changed()
+
+    def is_local_workload(self, identity: str) -> bool:
+        """Whether `identity` is that of an ExternalWorkload of this cluster (a VM)."""
+        return identity in self._workload_identities.values()
 
     def policy_event(self, kind: str, event: str, obj: Obj) -> None:
         self.policy.apply(kind, event, obj)  # logs the resources it must ignore
@@ -200,7 +221,9 @@ class Exports:
                            "remote Service, which would reach yet another gateway", target,
                            service=name, caller=who)
         label_key, label_value = self.exported
-        if labels.get(label_key) != label_value:
+        # Only the peer itself counts: a forwarded caller is another cluster's.
+        own_vm = caller.gateway is None and self.is_local_workload(peer)
+        if labels.get(label_key) != label_value and not own_vm:
             return Refused(Reason.NOT_EXPORTED, f"Service {key[0]}/{key[1]} lacks the label "
                            f"{label_key}={label_value}", target, service=name, caller=who)
         spec = self.index.by_name(name, header.port)

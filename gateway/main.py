@@ -2,8 +2,8 @@
 
 The gateway loads its workload identity as a proxy does (files or the identity
 service), reads its cluster through informers on Services, EndpointSlices,
-Pods and the policy resources (the same feeds as the control plane's
-destination and policy APIs), listens for linked clusters' proxies (4143) and
+Pods, ExternalWorkloads and the policy resources (the same feeds as the control
+plane's destination and policy APIs), listens for linked clusters' proxies (4143) and
 serves ``/ready``, ``/live`` and ``/metrics`` (4191). ``/ready`` answers 200
 once the identity is loaded and every informer has listed the cluster: a
 mirror's probe then knows the gateway can route.
@@ -20,7 +20,7 @@ from gateway.exports import Exports
 from gateway.listener import GatewayListener
 from mesh.config import GatewayConfig
 from mesh.control.policy_api import watch_policy_resources
-from mesh.discovery.server import watch_destinations
+from mesh.discovery.server import watch_destinations, watch_workloads
 from mesh.identity.names import Identity
 from mesh.informer import Informer, all_synced, stop_all
 from mesh.kube import api_client
@@ -67,6 +67,10 @@ class Gateway:
                                             slices=exports.slice_event,
                                             services=exports.service_event)
         self.informers += watch_policy_resources(self.kube, loop, exports.policy_event)
+        # The cluster's VMs, which may reach every Service (not only exported ones).
+        workloads = watch_workloads(self.kube, exports.workload_event)
+        workloads.start(loop)
+        self.informers.append(workloads)
         cfg = self.config
         listener = GatewayListener(
             exports, self.metrics, server_context=workload.server_context,

@@ -14,12 +14,16 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from localcluster.commands import add_cluster_commands
 from mesh.errors import ConfigError, MeshError
 from mesh.identity.commands import add_identity_commands
 from mirror.commands import add_multicluster_commands
 from vm_agent.commands import add_vm_commands
+
+if TYPE_CHECKING:
+    from mesh.control.run import ControlSettings
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -188,16 +192,23 @@ def _proxy_run(args: argparse.Namespace) -> int:
 
 
 def _control_run(args: argparse.Namespace) -> int:
-    from mesh.control.run import ControlSettings, run
+    from mesh.control.run import run
 
-    run(ControlSettings(kubeconfig=args.kubeconfig, identity_dir=args.identity_dir,
-                        trust_domain=args.trust_domain,
-                        listen=tuple(args.listen or [("0.0.0.0", 8086)]),
-                        cluster_domain=args.cluster_domain, cluster_name=args.cluster_name,
-                        control_ns=args.control_namespace, heartbeat=args.heartbeat,
-                        workload_heartbeat=args.workload_heartbeat,
-                        workload_missed_heartbeats=int(args.workload_missed_heartbeats)))
+    run(control_settings(args))
     return 0
+
+
+def control_settings(args: argparse.Namespace) -> ControlSettings:
+    """The settings ``control run`` was given (every --listen, or 0.0.0.0:8086)."""
+    from mesh.control.run import ControlSettings
+
+    return ControlSettings(kubeconfig=args.kubeconfig, identity_dir=args.identity_dir,
+                           trust_domain=args.trust_domain,
+                           listen=tuple(args.listen or [("0.0.0.0", 8086)]),
+                           cluster_domain=args.cluster_domain, cluster_name=args.cluster_name,
+                           control_ns=args.control_namespace, heartbeat=args.heartbeat,
+                           workload_heartbeat=args.workload_heartbeat,
+                           workload_missed_heartbeats=int(args.workload_missed_heartbeats))
 
 
 def _gateway_run(args: argparse.Namespace) -> int:

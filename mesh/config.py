@@ -214,10 +214,18 @@ class DestinationConfig(_Model):
 
 
 class WorkloadConfig(_Model):
-    """The pod this proxy serves, for its inbound policy."""
+    """The workload this proxy serves, for its inbound policy: a pod, or an
+    ExternalWorkload (the proxy of a VM); exactly one of them."""
 
     namespace: str
-    pod: str
+    pod: str | None = None
+    external_workload: str | None = Field(None, alias="externalWorkload")
+
+    @model_validator(mode="after")
+    def _one_workload(self) -> WorkloadConfig:
+        if (self.pod is None) == (self.external_workload is None):
+            raise ValueError("give exactly one of pod and externalWorkload")
+        return self
 
 
 class ProxyConfig(_Model):

@@ -9,7 +9,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -29,6 +29,8 @@ class ControlProcess:
     proc: subprocess.Popen[str]
     url: str
     output: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+    """Every address it serves at (``url`` is the first)."""
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -39,16 +41,19 @@ class ControlProcess:
 
 
 def start_control(cluster: Cluster, trust: Trust, *, port: int = 0,
-                  timeout: float = 30.0) -> ControlProcess:
+                  timeout: float = 30.0, extra: Sequence[str] = ()) -> ControlProcess:
+    """`extra` are more arguments of ``control run`` (another ``--listen`` adds an
+    address)."""
     proc, output, _, line = spawn(
         [sys.executable, "-m", "mesh.cli", "control", "run", "--kubeconfig",
          str(cluster.kubeconfig), "--identity-dir", str(trust.issuers.path), "--trust-domain",
          DOMAIN, "--listen", f"127.0.0.1:{port}", "--heartbeat", "0.5",
-         "--cluster-name", "test"], lambda line: "serving at https://" in line,
+         "--cluster-name", "test", *extra], lambda line: "serving at https://" in line,
         what="control plane", timeout=timeout)
     url = re.search(r"serving at (https://\S+)", line)
     assert url is not None
-    return ControlProcess(proc, url.group(1), output)
+    return ControlProcess(proc, url.group(1), output,
+                          re.findall(r"(https://\S+)", line.split(" as ")[0]))
 
 
 async def eventually(predicate: Callable[[], T], *, timeout: float = 10.0,

@@ -2,7 +2,10 @@
 
 `PolicyIndex` is fed raw Server, MeshTLSAuthentication and AuthorizationPolicy
 objects as an informer delivers them, and answers `PolicyIndex.for_port` with
-the `PortPolicy` (mesh.authz) of one pod port, which is what proxies apply. A
+the `PortPolicy` (mesh.authz) of one pod port, which is what proxies apply, or
+of one ExternalWorkload (VM) port (``kind=Workload.EXTERNAL``). A Server selects
+pods (``podSelector``) or ExternalWorkloads (``externalWorkloadSelector``),
+exactly one of the two. A
 resource that cannot be used is ignored and kept, with one-line reasons, in
 `PolicyIndex.invalid`; nothing in an object's content makes `apply` raise. The
 CRDs are installed by mesh.control.crds.
@@ -29,6 +32,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -86,11 +90,30 @@ def _port(value: Any) -> Any:
     return value
 
 
+class Workload(StrEnum):
+    """What a Server selects: pods, or ExternalWorkloads (VMs)."""
+
+    POD = "pod"
+    EXTERNAL = "externalworkload"
+
+
 class _ServerSpec(_Spec):
-    pod_selector: LabelSelector = Field(alias="podSelector")
+    pod_selector: LabelSelector | None = Field(None, alias="podSelector")
+    external_workload_selector: LabelSelector | None = Field(
+        None, alias="externalWorkloadSelector")
     port: Annotated[int | str, BeforeValidator(_port)]
     proxy_protocol: ProxyProtocol = Field(ProxyProtocol.UNKNOWN, alias="proxyProtocol")
     access_policy: AccessPolicy = Field(AccessPolicy.DENY, alias="accessPolicy")
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> _ServerSpec:
+        if (self.pod_selector is None) == (self.external_workload_selector is None):
+            raise ValueError("give exactly one of podSelector and externalWorkloadSelector")
+        return self
+
+    def selector(self, kind: Workload) -> LabelSelector | None:
+        """The selector for workloads of `kind`; None when the Server selects the other kind."""
+        return self.pod_selector if kind is Workload.POD else self.external_workload_selector
 
 
 class _IdentityRef(_Spec):
@@ -186,10 +209,13 @@ class _Server:
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
-    def selects(self, labels: Mapping[str, str], port: int, names: Mapping[str, int]) -> bool:
+    def selects(self, kind: Workload, labels: Mapping[str, str]) -> bool:
+        selector = self.spec.selector(kind)
+        return selector is not None and selector.matches(labels)
+
+    def port_number(self, names: Mapping[str, int]) -> int | None:
         wanted = self.spec.port
-        number = names.get(wanted) if isinstance(wanted, str) else wanted
-        return number == port and self.spec.pod_selector.matches(labels)
+        return names.get(wanted) if isinstance(wanted, str) else wanted
 
 
 @dataclass(frozen=True)
@@ -364,13 +390,15 @@ class PolicyIndex:
     # -- queries ----------------------------------------------------------
 
     def for_port(self, namespace: str, pod_labels: Mapping[str, str], port: int, *,
-                 port_names: Mapping[str, int] | None = None) -> PortPolicy:
-        """The policy of `port` on a pod with these labels; `port_names` maps the pod's
-        named container ports to their numbers."""
+                 port_names: Mapping[str, int] | None = None,
+                 kind: Workload = Workload.POD) -> PortPolicy:
+        """The policy of `port` on a pod (or, by `kind`, an ExternalWorkload) with these
+        labels; `port_names` maps its named ports to their numbers."""
         names = port_names or {}
         servers = sorted(
             (s for s in self._records[SERVER].get(namespace, {}).values()
-             if isinstance(s, _Server) and s.selects(pod_labels, port, names)),
+             if isinstance(s, _Server) and s.selects(kind, pod_labels)
+             and s.port_number(names) == port),
             key=lambda s: (s.created, s.name))
         if not servers:
             return PortPolicy(port=port, access=self.default_policy)
@@ -381,18 +409,18 @@ class PolicyIndex:
                           conflicts=tuple(s.key for s in servers[1:]))
 
     def pod_policies(self, namespace: str, pod_labels: Mapping[str, str], *,
-                     port_names: Mapping[str, int] | None = None) -> list[PortPolicy]:
-        """The policy of every port of the pod that some Server selects; every other port
-        has the default policy."""
+                     port_names: Mapping[str, int] | None = None,
+                     kind: Workload = Workload.POD) -> list[PortPolicy]:
+        """The policy of every port of the pod (or, by `kind`, ExternalWorkload) that some
+        Server selects; every other port has the default policy."""
         names = port_names or {}
         ports: set[int] = set()
         for server in self._records[SERVER].get(namespace, {}).values():
-            if isinstance(server, _Server) and server.spec.pod_selector.matches(pod_labels):
-                wanted = server.spec.port
-                number = names.get(wanted) if isinstance(wanted, str) else wanted
+            if isinstance(server, _Server) and server.selects(kind, pod_labels):
+                number = server.port_number(names)
                 if number is not None:
                     ports.add(number)
-        return [self.for_port(namespace, pod_labels, port, port_names=names)
+        return [self.for_port(namespace, pod_labels, port, port_names=names, kind=kind)
                 for port in sorted(ports)]
 
     def _authorizations(self, server: _Server) -> Iterator[Authorization]:

@@ -194,12 +194,13 @@ class Proxy:
         return service_identity(me.trust_domain, me.control_ns)
 
     def _policy(self, workload: Workload) -> PolicyWatch | None:
-        dest, pod = self.config.destination, self.config.workload
-        if dest is None or pod is None:
+        dest, served = self.config.destination, self.config.workload
+        if dest is None or served is None:
             return None
         from mesh.proxy.policy import PolicyWatch
 
-        watch = PolicyWatch(dest.server, namespace=pod.namespace, pod=pod.pod,
+        watch = PolicyWatch(dest.server, namespace=served.namespace, pod=served.pod,
+                            external_workload=served.external_workload,
                             context=workload.client_context,
                             server_identity=self._control_identity(workload))
         watch.start()

@@ -1,8 +1,9 @@
 """The inbound proxy's authorization rules, kept current by the control plane.
 
-`PolicyWatch` follows ``/v1/policy`` for this proxy's pod (`mesh.control.policy_api`)
-and answers, for each port, the `PortPolicy` to apply: the one a Server selects,
-or the cluster default. Until the first message arrives, and while the control
+`PolicyWatch` follows ``/v1/policy`` for this proxy's pod, or ExternalWorkload
+when the proxy is a VM's (`mesh.control.policy_api`), and answers, for each
+port, the `PortPolicy` to apply: the one a Server selects, or the cluster
+default. Until the first message arrives, and while the control
 plane is away, it answers from what it last knew (at first: the default,
 all-authenticated).
 """
@@ -25,13 +26,18 @@ PATH = "/v1/policy"
 
 
 class PolicyWatch(ControlStream):
-    """The port policies of one pod, from the control plane at ``url``."""
+    """The port policies of one pod (or ExternalWorkload), from the control plane at
+    ``url``."""
 
     what = "policy stream"
 
-    def __init__(self, url: str, *, namespace: str, pod: str, **options: Any) -> None:
-        super().__init__(url, f"{PATH}?{urlencode({'namespace': namespace, 'pod': pod})}",
-                         **options)
+    def __init__(self, url: str, *, namespace: str, pod: str | None = None,
+                 external_workload: str | None = None, **options: Any) -> None:
+        if (pod is None) == (external_workload is None):
+            raise ValueError("give exactly one of pod and external_workload")
+        query = ({"namespace": namespace, "pod": pod} if pod is not None else
+                 {"namespace": namespace, "externalworkload": external_workload})
+        super().__init__(url, f"{PATH}?{urlencode(query)}", **options)
         self.default = AccessPolicy.ALL_AUTHENTICATED
         self.ports: dict[int, PortPolicy] = {}
         self._listeners: list[Callable[[], None]] = []

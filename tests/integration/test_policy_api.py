@@ -290,6 +290,7 @@ async def test_a_client_without_certificate_is_refused(
     ("?namespace=default", "pod"),
     ("?namespace=default&pod=", "pod"),
     ("?namespace=default&pod=web&port=80", "port"),
+    ("?namespace=default&pod=web&externalworkload=vm", "externalworkload"),
     ("?service=web:80", "service"),
 ])
 async def test_malformed_queries_get_400_naming_the_parameter(

@@ -174,6 +174,42 @@ def test_the_exported_label_is_configurable() -> None:
     assert route(e.route(CALLER, header("api"))).key == ("default", "api")
 
 
+VM = Identity("default", "legacy-vm", DOMAIN).dns_name
+
+
+def external_workload(name: str, identity: str) -> dict[str, Any]:
+    return {"metadata": {"namespace": "default", "name": name},
+            "spec": {"meshTLS": {"identity": identity, "serverName": name},
+                     "workloadIPs": [{"ip": "192.0.2.7"}]}}
+
+
+def test_a_vm_of_this_cluster_reaches_every_service(exports: Exports) -> None:
+    assert refused(exports.route(VM, header("secret"))).reason is Reason.NOT_EXPORTED
+    exports.workload_event(ADDED, external_workload("legacy", VM))
+    r = route(exports.route(VM, header("secret")))
+    assert r.key == ("default", "secret") and r.caller == Caller(VM)
+    # Still subject to the pod port's policy.
+    target = exports.choose(r)
+    assert isinstance(target, Target) and target.pod == ("default", "secret-1")
+    admit_only_other(exports)
+    assert refused(exports.choose(route(exports.route(VM, header("web"))))).reason is \
+        Reason.UNAUTHORIZED
+    # Other callers keep the exported-label rule.
+    assert refused(exports.route(CALLER, header("secret"))).reason is Reason.NOT_EXPORTED
+    # Once the workload is gone, so is the VM's way in.
+    exports.workload_event(DELETED, external_workload("legacy", VM))
+    assert refused(exports.route(VM, header("secret"))).reason is Reason.NOT_EXPORTED
+
+
+def test_a_vm_identity_forwarded_by_a_gateway_gets_no_more_than_exports(
+        exports: Exports) -> None:
+    exports.workload_event(ADDED, external_workload("legacy", VM))
+    assert refused(exports.route(WEST, header("secret", caller=VM))).reason is \
+        Reason.NOT_EXPORTED
+    assert route(exports.route(WEST, header("web", caller=VM))).caller == \
+        Caller(VM, gateway=WEST)
+
+
 # -- choose -----------------------------------------------------------------------------
 
 

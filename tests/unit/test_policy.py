@@ -33,6 +33,7 @@ from mesh.control.policy import (
     MODIFIED,
     SERVER,
     PolicyIndex,
+    Workload,
 )
 from mesh.errors import ProtocolError
 
@@ -337,6 +338,40 @@ def test_conflicting_servers_oldest_wins_and_the_conflict_is_reported() -> None:
     assert allowed(p, CLIENT)
 
 
+def vm_server(name: str, port: int | str = 8080, **spec: Any) -> dict[str, Any]:
+    obj = server(name, port, **spec)
+    obj["spec"]["externalWorkloadSelector"] = obj["spec"].pop("podSelector")
+    return obj
+
+
+def test_a_server_selects_pods_or_external_workloads_never_both() -> None:
+    idx = index(server("pods", accessPolicy="all-unauthenticated"),
+                vm_server("vms", "http"), policy("vm-clients", "vms", mtls("clients")),
+                authn("clients", identities=[CLIENT]))
+    on_pod = idx.for_port("default", WEB, 8080, port_names={"http": 8080})
+    on_vm = idx.for_port("default", WEB, 8080, port_names={"http": 8080},
+                         kind=Workload.EXTERNAL)
+    assert (on_pod.server, on_vm.server) == ("default/pods", "default/vms")
+    assert allowed(on_pod, None) and not allowed(on_vm, None)
+    assert allowed(on_vm, CLIENT) and not allowed(on_vm, sa("other"))
+    # A VM's named ports are its spec.ports: without the name, no Server selects it.
+    assert idx.for_port("default", WEB, 8080, kind=Workload.EXTERNAL).server is None
+    assert [p.server for p in idx.pod_policies("default", WEB, port_names={"http": 8080},
+                                               kind=Workload.EXTERNAL)] == ["default/vms"]
+    assert [p.server for p in idx.pod_policies("default", WEB)] == ["default/pods"]
+
+
+@pytest.mark.parametrize("selectors", [{}, {"podSelector": {}, "externalWorkloadSelector": {}}],
+                         ids=["neither", "both"])
+def test_a_server_needs_exactly_one_selector(selectors: dict[str, Any]) -> None:
+    idx = PolicyIndex(TD)
+    obj = {"kind": SERVER, "metadata": meta("odd", "default"),
+           "spec": {"port": 8080, **selectors}}
+    idx.apply(SERVER, ADDED, obj)
+    [bad] = idx.invalid
+    assert "exactly one of podSelector and externalWorkloadSelector" in str(bad)
+
+
 def test_named_ports_match_through_the_pods_port_names() -> None:
     idx = index(server("web-http", "http"))
     assert idx.for_port("default", WEB, 8080, port_names={"http": 8080}).server == \
@@ -402,7 +437,8 @@ def _with(obj: dict[str, Any], **spec: Any) -> dict[str, Any]:
     ({**server("s"), "spec": None}, "spec: required"),
     ({"kind": SERVER, "metadata": {"namespace": "default"}, "spec": {}},
      "metadata.name: required"),
-    (_with(server("s"), podSelector=None), "spec.podSelector: Field required"),
+    (_with(server("s"), podSelector=None),
+     "spec: give exactly one of podSelector and externalWorkloadSelector"),
     (authn("a"), "spec: identities or identityRefs must name at least one identity"),
     (authn("a", identities=[], refs=[]),
      "spec: identities or identityRefs must name at least one identity"),
