@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -90,6 +91,8 @@ def preflight(*, dns_address: str, resolver_file: Path = Path("/etc/resolv.conf"
                                    ("127.0.0.1", 4191, socket.SOCK_STREAM,
                                     "the proxy's admin")):
         with socket.socket(socket.AF_INET, kind) as s:
+            if kind == socket.SOCK_STREAM:  # as the proxy binds: TIME_WAIT is no conflict
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError as e:
@@ -109,6 +112,7 @@ def join(args: argparse.Namespace) -> int:
                          "terminal (containers, tests)")
     anchors = Anchors.load(args.trust_anchor)
     me = identity_of(args.token, anchors)
+    made = not sd.path.exists()
     with sd.locked("meshgate vm join"):
         before = sd.load()
         if before is not None and before.phase == Phase.JOINED:
@@ -133,7 +137,8 @@ def join(args: argparse.Namespace) -> int:
                         identity=me.dns_name, control_plane=args.control_plane,
                         gateway=args.gateway, gateway_identity=gateway_identity,
                         api_server=enrolled.agent.server, address=address,
-                        cluster_domain=args.cluster_domain, dns_address=args.dns_address)
+                        cluster_domain=args.cluster_domain, dns_address=args.dns_address,
+                        made_state_dir=made)
         sd.save(state)
         try:
             agent = _set_up(sd, state, anchors, enrolled, heartbeat=args.heartbeat)
@@ -236,6 +241,9 @@ def leave(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"meshgate: {p}", flush=True)
         return 1
+    if state.made_state_dir:
+        with contextlib.suppress(OSError):
+            sd.path.rmdir()
     print(f"left: routes, resolver, registration and files of {state.identity} removed")
     return 0
 
@@ -269,6 +277,8 @@ def undo(sd: StateDir, state: VmState) -> list[str]:
                 systemd.remove(Path(state.unit_file))
             elif change == Change.RESOLVER:
                 resolver.restore(state.resolver_file, sd.resolver)
+                with contextlib.suppress(OSError):
+                    sd.resolver.rmdir()
             elif change == Change.ROUTES:
                 routes.remove_all()
             elif change == Change.REGISTRATION:

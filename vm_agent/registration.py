@@ -16,15 +16,12 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from mesh.control.externalworkloads import GROUP, PLURAL, VERSION
 from urllib3.exceptions import HTTPError
 
+from mesh.control.externalworkloads import GROUP, LEFT_REASON, PLURAL, READY, VERSION
 from vm_agent.state import AgentError, now_text
 
 log = logging.getLogger(__name__)
-
-READY = "Ready"
-
 
 class RegistrationUnreachable(AgentError):
     """The API server did not answer; worth retrying."""
@@ -76,7 +73,7 @@ class Registration:
 
     def withdraw(self) -> None:
         """No address and not ready: the workload leaves every Service's endpoints."""
-        self.heartbeat(ready=False, reason="Left", message="the VM left the mesh "
+        self.heartbeat(ready=False, reason=LEFT_REASON, message="the VM left the mesh "
                        "(`meshgate vm leave`)")
         self._call("update", self.api.patch_namespaced_custom_object, GROUP, VERSION,
                    self.namespace, PLURAL, self.name, {"spec": {"workloadIPs": []}})

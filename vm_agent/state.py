@@ -12,7 +12,8 @@ Layout under ``--state-dir`` (default /var/lib/meshgate)::
     proxy.yaml          the proxy's configuration
     status.json         the running agent's view: heartbeats, failures and since when
     resolver/           the resolver file's backup (vm_agent.resolver)
-    agent.lock          held (fcntl) by the one agent or command that owns the directory
+    holder              who holds the directory (flock on the directory itself), while
+                        an agent or command does
 
 `state.json` is rewritten (temp file, fsync, rename) before each change is
 made and after it is done, so a join killed at any line leaves a record of
@@ -89,6 +90,8 @@ class VmState(_Model):
     changes: list[Change] = Field(default_factory=list)
     """Begun changes, in order; each is undone in reverse by `vm leave`."""
     joined_at: str | None = Field(None, alias="joinedAt")
+    made_state_dir: bool = Field(False, alias="madeStateDir")
+    """Join made the state directory, so leave removes it."""
 
 
 class StateDir:
@@ -135,7 +138,7 @@ class StateDir:
 
     @property
     def lock_file(self) -> Path:
-        return self.path / "agent.lock"
+        return self.path / "holder"
 
     def load(self) -> VmState | None:
         """The record, or None when nothing was ever joined from this directory."""
@@ -164,10 +167,16 @@ class StateDir:
 
     @contextlib.contextmanager
     def locked(self, what: str) -> Iterator[None]:
-        """Hold the directory for `what`; AlreadyRunning names the holder otherwise."""
+        """Hold the directory for `what`; AlreadyRunning names the holder otherwise.
+
+        The lock is on the directory itself (flock), so it goes with the process that
+        held it; `holder` names that process while it lives. A directory this call
+        made and nothing was joined into is removed again: a failed join leaves none.
+        """
+        created = not self.path.exists()
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
             raise ConfigError(f"cannot use state directory {self.path}: "
                               f"{e.strerror or e}") from e
@@ -175,27 +184,35 @@ class StateDir:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "?"
                 raise AlreadyRunning(
-                    f"state directory {self.path} is in use by {holder}; stop it first "
-                    f"(`systemctl stop {UNIT_NAME}`, or end the foreground agent)") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{what} (pid {os.getpid()})\n".encode(), 0)
-            yield
+                    f"state directory {self.path} is in use by {self.holder() or '?'}; stop "
+                    f"it first (`systemctl stop {UNIT_NAME}`, or end the foreground agent)"
+                    ) from None
+            self.lock_file.write_text(f"{what} (pid {os.getpid()})\n")
+            try:
+                yield
+            finally:
+                self.lock_file.unlink(missing_ok=True)
+                if created and not self.record.exists():
+                    with contextlib.suppress(OSError):
+                        os.rmdir(self.path)
         finally:
             os.close(fd)
 
     def holder(self) -> str | None:
         """Who holds the directory now, or None when nobody does."""
         try:
-            fd = os.open(self.lock_file, os.O_RDONLY)
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
             return None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return os.pread(fd, 256, 0).decode(errors="replace").strip() or "?"
+                try:
+                    return self.lock_file.read_text().strip() or "?"
+                except OSError:
+                    return "?"
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
         finally:

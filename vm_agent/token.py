@@ -27,8 +27,8 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from mesh.control.externalworkloads import GROUP, KIND, PLURAL, VERSION
 
+from mesh.control.externalworkloads import GROUP, KIND, PLURAL, VERSION
 from mesh.errors import ConfigError
 from mesh.identity import jointoken
 from mesh.identity.bundle import TrustBundle

@@ -9,6 +9,7 @@ network), then calls both ways by name, policy, the heartbeat window, `vm status
 
 from __future__ import annotations
 
+import difflib
 import os
 import shlex
 import signal
@@ -73,6 +74,7 @@ class Home:
     env: dict[str, str]
     pods: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     agent: subprocess.Popen[str] | None = None
+    agent_log: Path | None = None
     app: subprocess.Popen[bytes] | None = None
 
     @property
@@ -130,16 +132,18 @@ class Home:
     def join(self, line: list[str]) -> subprocess.Popen[str]:
         argv = [sys.executable, "-m", "mesh.cli", *line, "--foreground", "--heartbeat",
                 "0.5s", "--state-dir", STATE]
-        log = open(self.base / "agent.log", "a")  # noqa: SIM115 - the agent outlives this call
-        proc = subprocess.Popen(vms.exec_argv(VM, argv), env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.agent_log = self.base / f"agent-{len(list(self.base.glob('agent-*')))}.log"
+        with open(self.agent_log, "w") as log:
+            proc = subprocess.Popen(vms.exec_argv(VM, argv), env=self.env, stdout=log,
+                                    stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
         self.agent = proc
 
         def joined() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"vm join exited {proc.returncode}:\n"
-                                     f"{(self.base / 'agent.log').read_text()}")
-            return "joined:" in (self.base / "agent.log").read_text()
+                                     f"{self.agent_log.read_text()}")
+            return "joined:" in self.agent_log.read_text()
 
         wait_for(joined, timeout=60, interval=0.2, what="the VM to join")
         return proc
@@ -197,8 +201,17 @@ class Home:
                 "addresses": self.vm("ip", "-d", "address", "show").stdout,
                 "resolv.conf": self.vm("cat", "/etc/resolv.conf").stdout,
                 "hosts": self.vm("cat", "/etc/hosts").stdout,
-                "units": self.vm("ls", "-la", "/etc/systemd/system").stdout,
-                "state": self.vm("ls", "-la", STATE).stdout}
+                "units": self.vm("ls", "-A", "/etc/systemd/system").stdout,
+                "state": self.vm("ls", "-A", STATE).stdout}
+
+
+def same(now: dict[str, str], before: dict[str, str]) -> None:
+    """`now` is `before`, or an assertion showing where they differ."""
+    for key in before:
+        if now[key] != before[key]:
+            diff = "\n".join(difflib.unified_diff(before[key].splitlines(),
+                                                  now[key].splitlines(), lineterm=""))
+            raise AssertionError(f"{key} differs from before the join:\n{diff}")
 
 
 def _ours() -> list[str]:
@@ -249,6 +262,9 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
 
 @pytest.fixture(scope="module")
 def before(home: Home) -> dict[str, str]:
+    # The kernel adds the IPv6 link-local route once duplicate address detection ends.
+    wait_for(lambda: "tentative" not in home.vm("ip", "-6", "address", "show").stdout,
+             timeout=10, interval=0.2, what="the VM's addresses to settle")
     return home.snapshot()
 
 
@@ -275,17 +291,17 @@ def test_bad_inputs_leave_the_vm_as_it_was_and_keep_the_token(home: Home,
                                flags["--trust-anchor"], "--foreground", "--state-dir", STATE,
                                check=False)
     assert garbled.returncode == 2 and "malformed" in garbled.stderr
-    assert home.snapshot() == before
+    same(home.snapshot(), before)
     # The token survived all of that: it still joins.
     home.join(line)
     home.stop_agent()
     assert home.vm_meshgate("vm", "leave", "--state-dir", STATE).returncode == 0
-    assert home.snapshot() == before
+    same(home.snapshot(), before)
     # ...and only once.
     replay = home.vm_meshgate("vm", "join", *line[2:], "--foreground", "--state-dir", STATE,
                               check=False)
     assert replay.returncode == 2 and "already used" in replay.stderr, replay.stderr
-    assert home.snapshot() == before
+    same(home.snapshot(), before)
 
 
 @pytest.fixture(scope="module")
@@ -414,11 +430,11 @@ def test_a_stopped_agent_leaves_the_endpoints_and_comes_back(joined: Home) -> No
              what="the VM to turn not ready")
     assert time.monotonic() - stopped < 10
     # `vm run` is what the systemd unit starts after a reboot.
-    log = open(joined.base / "agent.log", "a")  # noqa: SIM115
-    joined.agent = subprocess.Popen(vms.exec_argv(VM, [
-        sys.executable, "-m", "mesh.cli", "vm", "run", "--state-dir", STATE, "--heartbeat",
-        "0.5s"]), env=joined.env, stdout=log, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+    with open(joined.base / "agent-run.log", "w") as log:
+        joined.agent = subprocess.Popen(vms.exec_argv(VM, [
+            sys.executable, "-m", "mesh.cli", "vm", "run", "--state-dir", STATE,
+            "--heartbeat", "0.5s"]), env=joined.env, stdout=log, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True)
     wait_for(lambda: joined.endpoints() == [(address, True)], timeout=30, interval=0.2,
              what="the VM to be ready again")
     wait_for(lambda: all(a.startswith("200") for a in joined.calls(2)), timeout=20,
@@ -430,7 +446,7 @@ def test_leave_restores_the_vm_byte_for_byte(joined: Home, before: dict[str, str
     left = joined.vm_meshgate("vm", "leave", "--state-dir", STATE)
     assert "left:" in left.stdout
     joined.agent = None
-    assert joined.snapshot() == before
+    same(joined.snapshot(), before)
     ew = client.CustomObjectsApi(api_client(joined.kubeconfig)).get_namespaced_custom_object(
         GROUP, VERSION, "default", PLURAL, VM)
     assert ew["spec"]["workloadIPs"] == []

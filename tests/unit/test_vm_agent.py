@@ -72,8 +72,10 @@ def test_the_state_directory_has_one_owner_at_a_time(tmp_path: Path) -> None:
         with pytest.raises(AlreadyRunning, match=r"in use by meshgate vm join \(pid \d+\)"), \
                 StateDir(tmp_path / "s").locked("meshgate vm join"):
             pass
+        assert oct(sd.path.stat().st_mode & 0o777) == "0o700"
     assert sd.holder() is None
-    assert oct(sd.path.stat().st_mode & 0o777) == "0o700"
+    # It made the directory and nothing was joined into it: it is gone again.
+    assert not sd.path.exists()
 
 
 def test_the_unit_runs_the_agent_of_its_state_directory() -> None:
