@@ -205,6 +205,10 @@ class Home:
                 "state": self.vm("ls", "-A", STATE).stdout}
 
 
+WRITE = "import sys; open(sys.argv[1], 'w').write(sys.argv[2])"
+"""Write argv[2] into the file argv[1] in place (the VM's resolv.conf is a bind mount)."""
+
+
 def same(now: dict[str, str], before: dict[str, str]) -> None:
     """`now` is `before`, or an assertion showing where they differ."""
     for key in before:
@@ -291,6 +295,15 @@ def test_bad_inputs_leave_the_vm_as_it_was_and_keep_the_token(home: Home,
                                flags["--trust-anchor"], "--foreground", "--state-dir", STATE,
                                check=False)
     assert garbled.returncode == 2 and "malformed" in garbled.stderr
+    # A resolver file the agent cannot parse is named before the token is spent.
+    home.vm(sys.executable, "-c", WRITE, "/etc/resolv.conf", "nameserver\n")
+    try:
+        broken = home.vm_meshgate("vm", "join", *line[2:], "--foreground", "--state-dir",
+                                  STATE, check=False)
+    finally:
+        home.vm(sys.executable, "-c", WRITE, "/etc/resolv.conf", before["resolv.conf"])
+    assert broken.returncode == 2 and "/etc/resolv.conf" in broken.stderr and \
+        "line 1" in broken.stderr, broken.stderr
     same(home.snapshot(), before)
     # The token survived all of that: it still joins.
     home.join(line)
@@ -301,6 +314,28 @@ def test_bad_inputs_leave_the_vm_as_it_was_and_keep_the_token(home: Home,
     replay = home.vm_meshgate("vm", "join", *line[2:], "--foreground", "--state-dir", STATE,
                               check=False)
     assert replay.returncode == 2 and "already used" in replay.stderr, replay.stderr
+    same(home.snapshot(), before)
+
+
+def test_a_join_killed_half_way_is_undone(home: Home, before: dict[str, str]) -> None:
+    argv = [sys.executable, "-m", "mesh.cli", *home.token(), "--foreground", "--state-dir",
+            STATE]
+    log = home.base / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(vms.exec_argv(VM, argv), env=home.env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(lambda: "enrolled as" in log.read_text(), timeout=60, interval=0.05,
+             what="the join to register")
+    os.killpg(proc.pid, signal.SIGKILL)  # the agent and its proxy, mid-way
+    proc.wait(10)
+    status = home.vm_meshgate("vm", "status", "--state-dir", STATE, check=False)
+    assert status.returncode == 1 and "phase:        joining" in status.stdout, status.stdout
+    # The next join undoes what the killed one recorded, then joins.
+    home.join(home.token())
+    assert home.agent_log is not None
+    assert "a previous join stopped half way" in home.agent_log.read_text()
+    home.stop_agent()
+    assert "left:" in home.vm_meshgate("vm", "leave", "--state-dir", STATE).stdout
     same(home.snapshot(), before)
 
 
