@@ -7,6 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mesh import cliargs
+
 
 def add_cluster_commands(commands: Any) -> None:
     """Add up, run-pod, exec and down to the `cluster` command's sub-commands."""
@@ -43,7 +45,8 @@ def add_cluster_commands(commands: Any) -> None:
     pod.add_argument("--namespace", default="default")
     pod.add_argument("--name", required=True)
     pod.add_argument("--service-account", default="default")
-    pod.add_argument("--label", action="append", default=[], type=_label, metavar="KEY=VALUE")
+    pod.add_argument("--label", action="append", default=[], type=cliargs.label,
+                     metavar="KEY=VALUE")
     pod.add_argument("--port", action="append", default=[], type=int,
                      help="a port the command listens on (the pod is ready when it answers)")
     pod.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
@@ -93,21 +96,8 @@ def _add_vm_commands(commands: Any) -> None:
 
 
 def _heartbeat(value: str) -> str:
-    from mesh.config import parse_duration
-    from mesh.errors import ConfigError
-
-    try:
-        parse_duration(value)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    cliargs.duration(value)  # checked here, passed on as written
     return value
-
-
-def _label(value: str) -> tuple[str, str]:
-    key, sep, val = value.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE")
-    return key, val
 
 
 def _up(args: argparse.Namespace) -> int:

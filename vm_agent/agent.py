@@ -28,11 +28,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mesh.files import write_atomic
 from mesh.identity.names import Identity, service_identity
 from mesh.identity.tls import load_identity
 from vm_agent import routes
 from vm_agent.registration import Registration, RegistrationUnreachable
-from vm_agent.state import AgentError, Change, Phase, StateDir, VmState, now_text, write_private
+from vm_agent.state import AgentError, Change, Phase, StateDir, VmState, now_text
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +276,8 @@ class Agent:
 
     def _write_status(self) -> None:
         try:
-            write_private(self.state_dir.status, json.dumps(asdict(self.status), indent=2)
-                          .encode(), mode=0o644)
+            write_atomic(self.state_dir.status, json.dumps(asdict(self.status), indent=2)
+                         .encode(), mode=0o644)
         except OSError as e:
             log.warning("status not written path=%s cause=%s", self.state_dir.status,
                         e.strerror)

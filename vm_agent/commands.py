@@ -8,20 +8,8 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from mesh.config import parse_duration
-from mesh.errors import ConfigError
+from mesh import cliargs
 from vm_agent.state import DEFAULT_STATE_DIR
-
-
-def _duration(value: str) -> dt.timedelta:
-    try:
-        return parse_duration(value)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _seconds(value: str) -> float:
-    return _duration(value).total_seconds()
 
 
 def _address(value: str) -> str:
@@ -29,13 +17,6 @@ def _address(value: str) -> str:
     if not sep or not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"{value!r} is not ADDR:PORT, such as 172.30.0.2:4143")
     return value
-
-
-def _label(value: str) -> tuple[str, str]:
-    key, sep, val = value.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE, such as app=legacy")
-    return key, val
 
 
 def _port(value: str) -> tuple[str, int]:
@@ -55,8 +36,8 @@ def add_vm_commands(commands: Any) -> None:
     tok.add_argument("--namespace", required=True)
     tok.add_argument("--workload", required=True, help="the ExternalWorkload's name")
     tok.add_argument("--service-account", required=True, help="the identity the VM runs as")
-    tok.add_argument("--ttl", type=_duration, default=dt.timedelta(hours=1))
-    tok.add_argument("--label", type=_label, action="append", default=[],
+    tok.add_argument("--ttl", type=cliargs.duration, default=dt.timedelta(hours=1))
+    tok.add_argument("--label", type=cliargs.label, action="append", default=[],
                      help="KEY=VALUE on the ExternalWorkload, for Service selectors "
                      "(repeatable)")
     tok.add_argument("--port", type=_port, action="append", default=[],
@@ -86,7 +67,7 @@ def add_vm_commands(commands: Any) -> None:
     join.add_argument("--cluster-domain", default="cluster.local")
     join.add_argument("--dns-address", default="127.0.0.153",
                       help="loopback address the mesh DNS answers on")
-    join.add_argument("--timeout", type=_seconds, default=120.0,
+    join.add_argument("--timeout", type=cliargs.seconds, default=120.0,
                       help="how long to retry an unreachable control plane")
     _common(join)
     join.add_argument("--foreground", action="store_true",
@@ -108,7 +89,7 @@ def add_vm_commands(commands: Any) -> None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
-    parser.add_argument("--heartbeat", type=_seconds, default=10.0,
+    parser.add_argument("--heartbeat", type=cliargs.seconds, default=10.0,
                         help="how often the agent reports the VM ready")
 
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from mesh.files import write_atomic
 from mesh.identity.names import GATEWAY_SERVICE_ACCOUNT, Identity
 from mesh.proxy.listeners import bind_failure
 from vm_agent import routes, systemd
@@ -35,7 +36,6 @@ from vm_agent.state import (
     Phase,
     StateDir,
     VmState,
-    write_private,
 )
 
 log = logging.getLogger(__name__)
@@ -162,13 +162,15 @@ def _set_up(sd: StateDir, state: VmState, anchors: Anchors, enrolled: Enrolled, 
             heartbeat: float) -> Agent:
     assert enrolled.agent is not None
     sd.begin(state, Change.IDENTITY)
-    write_private(sd.anchor, anchors.pem, mode=0o644)
-    write_private(sd.key, enrolled.key_pem)
-    write_private(sd.chain, enrolled.chain_pem, mode=0o644)
-    write_private(sd.agent_token, enrolled.agent.token.encode())
-    write_private(sd.api_ca, enrolled.agent.certificate_authority.encode(), mode=0o644)
-    write_private(sd.proxy_config, json.dumps(proxy_config(sd, state), indent=2).encode(),
-                  mode=0o644)
+    for directory in (sd.key.parent, sd.agent_token.parent):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    write_atomic(sd.anchor, anchors.pem, mode=0o644)
+    write_atomic(sd.key, enrolled.key_pem, mode=0o600)
+    write_atomic(sd.chain, enrolled.chain_pem, mode=0o644)
+    write_atomic(sd.agent_token, enrolled.agent.token.encode(), mode=0o600)
+    write_atomic(sd.api_ca, enrolled.agent.certificate_authority.encode(), mode=0o644)
+    write_atomic(sd.proxy_config, json.dumps(proxy_config(sd, state), indent=2).encode(),
+                 mode=0o644)
     sd.begin(state, Change.REGISTRATION)
     agent = Agent(sd, state, heartbeat=heartbeat)
     agent.registration.register(state.address)

@@ -58,6 +58,7 @@ from typing import Protocol
 
 from mesh.dns import Address, format_address
 from mesh.errors import ResolverError
+from mesh.files import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +456,7 @@ def _check(path: Path, state: Path, record: Record, original: bytes) -> _Found:
 def _write_ours(path: Path, content: bytes) -> None:
     if path.is_symlink():
         path.unlink()  # the daemon that owns the target would undo a change made there
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     _write_in_place(path, content, perm=0o644)
 
 
@@ -471,7 +472,7 @@ def _put_back(path: Path, record: Record, original: bytes) -> None:
     os.symlink(record.symlink, temporary)
     os.chown(temporary, record.uid, record.gid, follow_symlinks=False)
     os.rename(temporary, path)  # a symlink cannot be a bind mount: rename is safe here
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write_in_place(path: Path, data: bytes, *, perm: int) -> None:
@@ -513,12 +514,12 @@ def _backup(state: Path, record: Record) -> bytes:
 def _save(state: Path, original: bytes, record: Record) -> None:
     """The backup, then the record, each durable before the file is touched."""
     state.mkdir(parents=True, exist_ok=True)
-    _write_durably(state / BACKUP, original)
+    write_atomic(state / BACKUP, original, mode=0o600)
     _save_record(state, record)
 
 
 def _save_record(state: Path, record: Record) -> None:
-    _write_durably(state / RECORD, record.to_json())
+    write_atomic(state / RECORD, record.to_json(), mode=0o600)
 
 
 def _forget(state: Path) -> None:
@@ -526,26 +527,4 @@ def _forget(state: Path) -> None:
     for name in (RECORD, BACKUP):
         with contextlib.suppress(FileNotFoundError):
             (state / name).unlink()
-        _fsync_dir(state)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temporary, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(state)

@@ -34,6 +34,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mesh.errors import ConfigError, MeshError
+from mesh.files import write_atomic
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshgate")
 UNIT_NAME = "meshgate-vm.service"
@@ -156,8 +157,9 @@ class StateDir:
                              f"{self.path}` to undo what it can") from e
 
     def save(self, state: VmState) -> None:
-        write_private(self.record, state.model_dump_json(by_alias=True, indent=2).encode(),
-                      mode=0o644)
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(self.record, state.model_dump_json(by_alias=True, indent=2).encode(),
+                     mode=0o644)
 
     def begin(self, state: VmState, change: Change) -> None:
         """Record `change` before it is made, so that a crash mid-way still undoes it."""
@@ -226,25 +228,6 @@ class StateDir:
             return int(text.rsplit("(pid ", 1)[1].rstrip(")"))
         except ValueError:
             return None
-
-
-def write_private(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Write `path` whole or not at all (temp file, fsync, rename), with `mode`."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def now_text() -> str:

@@ -13,9 +13,7 @@ hold, and strict verifiers read only the SAN anyway.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -29,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.errors import IdentityError
+from mesh.files import fsync_dir, write_atomic
 from mesh.identity.bundle import TrustBundle, describe, is_ca, rfc3339
 from mesh.identity.errors import TrustSetupError
 from mesh.identity.names import DEFAULT_CONTROL_NS, Identity, InvalidName, check_trust_domain
@@ -382,41 +381,15 @@ def load_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
 
 # -- the issuer directory -----------------------------------------------------------------
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` with ``data``: readers see the old file or the new, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:  # mkstemp creates the file 0600
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename is only durable once the directory entry is on disk.
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_private(path: Path, data: bytes) -> None:
     """Write secret ``data`` (a key PEM) to ``path`` atomically, mode 0600."""
-    _write_atomic(path, data, 0o600)
+    write_atomic(path, data, mode=0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
     """Write ``data`` that may be read by anyone (certificates) to ``path``
     atomically, mode 0644."""
-    _write_atomic(path, data, 0o644)
+    write_atomic(path, data, mode=0o644)
 
 
 class IssuerDir:
@@ -503,8 +476,8 @@ class IssuerDir:
 
     def save_pending_anchor(self, anchor: CertKey) -> None:
         """Keep the next anchor of a rotation in ``anchor-next.crt``/``.key``."""
-        _write_atomic(self.pending_anchor_key, key_pem(anchor.key), 0o600)
-        _write_atomic(self.pending_anchor_cert, cert_pem(anchor.cert), 0o644)
+        write_atomic(self.pending_anchor_key, key_pem(anchor.key), mode=0o600)
+        write_atomic(self.pending_anchor_cert, cert_pem(anchor.cert), mode=0o644)
 
     def load_pending_anchor(self) -> CertKey:
         return self._pair(self.pending_anchor_cert, self.pending_anchor_key)
@@ -514,7 +487,7 @@ class IssuerDir:
         self.load_pending_anchor()
         os.replace(self.pending_anchor_key, self.anchor_key)
         os.replace(self.pending_anchor_cert, self.anchor_cert)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def load_issuer(self) -> CertKey:
         """The issuer, checked against its key and the anchors of ``trust-bundle.pem``.
@@ -540,15 +513,15 @@ class IssuerDir:
             raise TrustSetupError(f"{self.bundle}: {e}") from e
 
     def save_bundle(self, bundle: TrustBundle) -> None:
-        _write_atomic(self.bundle, bundle.to_pem(), 0o644)
+        write_atomic(self.bundle, bundle.to_pem(), mode=0o644)
 
     def save_anchor(self, anchor: CertKey) -> None:
-        _write_atomic(self.anchor_key, key_pem(anchor.key), 0o600)
-        _write_atomic(self.anchor_cert, cert_pem(anchor.cert), 0o644)
+        write_atomic(self.anchor_key, key_pem(anchor.key), mode=0o600)
+        write_atomic(self.anchor_cert, cert_pem(anchor.cert), mode=0o644)
 
     def save_issuer(self, issuer: CertKey) -> None:
-        _write_atomic(self.issuer_key, key_pem(issuer.key), 0o600)
-        _write_atomic(self.issuer_cert, cert_pem(issuer.cert), 0o644)
+        write_atomic(self.issuer_key, key_pem(issuer.key), mode=0o600)
+        write_atomic(self.issuer_cert, cert_pem(issuer.cert), mode=0o644)
 
     def issuer_chain_pem(self) -> bytes:
         """The issuer certificate PEM: the chain the identity service sends with a leaf."""

@@ -11,19 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mesh.config import parse_duration
+from mesh import cliargs
 from mesh.errors import ConfigError
 from mesh.identity import ca
 from mesh.identity.ca import IssuerDir
 from mesh.identity.names import Identity
 from mesh.identity.rotation import NotYet, Rotation
-
-
-def _duration(value: str) -> dt.timedelta:
-    try:
-        return parse_duration(value)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _now() -> dt.datetime:
@@ -37,8 +30,8 @@ def add_identity_commands(commands: Any) -> None:
     init = sub.add_parser("init", help="create a trust anchor and an issuer")
     init.add_argument("--trust-domain", required=True)
     init.add_argument("--out", required=True, type=Path)
-    init.add_argument("--anchor-lifetime", type=_duration, default=dt.timedelta(days=3650))
-    init.add_argument("--issuer-lifetime", type=_duration, default=dt.timedelta(days=365))
+    init.add_argument("--anchor-lifetime", type=cliargs.duration, default=dt.timedelta(days=3650))
+    init.add_argument("--issuer-lifetime", type=cliargs.duration, default=dt.timedelta(days=365))
     init.add_argument("--force", action="store_true", help="overwrite existing files")
     init.set_defaults(func=_init)
 
@@ -46,7 +39,7 @@ def add_identity_commands(commands: Any) -> None:
     serve.add_argument("--kubeconfig", required=True, type=Path)
     serve.add_argument("--issuer-dir", required=True, type=Path)
     serve.add_argument("--listen", default="127.0.0.1:8443")
-    serve.add_argument("--leaf-lifetime", type=_duration, default=dt.timedelta(hours=24))
+    serve.add_argument("--leaf-lifetime", type=cliargs.duration, default=dt.timedelta(hours=24))
     serve.add_argument("--control-namespace", default="meshgate")
     serve.set_defaults(func=_serve)
 
@@ -62,10 +55,10 @@ def add_identity_commands(commands: Any) -> None:
     rotate.add_argument("step", choices=["status", "add-anchor", "reissue-issuer",
                                          "remove-anchor"])
     rotate.add_argument("--dir", required=True, type=Path, help="the issuer directory")
-    rotate.add_argument("--leaf-lifetime", type=_duration, default=dt.timedelta(hours=24),
+    rotate.add_argument("--leaf-lifetime", type=cliargs.duration, default=dt.timedelta(hours=24),
                         help="the service's --leaf-lifetime: how long a step takes to spread")
-    rotate.add_argument("--anchor-lifetime", type=_duration, default=dt.timedelta(days=3650))
-    rotate.add_argument("--issuer-lifetime", type=_duration, default=dt.timedelta(days=365))
+    rotate.add_argument("--anchor-lifetime", type=cliargs.duration, default=dt.timedelta(days=3650))
+    rotate.add_argument("--issuer-lifetime", type=cliargs.duration, default=dt.timedelta(days=365))
     rotate.add_argument("--wait", action="store_true",
                         help="wait until the step is safe instead of refusing")
     rotate.add_argument("--force", action="store_true",
