@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 TC_H_ROOT = 0xFFFFFFFF
 MAX_DELAY_MS = 60_000.0
 """Netem keeps a delay in 32 bits of scheduler ticks; a minute is far inside."""
-_DURATION = re.compile(r"(?P<value>\d+(?:\.\d+)?)(?P<unit>us|ms|s)")
-_PERCENT = re.compile(r"(?P<value>\d+(?:\.\d+)?)%?")
+# A sign is parsed so that a negative value is refused by name, not as a typo.
+_DURATION = re.compile(r"(?P<value>-?\d+(?:\.\d+)?)(?P<unit>us|ms|s)")
+_PERCENT = re.compile(r"(?P<value>-?\d+(?:\.\d+)?)%?")
 _MS_PER = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
@@ -114,6 +115,9 @@ def check_values(*, delay_ms: float | None = None, jitter_ms: float | None = Non
     if loss_pct is not None and not 0 <= loss_pct <= 100:
         raise ConfigError(f"{loss} {loss_pct:g}% is outside 0..100%; give a percentage "
                           "such as 0.5%")
+    if delay_ms == 0 and jitter_ms:
+        raise ConfigError(f"{jitter} {jitter_ms:g}ms needs a delay to vary, and {delay} is 0; "
+                          f"give a {delay} (or {jitter} 0)")
 
 
 def settings(current: Netem = NO_NETEM, *, delay_ms: float | None = None,
