@@ -1,5 +1,6 @@
 """`meshgate cluster up | run-pod | exec | down`: a whole cluster on this machine;
-`meshgate cluster vm create | exec | delete | list`: a VM beside it, on the WAN."""
+`meshgate cluster vm create | exec | delete | list`: a VM beside it, on the WAN;
+`meshgate cluster wan set | partition | heal | show`: the WAN's distances and partitions."""
 
 from __future__ import annotations
 
@@ -37,6 +38,13 @@ def add_cluster_commands(commands: Any) -> None:
                     "leaves its Services' endpoints (default 10s)")
     up.add_argument("--wan-address", help="with --multicluster: this node's WAN address "
                     "(default: the lowest free one)")
+    up.add_argument("--wan-delay", metavar="D", help="with --multicluster: netem delay on "
+                    "the node's WAN link, each way (30ms, 1s; a round trip to another "
+                    "member adds twice D); default none")
+    up.add_argument("--wan-jitter", metavar="J", help="with --wan-delay: vary the delay by "
+                    "up to ±J (2ms)")
+    up.add_argument("--wan-loss", metavar="P%", help="with --multicluster: netem loss on "
+                    "the node's WAN link, each way (0.5%%)")
     up.set_defaults(func=_up)
 
     pod = commands.add_parser("run-pod", help="run a command as a meshed pod, in the "
@@ -64,6 +72,7 @@ def add_cluster_commands(commands: Any) -> None:
     down.set_defaults(func=_down)
 
     _add_vm_commands(commands)
+    _add_wan_commands(commands)
 
 
 def _add_vm_commands(commands: Any) -> None:
@@ -95,6 +104,36 @@ def _add_vm_commands(commands: Any) -> None:
     listing.set_defaults(func=_vm_list)
 
 
+def _add_wan_commands(commands: Any) -> None:
+    link = commands.add_parser("wan", help="the WAN's members: netem delay, jitter and loss "
+                               "on each one's link, and partitions")
+    link_cmds = link.add_subparsers(dest="wan_command", required=True)
+    change = _wan_parser(link_cmds, "set", "change a member's netem, on both ends of its "
+                         "link (flags left out keep their value; 0 clears one)", _wan_set)
+    change.add_argument("--delay", metavar="D", help="each way (30ms, 1s; 0: none; 0 also "
+                        "clears the jitter)")
+    change.add_argument("--jitter", metavar="J", help="vary the delay by up to ±J (2ms)")
+    change.add_argument("--loss", metavar="P%", help="each way (0.5%%; 0: none)")
+    _wan_parser(link_cmds, "partition", "cut a member off the WAN: its link goes down; "
+                "packets vanish, nothing is reset", _wan_partition)
+    _wan_parser(link_cmds, "heal", "put a partitioned member back on the WAN, with its "
+                "netem", _wan_heal)
+    _wan_parser(link_cmds, "show", "each member: address, netem, partitioned", _wan_show,
+                member=False)
+
+
+def _wan_parser(commands: Any, verb: str, what: str, func: Any, *,
+                member: bool = True) -> Any:
+    cmd = commands.add_parser(verb, help=what)
+    if member:
+        cmd.add_argument("--name", required=True, help="a cluster or VM on the WAN "
+                         "(cluster/NAME or vm/NAME when both have the name)")
+    cmd.add_argument("--wan", default="mg-wan", help="the WAN's network namespace (default "
+                     "mg-wan)")
+    cmd.set_defaults(func=func)
+    return cmd
+
+
 def _heartbeat(value: str) -> str:
     cliargs.duration(value)  # checked here, passed on as written
     return value
@@ -121,7 +160,8 @@ def _up(args: argparse.Namespace) -> int:
                         service_cidr=args.service_cidr, cluster_domain=args.cluster_domain,
                         identity_dir=args.identity_dir, trust_domain=args.trust_domain,
                         multicluster=args.multicluster, wan=args.wan, wan_cidr=args.wan_cidr,
-                        wan_address=args.wan_address,
+                        wan_address=args.wan_address, wan_delay=args.wan_delay,
+                        wan_jitter=args.wan_jitter, wan_loss=args.wan_loss,
                         workload_heartbeat=args.workload_heartbeat))
     print(f"cluster {spec.name} is up: node {spec.node_address} in network namespace "
           f"{spec.node_netns}, trust domain {spec.trust_domain}")
@@ -234,3 +274,50 @@ def _vm_list(args: argparse.Namespace) -> int:
     for vm in vms.list_vms():
         print(f"{vm.name}\t{vm.address.ip}\t{vm.wan}\t{vm.netns}")
     return 0
+
+
+def _wan_set(args: argparse.Namespace) -> int:
+    from localcluster import wanlink
+    from mesh.errors import ConfigError
+
+    delay = jitter = loss = None
+    if args.delay is not None:
+        delay = wanlink.parse_duration_ms(args.delay, flag="--delay")
+    if args.jitter is not None:
+        jitter = wanlink.parse_duration_ms(args.jitter, flag="--jitter")
+    if args.loss is not None:
+        loss = wanlink.parse_loss_pct(args.loss, flag="--loss")
+    if delay is None and jitter is None and loss is None:
+        raise ConfigError("cluster wan set: give --delay, --jitter or --loss (0 clears one)")
+    _print_members([wanlink.set_link(args.wan, args.name, delay_ms=delay, jitter_ms=jitter,
+                                     loss_pct=loss)])
+    return 0
+
+
+def _wan_partition(args: argparse.Namespace) -> int:
+    from localcluster import wanlink
+
+    _print_members([wanlink.partition(args.wan, args.name)])
+    return 0
+
+
+def _wan_heal(args: argparse.Namespace) -> int:
+    from localcluster import wanlink
+
+    _print_members([wanlink.heal(args.wan, args.name)])
+    return 0
+
+
+def _wan_show(args: argparse.Namespace) -> int:
+    from localcluster import wanlink
+
+    _print_members(wanlink.show(args.wan))
+    return 0
+
+
+def _print_members(members: list[Any]) -> None:
+    from localcluster import wanlink
+
+    for m in members:
+        print(f"{m.kind}\t{m.name}\t{m.address}\t{wanlink.describe(m.netem)}\t"
+              f"{'partitioned' if m.partitioned else 'connected'}")

@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from localcluster import multicluster, namespaces, netns, wan
+from localcluster import multicluster, namespaces, netns, wan, wanlink
 from localcluster.rootless import meshgate_argv, run_dir
 from mesh.errors import ConfigError, MeshError
 
@@ -271,6 +271,11 @@ class UpRequest:
     wan: str = wan.DEFAULT_WAN
     wan_cidr: str | None = None
     wan_address: str | None = None
+    wan_delay: str | None = None
+    """With `multicluster`: netem on the node's WAN link ("30ms"; localcluster.wanlink)."""
+    wan_jitter: str | None = None
+    wan_loss: str | None = None
+    """"0.5%"."""
     workload_heartbeat: str = "10s"
 
 
@@ -294,8 +299,9 @@ def up(req: UpRequest) -> ClusterSpec:
                 raise ClusterError(f"cluster {req.name!r} was started without --multicluster; "
                                    f"`meshgate cluster down --name {req.name}` and start it "
                                    "again with --multicluster")
+            netem = _wan_netem(req)
             netns.up(spec.network)
-            spec = _attach_wan(spec)
+            spec = _attach_wan(spec, netem=netem)
             _start_cluster_processes(spec)
             return spec
         if any(_daemon_alive(other, d) for d in DAEMONS):
@@ -313,6 +319,7 @@ def up(req: UpRequest) -> ClusterSpec:
     except ValueError as e:
         raise ConfigError(f"--pod-cidr/--service-cidr: {e}") from e
     wan_cidr, wan_address = _wan_request(req)
+    netem = _wan_netem(req)
     trust_domain = _prepare_identity(state_dir / "identity", req)
     spec = ClusterSpec(name=req.name, state_dir=state_dir, pod_cidr=str(net.pod_cidr),
                        service_cidr=str(net.service_cidr), cluster_domain=req.cluster_domain,
@@ -325,7 +332,7 @@ def up(req: UpRequest) -> ClusterSpec:
     (state_dir / "cluster.json").write_text(spec.model_dump_json(by_alias=True, indent=2))
     try:
         netns.up(net)
-        spec = _attach_wan(spec, cidr=wan_cidr, address=wan_address)
+        spec = _attach_wan(spec, cidr=wan_cidr, address=wan_address, netem=netem)
         _start_cluster_processes(spec)
     except BaseException:
         with contextlib.suppress(MeshError):
@@ -349,10 +356,30 @@ def _wan_request(req: UpRequest) -> tuple[ipaddress.IPv4Network | None,
     return cidr, address
 
 
+def _wan_netem(req: UpRequest) -> wan.Netem | None:
+    """The netem the flags ask for on the node's WAN link; None: none asked for."""
+    given = {"delay": req.wan_delay, "jitter": req.wan_jitter, "loss": req.wan_loss}
+    if all(v is None for v in given.values()):
+        return None
+    if not req.multicluster:
+        raise ConfigError("--wan-delay, --wan-jitter and --wan-loss need --multicluster")
+    delay = jitter = loss = None
+    if req.wan_delay is not None:
+        delay = wanlink.parse_duration_ms(req.wan_delay, flag="--wan-delay")
+    if req.wan_jitter is not None:
+        jitter = wanlink.parse_duration_ms(req.wan_jitter, flag="--wan-jitter")
+    if req.wan_loss is not None:
+        loss = wanlink.parse_loss_pct(req.wan_loss, flag="--wan-loss")
+    return wanlink.settings(delay_ms=delay, jitter_ms=jitter, loss_pct=loss,
+                            flag_prefix="wan-")
+
+
 def _attach_wan(spec: ClusterSpec, *, cidr: ipaddress.IPv4Network | None = None,
-                address: ipaddress.IPv4Address | None = None) -> ClusterSpec:
-    """Attach the cluster to its WAN, or converge its link (`up` again after a crash);
-    the spec with the WAN address, recorded in DIR/cluster.json."""
+                address: ipaddress.IPv4Address | None = None,
+                netem: wan.Netem | None = None) -> ClusterSpec:
+    """Attach the cluster to its WAN, or converge its link (`up` again after a crash),
+    with its netem and partition as recorded in the WAN, or `netem` if given (recorded
+    there); the spec with the WAN address, recorded in DIR/cluster.json."""
     if spec.wan is None:
         return spec
     if spec.wan_address is not None:
@@ -361,6 +388,12 @@ def _attach_wan(spec: ClusterSpec, *, cidr: ipaddress.IPv4Network | None = None,
                           pod_cidr=ipaddress.IPv4Network(spec.pod_cidr),
                           service_cidr=ipaddress.IPv4Network(spec.service_cidr), wan=spec.wan,
                           cidr=cidr, address=address)
+    member = f"cluster/{spec.name}"
+    if netem is None:
+        wanlink.converge(spec.wan, member)
+    else:
+        wanlink.set_link(spec.wan, member, delay_ms=netem.delay_ms,
+                         jitter_ms=netem.jitter_ms, loss_pct=netem.loss_pct)
     if spec.wan_address != str(attached.address.ip):
         spec = spec.model_copy(update={"wan_address": str(attached.address.ip)})
         (spec.state_dir / "cluster.json").write_text(spec.model_dump_json(by_alias=True,

@@ -19,9 +19,10 @@ reach clusters only at the nodes' WAN addresses.
 
 The WAN is recorded in ``$MESHGATE_RUN_DIR/wan/<name>/wan.json`` (under an
 fcntl lock): its address range and the clusters and VMs attached, with their
-addresses, so that no two members ever get the same one. The namespace is
-created by the first member that joins (cluster or VM) and removed when the
-last one leaves.
+addresses, so that no two members ever get the same one, and each member's
+link shape (netem delay, jitter and loss, and whether it is partitioned; applied
+by localcluster.wanlink, which also changes them). The namespace is created by
+the first member that joins (cluster or VM) and removed when the last one leaves.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -72,6 +73,21 @@ class Attachment:
     node_ifname: str = NODE_IFNAME
 
 
+class Netem(BaseModel):
+    """The netem settings of a member's link, in each direction; all zero: no qdisc.
+    localcluster.wanlink parses, validates and applies them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    delay_ms: float = Field(0.0, ge=0)
+    jitter_ms: float = Field(0.0, ge=0)
+    loss_pct: float = Field(0.0, ge=0, le=100)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.delay_ms or self.jitter_ms or self.loss_pct)
+
+
 class _Member(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -80,6 +96,9 @@ class _Member(BaseModel):
     """The member's network namespace: a cluster's node, or a VM."""
     peer: str
     """The WAN side of the veth pair, on the WAN's bridge."""
+    netem: Netem = Field(default_factory=Netem)
+    partitioned: bool = False
+    """Cut off the WAN: its peer is down, so packets vanish as in a real partition."""
 
 
 class _Wan(BaseModel):
@@ -203,6 +222,72 @@ def _locked(wan: str) -> Iterator[None]:
         yield
 
 
+@dataclass(frozen=True)
+class MemberRef:
+    """One member of a WAN as its link is changed: a cluster or a VM, and its link."""
+
+    kind: str
+    """"cluster" or "vm"."""
+    name: str
+    address: IPv4Address
+    node_netns: str
+    node_ifname: str
+    peer: str
+    netem: Netem
+    partitioned: bool
+
+    @property
+    def holder(self) -> str:
+        return f"{'VM' if self.kind == 'vm' else 'cluster'} {self.name!r}"
+
+
+def _refs(state: _Wan) -> list[MemberRef]:
+    return [MemberRef(kind=kind, name=name, address=m.address, node_netns=m.node_netns,
+                      node_ifname=ifname, peer=m.peer, netem=m.netem,
+                      partitioned=m.partitioned)
+            for kind, group, ifname in (("cluster", state.members, NODE_IFNAME),
+                                        ("vm", state.vms, VM_IFNAME))
+            for name, m in sorted(group.items())]
+
+
+def member_refs(wan: str = DEFAULT_WAN) -> list[MemberRef]:
+    """Every member of `wan`, clusters then VMs, each by name; none if there is no WAN."""
+    state = _load(wan)
+    return [] if state is None else _refs(state)
+
+
+@dataclass(frozen=True)
+class WanEdit:
+    """A WAN held under its lock: its namespace, its members, and `record(ref)`, which
+    writes one member's netem and partition back to the WAN's record at once."""
+
+    netns: str
+    members: list[MemberRef]
+    record: Callable[[MemberRef], None]
+
+
+@contextmanager
+def editing(wan: str) -> Iterator[WanEdit]:
+    """The WAN `wan`, held under its lock for changes to its members' links. A WAN that
+    is not there is a WanError."""
+    missing = WanError(f"there is no WAN {wan!r} (no {_state_path(wan)}); start a cluster "
+                       "with `cluster up --multicluster` or a VM on it first")
+    if not _state_path(wan).exists():
+        raise missing
+    with _locked(wan):
+        state = _load(wan)
+        if state is None:
+            raise missing
+
+        def record(ref: MemberRef) -> None:
+            group = state.vms if ref.kind == "vm" else state.members
+            group[ref.name] = group[ref.name].model_copy(
+                update={"netem": ref.netem, "partitioned": ref.partitioned})
+            _save(wan, state)
+
+        yield WanEdit(netns=state.netns, members=_refs(state), record=record)
+
+
 # --- netlink, sysctl and nftables ----------------------------------------------------------
 
 
@@ -239,8 +324,11 @@ def _link_node(wan: _Wan, holder: str, member: _Member, ifname: str = NODE_IFNAM
                       prefixlen=address.network.prefixlen)
         node.link("set", index=index, state="up")
     with namespaces.iproute(wan.netns, f"attach {holder} to the WAN bridge") as w:
+        # A partitioned member's link is made again partitioned: `up` after a crash
+        # must not heal it, even for a moment.
         w.link("set", index=namespaces.link_index(w, member.peer),
-               master=namespaces.link_index(w, BRIDGE), state="up")
+               master=namespaces.link_index(w, BRIDGE),
+               state="down" if member.partitioned else "up")
 
 
 def _enable_forwarding(node_netns: str) -> None:
