@@ -8,8 +8,16 @@ cluster run-pod` does); west runs its own exported ``web``. The client calls
 ``web.default.svc.cluster.local``, then west's web by its mirror's name,
 ``web-west.default.svc.cluster.local``, through west's gateway: every answer
 names the pod that served it, and each web pod's proxy reports the caller
-identity it verified (for west, the caller the gateway forwarded). Later
-capabilities extend this walk-through (a VM, failover).
+identity it verified (for west, the caller the gateway forwarded).
+
+Then VM ``legacy`` on the WAN joins east with the line `meshgate vm token`
+printed (localcluster.demovm): east's client calls
+``legacy.default.svc.cluster.local`` and the VM's proxy reports the client's
+identity; the VM calls ``web.default.svc.cluster.local`` (glibc, curl) and east's
+web pods report the VM's; `meshgate vm status` shows the agent. Ctrl-C runs
+`meshgate vm leave` in the VM, deletes it, and takes the clusters and the WAN
+down; each of those steps runs even if one before it failed. Later capabilities
+extend this walk-through (failover).
 """
 
 from __future__ import annotations
@@ -20,12 +28,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from localcluster.demosteps import kubectl, run_step, verified_callers, wait_until
+from localcluster.demovm import LEGACY, VM, DemoVm
 from localcluster.pods import in_pod, run_pod_argv
 from localcluster.rootless import meshgate_argv
 from localcluster.up import ClusterSpec, UpRequest, down, find, up
@@ -38,6 +44,7 @@ WEB = "web.default.svc.cluster.local"
 WEB_WEST = f"web-{REMOTE}.default.svc.cluster.local"
 CALLS = 10
 REMOTE_CALLS = 5
+VM_CALLS = 5
 _CALL = """
 import sys, urllib.request
 for _ in range(int(sys.argv[1])):
@@ -51,6 +58,7 @@ class Demo:
         self.state_dir = state_dir.resolve()
         self.pods: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
         self.specs: dict[str, ClusterSpec] = {}
+        self.vm: DemoVm | None = None
 
     @property
     def spec(self) -> ClusterSpec:
@@ -59,7 +67,7 @@ class Demo:
     def start(self) -> None:
         anchor = self.state_dir / "anchor"
         if not (anchor / "anchor.crt").exists():
-            _run(meshgate_argv(["identity", "init", "--trust-domain", "cluster.local",
+            run_step(meshgate_argv(["identity", "init", "--trust-domain", "cluster.local",
                                 "--out", str(anchor)]), "creating the shared trust anchor")
         for cluster in (CLUSTER, REMOTE):
             print(f"bringing up cluster {cluster} in network namespaces ...", flush=True)
@@ -78,11 +86,13 @@ class Demo:
             self.run_pod(name, "web", app, labels=("app=web",), port=8080)
         self.run_pod("west-web-1", "web", app, labels=("app=web",), port=8080, cluster=REMOTE)
         self.run_pod("client", "client", ("sleep", "infinity"))
-        _wait(lambda: self._mirror_ready(), f"east to mirror west's web as {WEB_WEST}")
+        wait_until(lambda: self._mirror_ready(), f"east to mirror west's web as {WEB_WEST}")
+        self.vm = DemoVm(self.spec, self.state_dir)
+        self.vm.join()
 
     def link(self, importing: str, exporting: str) -> None:
         spec = self.specs[exporting]
-        docs = _run(meshgate_argv([
+        docs = run_step(meshgate_argv([
             "multicluster", "link", "--kubeconfig", str(spec.kubeconfig), "--cluster-name",
             exporting, "--gateway-address", str(spec.wan_address), "--api-server",
             f"https://{spec.wan_address}:6443", "--trust-domain", spec.trust_domain]),
@@ -106,7 +116,7 @@ class Demo:
         with open(log_path, "wb") as log:
             self.pods[name] = (cluster, subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        _wait(lambda: self._ready(name, log_path), f"pod {name} to be ready")
+        wait_until(lambda: self._ready(name, log_path), f"pod {name} to be ready")
         print(f"  pod {name} is ready in {cluster} (service account {sa})", flush=True)
 
     def _ready(self, name: str, log_path: Path) -> bool:
@@ -120,14 +130,7 @@ class Demo:
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True,
                 cluster: str = CLUSTER) -> str:
-        kubectl = Path(sys.executable).parent / "kubectl"
-        proc = subprocess.run([str(kubectl) if kubectl.exists() else "kubectl",
-                               "--kubeconfig", str(self.specs[cluster].kubeconfig), *args],
-                              capture_output=True, text=True, input=input, timeout=30,
-                              check=False)
-        if check and proc.returncode != 0:
-            raise MeshError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
-        return proc.stdout
+        return kubectl(self.specs[cluster].kubeconfig, *args, input=input, check=check)
 
     def show(self) -> None:
         self.calls(WEB, CALLS, "")
@@ -142,15 +145,40 @@ class Demo:
         for identity, count in self.callers("west-web-1", REMOTE).items():
             print(f"  west-web-1 in {REMOTE}: {identity}  {count:.0f}")
         self.report_links()
+        self.show_vm()
         print("\nlook at the objects:")
         for cluster in (CLUSTER, REMOTE):
             print(f"  kubectl --kubeconfig {self.specs[cluster].kubeconfig} get "
                   "pods,services,endpointslices,links -A")
+        print(f"  kubectl --kubeconfig {self.spec.kubeconfig} get externalworkloads")
         print(f"call again:\n  meshgate cluster run-pod --cluster {CLUSTER} --name once -- "
               f"python3 -c \"import urllib.request; print(urllib.request.urlopen("
               f"'http://{WEB_WEST}/').read().decode())\"")
-        print("\nkubectl is in .venv/bin. Press Ctrl-C to stop and remove the clusters.",
-              flush=True)
+        print(f"  meshgate cluster vm exec --name {VM} -- curl -s http://{WEB}/")
+        print(f"\nkubectl is in .venv/bin. Press Ctrl-C to stop, remove VM {VM} and the "
+              "clusters.", flush=True)
+
+    def show_vm(self) -> None:
+        """East's client calls the VM, the VM calls east's web; what each proxy verified."""
+        vm = self.vm
+        assert vm is not None
+        # The client's proxy learns the VM's endpoint from its control plane's watch.
+        wait_until(lambda: self._answers(LEGACY), f"the client's first answer from VM {VM}")
+        self.calls(LEGACY, VM_CALLS, f" (VM {VM}, through its proxy on the WAN)")
+        print(f"\nwhat VM {VM}'s proxy verified (mTLS client identity, requests):")
+        for identity, count in vm.callers().items():
+            print(f"  {VM}: {identity}  {count:.0f}")
+        vm.calls(WEB, VM_CALLS)
+        print(f"\nwhat each web pod's proxy verified now (east's client and VM {VM}, "
+              "requests):")
+        for pod in ("web-1", "web-2"):
+            for identity, count in self.callers(pod).items():
+                print(f"  {pod}: {identity}  {count:.0f}")
+        vm.status()
+
+    def _answers(self, name: str) -> bool:
+        return in_pod(self.spec, "default", "client",
+                      [sys.executable, "-c", _CALL, "1", f"http://{name}/"]).returncode == 0
 
     def calls(self, name: str, n: int, how: str) -> None:
         print(f"\nthe client pod in {CLUSTER} calls http://{name}/ {n} times{how}:", flush=True)
@@ -195,16 +223,12 @@ class Demo:
     def callers(self, pod: str, cluster: str = CLUSTER) -> dict[str, float]:
         page = in_pod(self.specs[cluster], "default", pod,
                       [sys.executable, "-c", _GET, "http://127.0.0.1:4191/metrics"])
-        seen: dict[str, float] = {}
-        for family in text_string_to_metric_families(page.stdout):
-            for sample in family.samples:
-                if sample.name == "request_total" and \
-                        sample.labels.get("direction") == "inbound":
-                    who = sample.labels.get("client_id") or "(no identity)"
-                    seen[who] = seen.get(who, 0) + sample.value
-        return seen
+        return verified_callers(page.stdout)
 
-    def stop(self) -> None:
+    def stop(self) -> list[str]:
+        """Leave and delete the VM, stop the pods, take the clusters down (and with the
+        last, the WAN); what could not be done. Each step runs whatever came before."""
+        problems = self.vm.stop() if self.vm is not None else []
         for _, proc in self.pods.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -218,8 +242,13 @@ class Demo:
                 find(cluster)
             except MeshError:
                 continue
-            down(cluster)
-            print(f"cluster {cluster} is down", flush=True)
+            try:
+                down(cluster)
+            except (MeshError, OSError, subprocess.SubprocessError) as e:
+                problems.append(f"taking cluster {cluster} down: {e}")
+            else:
+                print(f"cluster {cluster} is down", flush=True)
+        return problems
 
 
 _WEB_SERVICE = """apiVersion: v1
@@ -244,21 +273,6 @@ _LINK_COLUMNS = ("custom-columns=LINK:.metadata.name,GATEWAY:.spec.gatewayAddres
                  "READY:.status.conditions[?(@.type=='Ready')].status")
 
 
-def _run(argv: list[str], what: str) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    if proc.returncode != 0:
-        raise MeshError(f"{what}: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}")
-    return proc.stdout
-
-
-def _wait(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise MeshError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--state-dir", type=Path, default=Path("demo-state"))
@@ -271,15 +285,19 @@ def main() -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    code = 0
     try:
         demo.start()
         demo.show()
         stop.wait()
     except MeshError as e:
         print(f"meshgate demo: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     finally:
-        demo.stop()
+        left = demo.stop()
+    for problem in left:
+        print(f"meshgate demo: left behind: {problem}", file=sys.stderr)
+    sys.exit(code or (1 if left else 0))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """`make demo`: two linked clusters in network namespaces, web called by name from a
 client pod in east, in east and in west (through west's gateway), the serving pods
-and the verified caller identities shown, kubectl usable, and Ctrl-C removing
-everything."""
+and the verified caller identities shown, kubectl usable; VM legacy joining east
+with the line `meshgate vm token` printed, called by the client and calling web,
+with the identities each side verified and `vm status`; and Ctrl-C running
+`vm leave` and removing everything."""
 
 from __future__ import annotations
 
@@ -18,6 +20,12 @@ from pathlib import Path
 
 from pyroute2 import netns
 
+from localcluster import vms
+
+CLIENT_ID = "client.default.serviceaccount.identity.meshgate.cluster.local"
+VM_ID = "legacy.default.serviceaccount.identity.meshgate.cluster.local"
+WEB = "web.default.svc.cluster.local"
+
 
 def test_demo_shows_two_linked_clusters_and_cleans_up(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MESHGATE_RUN_DIR": str(tmp_path / "run")}
@@ -32,16 +40,17 @@ def test_demo_shows_two_linked_clusters_and_cleans_up(tmp_path: Path) -> None:
         for line in proc.stdout:
             lines.put(line)
 
-    threading.Thread(target=pump, daemon=True).start()
+    pumping = threading.Thread(target=pump, daemon=True)
+    pumping.start()
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline and not any("Ctrl-C" in s for s in seen):
             try:
                 seen.append(lines.get(timeout=0.5))
             except queue.Empty:
                 assert proc.poll() is None, "".join(seen)
         text = "".join(seen)
-        answers = re.findall(r"hello from (web-\d) in default", text)
+        answers = re.findall(r"^  hello from (web-\d) in default$", text, re.M)
         assert len(answers) == 10, text
         assert ("web-1: client.default.serviceaccount.identity.meshgate.cluster.local"
                 in text or "web-2: client.default.serviceaccount.identity.meshgate."
@@ -63,9 +72,40 @@ def test_demo_shows_two_linked_clusters_and_cleans_up(tmp_path: Path) -> None:
         out = subprocess.run([kubectl, "--kubeconfig", kubeconfig.group(1), "get", "pods"],
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 0 and "web-1" in out.stdout and "client" in out.stdout
+        check_vm(text)
     finally:
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=60)
-    assert code == 0, "".join(seen)
+        code = proc.wait(timeout=90)
+        pumping.join(10)
+        while not lines.empty():
+            seen.append(lines.get())
+    text = "".join(seen)
+    assert code == 0, text
+    # Ctrl-C: the VM left (its agent's changes undone) and was deleted, then the clusters.
+    assert f"left: routes, resolver, registration and files of {VM_ID} removed" in text, text
+    assert "VM legacy is deleted" in text and "cluster west is down" in text, text
     assert not [n for n in netns.listnetns()
-                if n.startswith(("mg-east-", "mg-west-")) or n == "mg-wan"]
+                if n.startswith(("mg-east-", "mg-west-")) or n in ("mg-wan",
+                                                                  vms.netns_name("legacy"))]
+
+
+def check_vm(text: str) -> None:
+    """VM legacy joined east with the printed line; it and east's client called each
+    other by name, and each side's proxy verified the other's identity."""
+    assert re.search(r"^  meshgate vm token --kubeconfig \S+ --namespace default --workload "
+                     r"legacy --service-account legacy --label app=legacy", text, re.M), text
+    join = re.search(r"^  (meshgate vm join --token mgjoin\.\S+ .*)$", text, re.M)
+    assert join, text
+    assert f"meshgate cluster vm exec --name legacy -- {join.group(1)} --foreground" in text
+    assert f"joined: {VM_ID} is ready and heartbeating" in text, text
+    assert len(re.findall(r"^  hello from legacy in default$", text, re.M)) == 5, text
+    # The VM's proxy: the client's calls (and the one that waited for the VM) verified.
+    seen = re.search(rf"^  legacy: {re.escape(CLIENT_ID)}  (\d+)$", text, re.M)
+    assert seen and int(seen.group(1)) >= 5, text
+    # The VM resolves web with glibc (its ClusterIP in east) and calls it with curl.
+    assert re.search(rf"^  getent hosts {re.escape(WEB)}: 10\.96\.\d+\.\d+ {re.escape(WEB)}$",
+                     text, re.M), text
+    assert len(re.findall(r"^  curl: hello from web-\d in default$", text, re.M)) == 5, text
+    counted = re.findall(rf"^  web-\d: {re.escape(VM_ID)}  (\d+)$", text, re.M)
+    assert sum(int(n) for n in counted) == 5, text
+    assert "phase:        joined" in text and "proxy admin:  ready" in text, text
