@@ -50,10 +50,10 @@ def status(args: argparse.Namespace) -> int:
             continue
         health = agent.get(key) or {}
         if health.get("ok"):
-            lines.append(f"{label + ':':<14}ok since {health.get('since')}")
+            lines.append(f"{label + ':':<14} ok since {health.get('since')}")
         else:
             healthy = False
-            lines.append(f"{label + ':':<14}FAILING since {health.get('since', '?')}: "
+            lines.append(f"{label + ':':<14} FAILING since {health.get('since', '?')}: "
                          f"{health.get('cause', 'no report from the agent')}")
     lines.append(f"heartbeat:    last {agent.get('last_heartbeat') or 'never'}")
     live = asyncio.run(http_ready(*ADMIN))
