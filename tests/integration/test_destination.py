@@ -160,7 +160,8 @@ async def test_snapshot_of_a_service_with_two_ready_pods(
         first = await next_message(5.0)
     assert first["type"] == "snapshot" and first["heartbeatSeconds"] == 0.5
     assert first["services"] == [{
-        "name": shop.name, "address": f"{vip}:80", "opaque": False, "endpoints": [
+        "name": shop.name, "address": f"{vip}:80", "opaque": False, "failbackSeconds": None,
+        "endpoints": [
             {"address": "10.244.1.1:4143", "targetPort": 8080, "identity": shop.identity(),
              "weight": 1, "priority": 0, "zone": "", "cluster": "test",
              "authorityOverride": None},
