@@ -237,3 +237,25 @@ def ranked(groups: Iterable[Sequence[EndpointSpec]]) -> list[EndpointSpec]:
                 out[key] = ep if ep.priority == priority else ep.model_copy(
                     update={"priority": priority})
     return list(out.values())
+
+
+def object_key(obj: Obj) -> ObjKey:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name"))
+
+
+def mirror_index(services: Iterable[Obj]) -> dict[tuple[ObjKey, str], ObjKey]:
+    """(local Service, cluster) -> its mirror from that cluster, as the control plane
+    finds it: in the Service's namespace, by labels and remote name annotation."""
+    found: dict[tuple[ObjKey, str], list[ObjKey]] = {}
+    for svc in services:
+        ref = mirror_ref(svc)
+        key = object_key(svc)
+        if ref is not None and ref.namespace == key[0]:
+            found.setdefault(((key[0], ref.name), ref.cluster), []).append(key)
+    return {where: sorted(keys)[0] for where, keys in found.items()}
+
+
+def failover_services(services: Iterable[Obj]) -> list[Obj]:
+    """The Services that opt in to failover, by namespace and name."""
+    return sorted((s for s in services if opted_in(s)), key=object_key)
