@@ -280,8 +280,9 @@ class DestinationIndex:
         plan, problems = failover.plan(svc, local_cluster=self.cluster_name,
                                        mirror_of=lambda c: self._mirror_of(key, c))
         lines = [p.line(key) for p in problems]
-        if lines != self._failover_problems.get(key, []):
-            for line in lines:
+        before = self._failover_problems.get(key, [])
+        for line in lines:
+            if line not in before:  # each problem once, not on every endpoint change
                 log.warning("%s", line)
         if lines:
             self._failover_problems[key] = lines
