@@ -23,6 +23,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from mesh.control import crds
+from mesh.discovery.failover import CLUSTERS_ANNOTATION
 from mesh.errors import ConfigError, CrdError
 from mesh.identity.bundle import TrustBundle, describe
 from mesh.identity.errors import TrustSetupError
@@ -41,9 +42,10 @@ from mirror.credentials import (
     verify,
 )
 from mirror.errors import CredentialsError, LinkSpecError, RemoteUnreachable
+from mirror.failover import missing_mirrors
 from mirror.gateways import cluster_name, condition
 from mirror.importing import LINK_CRD, REQUEST_TIMEOUT, ImportingCluster, Obj, quiet_retries
-from mirror.link import LinkSpec, parse_spec
+from mirror.link import EXPORTED_LABEL, LinkSpec, parse_spec
 
 READS = tuple((verb, group, resource) for group, resource in
               (("", "services"), ("discovery.k8s.io", "endpointslices"))
@@ -148,6 +150,7 @@ class LinkCheck:
         if controller.ok:  # without one, the Link's GatewayAlive condition is stale
             yield self._gateway()
         yield self._endpoints(spec)
+        yield from self._failover()
         if self.creds is not None:
             yield from self._trust()
             yield from self._remote_mirrors(spec)
@@ -248,6 +251,15 @@ class LinkCheck:
         return failed(title, "; ".join(f"{where}: {why}" for where, why in empty),
                       "the Link's mirror controller writes them: check that it runs and "
                       f"that gatewayAddress ({spec.gateway_address or 'empty'}) resolves")
+
+    def _failover(self) -> Iterator[Outcome]:
+        """A Service that lists this Link's cluster to fail over to, with no mirror of
+        it from there, would be served without that group."""
+        for name, cause in missing_mirrors(list(self.local.services.values()), self.target):
+            yield failed(f"failover {name}", cause,
+                         f"export it in {self.target} (the Link's selector must pick it, as "
+                         f"the label {EXPORTED_LABEL}=true does) or remove {self.target} from "
+                         f"its {CLUSTERS_ANNOTATION} annotation")
 
     # -- what needs the linked cluster -------------------------------------------------------
 

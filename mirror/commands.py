@@ -1,5 +1,6 @@
 """`meshgate multicluster link` and `unlink`, and the parsers of `gateways` and
-`check` (`mirror.gateways`, `mirror.check`).
+`check` (`mirror.gateways`, `mirror.check`) and of `meshgate failover status`
+(`mirror.failover`).
 
 `link`, run against the EXPORTING cluster, creates there a ServiceAccount whose
 only rights are to read Services and EndpointSlices (a ClusterRole and its
@@ -84,6 +85,30 @@ def add_multicluster_commands(commands: Any) -> None:
     _importing_kubeconfig(check)
     check.add_argument("--namespace", default="meshgate", help="namespace of the Links")
     check.set_defaults(func=_check)
+
+
+def add_failover_commands(commands: Any) -> None:
+    fo = commands.add_parser("failover", help="Services that fail over to linked clusters")
+    sub = fo.add_subparsers(dest="failover_command", required=True)
+    status = sub.add_parser("status", help="each failover Service's priority groups, their "
+                            "health and which serves; exit status 1 when one has no healthy "
+                            "group")
+    _importing_kubeconfig(status)
+    status.add_argument("--service", metavar="NS/NAME", help="only this Service")
+    status.add_argument("--cluster-name",
+                        help="this cluster's name, as its control plane's --cluster-name "
+                        "(default: the cluster of the kubeconfig's current context)")
+    status.set_defaults(func=_failover_status)
+
+
+def _failover_status(args: argparse.Namespace) -> int:
+    from mirror.failover import run_status
+
+    if args.service is not None and (args.service.count("/") != 1 or
+                                     not all(args.service.split("/"))):
+        raise LinkError(f"--service {args.service!r} is not NAMESPACE/NAME, such as "
+                        "default/web")
+    return run_status(args)
 
 
 def _importing_kubeconfig(parser: argparse.ArgumentParser) -> None:

@@ -3,14 +3,16 @@ from what its mirror controller wrote in the Link's status: whether the linked
 cluster's gateway is alive (the GatewayAlive condition, with its hysteresis;
 Unknown when no controller holds the Link's Lease),
 the latency percentiles of its latest successful probes (``gatewayLatency``)
-and how many Services are mirrored."""
+and how many Services are mirrored; then, per linked cluster, the Services that
+fail over to it (``failover through west: shop/web``)."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from mesh.discovery import failover
 from mirror.errors import MirrorError
 from mirror.importing import LINK_CRD, ImportingCluster, Obj, quiet_retries
 
@@ -52,6 +54,24 @@ def table(rows: Sequence[Sequence[str]]) -> list[str]:
             for row in rows]
 
 
+def failover_lines(services: Sequence[Obj], clusters: Iterable[str]) -> list[str]:
+    """For `multicluster gateways`: per linked cluster, the Services that fail over to it."""
+    mirrors = failover.mirror_index(services)
+    through: dict[str, list[str]] = {}
+    for svc in failover.failover_services(services):
+        key = failover.object_key(svc)
+
+        def mirror_of(cluster: str, key: failover.ObjKey = key) -> failover.ObjKey | None:
+            return mirrors.get((key, cluster))
+
+        plan, _ = failover.plan(svc, local_cluster="", mirror_of=mirror_of)
+        for group in plan.groups if plan is not None else ():
+            if not group.local:
+                through.setdefault(group.cluster, []).append("/".join(key))
+    return [f"failover through {c}: {', '.join(through[c])}" for c in clusters
+            if c in through]
+
+
 def run_gateways(args: argparse.Namespace) -> int:
     quiet_retries()
     cluster = ImportingCluster(args.kubeconfig, args.namespace)
@@ -62,11 +82,14 @@ def run_gateways(args: argparse.Namespace) -> int:
         links = cluster.links()
         rows = [gateway_row(link, served=not cluster.serving(link["metadata"]["name"]).problem)
                 for link in links]
+        through = failover_lines(cluster.services(), [row[0] for row in rows]) if links else []
     finally:
         cluster.close()
     if not links:
         print(f"no Links in namespace {args.namespace}")
         return 0
     for line in table([HEADER, *rows]):
+        print(line)
+    for line in through:
         print(line)
     return 0

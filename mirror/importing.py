@@ -26,7 +26,7 @@ from mesh.kube import api_client
 from mirror.credentials import first_line, root_cause
 from mirror.lease import lease_name
 from mirror.link import GROUP, PLURAL, VERSION
-from mirror.mirrors import MANAGED_BY, MANAGED_BY_LABEL, MIRRORED_LABEL
+from mirror.mirrors import MANAGED_BY, MANAGED_BY_LABEL, MIRRORED_LABEL, SERVICE_NAME_LABEL
 
 Obj = dict[str, Any]
 
@@ -127,20 +127,28 @@ class ImportingCluster:
                            label_selector=f"{MANAGED_BY_LABEL}={MANAGED_BY},"
                            f"{MIRRORED_LABEL}=true")
 
-    def serving(self, link: str) -> Serving:
-        """Who holds the Link's Lease, and whether they still renew it."""
+    def slices_of(self, namespace: str, service: str) -> list[Obj]:
+        """The EndpointSlices of one Service."""
+        return self._items(f"list EndpointSlices of {namespace}/{service}",
+                           self.discovery.list_namespaced_endpoint_slice, namespace,
+                           label_selector=f"{SERVICE_NAME_LABEL}={service}")
+
+    def serving(self, link: str, *, namespace: str | None = None) -> Serving:
+        """Who holds the Lease of the Link (of this namespace, or `namespace`), and
+        whether they still renew it."""
         name = lease_name(link)
-        lease = self.call(f"read Lease {self.namespace}/{name}",
-                          self.coordination.read_namespaced_lease, name, self.namespace)
+        where = namespace or self.namespace
+        lease = self.call(f"read Lease {where}/{name}",
+                          self.coordination.read_namespaced_lease, name, where)
         spec = (lease or {}).get("spec") or {}
         holder = str(spec.get("holderIdentity") or "")
         if not holder:
-            return Serving("", f"nothing holds its Lease {self.namespace}/{name}")
+            return Serving("", f"nothing holds its Lease {where}/{name}")
         age = _age(spec.get("renewTime"))
         duration = float(spec.get("leaseDurationSeconds") or 15)
         if age is None or age > duration + LEASE_SLACK:
             when = f"{age:.0f}s ago" if age is not None else "at an unknown time"
-            return Serving(holder, f"its Lease {self.namespace}/{name} was last renewed "
+            return Serving(holder, f"its Lease {where}/{name} was last renewed "
                            f"{when} by {holder}, which has stopped")
         return Serving(holder, "")
 

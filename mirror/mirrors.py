@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mesh.discovery.failover import MIRRORED_LABEL
 from mesh.discovery.index import (
     CLUSTER_LABEL,
     GATEWAY_IDENTITY_ANNOTATION,
@@ -30,9 +31,8 @@ from mirror.link import LinkSpec
 
 Obj = Mapping[str, Any]
 
-# The keys the destination index reads from a mirror's EndpointSlices are the index's.
+# The keys the destination index reads from a mirror and its EndpointSlices are the index's.
 PREFIX = "mirror.meshgate.io/"
-MIRRORED_LABEL = PREFIX + "mirrored-service"
 REMOTE_DISCOVERY_LABEL = PREFIX + "remote-discovery"
 """On mirrors whose endpoints are discovered in the remote cluster, not at its gateway."""
 REMOTE_SERVICE_LABEL = PREFIX + "remote-service"

@@ -25,6 +25,11 @@ endpoint whose targetRef is an ExternalWorkload (a VM) is reached on the VM
 proxy's inbound port (4143) with the workload's ``spec.meshTLS.identity``, once
 the index has seen the workload; one whose identity is no identity name is left
 out, with a warning.
+
+A Service annotated ``failover.meshgate.io/clusters`` has its endpoints in
+priority groups: its own, then its mirrors' gateway endpoints, in the order
+`mesh.discovery.failover` computes. Mirror Service and slice events recompute
+the local Service the mirror stands for too.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from pydantic import ValidationError
 from mesh.control.externalworkloads import INBOUND_PORT as WORKLOAD_INBOUND_PORT
 from mesh.control.externalworkloads import KIND as WORKLOAD_KIND
 from mesh.control.externalworkloads import workload_identity
+from mesh.discovery import failover
+from mesh.discovery.failover import CLUSTER_LABEL, REMOTE_NAME_ANNOTATION, MirrorRef
 from mesh.errors import IdentityError
 from mesh.identity.names import DEFAULT_CONTROL_NS, Identity
 from mesh.informer import DELETED
@@ -54,9 +61,7 @@ OPAQUE_PORTS_ANNOTATION = "config.meshgate.io/opaque-ports"
 # whose endpoints are a linked cluster's gateway.
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
 MIRROR_MANAGER = "mirror.meshgate.io"
-CLUSTER_LABEL = "mirror.meshgate.io/cluster-name"
 GATEWAY_IDENTITY_ANNOTATION = "mirror.meshgate.io/remote-gateway-identity"
-REMOTE_NAME_ANNOTATION = "mirror.meshgate.io/remote-svc-fq-name"
 
 Obj = Mapping[str, Any]
 ObjKey = tuple[str, str]
@@ -128,6 +133,12 @@ class DestinationIndex:
         self._specs: dict[ObjKey, dict[Address, ServiceSpec]] = {}
         self._by_address: dict[Address, ServiceSpec] = {}
         self._by_name: dict[tuple[str, int], ServiceSpec] = {}
+        self._mirror_refs: dict[ObjKey, MirrorRef] = {}
+        """Mirror Service -> the remote Service it stands for."""
+        self._mirrors: dict[tuple[ObjKey, str], set[ObjKey]] = {}
+        """(local Service, cluster) -> mirrors of it from that cluster, in its namespace."""
+        self._failover_problems: dict[ObjKey, list[str]] = {}
+        """What was last logged of a Service's failover annotations (logged once)."""
 
     # -- lookups -------------------------------------------------------------------
 
@@ -168,11 +179,17 @@ class DestinationIndex:
 
     def service_event(self, event: str, obj: Obj) -> list[Change]:
         key = _key(obj)
+        served_before = self._served_by(key)
         if event == DELETED:
             self._services.pop(key, None)
         else:
             self._services[key] = obj
-        return self._recompute(key)
+        self._note_mirror(key, None if event == DELETED else failover.mirror_ref(obj))
+        changes = self._recompute(key)
+        # A mirror that stands for another Service now leaves the old one's groups.
+        if served_before is not None and served_before != self._served_by(key):
+            changes += self._recompute_one(served_before)
+        return changes
 
     def slice_event(self, event: str, obj: Obj) -> list[Change]:
         key = _key(obj)
@@ -236,10 +253,70 @@ class DestinationIndex:
             changes += self._recompute(svc)
         return changes
 
+    # -- failover: which mirrors stand for which Service --------------------------------
+
+    def _note_mirror(self, key: ObjKey, ref: MirrorRef | None) -> None:
+        old = self._mirror_refs.pop(key, None)
+        if old is not None:
+            where = ((key[0], old.name), old.cluster)
+            self._mirrors.get(where, set()).discard(key)
+            if not self._mirrors.get(where, True):
+                del self._mirrors[where]
+        # Only a mirror in the namespace of the Service it stands for is its failover.
+        if ref is not None and ref.namespace == key[0]:
+            self._mirror_refs[key] = ref
+            self._mirrors.setdefault(((key[0], ref.name), ref.cluster), set()).add(key)
+
+    def _served_by(self, key: ObjKey) -> ObjKey | None:
+        """The local Service whose failover groups the mirror `key` may be in."""
+        ref = self._mirror_refs.get(key)
+        return (key[0], ref.name) if ref is not None else None
+
+    def _mirror_of(self, key: ObjKey, cluster: str) -> ObjKey | None:
+        found = sorted(self._mirrors.get((key, cluster), ()))
+        return found[0] if found else None
+
+    def _failover_plan(self, key: ObjKey, svc: Obj) -> failover.FailoverPlan | None:
+        plan, problems = failover.plan(svc, local_cluster=self.cluster_name,
+                                       mirror_of=lambda c: self._mirror_of(key, c))
+        lines = [p.line(key) for p in problems]
+        before = self._failover_problems.get(key, [])
+        for line in lines:
+            if line not in before:  # each problem once, not on every endpoint change
+                log.warning("%s", line)
+        if lines:
+            self._failover_problems[key] = lines
+        else:
+            self._failover_problems.pop(key, None)
+        return plan
+
+    def _grouped(self, plan: failover.FailoverPlan, local: list[EndpointSpec],
+                 port: Obj) -> list[EndpointSpec]:
+        groups = []
+        for group in plan.groups:
+            if group.mirror is None:
+                groups.append(local)
+                continue
+            mirror_port = _same_port(self._services.get(group.mirror), port)
+            groups.append([] if mirror_port is None else [
+                ep for ep in self._endpoints(group.mirror, mirror_port[0], mirror_port[1])
+                if ep.authority is not None])  # only the mirror controller's slices
+        return failover.ranked(groups)
+
     # -- computing one Service -----------------------------------------------------
 
     def _recompute(self, key: ObjKey) -> list[Change]:
+        """Recompute `key`, and the Service it is a failover mirror of, if it is one."""
+        changes = self._recompute_one(key)
+        served = self._served_by(key)
+        if served is not None and served != key:
+            changes += self._recompute_one(served)
+        return changes
+
+    def _recompute_one(self, key: ObjKey) -> list[Change]:
         svc = self._services.get(key)
+        if svc is None:
+            self._failover_problems.pop(key, None)
         new = self._build(key, svc) if svc is not None else {}
         old = self._specs.pop(key, {})
         if new:
@@ -301,14 +378,17 @@ class DestinationIndex:
         annotations = (svc.get("metadata") or {}).get("annotations") or {}
         opaque = _opaque_ports(annotations.get(OPAQUE_PORTS_ANNOTATION), ports, key)
         name = f"{key[1]}.{key[0]}.svc.{self.cluster_domain}"
+        plan = self._failover_plan(key, svc)
         out: dict[Address, ServiceSpec] = {}
         for port in ports:
             number = int(port["port"])
+            endpoints = self._endpoints(key, port.get("name") or "", number)
+            if plan is not None:
+                endpoints = self._grouped(plan, endpoints, port)
             try:
                 built = ServiceSpec(name=name, address=_join(vip, number),
-                                    opaque=number in opaque,
-                                    endpoints=self._endpoints(key, port.get("name") or "",
-                                                              number))
+                                    opaque=number in opaque, endpoints=endpoints,
+                                    failback_s=plan.policy.failback_s if plan else None)
             except ValidationError as e:
                 log.warning("service port skipped service=%s/%s port=%d cause=%s", key[0],
                             key[1], number, _one_line(e))
@@ -442,6 +522,18 @@ def _slice_port(slice_obj: Obj, name: str) -> int | None:
         if (p.get("name") or "") == name and (p.get("protocol") or "TCP") == "TCP":
             port = p.get("port")
             return port if isinstance(port, int) and 1 <= port <= 65535 else None
+    return None
+
+
+def _same_port(mirror: Obj | None, port: Obj) -> tuple[str, int] | None:
+    """(name, number) of the mirror Service's port that stands for the local `port`:
+    the one of the same name, or of the same number when the local port is unnamed."""
+    for p in ((mirror or {}).get("spec") or {}).get("ports") or []:
+        if not isinstance(p.get("port"), int) or (p.get("protocol") or "TCP") != "TCP":
+            continue
+        if (port.get("name") and p.get("name") == port["name"]) or \
+                (not port.get("name") and p["port"] == port["port"]):
+            return str(p.get("name") or ""), int(p["port"])
     return None
 
 

@@ -172,7 +172,7 @@ class EndpointSpec(BaseModel):
 class ServiceSpec(BaseModel):
     """A service: the address apps dial and the endpoints behind it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     name: Annotated[str, AfterValidator(_service_name)]
     address: Annotated[str, AfterValidator(_vip)]
@@ -180,6 +180,9 @@ class ServiceSpec(BaseModel):
     opaque: bool = False
     """Relay bytes without looking for HTTP."""
     endpoints: list[EndpointSpec]
+    failback_s: float | None = Field(default=None, alias="failbackSeconds", gt=0)
+    """Seconds a preferred priority group must stay healthy before traffic returns to
+    it (a failover Service's ``failover.meshgate.io/policy``); None: the proxy's default."""
 
     @property
     def host_port(self) -> tuple[str, int]:

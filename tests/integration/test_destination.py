@@ -160,7 +160,8 @@ async def test_snapshot_of_a_service_with_two_ready_pods(
         first = await next_message(5.0)
     assert first["type"] == "snapshot" and first["heartbeatSeconds"] == 0.5
     assert first["services"] == [{
-        "name": shop.name, "address": f"{vip}:80", "opaque": False, "endpoints": [
+        "name": shop.name, "address": f"{vip}:80", "opaque": False, "failbackSeconds": None,
+        "endpoints": [
             {"address": "10.244.1.1:4143", "targetPort": 8080, "identity": shop.identity(),
              "weight": 1, "priority": 0, "zone": "", "cluster": "test",
              "authorityOverride": None},
@@ -382,3 +383,53 @@ def test_control_run_errors_exit_2_with_one_line(cluster: Cluster, trust: Trust,
             assert cases[name][1] in lines[0], (name, err)
     finally:
         busy.close()
+
+
+async def test_a_failover_service_is_served_in_priority_groups(
+        cluster: Cluster, control: ControlProcess, workload: StaticIdentity) -> None:
+    from mesh.discovery.failover import CLUSTERS_ANNOTATION, POLICY_ANNOTATION
+    from mirror.link import parse_spec
+    from mirror.mirrors import GatewayEndpoint, mirror_service, mirror_slices
+
+    shop = Shop(cluster)
+    vip = shop.create_service()
+    shop.pod("web-1", "10.244.5.1")
+    disc: Any = client.DiscoveryV1Api(cluster.api())
+    gateway = Identity("meshgate", "meshgate-gateway", DOMAIN).dns_name
+    remote = {"metadata": {"name": "web", "namespace": shop.ns, "resourceVersion": "7"},
+              "spec": {"ports": [{"name": "http", "port": 80}, {"name": "admin",
+                                                                 "port": 9090}]}}
+    for cluster_name, ip in (("west", "192.0.2.21"), ("central", "192.0.2.22")):
+        link = parse_spec({"metadata": {"name": cluster_name}, "spec": {
+            "targetClusterName": cluster_name, "clusterCredentialsSecret": "creds",
+            "gatewayAddress": ip, "gatewayPort": 4143, "gatewayIdentity": gateway}})
+        mirror = mirror_service(remote, link)
+        shop.core.create_namespaced_service(shop.ns, mirror)
+        for piece in mirror_slices(mirror, link, [GatewayEndpoint(ip, True)]).values():
+            disc.create_namespaced_endpoint_slice(shop.ns, piece)
+    shop.core.patch_namespaced_service("web", shop.ns, {"metadata": {"annotations": {
+        CLUSTERS_ANNOTATION: "west,central", POLICY_ANNOTATION: "failback=5s"}}})
+
+    def seen() -> list[tuple[int, str, str, str | None]]:
+        spec = d.resolve((vip, 80))
+        return [] if spec is None else [(e.priority, e.cluster, e.address, e.authority)
+                                        for e in spec.endpoints]
+
+    remote_name = f"web.{shop.ns}.svc.cluster.local"
+    async with watching(control.url, workload) as d:
+        await eventually(lambda: seen() == [
+            (0, "test", "10.244.5.1:4143", None), (1, "west", "192.0.2.21:4143", remote_name),
+            (2, "central", "192.0.2.22:4143", remote_name)], what="three priority groups")
+        spec = d.resolve((vip, 80))
+        assert spec is not None and spec.failback_s == 5.0
+        assert [e.identity for e in spec.endpoints[1:]] == [gateway, gateway]
+        # The declared order changes: the groups follow.
+        shop.core.patch_namespaced_service("web", shop.ns, {"metadata": {"annotations": {
+            CLUSTERS_ANNOTATION: "central,test,west"}}})
+        await eventually(lambda: [g[:2] for g in seen()] == [
+            (0, "central"), (1, "test"), (2, "west")], what="the new order")
+        # Removing the annotation serves the Service plain again.
+        shop.core.patch_namespaced_service("web", shop.ns, {"metadata": {"annotations": {
+            CLUSTERS_ANNOTATION: None, POLICY_ANNOTATION: None}}})
+        await eventually(lambda: seen() == [(0, "test", "10.244.5.1:4143", None)],
+                         what="a plain Service")
