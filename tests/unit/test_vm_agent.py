@@ -83,3 +83,4 @@ def test_the_unit_runs_the_agent_of_its_state_directory() -> None:
     assert "vm run --state-dir /var/lib/meshgate" in text
     assert "Restart=always" in text and "WantedBy=multi-user.target" in text
 
+
