@@ -357,7 +357,7 @@ class Exchange:
         if not request.response_started:
             self._attempt_failed(Failure(
                 502, f"{request.balancer.where(request.tried[-1])} closed the connection "
-                f"before answering{f': {cause}' if cause else ''}", retryable=request.reused,
+                f"before answering{f': {cause}' if cause else ''}", retryable=True,
                 kind=Cause.CLOSED if request.reused else Cause.RESET))
             return
         # The response was cut: what was sent stays sent, the client's connection ends.
@@ -433,7 +433,7 @@ class Exchange:
         if not request.response_started:
             self._attempt_failed(Failure(
                 502, "the upstream closed the connection before answering",
-                retryable=request.reused, kind=Cause.CLOSED if request.reused else Cause.RESET))
+                retryable=True, kind=Cause.CLOSED if request.reused else Cause.RESET))
             return
         self._drop_upstream()
         self._finish(ok=False)
