@@ -195,6 +195,10 @@ class OutboundConfig(_Model):
     Linkerd's default list (server-speaks-first protocols, whose clients would wait
     `detectTimeout` for their greeting); ``[]`` turns it off. A Service adds its own
     with the annotation ``config.meshgate.io/opaque-ports``."""
+    failback_hold_down: Duration = Field(timedelta(seconds=5), alias="failbackHoldDown")
+    """How long a failover service's better priority group must stay healthy (its
+    probes succeeding) before traffic returns to it; doubled, up to a minute or this
+    if longer, each time the group fails again within that (mesh.proxy.failover)."""
     gateway: HomeGatewayConfig | None = None
     """Reach every meshed pod through this gateway instead of directly (see
     mesh.proxy.through_gateway); endpoints outside the mesh are then out of reach."""

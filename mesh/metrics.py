@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,6 +24,7 @@ from prometheus_client import values as _values
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from mesh.memory import HeapCollector
+from mesh.proxy.failover import Transition
 from mesh.proxy.relay import FlowMetrics
 
 # Linkerd's proxy buckets (linkerd2-proxy: metrics/latency.rs).
@@ -94,10 +96,74 @@ class ProxyMetrics(TcpMetrics):
         self.endpoint_ejections = Counter("outbound_endpoint_ejections",
                                           "Endpoints ejected by failure accrual",
                                           ("dst_service", "endpoint"), registry=r)
+        self.failover = FailoverMetrics(r)
         self.gateway_forwarded = Counter(
             "inbound_gateway_forwarded", "Connections whose caller a trusted gateway "
             "forwarded (transport header field 100); client_id is that caller",
             ("gateway_id", "client_id"), registry=r)
+
+
+_MAX_CHILDREN = 10_000
+"""Metric children kept looked up per family; bounds memory against label churn."""
+
+
+class FailoverMetrics:
+    """Failover between priority groups (mesh.proxy.failover), per service; observes
+    the balancers' `Failover` and counts the retries and refusals of the exchanges.
+
+    The serving group is a gauge per group, 1 for the one serving and 0 for the
+    others (as ``kube_pod_status_phase``), rather than one gauge holding the serving
+    priority: ``outbound_failover_group == 1`` then says by name which cluster serves
+    each service, ``outbound_failover_group{cluster="west"} == 1`` alerts on one,
+    and the cluster names match those of the events and of the seconds counter.
+    """
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.group = Gauge("outbound_failover_group", "1 for the priority group (by "
+                           "cluster) that serves the service, 0 for those that did",
+                           ("dst_service", "cluster"), registry=r, multiprocess_mode="max")
+        self.events = Counter("outbound_failover_events", "Changes of the serving priority "
+                              "group: failover (to a worse group or none) or failback",
+                              ("dst_service", "from_cluster", "to_cluster", "direction",
+                               "cause"), registry=r)
+        self.group_seconds = Counter("outbound_failover_group_seconds", "Time each priority "
+                                     "group spent serving the service",
+                                     ("dst_service", "cluster"), registry=r)
+        self.retries = Counter("outbound_failover_retries", "Requests retried into another "
+                               "priority group than their last attempt's",
+                               ("dst_service", "to_cluster"), registry=r)
+        self.unreplayed = Counter("outbound_failover_unreplayed", "Requests that failed on a "
+                                  "priority group and were not sent to another because they "
+                                  "are not idempotent", ("dst_service", "cluster", "cause"),
+                                  registry=r)
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, family: Any, *labels: str) -> Any:
+        key = (family, *labels)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) > _MAX_CHILDREN:
+                self._children.clear()
+            child = self._children[key] = family.labels(*labels)
+        return child
+
+    def moved(self, t: Transition) -> None:
+        if t.from_group:
+            self._child(self.group, t.service, t.from_group).set(0)
+        if t.to_group:
+            self._child(self.group, t.service, t.to_group).set(1)
+        if t.direction != "initial":
+            self.events.labels(t.service, t.from_group, t.to_group, t.direction,
+                               t.cause).inc()
+
+    def served(self, service: str, group: str, seconds: float) -> None:
+        self._child(self.group_seconds, service, group).inc(seconds)
+
+    def retried(self, service: str, to_group: str) -> None:
+        self._child(self.retries, service, to_group).inc()
+
+    def refused(self, service: str, group: str, cause: str) -> None:
+        self._child(self.unreplayed, service, group, cause).inc()
 
 
 @dataclass

@@ -9,9 +9,12 @@ count, so accounting cannot leak.
 
 Failover (DESIGN.md): endpoints come in priority groups, lower preferred. A pick
 comes from the best group that has an available endpoint, where available means
-healthy, or ejected long enough that it may take one probe request. When every
-endpoint of group 0 is ejected, traffic spills to group 1; it comes back to
-group 0 as soon as a probe there succeeds.
+healthy, or ejected long enough that it may take one probe request. For a service
+with more than one group, which groups may serve is decided per group
+(mesh.proxy.failover: a whole group fails fast, and traffic comes back only after a
+hold-down); a pick that may be a probe (`probe_ok`: its failure can be retried
+elsewhere) goes to a group that is down and due one. With a single group, an
+endpoint's failures alone decide, as above.
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ from dataclasses import dataclass
 
 from mesh.errors import ConfigError
 from mesh.proxy.discovery import EndpointSpec, canonical_address
+from mesh.proxy.failover import (
+    DEFAULT_FAILOVER,
+    Cause,
+    Failover,
+    FailoverObserver,
+    FailoverPolicy,
+    group_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +146,7 @@ class EndpointState:
     def refresh(self, now: float) -> None:
         """Let an ejection whose backoff elapsed turn into probing."""
         if self.health is Health.EJECTED and now >= self.ejected_until:
-            self.health = Health.PROBING
-            self.probe_in_flight = False
+            self.health = Health.PROBING  # a failover group's probe may be in flight
 
     def available(self) -> bool:
         """May take a request now (as of the last `refresh`)."""
@@ -174,24 +184,29 @@ class EndpointSnapshot:
 class Pick:
     """One attempt on one endpoint; report its outcome exactly once."""
 
-    __slots__ = ("_balancer", "_done", "endpoint", "probe")
+    __slots__ = ("_balancer", "_done", "endpoint", "group_probe", "probe")
 
-    def __init__(self, balancer: Balancer, endpoint: EndpointState, *, probe: bool) -> None:
+    def __init__(self, balancer: Balancer, endpoint: EndpointState, *, probe: bool,
+                 group_probe: bool = False) -> None:
         self._balancer = balancer
         self.endpoint = endpoint
         self.probe = probe
         """This attempt is the one request an ejected endpoint gets to prove itself."""
+        self.group_probe = group_probe
+        """This attempt probes a priority group that is not serving (failover)."""
         self._done = False
 
     def succeeded(self, latency_s: float) -> None:
         """The attempt got a good answer after `latency_s` seconds."""
         self._finish("succeeded")
-        self._balancer._succeeded(self.endpoint, latency_s, probe=self.probe)
+        self._balancer._succeeded(self.endpoint, latency_s, probe=self.probe,
+                                  group_probe=self.group_probe)
 
-    def failed(self) -> None:
+    def failed(self, cause: Cause = Cause.STATUS) -> None:
         """The attempt failed: connect error, reset, timeout or a failure status."""
         self._finish("failed")
-        self._balancer._failed(self.endpoint, probe=self.probe)
+        self._balancer._failed(self.endpoint, cause, probe=self.probe,
+                               group_probe=self.group_probe)
 
     def released(self) -> None:
         """Give the attempt back without an outcome (for example, cancelled).
@@ -205,6 +220,9 @@ class Pick:
         self.endpoint.pending -= 1
         if self.probe:
             self.endpoint.probe_in_flight = False
+        failover = self._balancer.failover
+        if self.group_probe and failover is not None:
+            failover.probe_released(self.endpoint.priority)
 
     def _finish(self, outcome: str) -> None:
         if self._done:
@@ -230,6 +248,8 @@ class Balancer:
         decay_s: float = DEFAULT_DECAY_S,
         default_rtt_s: float = DEFAULT_RTT_S,
         service: str = "",
+        failover: FailoverPolicy = DEFAULT_FAILOVER,
+        observer: FailoverObserver | None = None,
     ) -> None:
         if decay_s <= 0 or default_rtt_s < 0:
             raise ConfigError(f"balancer: decay must be positive and default RTT not negative, "
@@ -242,6 +262,11 @@ class Balancer:
         self._service = service
         self._endpoints: dict[tuple[tuple[str, int], int, str | None], EndpointState] = {}
         self._groups: list[list[EndpointState]] = []
+        self._failover_policy = failover
+        self._observer = observer
+        self.failover: Failover | None = None
+        """Made when the service first has more than one priority group."""
+        self._failing_over = False
         self.update(endpoints)
 
     def update(self, endpoints: Sequence[EndpointSpec]) -> None:
@@ -271,28 +296,74 @@ class Balancer:
         for state in kept.values():
             groups.setdefault(state.priority, []).append(state)
         self._groups = [groups[p] for p in sorted(groups)]
+        self._failing_over = len(self._groups) > 1
+        if self._failing_over and self.failover is None:
+            self.failover = Failover(self._service, self._failover_policy, clock=self._clock,
+                                     observer=self._observer)
+        if self.failover is not None:
+            self.failover.update([
+                (g[0].priority, group_name(g[0].priority, [s.spec.cluster for s in g]),
+                 frozenset(g)) for g in self._groups])
 
-    def pick(self, *, avoid: Collection[EndpointState] = ()) -> Pick | None:
+    def pick(self, *, avoid: Collection[EndpointState] = (),
+             probe_ok: bool = False) -> Pick | None:
         """An endpoint for one attempt, or None when none is available anywhere.
 
         `avoid` holds endpoints this request already tried: they are passed over
         while any other endpoint is available, so a retry moves to another
         endpoint, then to the next group, and returns to one it tried only when
-        nothing else is left.
+        nothing else is left. `probe_ok`: the attempt may probe a priority group that
+        is not serving (its failure would be retried elsewhere); when no group
+        serves, any attempt may.
         """
         now = self._clock()
         for state in self._endpoints.values():
             state.refresh(now)
-        chosen = self._choose(now, avoid)
+        failover = self.failover if self._failing_over else None
+        if failover is not None:
+            failover.refresh(now)
+            if probe_ok or failover.serving is None:
+                priority = failover.probe_due(now)
+                chosen = self._probe_choice(priority, avoid) if priority is not None else None
+                if chosen is not None:
+                    failover.probe_sent(chosen.priority)
+                    return self._issue(chosen, group_probe=True)
+        chosen = self._choose(now, avoid, failover)
         if chosen is None and avoid:
-            chosen = self._choose(now, ())
+            chosen = self._choose(now, (), failover)
         if chosen is None:
             return None
-        probe = chosen.health is Health.PROBING
+        return self._issue(chosen, group_probe=False)
+
+    def _issue(self, chosen: EndpointState, *, group_probe: bool) -> Pick:
+        probe = chosen.health is not Health.HEALTHY
         if probe:
             chosen.probe_in_flight = True
         chosen.pending += 1
-        return Pick(self, chosen, probe=probe)
+        return Pick(self, chosen, probe=probe, group_probe=group_probe)
+
+    def _probe_choice(self, priority: int, avoid: Collection[EndpointState]
+                      ) -> EndpointState | None:
+        """An endpoint of the group `priority` to probe, whatever its own ejection."""
+        ready = [s for g in self._groups if g[0].priority == priority for s in g
+                 if s not in avoid and not s.probe_in_flight]
+        return self._rng.choice(ready) if ready else None
+
+    def where(self, state: EndpointState) -> str:
+        """The endpoint's address, and its group when the service fails over."""
+        if not self._failing_over:
+            return state.spec.address
+        return f"{state.spec.address} (cluster {self.group_name(state.priority)})"
+
+    def group_name(self, priority: int) -> str:
+        for group in self._groups:
+            if group[0].priority == priority:
+                return group_name(priority, [s.spec.cluster for s in group])
+        return group_name(priority, ())
+
+    def group_names(self) -> list[str]:
+        """The names of the priority groups in order; empty unless failing over."""
+        return self.failover.names() if self._failing_over and self.failover else []
 
     def snapshot(self) -> list[EndpointSnapshot]:
         """Every endpoint, best group first, for metrics and debugging."""
@@ -317,8 +388,11 @@ class Balancer:
     def __len__(self) -> int:
         return len(self._endpoints)
 
-    def _choose(self, now: float, avoid: Collection[EndpointState]) -> EndpointState | None:
+    def _choose(self, now: float, avoid: Collection[EndpointState],
+                failover: Failover | None) -> EndpointState | None:
         for group in self._groups:
+            if failover is not None and not failover.up(group[0].priority):
+                continue
             ready = [s for s in group if s.available() and s not in avoid]
             if len(ready) == 1:
                 return ready[0]
@@ -327,20 +401,26 @@ class Balancer:
                 return a if a.cost(now) <= b.cost(now) else b
         return None
 
-    def _succeeded(self, state: EndpointState, latency_s: float, *, probe: bool) -> None:
+    def _succeeded(self, state: EndpointState, latency_s: float, *, probe: bool,
+                   group_probe: bool) -> None:
         state.latency.observe(latency_s, self._clock())
-        if probe and state.health is Health.PROBING:
+        if self._failing_over and self.failover is not None:
+            self.failover.succeeded(state.priority, state, probe=group_probe)
+        if probe and state.health is not Health.HEALTHY:
             log.info("endpoint revived service=%s addr=%s identity=%s after_ejections=%d",
                      self._service, _addr(state), state.identity, state.ejections)
             state.health = Health.HEALTHY
             state.probe_in_flight = False
             state.failures = state.ejections = 0
-        elif not probe and state.health is Health.HEALTHY:
+        elif state.health is Health.HEALTHY:
             state.failures = 0
         # Otherwise a late answer from before the ejection: only the probe decides.
 
-    def _failed(self, state: EndpointState, *, probe: bool) -> None:
-        if probe and state.health is Health.PROBING:
+    def _failed(self, state: EndpointState, cause: Cause, *, probe: bool,
+                group_probe: bool) -> None:
+        if self._failing_over and self.failover is not None:
+            self.failover.failed(state.priority, state, cause, probe=group_probe)
+        if probe and state.health is not Health.HEALTHY:
             state.failures += 1
             self._eject(state, cause="probe failed")
         elif not probe and state.health is Health.HEALTHY:
@@ -355,6 +435,10 @@ class Balancer:
         state.health = Health.EJECTED
         state.probe_in_flight = False
         state.ejected_until = now + backoff
+        if self._failing_over and self.failover is not None and all(
+                s.health is not Health.HEALTHY for s in self._endpoints.values()
+                if s.priority == state.priority):
+            self.failover.exhausted(state.priority)
         log.info("endpoint ejected service=%s addr=%s identity=%s cause=%r failures=%d "
                  "ejections=%d backoff=%.3fs", self._service, _addr(state), state.identity,
                  cause, state.failures, state.ejections, backoff)

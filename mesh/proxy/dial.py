@@ -15,7 +15,11 @@ on failure and bounded by the connect timeout.
 `Dialer.connect_first` is the connect-retry loop of a relayed connection (the
 opaque outbound and the gateway): up to `CONNECT_ATTEMPTS` endpoints, each
 attempt's outcome reported to the balancer, and the caller's departure
-noticed between attempts. HTTP requests retry per request instead
+noticed between attempts; for a failover service a connect or handshake failure
+moves the next attempt to the next endpoint or priority group (mesh.proxy.failover).
+An established opaque connection is never moved: its bytes already reached one
+endpoint, so when that endpoint's group fails the connection ends and the client
+reconnects, to the group then serving. HTTP requests retry per request instead
 (mesh.proxy.http), over connections the pool opens with `Dialer.open`.
 """
 
@@ -35,6 +39,7 @@ from mesh.identity.tls import check_peer, context_bundle, explain_dial_failure
 from mesh.proxy.assertion import peer_header
 from mesh.proxy.balancer import EndpointState, Pick
 from mesh.proxy.discovery import EndpointSpec, ServiceSpec
+from mesh.proxy.failover import Cause
 from mesh.proxy.relay import Flow, release
 from mesh.proxy.transport_header import SessionProtocol, TransportHeader
 
@@ -174,7 +179,7 @@ class Dialer:
             try:
                 identity = await self.open(flow.server, endpoint, header(endpoint))
             except (ConnectError, IdentityError) as e:
-                pick.failed()
+                pick.failed(Cause.HANDSHAKE if isinstance(e, IdentityError) else Cause.CONNECT)
                 flow.server.transport = None
                 failed(endpoint, e)
                 last = endpoint, e

@@ -59,7 +59,17 @@ from mesh.proxy.exchange_io import (
     WriteClient,
     WriteUpstream,
 )
-from mesh.proxy.exchanges import MAX_RETRY_BODY, Exchanges, Failure, Request, Route, kept_alive
+from mesh.proxy.exchanges import (
+    MAX_RETRY_BODY,
+    Exchanges,
+    Failure,
+    Request,
+    Route,
+    answered,
+    kept_alive,
+    unavailable,
+)
+from mesh.proxy.failover import Cause
 from mesh.proxy.retry import is_retryable
 
 log = logging.getLogger("mesh.proxy.http")
@@ -113,7 +123,8 @@ class Exchange:
         elif isinstance(event, TimerFired):
             self._timer_fired(event.timer)
         elif isinstance(event, UpstreamFailed):
-            self._connect_failed(event.cause, retryable=event.retryable)
+            self._connect_failed(event.cause, retryable=event.retryable,
+                                 kind=Cause.HANDSHAKE if event.handshake else Cause.CONNECT)
         elif isinstance(event, UpstreamEof):
             self._upstream_eof()
         elif isinstance(event, UpstreamClosed):
@@ -217,11 +228,14 @@ class Exchange:
     def _attempt(self, last: Failure | None) -> None:
         request = self.request
         assert request is not None
-        pick = request.balancer.pick(avoid=request.tried)
+        tried = request.tried
+        # A first attempt that may be retried may probe a failover group that is down.
+        pick = request.balancer.pick(avoid=tried, probe_ok=request.idempotent and not tried)
         if pick is None:
-            self._fail(last or Failure(
-                503, f"no endpoints available for {request.service.name}", retryable=False))
+            self._fail(unavailable(request, last))
             return
+        if tried and tried[-1].priority != pick.endpoint.priority:
+            self.shared.moved_group(request, pick.endpoint)
         request.pick = pick
         request.tried.append(pick.endpoint)
         ep = pick.endpoint.spec
@@ -255,21 +269,21 @@ class Exchange:
         if body is not None and request.body_size > MAX_RETRY_BODY:
             request.body = None  # what was held went out; the rest streams on
 
-    def _connect_failed(self, cause: str, *, retryable: bool) -> None:
+    def _connect_failed(self, cause: str, *, retryable: bool, kind: Cause) -> None:
         request = self.request
         if not self._dialling or request is None or self.phase is not Phase.HTTP:
             return
         self._dialling = False
-        address = request.tried[-1].spec.address
+        address = request.balancer.where(request.tried[-1])
         self._attempt_failed(Failure(502, f"connection to {address} failed: {cause}",
-                                     retryable=retryable))
+                                     retryable=retryable, kind=kind))
 
     def _attempt_failed(self, failure: Failure) -> None:
         """An attempt ended before any response byte reached the client."""
         request = self.request
         assert request is not None
         if request.pick is not None:
-            request.pick.failed()
+            request.pick.failed(failure.kind)
             request.pick = None
         ep = request.tried[-1].spec
         log.info("outbound attempt failed peer=%s service=%s endpoint=%s identity=%s cause=%s",
@@ -282,7 +296,7 @@ class Exchange:
                 and request.budget.withdraw()):
             self._attempt(failure)
             return
-        self._fail(failure)
+        self._fail(self.shared.unreplayed(request, failure))
 
     def _fail(self, failure: Failure) -> None:
         """Answer the client with the error and end the connection."""
@@ -342,8 +356,9 @@ class Exchange:
         self._detach()
         if not request.response_started:
             self._attempt_failed(Failure(
-                502, f"{request.tried[-1].spec.address} closed the connection before answering"
-                f"{f': {cause}' if cause else ''}", retryable=request.reused))
+                502, f"{request.balancer.where(request.tried[-1])} closed the connection "
+                f"before answering{f': {cause}' if cause else ''}", retryable=True,
+                kind=Cause.CLOSED if request.reused else Cause.RESET))
             return
         # The response was cut: what was sent stays sent, the client's connection ends.
         self._finish(ok=False)
@@ -380,8 +395,8 @@ class Exchange:
         except ProtocolError as e:
             if not request.response_started:
                 self._attempt_failed(Failure(
-                    502, f"{request.tried[-1].spec.address} failed: {e}",
-                    retryable=request.reused))
+                    502, f"{request.balancer.where(request.tried[-1])} failed: {e}",
+                    retryable=request.reused, kind=Cause.RESET))
                 return
             self._write_client(parts)
             self._drop_upstream()
@@ -403,8 +418,7 @@ class Exchange:
             with contextlib.suppress(http1.ReaderStateError):
                 self.requests.upgrade_declined()
         if status in (502, 503, 504):
-            self._attempt_failed(Failure(
-                status, f"{request.tried[-1].spec.address} answered {status}", retryable=True))
+            self._attempt_failed(answered(request, head, status))
             return False
         request.status = status
         request.response_started = True
@@ -419,7 +433,7 @@ class Exchange:
         if not request.response_started:
             self._attempt_failed(Failure(
                 502, "the upstream closed the connection before answering",
-                retryable=request.reused))
+                retryable=True, kind=Cause.CLOSED if request.reused else Cause.RESET))
             return
         self._drop_upstream()
         self._finish(ok=False)
@@ -431,7 +445,7 @@ class Exchange:
         request.series.response(status, "failure" if failure else "success").inc()
         if request.pick is not None:
             if failure:
-                request.pick.failed()
+                request.pick.failed(Cause.STATUS)
             else:
                 request.pick.succeeded(self._now - request.started)
             request.pick = None
@@ -501,7 +515,7 @@ class Exchange:
         cause = (f"request to {request.service.name} timed out after "
                  f"{self.shared.request_timeout:g}s")
         if request.pick is not None:
-            request.pick.failed()
+            request.pick.failed(Cause.TIMEOUT)
             request.pick = None
         self._drop_upstream()
         if request.response_started:

@@ -81,10 +81,13 @@ class UpstreamFailed:
     cause: str
     retryable: bool = True
     """False when the attempt was called off (the proxy is stopping), not refused."""
+    handshake: bool = False
+    """The peer was reached but the TLS handshake or its identity check failed."""
 
-    def __init__(self, cause: str, retryable: bool = True) -> None:
+    def __init__(self, cause: str, retryable: bool = True, handshake: bool = False) -> None:
         object.__setattr__(self, "cause", cause)
         object.__setattr__(self, "retryable", retryable)
+        object.__setattr__(self, "handshake", handshake)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,8 @@ from mesh.metrics import ProxyMetrics
 from mesh.proxy import http1
 from mesh.proxy.balancer import Balancer, EndpointState, Pick
 from mesh.proxy.discovery import EndpointSpec, ServiceSpec
-from mesh.proxy.retry import RetryBudget
+from mesh.proxy.failover import CONNECTION_CAUSES, Cause
+from mesh.proxy.retry import IDEMPOTENT_METHODS, RetryBudget
 
 log = logging.getLogger("mesh.proxy.http")
 
@@ -40,6 +41,8 @@ class Failure:
     status: int
     cause: str
     retryable: bool
+    kind: Cause = Cause.STATUS
+    """What it says of the endpoint, for failure accrual and failover."""
 
 
 class Series:
@@ -116,6 +119,24 @@ class Exchanges:
             **self.labels(head, service, "", ""), status_code=str(status),
             classification="failure", error=cause.split(":")[0][:60]).inc()
 
+    def moved_group(self, request: Request, to: EndpointState) -> None:
+        """A retry of `request` goes to another priority group than its last attempt."""
+        self.metrics.failover.retried(request.service.name,
+                                      request.balancer.group_name(to.priority))
+
+    def unreplayed(self, request: Request, failure: Failure) -> Failure:
+        """`request` failed on an endpoint of a failover service and is not sent
+        elsewhere because it is not idempotent: count it, and say so to the client."""
+        balancer = request.balancer
+        if request.idempotent or not balancer.group_names() or not request.tried or \
+                failure.kind not in CONNECTION_CAUSES:
+            return failure
+        last = request.tried[-1]
+        self.metrics.failover.refused(request.service.name,
+                                         balancer.group_name(last.priority), failure.kind.value)
+        return Failure(failure.status, f"{failure.cause}; {request.method} is not idempotent "
+                       "and was not sent to another group", retryable=False, kind=failure.kind)
+
     def refused(self, cause: str, peer: str, service: str, detail: object) -> None:
         """Count and log a connection refused for what its client sent (or did not)."""
         self.metrics.protocol_errors.labels("outbound", cause).inc()
@@ -127,13 +148,14 @@ class Request:
     """One request and its response, over one or more attempts on endpoints."""
 
     __slots__ = ("balancer", "body", "body_size", "budget", "complete", "deadline", "head",
-                 "method", "pick", "response_started", "reused", "series", "service",
+                 "idempotent", "method", "pick", "response_started", "reused", "series", "service",
                  "started", "status", "tried", "upgrade")
 
     def __init__(self, head: http1.Head, service: ServiceSpec, balancer: Balancer, *,
                  budget: RetryBudget, started: float, timeout: float) -> None:
         self.head, self.service, self.balancer, self.budget = head, service, balancer, budget
         self.method = head.method or "GET"
+        self.idempotent = self.method in IDEMPOTENT_METHODS
         # CONNECT switches protocols on a 2xx whether or not it says Upgrade.
         self.upgrade = self.method == "CONNECT" or bool(head.values(b"upgrade"))
         self.started = started
@@ -147,6 +169,29 @@ class Request:
         self.response_started = False
         self.status = 0
         self.series: Series | None = None
+
+
+def answered(request: Request, head: http1.Head, status: int) -> Failure:
+    """The attempt's answer was 502, 503 or 504. With ``l5d-proxy-error`` it is the
+    gateway or destination proxy there that says so, not the app: that endpoint
+    cannot serve (a gateway not ready, no endpoints behind it)."""
+    said = head.values(b"l5d-proxy-error")
+    where = request.balancer.where(request.tried[-1])
+    if not said:
+        return Failure(status, f"{where} answered {status}", retryable=True)
+    return Failure(status, f"{where} answered {status}: {said[0].decode('latin-1')}",
+                   retryable=True, kind=Cause.NOT_READY)
+
+
+def unavailable(request: Request, last: Failure | None) -> Failure:
+    """The answer when no endpoint is left to try: for a failover service, naming the
+    groups it has (and the last attempt's failure)."""
+    name = request.service.name
+    groups = request.balancer.group_names()
+    if not groups:
+        return last or Failure(503, f"no endpoints available for {name}", retryable=False)
+    cause = f"no healthy endpoint of {name} in groups {', '.join(groups)}"
+    return Failure(503, f"{cause}; last: {last.cause}" if last else cause, retryable=False)
 
 
 def kept_alive(head: http1.Head) -> bytes:

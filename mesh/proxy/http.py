@@ -164,7 +164,7 @@ class ClientConnection:
             if not isinstance(exc, ConnectError | IdentityError):
                 log.warning("outbound connect failed unexpectedly endpoint=%s cause=%r",
                             endpoint.address if endpoint else "-", exc)
-            self.handle(UpstreamFailed(str(exc)))
+            self.handle(UpstreamFailed(str(exc), handshake=isinstance(exc, IdentityError)))
             return
         self._bind(task.result())
         self.handle(UPSTREAM_OPENED)

@@ -39,6 +39,7 @@ from mesh.proxy.admin import JSON, TEXT, AdminServer, Answer, text
 from mesh.proxy.assertion import AssertionVerifier, ClientCredentials, ReplayCache
 from mesh.proxy.dial import Dialer
 from mesh.proxy.discovery import Discovery, ServiceSpec, StaticDiscovery
+from mesh.proxy.failover import failover_policy
 from mesh.proxy.http import HttpOutbound
 from mesh.proxy.inbound import Inbound, InboundPolicy
 from mesh.proxy.listeners import listen
@@ -239,7 +240,8 @@ class Proxy:
         outbound = Outbound(discovery, dialer, self.metrics, self.flows,
                             own_identity=lambda: workload.identity, http=http,
                             detect_timeout=self.config.detect_timeout.total_seconds(),
-                            opaque_ports=frozenset(out_cfg.opaque_ports))
+                            opaque_ports=frozenset(out_cfg.opaque_ports),
+                            failover=failover_policy(out_cfg.failback_hold_down.total_seconds()))
         await self._listen(inbound.protocol, self.config.inbound.listen, "inbound")
         await self._listen(outbound.protocol, self.config.outbound.listen, "outbound")
         self.discovery, self.outbound = discovery, outbound

@@ -22,6 +22,7 @@ from mesh.proxy.detect import Detected, Detector, ProtocolKind, opaque_for
 from mesh.proxy.dial import Connected, Dialer, DialError, Unreachable
 from mesh.proxy.discovery import Discovery, EndpointSpec, ServiceSpec
 from mesh.proxy.exchanges import Route
+from mesh.proxy.failover import DEFAULT_FAILOVER, FailoverPolicy
 from mesh.proxy.http import HttpOutbound
 from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
 
@@ -32,8 +33,10 @@ class Outbound:
     def __init__(self, discovery: Discovery, dialer: Dialer, metrics: ProxyMetrics,
                  flows: FlowMetrics, *, own_identity: Callable[[], Identity],
                  http: HttpOutbound | None = None, detect_timeout: float = 10.0,
-                 opaque_ports: frozenset[int] = frozenset()) -> None:
+                 opaque_ports: frozenset[int] = frozenset(),
+                 failover: FailoverPolicy = DEFAULT_FAILOVER) -> None:
         self.http = http
+        self.failover = failover
         self.detect_timeout = detect_timeout
         self.opaque_ports = opaque_ports
         self.discovery = discovery
@@ -50,7 +53,8 @@ class Outbound:
     def _update(self, service: ServiceSpec) -> None:
         balancer = self.balancers.get(service.address)
         if balancer is None:
-            balancer = self.balancers[service.address] = Balancer()
+            balancer = self.balancers[service.address] = Balancer(
+                service=service.name, failover=self.failover, observer=self.metrics.failover)
         balancer.update(service.endpoints)
 
     def protocol(self) -> asyncio.Protocol:
@@ -103,7 +107,9 @@ class Outbound:
         flow = client.flow
 
         def choose(tried: Sequence[EndpointState]) -> Pick | None:
-            return balancer.pick(avoid=tried) if balancer is not None else None
+            # A first attempt may probe a failover group that is down: a new connection
+            # that fails is dialled to the next endpoint or group.
+            return balancer.pick(avoid=tried, probe_ok=not tried) if balancer else None
 
         def failed(endpoint: EndpointSpec, e: DialError) -> None:
             self._refuse(peer, "connect-failed", service=service.name,

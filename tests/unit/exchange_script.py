@@ -45,7 +45,8 @@ class Script:
         self.metrics = ProxyMetrics(CollectorRegistry())
         self.service = service(*(endpoints or (endpoint(1),)))
         self.balancer = Balancer(self.service.endpoints, clock=self.clock,
-                                 rng=random.Random(7), service=self.service.name)
+                                 rng=random.Random(7), service=self.service.name,
+                                 observer=self.metrics.failover)
         self.shared = Exchanges(self.metrics, request_timeout=request_timeout,
                                 head_timeout=head_timeout,
                                 own_identity=lambda: Identity("default", "client", DOMAIN),

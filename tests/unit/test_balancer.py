@@ -274,7 +274,7 @@ def test_late_answers_from_before_the_ejection_do_not_decide() -> None:
 # --- priority groups and failover -----------------------------------------------
 
 
-def test_spill_over_to_the_next_group_and_back_after_a_probe() -> None:
+def test_spill_over_to_the_next_group_and_back_after_the_hold_down() -> None:
     clock = FakeClock()
     b = balancer([spec(1), spec(2), spec(3, priority=1)], clock, failures=3)
     eps = by_address(b)
@@ -289,15 +289,22 @@ def test_spill_over_to_the_next_group_and_back_after_a_probe() -> None:
     for p in picks:
         p.succeeded(0.05)
 
-    clock.advance(2.0)  # both group-0 backoffs elapsed: each may take one probe
-    probes = [must_pick(b), must_pick(b)]
-    assert all(p.probe and p.endpoint.priority == 0 for p in probes)
-    # Probes in flight: group 0 has nothing available, group 1 carries the traffic.
+    clock.advance(2.0)  # both group-0 backoffs elapsed, but the group failed over:
+    assert must_pick(b).endpoint is c  # only a request that may be retried probes it
+    probe = b.pick(probe_ok=True)
+    assert probe is not None and probe.probe and probe.group_probe
+    assert probe.endpoint.priority == 0
     assert must_pick(b).endpoint is c
-    probes[0].succeeded(0.01)
-    probes[1].failed()
-    returned = {must_pick(b).endpoint.address[0] for _ in range(10)}
-    assert returned == {probes[0].endpoint.address[0]}
+    probe.succeeded(0.01)
+    assert must_pick(b).endpoint is c  # healthy again, held down: traffic stays
+    for _ in range(4):  # probes go on every second through the 5 s hold-down
+        clock.advance(1.0)
+        probe = b.pick(probe_ok=True)
+        assert probe is not None and probe.group_probe
+        probe.succeeded(0.01)
+    assert must_pick(b).endpoint is c
+    clock.advance(1.0)
+    assert {must_pick(b).endpoint.priority for _ in range(10)} == {0}
 
 
 def test_nothing_available_anywhere_gives_none() -> None:
@@ -421,11 +428,25 @@ class Model:
 
     def check_pick(self, avoid: list[EndpointState]) -> None:
         live = self.b.endpoints
+        now = self.clock()
         for s in live:
-            s.refresh(self.clock())
-        usable = [s for s in live if s.available()]
+            s.refresh(now)
+        # With several groups, only those failover has up serve; when none is, a pick
+        # may probe one that is not.
+        failover = self.b.failover if self.b.group_names() else None
+        if failover is not None:
+            failover.refresh(now)
+        nothing_serves = failover is not None and failover.serving is None
+        usable = [s for s in live if s.available() and
+                  (failover is None or failover.up(s.priority))]
         preferred = [s for s in usable if s not in avoid] or usable
         pick = self.b.pick(avoid=avoid)
+        if pick is not None and pick.group_probe:
+            assert failover is not None and nothing_serves
+            assert not failover.up(pick.endpoint.priority)
+            assert pick.probe == (pick.endpoint.health is not Health.HEALTHY)
+            self.outstanding.append(pick)
+            return
         if not usable:
             assert pick is None
             return

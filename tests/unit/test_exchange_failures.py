@@ -95,15 +95,21 @@ def test_requests_that_are_not_idempotent_are_not_retried() -> None:
     assert proxy_error(commands[0])[0] == 502 and commands[1:] == [CANCEL, ENDED]
 
 
-def test_only_a_reused_connection_that_closes_unanswered_is_retried() -> None:
+def test_a_connection_that_closes_unanswered_is_retried_for_idempotent_requests() -> None:
     # A pooled connection may have been closed by its peer as it was taken; a new one
-    # that closes has seen the request.
+    # that is reset has perhaps seen the request, which only an idempotent one survives
+    # (the retry budget bounds a request that kills every server it reaches).
     s = Script(endpoint(1), endpoint(2))
     _opened(s)
     s.send(UPSTREAM_REUSED)
     assert isinstance(s.send(UpstreamClosed(""))[0], OpenUpstream)
     s.send(UPSTREAM_OPENED)
-    commands = s.send(UpstreamClosed("[Errno 104] Connection reset by peer"))
+    assert isinstance(s.send(UpstreamClosed("[Errno 104] Connection reset by peer"))[0],
+                      OpenUpstream)
+    post = Script(endpoint(1), endpoint(2))
+    _opened(post, b"POST /orders HTTP/1.1\r\nHost: web\r\nContent-Length: 2\r\n\r\n{}")
+    post.send(UPSTREAM_OPENED)
+    commands = post.send(UpstreamClosed("[Errno 104] Connection reset by peer"))
     assert proxy_error(commands[0])[1].endswith(
         "closed the connection before answering: [Errno 104] Connection reset by peer")
 

@@ -1,0 +1,99 @@
+"""The HTTP exchange machine of a failover service: a request that may be retried
+moves into the next priority group when its group fails, one that may not is never
+replayed and says why, and with every group down the answer names them. Scripts of
+events in and commands out on a fake clock."""
+
+from __future__ import annotations
+
+from mesh.proxy.discovery import EndpointSpec
+from mesh.proxy.exchange_io import (
+    CLOSE_UPSTREAM,
+    POOL_UPSTREAM,
+    UPSTREAM_OPENED,
+    UPSTREAM_REUSED,
+    ClientData,
+    OpenUpstream,
+    UpstreamData,
+    UpstreamFailed,
+    WriteClient,
+    WriteUpstream,
+)
+from tests.unit.exchange_script import GET, OK, WEB_ID, Script, proxy_error
+
+CLUSTERS = ("east", "west", "central")
+POST = b"POST /orders HTTP/1.1\r\nHost: web\r\nContent-Length: 2\r\n\r\n{}"
+NOT_READY = (b"HTTP/1.1 503 Service Unavailable\r\nl5d-proxy-error: no endpoints available "
+             b"for web.default.svc.cluster.local\r\nContent-Length: 0\r\n\r\n")
+REFUSED = UpstreamFailed("[Errno 111] Connection refused")
+NAME = "web.default.svc.cluster.local"
+
+
+def grouped(priority: int) -> EndpointSpec:
+    """The one endpoint of `priority`'s group: a pod here, a linked cluster's gateway."""
+    return EndpointSpec(address=f"10.{priority + 1}.0.1:4143", target_port=8080,
+                        identity=WEB_ID, priority=priority, cluster=CLUSTERS[priority])
+
+
+def script(groups: int = 3) -> Script:
+    return Script(*(grouped(p) for p in range(groups)))
+
+
+def opened(commands: list[object]) -> EndpointSpec:
+    found = [c for c in commands if isinstance(c, OpenUpstream)]
+    assert len(found) == 1, commands
+    return found[0].endpoint
+
+
+def test_a_get_whose_group_refuses_it_is_retried_in_the_next_group() -> None:
+    s = script()
+    assert opened(s.send(ClientData(GET))).priority == 0
+    assert opened(s.send(REFUSED)).priority == 1
+    assert s.send(UPSTREAM_OPENED) == [WriteUpstream(GET)]
+    assert s.send(UpstreamData(OK)) == [WriteClient(OK), POOL_UPSTREAM]
+    assert s.metric("outbound_failover_retries_total", dst_service=NAME,
+                    to_cluster="west") == 1
+    assert s.metric("outbound_failover_events_total", from_cluster="east", to_cluster="west",
+                    direction="failover", cause="connect-error") == 1
+    assert s.metric("outbound_failover_group", cluster="west") == 1
+    assert s.metric("outbound_failover_group", cluster="east") == 0
+
+
+def test_a_gateway_that_answers_not_ready_is_passed_over() -> None:
+    s = script()
+    s.send(ClientData(GET))
+    s.send(UPSTREAM_REUSED)
+    commands = s.send(UpstreamData(NOT_READY))
+    assert commands[0] == CLOSE_UPSTREAM and opened(commands).priority == 1
+    assert s.metric("outbound_failover_events_total", cause="not-ready") == 1
+
+
+def test_a_post_is_not_replayed_into_another_group() -> None:
+    s = script()
+    assert opened(s.send(ClientData(POST))).priority == 0
+    commands = s.send(REFUSED)
+    assert not any(isinstance(c, OpenUpstream) for c in commands)
+    status, cause = proxy_error(commands[0])
+    assert status == 502
+    assert cause == ("connection to 10.1.0.1:4143 (cluster east) failed: [Errno 111] "
+                     "Connection refused; POST is not idempotent and was not sent to "
+                     "another group")
+    assert s.metric("outbound_failover_unreplayed_total", dst_service=NAME, cluster="east",
+                    cause="connect-error") == 1
+    # The group failed all the same: the next request goes to the next one.
+    assert s.balancer.failover is not None and s.balancer.failover.serving is not None
+    assert s.balancer.failover.serving.name == "west"
+
+
+def test_with_every_group_down_the_answer_names_them() -> None:
+    s = script()
+    s.send(ClientData(GET))
+    assert opened(s.send(REFUSED)).priority == 1
+    assert opened(s.send(REFUSED)).priority == 2
+    commands = s.send(REFUSED)
+    status, cause = proxy_error(commands[0])
+    assert status == 503
+    assert cause == (f"no healthy endpoint of {NAME} in groups east, west, central; last: "
+                     "connection to 10.3.0.1:4143 (cluster central) failed: [Errno 111] "
+                     "Connection refused")
+    assert s.metric("outbound_failover_retries_total") == 2
+    assert s.metric("outbound_failover_events_total", to_cluster="", direction="failover") == 1
