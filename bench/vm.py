@@ -27,14 +27,14 @@ and on Ctrl-C or SIGTERM alike; the host's namespace is never changed.
 3. What the agent costs: the VmRSS of the agent (the `vm join` process) and its
    proxy child, and their CPU (utime + stime, as % of one core) over ``--idle``
    seconds without traffic and over ``--load-seconds`` at a fixed ``--rate`` of
-   VM -> web requests (one keep-alive connection, paced, from a Python client in
+   VM -> web requests (paced over 4 keep-alive connections by a Python client in
    the VM), with CPU microseconds per request; RSS again after the wrk runs.
 
     .venv/bin/python bench/vm.py [--joins 3] [--duration 10] [--connections 8]
         [--rate 200] [--json FILE]
 
 The agent's heartbeat is the `vm join` default unless ``--heartbeat`` is given.
-Missing Debian packages (wrk, curl) are installed with apt-get.
+Missing Debian packages (wrk, nginx) are installed with apt-get; curl must be there.
 """
 
 from __future__ import annotations
@@ -307,22 +307,30 @@ def bench_cost(rig: Rig, args: argparse.Namespace) -> list[Cost]:
         return 0, 0
 
     costs = [cost(f"idle {args.idle:g} s", pids, idle)]
-    start = time.monotonic() + 1.0  # the client's interpreter starts before this
+    # The client starts now and waits for `start`, so that its interpreter's start-up
+    # is out of the window.
+    start = time.monotonic() + 1.0
+    client = subprocess.Popen(vms.exec_argv(VM, [
+        sys.executable, "-c", PACED, WEB.split("/")[2], str(args.rate),
+        str(args.load_seconds), str(start), str(PACED_CONNECTIONS)]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def paced() -> tuple[int, int]:
-        host = WEB.split("/")[2]
-        proc = rig.in_vm([sys.executable, "-c", PACED, host, str(args.rate),
-                          str(args.load_seconds), str(start), str(PACED_CONNECTIONS)],
-                         timeout=args.load_seconds + 30)
-        if proc.returncode != 0:
-            raise BenchError(f"the paced client exited {proc.returncode}: {proc.stderr}")
-        counts = json.loads(proc.stdout)
+        out, err = client.communicate(timeout=args.load_seconds + 30)
+        if client.returncode != 0:
+            raise BenchError(f"the paced client exited {client.returncode}: {err}")
+        counts = json.loads(out)
         if counts["late"] > args.rate * args.load_seconds / 10:
             print(f"  note: {counts['late']} requests left late (the rate is not held)")
         return int(counts["ok"]), int(counts["errors"])
 
-    costs.append(cost(f"{args.rate:g} req/s VM -> web, {args.load_seconds:g} s", pids, paced,
-                      start=start))
+    try:
+        costs.append(cost(f"{args.rate:g} req/s VM -> web, {args.load_seconds:g} s", pids,
+                          paced, start=start))
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
     return costs
 
 
