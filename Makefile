@@ -58,6 +58,7 @@ bench: $(STAMP) tools $(NATIVE)
 	$(PY) bench/multicluster.py
 	$(PY) bench/assertion.py
 	$(PY) bench/soak.py
+	$(PY) bench/vm.py
 
 clean:
 	rm -rf $(VENV) demo-state .mypy_cache .ruff_cache .pytest_cache .hypothesis build
