@@ -241,7 +241,9 @@ class Agent:
         while True:
             await self._beat(watch)
             self._write_status()
-            await asyncio.sleep(self.heartbeat_every)
+            # Until the first ready heartbeat, look again soon: callers wait on it.
+            await asyncio.sleep(self.heartbeat_every if self.joined.is_set()
+                                else min(self.heartbeat_every, 0.25))
 
     async def _beat(self, watch: Any) -> None:
         st = self.status

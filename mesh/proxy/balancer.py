@@ -305,6 +305,14 @@ class Balancer:
                 (g[0].priority, group_name(g[0].priority, [s.spec.cluster for s in g]),
                  frozenset(g)) for g in self._groups])
 
+    def set_failover_policy(self, policy: FailoverPolicy) -> None:
+        """Use `policy` from now on (a Service's own failback damping); groups keep
+        their state, and a hold-down already running keeps its length."""
+        if policy != self._failover_policy:
+            self._failover_policy = policy
+            if self.failover is not None:
+                self.failover.policy = policy
+
     def pick(self, *, avoid: Collection[EndpointState] = (),
              probe_ok: bool = False) -> Pick | None:
         """An endpoint for one attempt, or None when none is available anywhere.

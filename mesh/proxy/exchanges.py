@@ -128,14 +128,18 @@ class Exchanges:
         """`request` failed on an endpoint of a failover service and is not sent
         elsewhere because it is not idempotent: count it, and say so to the client."""
         balancer = request.balancer
+        # A reused connection closed unanswered counts too: the request may have been
+        # delivered, so it is not sent again either way.
         if request.idempotent or not balancer.group_names() or not request.tried or \
-                failure.kind not in CONNECTION_CAUSES:
+                failure.kind not in CONNECTION_CAUSES | {Cause.CLOSED}:
             return failure
         last = request.tried[-1]
-        self.metrics.failover.refused(request.service.name,
-                                         balancer.group_name(last.priority), failure.kind.value)
-        return Failure(failure.status, f"{failure.cause}; {request.method} is not idempotent "
-                       "and was not sent to another group", retryable=False, kind=failure.kind)
+        group = balancer.group_name(last.priority)
+        self.metrics.failover.refused(request.service.name, group, failure.kind.value)
+        where = "" if group in failure.cause else f" (group {group})"
+        return Failure(failure.status, f"{failure.cause}{where}; {request.method} is not "
+                       "idempotent and was not sent to another group", retryable=False,
+                       kind=failure.kind)
 
     def refused(self, cause: str, peer: str, service: str, detail: object) -> None:
         """Count and log a connection refused for what its client sent (or did not)."""

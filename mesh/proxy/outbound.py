@@ -22,7 +22,11 @@ from mesh.proxy.detect import Detected, Detector, ProtocolKind, opaque_for
 from mesh.proxy.dial import Connected, Dialer, DialError, Unreachable
 from mesh.proxy.discovery import Discovery, EndpointSpec, ServiceSpec
 from mesh.proxy.exchanges import Route
-from mesh.proxy.failover import DEFAULT_FAILOVER, FailoverPolicy
+from mesh.proxy.failover import (
+    DEFAULT_FAILOVER,
+    FailoverPolicy,
+    failover_policy,
+)
 from mesh.proxy.http import HttpOutbound
 from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe
 
@@ -55,6 +59,9 @@ class Outbound:
         if balancer is None:
             balancer = self.balancers[service.address] = Balancer(
                 service=service.name, failover=self.failover, observer=self.metrics.failover)
+        # The Service's failover.meshgate.io/policy, served as failbackSeconds, wins.
+        balancer.set_failover_policy(self.failover if service.failback_s is None
+                                     else failover_policy(service.failback_s))
         balancer.update(service.endpoints)
 
     def protocol(self) -> asyncio.Protocol:

@@ -217,4 +217,4 @@ def test_gets_move_to_the_next_group_at_once_and_come_back_after_the_hold_down(
     assert metric("outbound_failover_group", cluster="west") == 0
     assert metric("outbound_failover_retries_total", to_cluster="west") >= 1
     assert metric("outbound_failover_group_seconds_total", cluster="west") > 2.0
-    assert metric("outbound_failover_unreplayed_total") == len(failed)
+    assert metric("outbound_failover_unreplayed_total") == len(failed), failed
