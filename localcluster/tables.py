@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -150,12 +151,44 @@ COLUMNS: dict[tuple[str, str], list[tuple[dict[str, Any], Cell]]] = {
 }
 
 
+_SEGMENT = re.compile(r"""\.([^.\[]+)|\[\*\]|\[(\d+)\]|\[\?\(@\.([^=!]+)==["']([^"']*)["']\)\]""")
+
+
+def jsonpath(obj: Any, path: str) -> list[Any]:
+    """The values `path` selects in `obj`, for the simple JSONPath of printer columns:
+    ``.field``, ``[N]``, ``[*]`` and ``[?(@.field=="value")]``."""
+    current = [obj]
+    pos = 0
+    while pos < len(path):
+        m = _SEGMENT.match(path, pos)
+        if m is None:
+            return []  # not a path this evaluator reads: the cell stays empty
+        pos = m.end()
+        field, index, key, wanted = m.groups()
+        nxt: list[Any] = []
+        for value in current:
+            if field is not None and isinstance(value, Mapping) and field in value:
+                nxt.append(value[field])
+            elif index is not None and isinstance(value, list) and int(index) < len(value):
+                nxt.append(value[int(index)])
+            elif key is not None and isinstance(value, list):
+                nxt += [v for v in value if isinstance(v, Mapping)
+                        and str(v.get(key)) == wanted]
+            elif field is None and index is None and key is None and isinstance(value, list):
+                nxt += value
+        current = nxt
+    return current
+
+
 def _printer_column(spec: Mapping[str, Any]) -> tuple[dict[str, Any], Cell]:
     path = str(spec.get("jsonPath", ""))
     kind = str(spec.get("type", "string"))
 
     def cell(o: Mapping[str, Any]) -> Any:
-        value = _dig(o, path)
+        found = jsonpath(o, path)
+        # As kube-apiserver: one value as it is, several joined with commas.
+        value = found[0] if len(found) == 1 else (
+            ",".join(v if isinstance(v, str) else json.dumps(v) for v in found) or None)
         if kind == "date" and value:
             created = dt.datetime.strptime(str(value), "%Y-%m-%dT%H:%M:%SZ")
             return human_duration(time.time() - created.replace(tzinfo=dt.UTC).timestamp())

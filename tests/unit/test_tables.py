@@ -32,3 +32,16 @@ def test_service_row() -> None:
     assert cells[6] == "app=web"
     assert t["rows"][0]["object"]["metadata"]["namespace"] == "default"
     assert t["metadata"] == {"resourceVersion": "7"}
+
+
+def test_printer_columns_read_lists_and_filters_as_kube_apiserver_does() -> None:
+    from localcluster.tables import jsonpath
+
+    ew = {"spec": {"workloadIPs": [{"ip": "172.30.0.9"}, {"ip": "fd00::9"}]},
+          "status": {"conditions": [{"type": "Other", "status": "False"},
+                                    {"type": "Ready", "status": "True"}]}}
+    assert jsonpath(ew, ".spec.workloadIPs[*].ip") == ["172.30.0.9", "fd00::9"]
+    assert jsonpath(ew, '.status.conditions[?(@.type=="Ready")].status') == ["True"]
+    assert jsonpath(ew, ".spec.workloadIPs[0].ip") == ["172.30.0.9"]
+    assert jsonpath(ew, ".spec.missing[*].ip") == []
+    assert jsonpath({"spec": {"workloadIPs": []}}, ".spec.workloadIPs[*].ip") == []
