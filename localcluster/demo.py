@@ -126,16 +126,18 @@ class Demo:
     def stop_pods(self, pods: Sequence[str]) -> None:
         """Stop `pods` as a kubelet does (SIGTERM, then SIGKILL), each gone on return:
         its Pod object, its network namespace, its proxy."""
-        running = [self.pods.pop(name)[1] for name in pods if name in self.pods]
-        for proc in running:
+        running = {name: self.pods.pop(name)[1] for name in pods if name in self.pods}
+        for proc in running.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in running:
+        for name, proc in running.items():
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+                print(f"  pod {name} did not stop within 15s of SIGTERM and was killed: its "
+                      "proxy and app may be left running", flush=True)
 
     def run_pod(self, name: str, sa: str, command: tuple[str, ...], *,
                 labels: tuple[str, ...] = (), port: int | None = None,

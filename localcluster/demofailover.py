@@ -212,8 +212,9 @@ class FailoverScene:
             if svc.get("name") != WEB or svc.get("failbackSeconds") is None:
                 continue
             for ep in svc["endpoints"]:
-                found.setdefault(ep.get("priority", 0), (ep.get("cluster") or "?", []))[
-                    1].append(ep["address"])
+                _, addresses = found.setdefault(ep.get("priority", 0),
+                                                (ep.get("cluster") or "?", []))
+                addresses.append(ep["address"])
         return found
 
     def run_phase(self, n: int, phase: Phase, load: Load, started: float) -> float:
@@ -221,30 +222,55 @@ class FailoverScene:
         time the phase ended, the next one's start."""
         print(f"\nfailover phase {n}/{len(PHASES)}: {phase.title}; {phase.expect} should "
               "answer", flush=True)
-        if phase.stop:
-            print(f"  stopping {', '.join(WEB_PODS[phase.stop])} in {phase.stop}", flush=True)
-            self.pods.stop_pods(WEB_PODS[phase.stop])
-        for pod in WEB_PODS[phase.start] if phase.start else ():
-            self.pods.start_web(phase.start, pod)
+        changed, what = self.change(phase)
         problem = ""
         try:
             wait_until(lambda: self.steady(load.since(started), phase.expect),
                        f"{phase.expect} to answer web", timeout=45)
         except MeshError as e:
             problem = str(e)
-        self.status()
+        control = self.status()
         ended = time.monotonic()
-        self.report(load.since(started, ended), ended - started)
+        answers = load.since(started, ended)
+        self.report(answers, ended - started)
+        first = next((a for a in answers if a.sent >= changed and a.cluster == phase.expect),
+                     None)
+        if what and first is not None:
+            print(f"  {phase.expect} answered from {first.sent - changed:.1f}s after {what}")
+        serving = self.report_proxy()
+        if control and serving and control != serving:
+            print(f"  the control plane still has {control} healthy: it sees {control}'s "
+                  f"gateway alive, not the pods behind it; the client's proxy found the "
+                  f"failures itself and serves {serving}")
+        last = answers[-STEADY:]
+        print(f"  now answering: {_counts(Counter(a.cluster or 'failed' for a in last))} "
+              f"(the last {len(last)} GETs)", flush=True)
         if problem:
             raise MeshError(f"failover phase {n} ({phase.title}): {problem}")
         return ended
+
+    def change(self, phase: Phase) -> tuple[float, str]:
+        """Stop or start the phase's web pods: when the change took effect, and what it
+        was (the stop's start, or the first pod started being ready)."""
+        began = time.monotonic()
+        if phase.stop:
+            print(f"  stopping {', '.join(WEB_PODS[phase.stop])} in {phase.stop}", flush=True)
+            self.pods.stop_pods(WEB_PODS[phase.stop])
+            return began, "the stop began"
+        ready: tuple[float, str] | None = None
+        for pod in WEB_PODS[phase.start] if phase.start else ():
+            self.pods.start_web(phase.start, pod)
+            ready = ready or (time.monotonic(), f"{pod} was ready (failback hold-down "
+                                                f"{FAILBACK})")
+        return ready or (began, "")
 
     @staticmethod
     def steady(answers: list[Answer], cluster: str) -> bool:
         last = answers[-STEADY:]
         return len(last) == STEADY and all(a.cluster == cluster for a in last)
 
-    def report(self, answers: list[Answer], seconds: float) -> None:
+    @staticmethod
+    def report(answers: list[Answer], seconds: float) -> None:
         pods = Counter(a.pod for a in answers if a.pod)
         clusters = Counter(a.cluster for a in answers if a.cluster)
         failed = [a for a in answers if a.status != 200]
@@ -253,6 +279,10 @@ class FailoverScene:
         print(f"  failed GETs: {len(failed)}")
         for a in failed[:5]:
             print(f"    status {a.status} after {a.ms:.0f} ms: {a.said}")
+
+    def report_proxy(self) -> str:
+        """Print the client proxy's serving group, its failover events and retries since
+        the last report; the serving group's cluster."""
         moved, retried = self.metrics_delta()
         serving = self.serving()
         print(f"  the client's proxy: serving {serving or '?'}; GETs it retried into "
@@ -261,6 +291,7 @@ class FailoverScene:
             print(f"  event: {direction} {came} -> {went} (cause {cause}): {count:.0f}")
         if not moved:
             print("  event: none")
+        return serving
 
     def metrics_delta(self) -> tuple[dict[tuple[str, str, str, str], float], float]:
         """The client proxy's failover events and retries since the last call."""
@@ -297,7 +328,8 @@ class FailoverScene:
             raise MeshError(f"the client proxy's admin {path}: {page.stderr.strip()}")
         return page.stdout
 
-    def status(self) -> None:
+    def status(self) -> str:
+        """Print `meshgate failover status` for web; the cluster it says serves."""
         argv = ["failover", "status", "--kubeconfig", str(self.east.kubeconfig),
                 "--service", "default/web", "--cluster-name", self.east.name]
         print(f"  meshgate {' '.join(argv)}", flush=True)
@@ -305,6 +337,8 @@ class FailoverScene:
                               timeout=60, check=False)
         for line in (proc.stdout + proc.stderr).splitlines():
             print(f"    {line}")
+        serving = re.search(r"^\s*serving: group \d+ \((\w+)", proc.stdout, re.M)
+        return serving.group(1) if serving else ""
 
     def summary(self, answers: list[Answer]) -> None:
         failed = [a for a in answers if a.status != 200]

@@ -36,6 +36,8 @@ INBOUND_PORT = 4143
 OUTBOUND_PORT = 4140
 ADMIN_PORT = 4191
 _LABEL_KEY = "meshgate.io"
+_SIGNAL_SLICE_S = 0.5
+"""How long, at most, a stop signal waits for the pod's main thread to act on it."""
 
 
 @dataclass(frozen=True)
@@ -118,12 +120,24 @@ class _PodRun:
         previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGINT,
                                                                        signal.SIGTERM)}
         try:
-            code = self.app.wait()
+            code = self._wait_app()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.stop.set()
         return code
+
+    def _wait_app(self) -> int:
+        """The app's exit status. The kernel may hand SIGTERM to any thread (the readiness
+        watcher's, say); a main thread blocked in waitpid() would then never run
+        `_forward`, and the pod would outlive its stop. Waiting in slices, the main thread
+        runs Python's handlers within one."""
+        assert self.app is not None
+        while True:
+            try:
+                return self.app.wait(_SIGNAL_SLICE_S)
+            except subprocess.TimeoutExpired:
+                continue
 
     def _forward(self, signum: int, frame: object) -> None:
         if self.app is not None and self.app.poll() is None:
