@@ -202,7 +202,6 @@ class FailoverScene:
         print("the client's proxy now has web in priority groups (its /endpoints):")
         for priority, (cluster, addresses) in sorted(self.groups().items()):
             print(f"  {priority} {cluster}: {', '.join(sorted(addresses))}")
-        self.status()
 
     def groups(self) -> dict[int, tuple[str, list[str]]]:
         """The client proxy's endpoints of web by priority: (cluster, addresses)."""
@@ -274,8 +273,9 @@ class FailoverScene:
         pods = Counter(a.pod for a in answers if a.pod)
         clusters = Counter(a.cluster for a in answers if a.cluster)
         failed = [a for a in answers if a.status != 200]
-        print(f"  {len(answers)} GETs in {seconds:.1f}s, answered by cluster: "
-              f"{_counts(clusters)}; by pod: {_counts(pods)}")
+        slowest = max((a.ms for a in answers), default=0)
+        print(f"  {len(answers)} GETs in {seconds:.1f}s (the slowest took {slowest:.0f} ms), "
+              f"answered by cluster: {_counts(clusters)}; by pod: {_counts(pods)}")
         print(f"  failed GETs: {len(failed)}")
         for a in failed[:5]:
             print(f"    status {a.status} after {a.ms:.0f} ms: {a.said}")
