@@ -1,10 +1,11 @@
-"""`make demo`: two linked clusters on this machine, until Ctrl-C.
+"""`make demo`: three linked clusters on this machine, until Ctrl-C.
 
-It brings up clusters ``east`` and ``west`` in network namespaces under one
-trust anchor, on a shared WAN (`meshgate cluster up --multicluster`), and links
-them both ways (`meshgate multicluster link` applied with kubectl). East runs two
-``web`` pods and a ``client`` pod (each with its sidecar proxy, as `meshgate
-cluster run-pod` does); west runs its own exported ``web``. The client calls
+It brings up clusters ``east``, ``west`` and ``central`` in network namespaces
+under one trust anchor, on a shared WAN (`meshgate cluster up --multicluster`),
+and links them (`meshgate multicluster link` applied with kubectl): east and
+west both ways, and east imports central. East runs two ``web`` pods and a
+``client`` pod (each with its sidecar proxy, as `meshgate cluster run-pod`
+does); west and central each run their own exported ``web``. The client calls
 ``web.default.svc.cluster.local``, then west's web by its mirror's name,
 ``web-west.default.svc.cluster.local``, through west's gateway: every answer
 names the pod that served it, and each web pod's proxy reports the caller
@@ -14,22 +15,27 @@ Then VM ``legacy`` on the WAN joins east with the line `meshgate vm token`
 printed (localcluster.demovm): east's client calls
 ``legacy.default.svc.cluster.local`` and the VM's proxy reports the client's
 identity; the VM calls ``web.default.svc.cluster.local`` (glibc, curl) and east's
-web pods report the VM's; `meshgate vm status` shows the agent. Ctrl-C runs
-`meshgate vm leave` in the VM, deletes it, and takes the clusters and the WAN
-down; each of those steps runs even if one before it failed. Later capabilities
-extend this walk-through (failover).
+web pods report the VM's; `meshgate vm status` shows the agent.
+
+Last, east's web fails over to west, then to central, and back, under a steady
+load from the client (localcluster.demofailover). Ctrl-C runs `meshgate vm leave`
+in the VM, deletes it, and takes the clusters and the WAN down; each of those
+steps runs even if one before it failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
+from localcluster.demofailover import WEB_PODS, FailoverScene
 from localcluster.demosteps import kubectl, run_step, verified_callers, wait_until
 from localcluster.demovm import LEGACY, VM, DemoVm
 from localcluster.pods import in_pod, run_pod_argv
@@ -39,7 +45,11 @@ from mesh.errors import MeshError
 
 CLUSTER = "east"
 REMOTE = "west"
-CIDRS = {CLUSTER: ("10.244.0.0/16", "10.96.0.0/16"), REMOTE: ("10.245.0.0/16", "10.97.0.0/16")}
+CENTRAL = "central"
+CIDRS = {CLUSTER: ("10.244.0.0/16", "10.96.0.0/16"), REMOTE: ("10.245.0.0/16", "10.97.0.0/16"),
+         CENTRAL: ("10.246.0.0/16", "10.98.0.0/16")}
+LINKS = ((CLUSTER, REMOTE), (REMOTE, CLUSTER), (CLUSTER, CENTRAL))
+"""(importing, exporting): east imports west and central, west imports east."""
 WEB = "web.default.svc.cluster.local"
 WEB_WEST = f"web-{REMOTE}.default.svc.cluster.local"
 CALLS = 10
@@ -69,7 +79,7 @@ class Demo:
         if not (anchor / "anchor.crt").exists():
             run_step(meshgate_argv(["identity", "init", "--trust-domain", "cluster.local",
                                 "--out", str(anchor)]), "creating the shared trust anchor")
-        for cluster in (CLUSTER, REMOTE):
+        for cluster in CIDRS:
             print(f"bringing up cluster {cluster} in network namespaces ...", flush=True)
             pods, services = CIDRS[cluster]
             spec = self.specs[cluster] = up(UpRequest(
@@ -77,16 +87,17 @@ class Demo:
                 service_cidr=services, identity_dir=anchor, multicluster=True))
             print(f"  {cluster}: pods {pods}, services {services}, WAN address "
                   f"{spec.wan_address}", flush=True)
-        for importing, exporting in ((CLUSTER, REMOTE), (REMOTE, CLUSTER)):
+        for importing, exporting in LINKS:
             self.link(importing, exporting)
-        for cluster in (CLUSTER, REMOTE):
+        for cluster in CIDRS:
             self.kubectl("apply", "-f", "-", input=_WEB_SERVICE, cluster=cluster)
-        app = (sys.executable, "-m", "localcluster.demoapp", "--port", "8080")
-        for name in ("web-1", "web-2"):
-            self.run_pod(name, "web", app, labels=("app=web",), port=8080)
-        self.run_pod("west-web-1", "web", app, labels=("app=web",), port=8080, cluster=REMOTE)
+        for cluster, names in WEB_PODS.items():
+            for name in names:
+                self.start_web(cluster, name)
         self.run_pod("client", "client", ("sleep", "infinity"))
-        wait_until(lambda: self._mirror_ready(), f"east to mirror west's web as {WEB_WEST}")
+        for linked in (REMOTE, CENTRAL):
+            wait_until(functools.partial(self._mirror_ready, linked),
+                       f"east to mirror {linked}'s web as web-{linked}")
         self.vm = DemoVm(self.spec, self.state_dir)
         self.vm.join()
 
@@ -101,11 +112,32 @@ class Demo:
         print(f"  {importing} imports {exporting}'s exported Services (Link {exporting})",
               flush=True)
 
-    def _mirror_ready(self) -> bool:
+    def _mirror_ready(self, linked: str) -> bool:
         out = self.kubectl("get", "endpointslices", "-l",
-                           f"kubernetes.io/service-name=web-{REMOTE}", "-o",
+                           f"kubernetes.io/service-name=web-{linked}", "-o",
                            "jsonpath={.items[*].endpoints[*].conditions.ready}", check=False)
         return out.strip() == "true"
+
+    def start_web(self, cluster: str, pod: str) -> None:
+        """A pod of `cluster`'s exported web: the demo app behind its proxy."""
+        app = (sys.executable, "-m", "localcluster.demoapp", "--port", "8080")
+        self.run_pod(pod, "web", app, labels=("app=web",), port=8080, cluster=cluster)
+
+    def stop_pods(self, pods: Sequence[str]) -> None:
+        """Stop `pods` as a kubelet does (SIGTERM, then SIGKILL), each gone on return:
+        its Pod object, its network namespace, its proxy."""
+        running = {name: self.pods.pop(name)[1] for name in pods if name in self.pods}
+        for proc in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in running.items():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                print(f"  pod {name} did not stop within 15s of SIGTERM and was killed: its "
+                      "proxy and app may be left running", flush=True)
 
     def run_pod(self, name: str, sa: str, command: tuple[str, ...], *,
                 labels: tuple[str, ...] = (), port: int | None = None,
@@ -146,8 +178,9 @@ class Demo:
             print(f"  west-web-1 in {REMOTE}: {identity}  {count:.0f}")
         self.report_links()
         self.show_vm()
+        FailoverScene(self.spec, self).play()
         print("\nlook at the objects:")
-        for cluster in (CLUSTER, REMOTE):
+        for cluster in CIDRS:
             print(f"  kubectl --kubeconfig {self.specs[cluster].kubeconfig} get "
                   "pods,services,endpointslices,links -A")
         print(f"  kubectl --kubeconfig {self.spec.kubeconfig} get externalworkloads")
@@ -229,15 +262,8 @@ class Demo:
         """Leave and delete the VM, stop the pods, take the clusters down (and with the
         last, the WAN); what could not be done. Each step runs whatever came before."""
         problems = self.vm.stop() if self.vm is not None else []
-        for _, proc in self.pods.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc in self.pods.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for cluster in (CLUSTER, REMOTE):
+        self.stop_pods(list(self.pods))
+        for cluster in CIDRS:
             try:
                 find(cluster)
             except MeshError:

@@ -36,6 +36,8 @@ INBOUND_PORT = 4143
 OUTBOUND_PORT = 4140
 ADMIN_PORT = 4191
 _LABEL_KEY = "meshgate.io"
+_SIGNAL_SLICE_S = 0.5
+"""How long, at most, a stop signal waits for the pod's main thread to act on it."""
 
 
 @dataclass(frozen=True)
@@ -118,12 +120,24 @@ class _PodRun:
         previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGINT,
                                                                        signal.SIGTERM)}
         try:
-            code = self.app.wait()
+            code = self._wait_app()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.stop.set()
         return code
+
+    def _wait_app(self) -> int:
+        """The app's exit status. The kernel may hand SIGTERM to any thread (the readiness
+        watcher's, say); a main thread blocked in waitpid() would then never run
+        `_forward`, and the pod would outlive its stop. Waiting in slices, the main thread
+        runs Python's handlers within one."""
+        assert self.app is not None
+        while True:
+            try:
+                return self.app.wait(_SIGNAL_SLICE_S)
+            except subprocess.TimeoutExpired:
+                continue
 
     def _forward(self, signum: int, frame: object) -> None:
         if self.app is not None and self.app.poll() is None:
@@ -286,8 +300,14 @@ class _PodRun:
 def in_pod(spec: ClusterSpec, namespace: str, pod: str, argv: Sequence[str], *,
            timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run `argv` inside a running pod (its network and resolv.conf), as `kubectl exec`."""
-    return subprocess.run(netns.pod_command(spec.network, _pod_key(namespace, pod), list(argv)),
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(in_pod_argv(spec, namespace, pod, argv), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def in_pod_argv(spec: ClusterSpec, namespace: str, pod: str, argv: Sequence[str]
+                ) -> list[str]:
+    """The command line that runs `argv` inside a running pod, to `Popen` one that lasts."""
+    return netns.pod_command(spec.network, _pod_key(namespace, pod), list(argv))
 
 
 @contextlib.contextmanager

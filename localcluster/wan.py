@@ -27,6 +27,7 @@ the first member that joins (cluster or VM) and removed when the last one leaves
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -39,6 +40,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pyroute2.netlink.exceptions import NetlinkError as PyrouteNetlinkError
 
 from localcluster import namespaces
 from localcluster.rootless import run_dir
@@ -369,8 +371,16 @@ def _delete_peer(wan: _Wan, member: _Member) -> None:
         return
     with namespaces.iproute(wan.netns, f"delete {member.peer} from the WAN") as w:
         index = namespaces.link_index(w, member.peer)
-        if index is not None:
+        if index is None:
+            return
+        try:
             w.link("del", index=index)
+        except PyrouteNetlinkError as e:
+            # A veth goes with its pair: deleting the member's namespace (`cluster down`
+            # removes the node's before leaving the WAN) takes the WAN side too, a moment
+            # later, so the peer can vanish between the lookup and the delete.
+            if e.code != errno.ENODEV:
+                raise
 
 
 # --- public operations -------------------------------------------------------------------
