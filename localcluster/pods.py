@@ -286,8 +286,15 @@ class _PodRun:
 def in_pod(spec: ClusterSpec, namespace: str, pod: str, argv: Sequence[str], *,
            timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run `argv` inside a running pod (its network and resolv.conf), as `kubectl exec`."""
-    return subprocess.run(netns.pod_command(spec.network, _pod_key(namespace, pod), list(argv)),
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(in_pod_argv(spec, namespace, pod, argv), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def in_pod_argv(spec: ClusterSpec, namespace: str, pod: str, argv: Sequence[str]
+                ) -> list[str]:
+    """The command line that runs `argv` inside a running pod, for a caller that
+    starts it itself (in the background, with its own pipes)."""
+    return netns.pod_command(spec.network, _pod_key(namespace, pod), list(argv))
 
 
 @contextlib.contextmanager
