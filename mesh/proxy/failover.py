@@ -10,8 +10,9 @@ The rules, each a `FailoverPolicy` field:
 - The serving group is the best (lowest priority) group that is `UP`.
 - An `UP` group goes `DOWN` at once when every one of its endpoints failed its last
   attempt at the connection level (connect error, TLS handshake failure, a new
-  connection reset before answering, or a gateway or destination proxy answering 503
-  with ``l5d-proxy-error``), or after `group_failures` failed attempts in a row across
+  connection reset before answering, a connection whose peer acknowledged nothing of
+  the request, or a gateway or destination proxy answering 503 with
+  ``l5d-proxy-error``), or after `group_failures` failed attempts in a row across
   the group (5xx answers, timeouts, anything), or when failure accrual has ejected
   each of its endpoints. A success resets the first two.
 - A group that is not `UP` gets one probe every `probe_interval_s`: a request that can
@@ -66,11 +67,15 @@ class Cause(enum.Enum):
     TIMEOUT = "timeout"
     EJECTED = "ejected"
     """Failure accrual ejected every endpoint of the group, one by one."""
+    UNACKNOWLEDGED = "unacknowledged"
+    """The peer acknowledged nothing sent to it within the connect timeout (a pooled
+    connection into a partition, a host gone without a reset)."""
     NO_ENDPOINTS = "no-endpoints"
     """Discovery took away every endpoint of the group."""
 
 
-CONNECTION_CAUSES = frozenset({Cause.CONNECT, Cause.HANDSHAKE, Cause.RESET, Cause.NOT_READY})
+CONNECTION_CAUSES = frozenset({Cause.CONNECT, Cause.HANDSHAKE, Cause.RESET, Cause.NOT_READY,
+                               Cause.UNACKNOWLEDGED})
 """Failures that say the endpoint cannot be reached, not that one request went wrong."""
 
 
