@@ -27,6 +27,7 @@ the first member that joins (cluster or VM) and removed when the last one leaves
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -39,6 +40,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pyroute2.netlink.exceptions import NetlinkError as PyrouteNetlinkError
 
 from localcluster import namespaces
 from localcluster.rootless import run_dir
@@ -370,7 +372,13 @@ def _delete_peer(wan: _Wan, member: _Member) -> None:
     with namespaces.iproute(wan.netns, f"delete {member.peer} from the WAN") as w:
         index = namespaces.link_index(w, member.peer)
         if index is not None:
-            w.link("del", index=index)
+            try:
+                w.link("del", index=index)
+            except PyrouteNetlinkError as e:
+                # The node's namespace was just deleted: the kernel takes the pair's WAN
+                # side with it, a moment later. Gone is what was wanted.
+                if e.code != errno.ENODEV:
+                    raise
 
 
 # --- public operations -------------------------------------------------------------------
