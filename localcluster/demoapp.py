@@ -2,14 +2,18 @@
 
 ``python -m localcluster.demoapp --port 8080`` answers every GET with one line,
 ``hello from <pod> in <namespace>``, naming the pod from the environment that
-`meshgate cluster run-pod` sets (POD_NAME, POD_NAMESPACE). It listens on
-127.0.0.1 only: callers reach it through the pod's proxy.
+`meshgate cluster run-pod` sets (POD_NAME, POD_NAMESPACE). A POST is answered
+``posted <body> to <pod> in <namespace>`` and logged on stdout as
+``served POST <body>``, one line each, so that a caller can count at the server
+how often each request was delivered. It listens on 127.0.0.1 only: callers reach
+it through the pod's proxy.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -20,9 +24,18 @@ class _Hello(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
 
     def do_GET(self) -> None:
-        pod = os.environ.get("POD_NAME", "?")
-        namespace = os.environ.get("POD_NAMESPACE", "?")
-        body = f"hello from {pod} in {namespace}\n".encode()
+        self._answer(f"hello from {_where()}\n")
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        text = self.rfile.read(length).decode(errors="replace").strip()
+        # One write per line: the server answers on several threads.
+        sys.stdout.write(f"served POST {text}\n")
+        sys.stdout.flush()
+        self._answer(f"posted {text} to {_where()}\n")
+
+    def _answer(self, text: str) -> None:
+        body = text.encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
@@ -31,6 +44,10 @@ class _Hello(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+def _where() -> str:
+    return f"{os.environ.get('POD_NAME', '?')} in {os.environ.get('POD_NAMESPACE', '?')}"
 
 
 def main() -> None:

@@ -10,7 +10,11 @@ where the dialer allows it. Failures leave here typed, and only here is a TLS
 failure translated into words (`explain_dial_failure`): the side, the expected
 and presented identities, the chain's validity and clock skew, the anchor that
 is missing. That costs a second dial to read the refused certificate, paid only
-on failure and bounded by the connect timeout.
+on failure and bounded by the connect timeout. Every connection it makes also
+gives up on a peer that acknowledges nothing sent to it within the connect timeout
+(TCP_USER_TIMEOUT): a pooled connection into a partition, which no reset ever
+ends, fails in a second as a new connection would, instead of holding its request
+until the request timeout; the exchange then moves an idempotent request on.
 
 `Dialer.connect_first` is the connect-retry loop of a relayed connection (the
 opaque outbound and the gateway): up to `CONNECT_ATTEMPTS` endpoints, each
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -83,6 +88,15 @@ class Unreachable:
                 f"{self.error}")
 
 
+def bound_unacknowledged(transport: asyncio.BaseTransport, seconds: float) -> None:
+    """Make the kernel close `transport`'s TCP connection, with ETIMEDOUT, when data
+    sent on it stays unacknowledged for `seconds`."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                        max(1, round(seconds * 1000)))
+
+
 class Dialer:
     """Opens connections to endpoints for one workload.
 
@@ -121,10 +135,11 @@ class Dialer:
                 raise IdentityError(f"endpoint {endpoint.address} has no identity: it is not "
                                     "meshed, and this side dials meshed endpoints only")
             try:
-                await asyncio.wait_for(loop.create_connection(lambda: protocol, host, port),
-                                       self.timeout)
+                transport, _ = await asyncio.wait_for(
+                    loop.create_connection(lambda: protocol, host, port), self.timeout)
             except (OSError, TimeoutError) as e:
                 raise self._unreachable(endpoint, release(e)) from e
+            bound_unacknowledged(transport, self.timeout)
             return None
         expected = Identity.parse(endpoint.identity)
         context = self.credentials()
@@ -146,6 +161,7 @@ class Dialer:
             transport.set_protocol(asyncio.Protocol())
             transport.close()
             raise
+        bound_unacknowledged(transport, self.timeout)
         transport.write(header.encode())
         return expected
 

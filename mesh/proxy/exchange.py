@@ -128,7 +128,7 @@ class Exchange:
         elif isinstance(event, UpstreamEof):
             self._upstream_eof()
         elif isinstance(event, UpstreamClosed):
-            self._upstream_closed(event.cause)
+            self._upstream_closed(event.cause, timed_out=event.timed_out)
         elif isinstance(event, ClientEof):
             self._client_eof()
         elif isinstance(event, ClientClosed):
@@ -345,7 +345,7 @@ class Exchange:
             self.responses.connection_closed()
             self._on_response()
 
-    def _upstream_closed(self, cause: str) -> None:
+    def _upstream_closed(self, cause: str, *, timed_out: bool) -> None:
         if self.phase is Phase.RELAY:
             self._detach()
             self._close(f"the upstream closed: {cause or 'EOF'}")
@@ -355,10 +355,17 @@ class Exchange:
             return
         self._detach()
         if not request.response_started:
-            self._attempt_failed(Failure(
-                502, f"{request.balancer.where(request.tried[-1])} closed the connection "
-                f"before answering{f': {cause}' if cause else ''}", retryable=True,
-                kind=Cause.CLOSED if request.reused else Cause.RESET))
+            where = request.balancer.where(request.tried[-1])
+            if timed_out:
+                # Not an idle connection closing under us: the peer went silent.
+                failure = Failure(502, f"{where} acknowledged nothing of the request; the "
+                                  f"connection timed out", retryable=True,
+                                  kind=Cause.UNACKNOWLEDGED)
+            else:
+                failure = Failure(502, f"{where} closed the connection before answering"
+                                  f"{f': {cause}' if cause else ''}", retryable=True,
+                                  kind=Cause.CLOSED if request.reused else Cause.RESET)
+            self._attempt_failed(failure)
             return
         # The response was cut: what was sent stays sent, the client's connection ends.
         self._finish(ok=False)

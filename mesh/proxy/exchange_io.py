@@ -110,9 +110,13 @@ class UpstreamClosed:
     """The upstream's connection is gone; `cause` is empty for a clean close."""
 
     cause: str
+    timed_out: bool
+    """The kernel gave up on it: the peer acknowledged nothing sent to it in time
+    (mesh.proxy.dial bounds that), so it cannot be reached."""
 
-    def __init__(self, cause: str) -> None:
+    def __init__(self, cause: str, *, timed_out: bool = False) -> None:
         object.__setattr__(self, "cause", cause)
+        object.__setattr__(self, "timed_out", timed_out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,9 @@ The rules, each a `FailoverPolicy` field:
 - The serving group is the best (lowest priority) group that is `UP`.
 - An `UP` group goes `DOWN` at once when every one of its endpoints failed its last
   attempt at the connection level (connect error, TLS handshake failure, a new
-  connection reset before answering, or a gateway or destination proxy answering 503
-  with ``l5d-proxy-error``), or after `group_failures` failed attempts in a row across
+  connection reset before answering, a connection whose peer acknowledged nothing of
+  the request, or a gateway or destination proxy answering 503 with
+  ``l5d-proxy-error``), or after `group_failures` failed attempts in a row across
   the group (5xx answers, timeouts, anything), or when failure accrual has ejected
   each of its endpoints. A success resets the first two.
 - A group that is not `UP` gets one probe every `probe_interval_s`: a request that can
@@ -24,6 +25,11 @@ The rules, each a `FailoverPolicy` field:
   region that flaps every second never takes traffic back.
 - When no group is `UP`, there is nothing to damp against: the first successful
   probe makes its group `UP` at once.
+- A group whose endpoints all leave discovery (its pods deleted, its gateway no
+  longer ready) falls as if it failed (cause ``no-endpoints``), and its state is
+  kept: when endpoints come back it is probed and waits out its hold-down like any
+  group that went down, so a restarted region or a crash-looping pod does not take
+  traffic back the moment it reappears.
 
 Each change of serving group is reported to the `FailoverObserver` as a `Transition`
 (for metrics and logs), as is the time each group spent serving.
@@ -61,9 +67,15 @@ class Cause(enum.Enum):
     TIMEOUT = "timeout"
     EJECTED = "ejected"
     """Failure accrual ejected every endpoint of the group, one by one."""
+    UNACKNOWLEDGED = "unacknowledged"
+    """The peer acknowledged nothing sent to it within the connect timeout (a pooled
+    connection into a partition, a host gone without a reset)."""
+    NO_ENDPOINTS = "no-endpoints"
+    """Discovery took away every endpoint of the group."""
 
 
-CONNECTION_CAUSES = frozenset({Cause.CONNECT, Cause.HANDSHAKE, Cause.RESET, Cause.NOT_READY})
+CONNECTION_CAUSES = frozenset({Cause.CONNECT, Cause.HANDSHAKE, Cause.RESET, Cause.NOT_READY,
+                               Cause.UNACKNOWLEDGED})
 """Failures that say the endpoint cannot be reached, not that one request went wrong."""
 
 
@@ -177,6 +189,9 @@ class Failover:
         self._observer: FailoverObserver = observer if observer is not None else _Unobserved()
         self.groups: list[PriorityGroup] = []
         self._by_priority: dict[int, PriorityGroup] = {}
+        self._gone: dict[str, PriorityGroup] = {}
+        """Groups whose endpoints all left discovery, by name (their cluster), kept down
+        until they return."""
         self.serving: PriorityGroup | None = None
         self._selected = False  # a serving group was chosen once: later choices are moves
         self._since = clock()
@@ -184,18 +199,27 @@ class Failover:
 
     def update(self, groups: Sequence[tuple[int, str, frozenset[Hashable]]]) -> None:
         """Make `groups` (priority, name, endpoint keys) the service's groups; a group
-        that stays keeps its health, whatever endpoints it gained or lost."""
+        that stays keeps its health, whatever endpoints it gained or lost; one that
+        leaves falls, and comes back down (see the module doc)."""
+        now = self._clock()
         built = []
         for priority, name, members in sorted(groups, key=lambda g: g[0]):
-            group = self._by_priority.get(priority)
+            group = self._by_priority.get(priority) or self._gone.pop(name, None)
             if group is None:
                 group = PriorityGroup(priority, name, members, self.policy.hold_down_s)
-            group.name, group.members = name, members
+            group.priority, group.name, group.members = priority, name, members
             group.unreachable &= members
             built.append(group)
+        present = {g.priority for g in built}
+        for group in self.groups:
+            if group.priority not in present:
+                self._fall(group, Cause.NO_ENDPOINTS, now)
+                # A probe still out reports to no one: the group may be probed on return.
+                group.probe_in_flight = False
+                self._gone[group.name] = group
         self.groups = built
         self._by_priority = {g.priority: g for g in built}
-        self._reselect(self._clock(), "no-endpoints")
+        self._reselect(now, Cause.NO_ENDPOINTS.value)
 
     def names(self) -> list[str]:
         return [g.name for g in self.groups]
@@ -278,9 +302,14 @@ class Failover:
 
     def _down(self, group: PriorityGroup, cause: Cause) -> None:
         now = self._clock()
+        if self._fall(group, cause, now):
+            self._reselect(now, cause.value)
+
+    def _fall(self, group: PriorityGroup, cause: Cause, now: float) -> bool:
+        """Take `group` down; False when it already was."""
         group.next_probe_at = now + self.policy.probe_interval_s
         if group.health is GroupHealth.DOWN:
-            return
+            return False
         policy = self.policy
         flapped = now - group.down_at < policy.hold_down_max_s
         group.hold_down_s = (min(group.hold_down_s * 2, policy.hold_down_max_s) if flapped
@@ -293,7 +322,7 @@ class Failover:
         group.cause = cause.value
         group.streak = 0
         group.unreachable.clear()
-        self._reselect(now, cause.value)
+        return True
 
     def _reselect(self, now: float, cause: str) -> None:
         old = self.serving

@@ -141,7 +141,8 @@ class ClientConnection:
 
     def upstream_lost(self, exc: Exception | None) -> None:
         self.upstream = None
-        self.handle(UpstreamClosed(str(exc) if exc else ""))
+        self.handle(UpstreamClosed(str(exc) if exc else "",
+                                   timed_out=isinstance(exc, TimeoutError)))
 
     def upstream_write_full(self) -> None:
         self.handle(_UPSTREAM_FULL)

@@ -13,19 +13,16 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from kubernetes import client
-from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import netns
 
-from localcluster.pods import in_pod, run_pod_argv
-from localcluster.up import find
 from mesh.kube import api_client
 from tests.cluster import wait_for
-from tests.e2e.pod_scripts import CALLS, GET
+from tests.e2e.clusters import DEMO_APP, Clusters, Topology, clusters
+from tests.e2e.pod_scripts import CALLS
 
 EAST, WEST = "mceast", "mcwest"
 WAN = "mg-mce2ewan"
@@ -35,7 +32,6 @@ MIRROR = f"web-{WEST}"
 MIRROR_NAME = f"{MIRROR}.default.svc.cluster.local"
 CALLER = "frontend.default.serviceaccount.identity.meshgate.cluster.local"
 GATEWAY_ID = "meshgate-gateway.meshgate.serviceaccount.identity.meshgate.cluster.local"
-KUBECTL = str(Path(sys.executable).parent / "kubectl")
 POLICY = "policy.meshgate.io"
 
 CONNECT = """
@@ -48,135 +44,34 @@ except OSError as e:
 """
 
 
-@dataclass
-class Clusters:
-    base: Path
-    env: dict[str, str]
-    pods: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def state(self, cluster: str) -> Path:
-        return self.base / cluster
-
-    def kubeconfig(self, cluster: str) -> Path:
-        return self.state(cluster) / "kubeconfig"
-
-    def meshgate(self, *args: str, check: bool = True, input: str | None = None
-                 ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "mesh.cli", *args], env=self.env,
-                              capture_output=True, text=True, timeout=90, input=input)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"meshgate {' '.join(args)} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout}\n{proc.stderr}")
-        return proc
-
-    def kubectl(self, cluster: str, *args: str, input: str | None = None) -> str:
-        proc = subprocess.run([KUBECTL, "--kubeconfig", str(self.kubeconfig(cluster)), *args],
-                              capture_output=True, text=True, timeout=30, input=input)
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
-    def up(self, cluster: str, *extra: str) -> subprocess.CompletedProcess[str]:
-        pods, services = CIDRS[cluster]
-        return self.meshgate("cluster", "up", "--name", cluster, "--state-dir",
-                             str(self.state(cluster)), "--pod-cidr", pods, "--service-cidr",
-                             services, "--identity-dir", str(self.base / "anchor"),
-                             "--multicluster", "--wan", WAN, "--wan-cidr", WAN_CIDR, *extra)
-
-    def wan_address(self, cluster: str) -> str:
-        spec = find(cluster)
-        assert spec.wan_address is not None
-        return spec.wan_address
-
-    def link(self, importing: str, exporting: str) -> None:
-        address = self.wan_address(exporting)
-        docs = self.meshgate("multicluster", "link", "--kubeconfig",
-                             str(self.kubeconfig(exporting)), "--cluster-name", exporting,
-                             "--gateway-address", address, "--api-server",
-                             f"https://{address}:6443").stdout
-        self.kubectl(importing, "apply", "-f", "-", input=docs)
-
-    def core(self, cluster: str) -> client.CoreV1Api:
-        return client.CoreV1Api(api_client(self.kubeconfig(cluster)))
-
-    def run_pod(self, cluster: str, name: str, *command: str, sa: str,
-                labels: tuple[str, ...] = (), port: int | None = None) -> None:
-        argv = run_pod_argv(cluster, name, command, service_account=sa, labels=labels,
-                            port=port)
-        log = self.base / f"run-pod-{name}.log"
-        with open(log, "wb") as out:
-            self.pods[name] = subprocess.Popen(argv, env=self.env, stdout=out,
-                                               stderr=subprocess.STDOUT,
-                                               start_new_session=True)
-
-        def ready() -> bool:
-            if self.pods[name].poll() is not None:
-                raise AssertionError(f"run-pod {name} exited:\n{log.read_text()}")
-            pod = self.core(cluster).read_namespaced_pod(name, "default")
-            return any(c.type == "Ready" and c.status == "True"
-                       for c in (pod.status.conditions or []))
-
-        wait_for(ready, timeout=40, interval=0.2, what=f"pod {name} to be ready")
-
-    def stop_pods(self) -> None:
-        for proc in self.pods.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.pods.values():
-            proc.wait(30)
-        self.pods.clear()
-
-    def in_pod(self, cluster: str, pod: str, code: str, *args: str) -> str:
-        proc = in_pod(find(cluster), "default", pod, [sys.executable, "-c", code, *args])
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
-    def calls(self, n: int, url: str = f"http://{MIRROR_NAME}/") -> list[str]:
-        return self.in_pod(EAST, "client", CALLS, str(n), url).splitlines()
-
-    def metric(self, cluster: str, pod: str, name: str, **labels: str) -> float:
-        text = self.in_pod(cluster, pod, GET, "http://127.0.0.1:4191/metrics")
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-    def mirror_ready(self, service: str = MIRROR) -> list[bool]:
-        """The readiness of each endpoint of `service`'s slices in east."""
-        slices = client.DiscoveryV1Api(api_client(self.kubeconfig(EAST)))
-        found = slices.list_namespaced_endpoint_slice(
-            "default", label_selector=f"kubernetes.io/service-name={service}").items
-        return [bool(ep.conditions and ep.conditions.ready)
-                for s in found for ep in s.endpoints or []]
+TOPOLOGY = Topology(wan=WAN, wan_cidr=WAN_CIDR, cidrs=CIDRS, extra_namespaces=("mcthird",))
 
 
-def _ours() -> list[str]:
-    return [n for n in netns.listnetns()
-            if n.startswith((f"mg-{EAST}-", f"mg-{WEST}-", "mg-mcthird-")) or n == WAN]
+def calls(mc: Clusters, n: int, url: str = f"http://{MIRROR_NAME}/") -> list[str]:
+    return mc.in_pod(EAST, "client", CALLS, str(n), url).splitlines()
+
+
+def mirror_ready(mc: Clusters, service: str = MIRROR) -> list[bool]:
+    """The readiness of each endpoint of `service`'s slices in east."""
+    slices = client.DiscoveryV1Api(api_client(mc.kubeconfig(EAST)))
+    found = slices.list_namespaced_endpoint_slice(
+        "default", label_selector=f"kubernetes.io/service-name={service}").items
+    return [bool(ep.conditions and ep.conditions.ready)
+            for s in found for ep in s.endpoints or []]
 
 
 @pytest.fixture(scope="module")
 def mc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clusters]:
-    base = tmp_path_factory.mktemp("mc")
-    env = {**os.environ, "MESHGATE_RUN_DIR": str(base / "run"), "PYTHONUNBUFFERED": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    os.environ["MESHGATE_RUN_DIR"] = env["MESHGATE_RUN_DIR"]
-    assert not _ours(), f"namespaces of an earlier run are in the way: {_ours()}"
-    c = Clusters(base, env)
-    c.meshgate("identity", "init", "--trust-domain", "cluster.local", "--out",
-               str(base / "anchor"))
-    try:
+    with clusters(tmp_path_factory.mktemp("mc"), TOPOLOGY) as c:
         c.up(EAST)
         c.up(WEST)
         c.link(EAST, WEST)
         c.link(WEST, EAST)
         # web is exported; internal selects the same pods and is not.
         c.kubectl(WEST, "apply", "-f", "-", input=_SERVICES)
-        demo = (sys.executable, "-m", "localcluster.demoapp", "--port", "8080")
-        c.run_pod(WEST, "web-1", *demo, sa="web", labels=("app=web",), port=8080)
+        c.run_pod(WEST, "web-1", *DEMO_APP, sa="web", labels=("app=web",), port=8080)
         c.run_pod(EAST, "client", "sleep", "600", sa="frontend")
         yield c
-    finally:
-        c.stop_pods()
-        for cluster in (EAST, WEST):
-            c.meshgate("cluster", "down", "--name", cluster, check=False)
-        del os.environ["MESHGATE_RUN_DIR"]
 
 
 _SERVICES = """
@@ -197,9 +92,9 @@ spec:
 
 
 def test_a_pod_calls_the_other_cluster_by_name_and_the_target_sees_it(mc: Clusters) -> None:
-    wait_for(lambda: mc.mirror_ready() == [True], timeout=30, interval=0.2,
+    wait_for(lambda: mirror_ready(mc) == [True], timeout=30, interval=0.2,
              what=f"the mirror {MIRROR} to have a ready gateway endpoint")
-    answers = wait_for(lambda: (a := mc.calls(5)) and all(x.startswith("200") for x in a)
+    answers = wait_for(lambda: (a := calls(mc, 5)) and all(x.startswith("200") for x in a)
                        and a, timeout=20, interval=0.5, what="calls through the gateway")
     assert answers == ["200 hello from web-1 in default"] * 5
     # West's pod authorized and counted east's pod, not the gateway that forwarded it.
@@ -224,12 +119,12 @@ def test_pod_networks_are_not_routed_on_the_wan(mc: Clusters) -> None:
 def test_a_policy_in_west_naming_another_caller_answers_403(mc: Clusters) -> None:
     mc.kubectl(WEST, "apply", "-f", "-", input=_ADMIN_ONLY)
     try:
-        answers = wait_for(lambda: [a for a in mc.calls(2) if a.startswith("403")],
+        answers = wait_for(lambda: [a for a in calls(mc, 2) if a.startswith("403")],
                            timeout=20, interval=0.5, what="the call to be refused")
         assert "unauthorized" in answers[0] and CALLER in answers[0], answers
     finally:
         mc.kubectl(WEST, "delete", "-f", "-", input=_ADMIN_ONLY)
-    wait_for(lambda: all(a.startswith("200") for a in mc.calls(2)), timeout=20,
+    wait_for(lambda: all(a.startswith("200") for a in calls(mc, 2)), timeout=20,
              interval=0.5, what="calls to be allowed again")
 
 
@@ -242,8 +137,8 @@ def test_an_unexported_service_has_no_mirror_and_the_gateway_refuses_it(
     forged = _forged_mirror(mc.wan_address(WEST))
     mc.kubectl(EAST, "apply", "-f", "-", input=forged)
     try:
-        answers = wait_for(lambda: [a for a in mc.calls(1, "http://forged.default.svc."
-                                                          "cluster.local/")
+        answers = wait_for(lambda: [a for a in calls(mc, 1, "http://forged.default.svc."
+                                                            "cluster.local/")
                                     if a.startswith("403")],
                            timeout=20, interval=0.5, what="the gateway to refuse")
         assert "not-exported" in answers[0], answers
@@ -263,7 +158,7 @@ def test_a_dead_mirror_controller_is_reported_and_restarted(mc: Clusters) -> Non
 
 
 def test_check_and_gateways_on_a_healthy_link(mc: Clusters) -> None:
-    wait_for(lambda: mc.mirror_ready() == [True], timeout=30, interval=0.2,
+    wait_for(lambda: mirror_ready(mc) == [True], timeout=30, interval=0.2,
              what="the mirror to be ready")
     # On east's node, where its mirror controllers run: west's WAN address is reachable
     # from there, and only from there.
@@ -281,11 +176,11 @@ def test_check_and_gateways_on_a_healthy_link(mc: Clusters) -> None:
 
 def test_a_dead_gateway_turns_mirror_endpoints_not_ready_and_up_restores_them(
         mc: Clusters) -> None:
-    wait_for(lambda: mc.mirror_ready() == [True], timeout=30, interval=0.2,
+    wait_for(lambda: mirror_ready(mc) == [True], timeout=30, interval=0.2,
              what="the mirror to be ready")
     os.kill(int((mc.state(WEST) / "run" / "gateway.pid").read_text()), signal.SIGKILL)
     # probeSpec: every 3 s, 3 failures in a row; allow one period of jitter and a write.
-    wait_for(lambda: mc.mirror_ready() == [False], timeout=30, interval=0.2,
+    wait_for(lambda: mirror_ready(mc) == [False], timeout=30, interval=0.2,
              what="east to mark west's gateway not ready")
     check = mc.meshgate("cluster", "exec", "--name", EAST, "--", sys.executable, "-m",
                         "mesh.cli", "multicluster", "check", check=False)
@@ -293,9 +188,9 @@ def test_a_dead_gateway_turns_mirror_endpoints_not_ready_and_up_restores_them(
     assert any(line.startswith("FAIL") and f"the gateway of cluster {WEST} is alive" in line
                for line in check.stdout.splitlines()), check.stdout
     mc.meshgate("cluster", "up", "--name", WEST, "--state-dir", str(mc.state(WEST)))
-    wait_for(lambda: mc.mirror_ready() == [True], timeout=20, interval=0.2,
+    wait_for(lambda: mirror_ready(mc) == [True], timeout=20, interval=0.2,
              what="east to mark west's gateway ready again")
-    wait_for(lambda: all(a.startswith("200") for a in mc.calls(2)), timeout=20,
+    wait_for(lambda: all(a.startswith("200") for a in calls(mc, 2)), timeout=20,
              interval=0.5, what="calls to pass again")
 
 
@@ -344,7 +239,7 @@ def test_down_leaves_no_namespace_veth_or_pid_file(mc: Clusters) -> None:
     mc.meshgate("cluster", "down", "--name", EAST)
     assert WAN in netns.listnetns()  # west still uses it
     mc.meshgate("cluster", "down", "--name", WEST)
-    assert _ours() == []
+    assert TOPOLOGY.ours() == []
     for cluster in (EAST, WEST):
         assert not list((mc.state(cluster) / "run").glob("*.pid"))
     assert not (mc.base / "run" / "wan" / WAN / "wan.json").exists()

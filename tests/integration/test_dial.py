@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -139,6 +140,39 @@ def test_open_proves_the_identity_and_sends_the_header(certs: Certificates,
             assert await dialer.open(proto, spec(server.port), HEADER) == WEB
             assert await server.header() == HEADER
             assert proto.made == 1
+
+    run_on(loop_name, main())
+
+
+class Kept(Recorder):
+    """Keeps its transport, to look at the socket the dialer made."""
+
+    transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport = transport
+
+    def user_timeout_ms(self) -> int:
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        value: int = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+        self.transport.close()
+        return value
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_a_dialled_connection_gives_up_on_a_peer_silent_for_the_connect_timeout(
+        certs: Certificates, loop_name: str) -> None:
+    """A pooled connection into a partition gets no reset: the kernel must end it."""
+    async def main() -> None:
+        async with serving(server_of(certs, "web")) as server:
+            dialer = Dialer(lambda: certs.client, timeout=1.5)
+            meshed, plain = Kept(), Kept()
+            await dialer.open(meshed, spec(server.port), HEADER)
+            assert meshed.user_timeout_ms() == 1500
+            await dialer.open(plain, spec(server.port, identity=None), HEADER)
+            assert plain.user_timeout_ms() == 1500
 
     run_on(loop_name, main())
 

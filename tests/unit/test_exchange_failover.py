@@ -13,6 +13,7 @@ from mesh.proxy.exchange_io import (
     UPSTREAM_REUSED,
     ClientData,
     OpenUpstream,
+    UpstreamClosed,
     UpstreamData,
     UpstreamFailed,
     WriteClient,
@@ -25,6 +26,8 @@ POST = b"POST /orders HTTP/1.1\r\nHost: web\r\nContent-Length: 2\r\n\r\n{}"
 NOT_READY = (b"HTTP/1.1 503 Service Unavailable\r\nl5d-proxy-error: no endpoints available "
              b"for web.default.svc.cluster.local\r\nContent-Length: 0\r\n\r\n")
 REFUSED = UpstreamFailed("[Errno 111] Connection refused")
+SILENT = UpstreamClosed("[Errno 110] Connection timed out", timed_out=True)
+"""The kernel ended a connection whose peer acknowledged nothing (mesh.proxy.dial)."""
 NAME = "web.default.svc.cluster.local"
 
 
@@ -97,3 +100,30 @@ def test_with_every_group_down_the_answer_names_them() -> None:
                      "Connection refused")
     assert s.metric("outbound_failover_retries_total") == 2
     assert s.metric("outbound_failover_events_total", to_cluster="", direction="failover") == 1
+
+
+def test_a_get_on_a_pooled_connection_into_a_partition_moves_to_the_next_group() -> None:
+    s = script()
+    s.send(ClientData(GET))
+    assert s.send(UPSTREAM_REUSED) == [WriteUpstream(GET)]
+    assert opened(s.send(SILENT)).priority == 1
+    s.send(UPSTREAM_OPENED)
+    assert s.send(UpstreamData(OK)) == [WriteClient(OK), POOL_UPSTREAM]
+    # One silent peer is enough: the group's only endpoint cannot be reached.
+    assert s.metric("outbound_failover_events_total", from_cluster="east", to_cluster="west",
+                    cause="unacknowledged") == 1
+
+
+def test_a_post_on_a_pooled_connection_into_a_partition_is_not_replayed() -> None:
+    s = script()
+    s.send(ClientData(POST))
+    s.send(UPSTREAM_REUSED)
+    commands = s.send(SILENT)
+    assert not any(isinstance(c, OpenUpstream) for c in commands)
+    status, cause = proxy_error(next(c for c in commands if isinstance(c, WriteClient)))
+    assert status == 502
+    assert cause == ("10.1.0.1:4143 (cluster east) acknowledged nothing of the request; the "
+                     "connection timed out; POST is not idempotent and was not sent to "
+                     "another group")
+    assert s.metric("outbound_failover_unreplayed_total", dst_service=NAME, cluster="east",
+                    cause="unacknowledged") == 1

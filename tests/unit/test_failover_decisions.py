@@ -261,6 +261,76 @@ def test_a_released_probe_lets_the_group_be_probed_again() -> None:
     assert s.pick(probe_ok=True).group_probe
 
 
+def endpoints_of(s: Service, *priorities: int) -> list[EndpointSpec]:
+    return [ep.spec for ep in s.balancer.endpoints if ep.priority in priorities]
+
+
+def test_a_group_whose_endpoints_leave_comes_back_only_after_its_hold_down() -> None:
+    s = Service(groups=3, hold_down_s=2.0)
+    everyone = endpoints_of(s, 0, 1, 2)
+    s.balancer.update(endpoints_of(s, 1, 2))  # east's pods deleted
+    assert s.serving() == "west"
+    assert s.seen.directions() == [("east", "west", "failover", "no-endpoints")]
+    s.clock.advance(3.0)
+    s.balancer.update(everyone)  # back, Ready, but not yet trusted
+    assert s.group("east") is GroupHealth.DOWN
+    assert s.serving() == "west"
+    assert {s.pick().endpoint.priority for _ in range(10)} == {1}
+    probe = s.probe(ok=True)
+    assert probe.endpoint.priority == 0 and s.group("east") is GroupHealth.RECOVERING
+    s.clock.advance(1.0)
+    s.probe(ok=True)
+    assert s.serving() == "west"
+    s.clock.advance(1.0)
+    assert s.serving() == "east"
+    assert s.seen.directions()[-1] == ("west", "east", "failback", "recovered")
+
+
+def test_a_group_that_keeps_leaving_and_returning_waits_longer_each_time() -> None:
+    s = Service(hold_down_s=2.0)
+    everyone = endpoints_of(s, 0, 1)
+    failover = s.balancer.failover
+    assert failover is not None
+    for hold_down in (2.0, 4.0, 8.0):
+        s.balancer.update(endpoints_of(s, 1))  # a crash-looping pod: gone...
+        s.clock.advance(1.0)
+        s.balancer.update(everyone)  # ...Ready again a second later
+        assert failover.groups[0].hold_down_s == hold_down
+        s.clock.advance(1.0)
+        s.probe(ok=True)
+        s.clock.advance(1.0)
+        assert s.serving() == "west"
+    assert [d[2] for d in s.seen.directions()] == ["failover"]
+
+
+def test_a_group_that_returns_while_nothing_serves_serves_at_its_first_success() -> None:
+    s = Service()
+    everyone = endpoints_of(s, 0, 1)
+    s.fail_group(1, Cause.CONNECT)
+    s.balancer.update(endpoints_of(s, 1))
+    assert s.serving() is None
+    s.clock.advance(1.0)
+    s.balancer.update(everyone)
+    first = s.pick()
+    assert first.group_probe and first.endpoint.priority == 0
+    first.succeeded(0.01)
+    assert s.serving() == "east"
+
+
+def test_a_probe_out_when_its_group_leaves_does_not_block_probes_on_its_return() -> None:
+    s = Service()
+    everyone = endpoints_of(s, 0, 1)
+    s.fail_group(0, Cause.CONNECT)
+    s.clock.advance(1.0)
+    out = s.pick(probe_ok=True)
+    assert out.group_probe
+    s.balancer.update(endpoints_of(s, 1))
+    s.clock.advance(1.0)
+    s.balancer.update(everyone)
+    assert s.pick(probe_ok=True).group_probe
+    out.released()
+
+
 def test_one_group_keeps_plain_failure_accrual() -> None:
     clock = FakeClock()
     b = Balancer([spec(0, 0)], clock=clock)
