@@ -22,8 +22,9 @@ each fault, held ``--duration`` seconds, then undone:
   are reported as not measured.
 
 Per fault: ``failover_s``, from the fault to the first answer from the next group;
-``failback_s``, from the recovery to the first answer from the better group again
-(it includes the failback hold-down by design; ``hold_down_s`` is the one the
+``failback_s``, from the recovery to the first answer from the better group once
+traffic is back there for good (the proxy's probes of it, answered before, do not
+count; it includes the failback hold-down by design; ``hold_down_s`` is the one the
 client's proxy logged for that recovery, which doubles for a group that falls
 again within a minute); ``failed_idempotent`` (GETs) and ``failed_other`` (POSTs):
 requests due from the fault until traffic is back and steady that did not answer
@@ -50,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -174,6 +175,15 @@ class Requests:
         ends = [r.end for r in self.poll() if r.ok and r.origin == origin and r.end > after]
         return min(ends) if ends else None
 
+    def returned(self, origin: str, after: float, until: float) -> float | None:
+        """When traffic came back to `origin`: the first of its answers, ended between
+        `after` and `until`, after which no other group answered. (The proxy's probes
+        of a group that is not serving are answered by it too, before it serves.)"""
+        answers = [r for r in self.poll() if r.ok and after < r.end <= until]
+        last_other = max((r.end for r in answers if r.origin != origin), default=after)
+        back = [r.end for r in answers if r.origin == origin and r.end > last_other]
+        return min(back) if back else None
+
     def serving(self, origin: str, since: float) -> bool:
         """The last STEADY answers, all ended after `since`, all from `origin`."""
         last = [r for r in self.poll() if r.end > since][-STEADY:]
@@ -214,24 +224,26 @@ class Result:
 
 
 def faults(rig: Rig) -> list[Fault]:
-    def restart_gateway() -> float | None:
-        rig.cluster_up(WEST)
-        return None
-
     def netem(**values: float) -> Callable[[], None]:
         return lambda: rig.set_link(WEST, **values)
+
+    def undone(action: Callable[[], None]) -> Callable[[], float | None]:
+        def recover() -> float | None:
+            action()
+            return None
+        return recover
 
     return [
         Fault("pods killed", EAST, WEST, lambda: rig.stop_web(EAST),
               lambda: rig.start_web(EAST)),
         Fault("gateway killed", WEST, CENTRAL, lambda: rig.kill_gateway(WEST),
-              restart_gateway, setup=lambda: rig.stop_web(EAST)),
+              undone(lambda: rig.cluster_up(WEST)), setup=lambda: rig.stop_web(EAST)),
         Fault("partition", WEST, CENTRAL, lambda: rig.partition(WEST),
-              lambda: (rig.heal(WEST), None)[1]),
-        Fault("5 % loss", WEST, CENTRAL, netem(loss_pct=5.0),
-              lambda: (netem(loss_pct=0.0)(), None)[1], needs_netem=True),
+              undone(lambda: rig.heal(WEST))),
+        Fault("5 % loss", WEST, CENTRAL, netem(loss_pct=5.0), undone(netem(loss_pct=0.0)),
+              needs_netem=True),
         Fault("30 ms WAN latency", WEST, CENTRAL, netem(delay_ms=30.0),
-              lambda: (netem(delay_ms=0.0)(), None)[1], needs_netem=True),
+              undone(netem(delay_ms=0.0)), needs_netem=True),
     ]
 
 
@@ -274,16 +286,11 @@ def run_fault(rig: Rig, requests: Requests, fault: Fault, args: argparse.Namespa
     moved_at = requests.first_answer(fault.next, fault_at)
     recovered = fault.recover()
     recovered_at = recovered if recovered is not None else time.monotonic()
-    back_at: float | None = None
-    if moved_at is not None:
-        wait_until(lambda: requests.first_answer(fault.serving, recovered_at) is not None,
-                   args.failback_timeout, f"traffic to return to {fault.serving}",
-                   interval=0.1)
-        back_at = requests.first_answer(fault.serving, recovered_at)
-    steady_from = time.monotonic()
-    wait_until(lambda: requests.serving(fault.serving, steady_from), 90,
-               f"{fault.serving} to serve steadily after the recovery", interval=0.2)
+    wait_until(lambda: requests.serving(fault.serving, recovered_at), args.failback_timeout,
+               f"traffic to return to {fault.serving} after the recovery", interval=0.2)
     ended_at = time.monotonic()
+    back_at = (None if moved_at is None else
+               requests.returned(fault.serving, recovered_at, ended_at))
     result = figures(fault, requests.poll(), fault_at, moved_at, recovered_at, back_at,
                      ended_at, args.duration)
     log = proxy_log_since(rig, log_offset)
@@ -370,7 +377,7 @@ def _fmt(value: float | int | None, spec: str = "") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

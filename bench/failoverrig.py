@@ -222,8 +222,15 @@ class Rig:
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
+        # One SIGTERM each: run-pod forwards the first to its app, then cleans up (deletes
+        # the Pod, removes its namespace) with the default handler back, so a second one
+        # would end it half way, leaving a Pod object that still says Ready.
         for proc in procs:
-            stop(proc, 30)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def start_load(self, script: str, args: list[str], out: IO[bytes], err: IO[bytes]
                    ) -> subprocess.Popen[bytes]:
