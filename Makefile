@@ -59,6 +59,7 @@ bench: $(STAMP) tools $(NATIVE)
 	$(PY) bench/assertion.py
 	$(PY) bench/soak.py
 	$(PY) bench/vm.py
+	$(PY) bench/failover.py
 
 clean:
 	rm -rf $(VENV) demo-state .mypy_cache .ruff_cache .pytest_cache .hypothesis build
