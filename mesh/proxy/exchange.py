@@ -74,6 +74,9 @@ from mesh.proxy.retry import is_retryable
 
 log = logging.getLogger("mesh.proxy.http")
 
+NEVER_SENT = frozenset({Cause.CONNECT, Cause.HANDSHAKE})
+"""Failures before the request left the proxy: the upstream connection never opened."""
+
 class Phase(enum.Enum):
     HTTP = "http"
     """Requests are read one at a time, each answered before the next is sent on."""
@@ -289,10 +292,13 @@ class Exchange:
         log.info("outbound attempt failed peer=%s service=%s endpoint=%s identity=%s cause=%s",
                  self.peer, request.service.name, ep.address, ep.identity or "-", failure.cause)
         self._drop_upstream()
+        # A connection that never opened carried nothing: any method may go elsewhere.
+        never_sent = failure.kind in NEVER_SENT
         if (failure.retryable and request.complete and request.body is not None
                 and request.body_size <= MAX_RETRY_BODY
-                and is_retryable(request.method, body_consumed=False, status=failure.status,
-                                 error=failure.status == 502)
+                and (never_sent or is_retryable(request.method, body_consumed=False,
+                                                status=failure.status,
+                                                error=failure.status == 502))
                 and request.budget.withdraw()):
             self._attempt(failure)
             return

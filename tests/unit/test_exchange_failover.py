@@ -70,21 +70,30 @@ def test_a_gateway_that_answers_not_ready_is_passed_over() -> None:
     assert s.metric("outbound_failover_events_total", cause="not-ready") == 1
 
 
-def test_a_post_is_not_replayed_into_another_group() -> None:
+def test_a_post_whose_connection_never_opened_goes_to_the_next_group() -> None:
     s = script()
     assert opened(s.send(ClientData(POST))).priority == 0
-    commands = s.send(REFUSED)
+    # Refused: the POST never left the proxy, so sending it elsewhere replays nothing.
+    assert opened(s.send(REFUSED)).priority == 1
+    assert s.send(UPSTREAM_OPENED) == [WriteUpstream(POST)]
+    assert s.send(UpstreamData(OK)) == [WriteClient(OK), POOL_UPSTREAM]
+    assert s.metric("outbound_failover_unreplayed_total") == 0
+    assert s.metric("outbound_failover_retries_total", to_cluster="west") == 1
+
+
+def test_a_post_that_was_sent_is_not_replayed_into_another_group() -> None:
+    s = script()
+    assert opened(s.send(ClientData(POST))).priority == 0
+    assert s.send(UPSTREAM_OPENED) == [WriteUpstream(POST)]
+    commands = s.send(UpstreamClosed("[Errno 104] Connection reset by peer"))
     assert not any(isinstance(c, OpenUpstream) for c in commands)
-    status, cause = proxy_error(commands[0])
+    status, cause = proxy_error(next(c for c in commands if isinstance(c, WriteClient)))
     assert status == 502
-    assert cause == ("connection to 10.1.0.1:4143 (cluster east) failed: [Errno 111] "
-                     "Connection refused; POST is not idempotent and was not sent to "
-                     "another group")
+    assert cause == ("10.1.0.1:4143 (cluster east) closed the connection before answering: "
+                     "[Errno 104] Connection reset by peer; POST is not idempotent and was "
+                     "not sent to another group")
     assert s.metric("outbound_failover_unreplayed_total", dst_service=NAME, cluster="east",
-                    cause="connect-error") == 1
-    # The group failed all the same: the next request goes to the next one.
-    assert s.balancer.failover is not None and s.balancer.failover.serving is not None
-    assert s.balancer.failover.serving.name == "west"
+                    cause="reset") == 1
 
 
 def test_with_every_group_down_the_answer_names_them() -> None:

@@ -88,11 +88,18 @@ def test_no_retry_once_the_budget_is_spent() -> None:
     assert budget.balance > 0
 
 
-def test_requests_that_are_not_idempotent_are_not_retried() -> None:
+def test_requests_that_are_not_idempotent_are_not_retried_once_sent() -> None:
+    post = b"POST /orders HTTP/1.1\r\nHost: web\r\nContent-Length: 2\r\n\r\n{}"
     s = Script(endpoint(1), endpoint(2))
-    _opened(s, b"POST /orders HTTP/1.1\r\nHost: web\r\nContent-Length: 2\r\n\r\n{}")
-    commands = s.send(UpstreamFailed("[Errno 111] Connection refused"))
+    _opened(s, post)
+    s.send(UPSTREAM_OPENED)
+    commands = s.send(UpstreamClosed("[Errno 104] Connection reset by peer"))
     assert proxy_error(commands[0])[0] == 502 and commands[1:] == [CANCEL, ENDED]
+    # Refused before it was sent: it carried nothing, so it goes to the next endpoint.
+    never_sent = Script(endpoint(1), endpoint(2))
+    _opened(never_sent, post)
+    assert isinstance(never_sent.send(UpstreamFailed("[Errno 111] Connection refused"))[0],
+                      OpenUpstream)
 
 
 def test_a_connection_that_closes_unanswered_is_retried_for_idempotent_requests() -> None:
