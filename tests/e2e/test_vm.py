@@ -17,32 +17,29 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from kubernetes import client
-from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import netns
 
 from localcluster import vms
-from localcluster.pods import in_pod, run_pod_argv
-from localcluster.up import find
 from mesh.control.externalworkloads import GROUP, PLURAL, VERSION
 from mesh.kube import api_client
 from tests.cluster import wait_for
+from tests.e2e.clusters import DEMO_APP, Clusters, Topology, clusters, value
 from tests.e2e.pod_scripts import CALLS
 
 HOME, VM = "vmhome", "legacy"
 WAN = "mg-vme2ewan"
-WAN_CIDR = "172.31.250.0/24"
-PODS, SERVICES = "10.236.0.0/16", "10.237.0.0/16"
+TOPOLOGY = Topology(wan=WAN, wan_cidr="172.31.250.0/24",
+                    cidrs={HOME: ("10.236.0.0/16", "10.237.0.0/16")})
 DOMAIN = "cluster.local"
 VM_ID = f"legacy.default.serviceaccount.identity.meshgate.{DOMAIN}"
 CLIENT_ID = f"frontend.default.serviceaccount.identity.meshgate.{DOMAIN}"
 WEB = f"web.default.svc.{DOMAIN}"
 LEGACY = f"legacy.default.svc.{DOMAIN}"
-KUBECTL = str(Path(sys.executable).parent / "kubectl")
 STATE = "/var/lib/meshgate"
 HEARTBEAT = "1s"
 """The cluster's heartbeat interval: a VM whose agent stops leaves within 3 s."""
@@ -70,37 +67,34 @@ spec:
 
 @dataclass
 class Home:
-    base: Path
-    env: dict[str, str]
-    pods: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    """The home cluster (through the shared multi-cluster helper) and the VM."""
+
+    c: Clusters
     agent: subprocess.Popen[str] | None = None
     agent_log: Path | None = None
     app: subprocess.Popen[bytes] | None = None
 
     @property
+    def base(self) -> Path:
+        return self.c.base
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.c.env
+
+    @property
     def kubeconfig(self) -> Path:
-        return self.base / HOME / "kubeconfig"
+        return self.c.kubeconfig(HOME)
 
     @property
     def wan_address(self) -> str:
-        address = find(HOME).wan_address
-        assert address is not None
-        return address
+        return self.c.wan_address(HOME)
 
-    def meshgate(self, *args: str, check: bool = True, input: str | None = None,
-                 timeout: float = 90) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "mesh.cli", *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout, input=input)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"meshgate {' '.join(args)} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout}\n{proc.stderr}")
-        return proc
+    def meshgate(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.c.meshgate(*args, check=check)
 
     def kubectl(self, *args: str, input: str | None = None) -> str:
-        proc = subprocess.run([KUBECTL, "--kubeconfig", str(self.kubeconfig), *args],
-                              capture_output=True, text=True, timeout=30, input=input)
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
+        return self.c.kubectl(HOME, *args, input=input)
 
     def vm(self, *argv: str, check: bool = True, timeout: float = 60
            ) -> subprocess.CompletedProcess[str]:
@@ -138,12 +132,13 @@ class Home:
                                     stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)
         self.agent = proc
+        agent_log = self.agent_log
 
         def joined() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"vm join exited {proc.returncode}:\n"
-                                     f"{self.agent_log.read_text()}")
-            return "joined:" in self.agent_log.read_text()
+                                     f"{agent_log.read_text()}")
+            return "joined:" in agent_log.read_text()
 
         wait_for(joined, timeout=60, interval=0.2, what="the VM to join")
         return proc
@@ -154,38 +149,14 @@ class Home:
             self.agent.wait(30)
         self.agent = None
 
-    def run_pod(self, name: str, *command: str, sa: str, labels: tuple[str, ...] = (),
-                port: int | None = None) -> None:
-        argv = run_pod_argv(HOME, name, command, service_account=sa, labels=labels, port=port)
-        with open(self.base / f"pod-{name}.log", "wb") as out:
-            self.pods[name] = subprocess.Popen(argv, env=self.env, stdout=out,
-                                               stderr=subprocess.STDOUT,
-                                               start_new_session=True)
-
-        def ready() -> bool:
-            if self.pods[name].poll() is not None:
-                raise AssertionError(f"run-pod {name} exited")
-            pod = client.CoreV1Api(api_client(self.kubeconfig)).read_namespaced_pod(
-                name, "default")
-            return any(c.type == "Ready" and c.status == "True"
-                       for c in (pod.status.conditions or []))
-
-        wait_for(ready, timeout=40, interval=0.2, what=f"pod {name} to be ready")
-
     def calls(self, n: int, url: str = f"http://{LEGACY}/") -> list[str]:
-        proc = in_pod(find(HOME), "default", "client", [sys.executable, "-c", CALLS, str(n),
-                                                          url])
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout.splitlines()
-
-    def metric(self, text: str, name: str, **labels: str) -> float:
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return self.c.in_pod(HOME, "client", CALLS, str(n), url).splitlines()
 
     def pod_metrics(self, pod: str) -> str:
-        proc = in_pod(find(HOME), "default", pod, ["curl", "-s",
-                                                     "http://127.0.0.1:4191/metrics"])
-        return proc.stdout
+        return self.c.metrics(HOME, pod)
+
+    def metric(self, text: str, name: str, **labels: str) -> float:
+        return value(text, name, **labels)
 
     def endpoints(self) -> list[tuple[str, bool]]:
         """legacy's endpoints the control plane wrote: (address, ready)."""
@@ -218,50 +189,31 @@ def same(now: dict[str, str], before: dict[str, str]) -> None:
             raise AssertionError(f"{key} differs from before the join:\n{diff}")
 
 
-def _ours() -> list[str]:
-    return [n for n in netns.listnetns() if n.startswith(f"mg-{HOME}-") or n in (
-        WAN, vms.netns_name(VM))]
-
-
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
-    base = tmp_path_factory.mktemp("vm")
-    env = {**os.environ, "MESHGATE_RUN_DIR": str(base / "run"), "PYTHONUNBUFFERED": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    previous = os.environ.get("MESHGATE_RUN_DIR")
-    os.environ["MESHGATE_RUN_DIR"] = env["MESHGATE_RUN_DIR"]
-    assert not _ours(), f"namespaces of an earlier run are in the way: {_ours()}"
-    h = Home(base, env)
-    try:
-        h.meshgate("identity", "init", "--trust-domain", DOMAIN, "--out", str(base / "anchor"))
-        h.meshgate("cluster", "up", "--name", HOME, "--state-dir", str(base / HOME),
-                   "--pod-cidr", PODS, "--service-cidr", SERVICES, "--identity-dir",
-                   str(base / "anchor"), "--multicluster", "--wan", WAN, "--wan-cidr",
-                   WAN_CIDR, "--workload-heartbeat", HEARTBEAT)
-        h.kubectl("apply", "-f", "-", input=SERVICES_YAML)
-        demo = (sys.executable, "-m", "localcluster.demoapp", "--port", "8080")
-        h.run_pod("web-1", *demo, sa="web", labels=("app=web",), port=8080)
-        h.run_pod("client", "sleep", "900", sa="frontend")
-        vms.create(VM, wan=WAN)
-        # The VM's own application, on its loopback: only the proxy exposes it.
-        h.app = subprocess.Popen(vms.exec_argv(VM, [
-            "env", "POD_NAME=legacy-vm", "POD_NAMESPACE=default", sys.executable, "-m",
-            "localcluster.demoapp", "--port", "8080"]), env=env, start_new_session=True)
-        yield h
-    finally:
-        h.stop_agent()
-        if vms.netns_name(VM) in netns.listnetns():
-            h.vm_meshgate("vm", "leave", "--state-dir", STATE, check=False)
-        for proc in [*h.pods.values(), *([h.app] if h.app else [])]:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-        vms.delete(VM)
-        h.meshgate("cluster", "down", "--name", HOME, check=False)
-        if previous is None:
-            del os.environ["MESHGATE_RUN_DIR"]
-        else:
-            os.environ["MESHGATE_RUN_DIR"] = previous
-        assert not _ours(), f"left behind: {_ours()}"
+    with clusters(tmp_path_factory.mktemp("vm"), TOPOLOGY) as c:
+        h = Home(c)
+        assert vms.netns_name(VM) not in netns.listnetns(), "a VM of an earlier run is left"
+        try:
+            c.up(HOME, "--workload-heartbeat", HEARTBEAT)
+            h.kubectl("apply", "-f", "-", input=SERVICES_YAML)
+            c.run_pod(HOME, "web-1", *DEMO_APP, sa="web", labels=("app=web",), port=8080)
+            c.run_pod(HOME, "client", "sleep", "900", sa="frontend")
+            vms.create(VM, wan=WAN)
+            # The VM's own application, on its loopback: only the proxy exposes it.
+            h.app = subprocess.Popen(vms.exec_argv(VM, [
+                "env", "POD_NAME=legacy-vm", "POD_NAMESPACE=default", sys.executable, "-m",
+                "localcluster.demoapp", "--port", "8080"]), env=c.env, start_new_session=True)
+            yield h
+        finally:
+            h.stop_agent()
+            if vms.netns_name(VM) in netns.listnetns():
+                h.vm_meshgate("vm", "leave", "--state-dir", STATE, check=False)
+            if h.app is not None:
+                h.app.send_signal(signal.SIGTERM)
+                h.app.wait(30)
+            vms.delete(VM)
+        assert vms.netns_name(VM) not in netns.listnetns()
 
 
 @pytest.fixture(scope="module")
