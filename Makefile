@@ -4,7 +4,7 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 # Debian tools the tests drive, as command:package; installed when missing.
-DEB_TOOLS := openssl:openssl dig:dnsutils nft:nftables
+DEB_TOOLS := openssl:openssl dig:dnsutils nft:nftables curl:curl ip:iproute2 nsenter:util-linux
 
 # The proxy's per-request modules are compiled with mypyc (mesh/proxy/native.py);
 # any change to the proxy's sources compiles them again.
