@@ -57,19 +57,13 @@ class Anchors:
             bundle = TrustBundle.from_pem(pem)
         except IdentityError as e:
             raise AgentError(f"{path} is not a trust anchor: {e}") from e
-        domains = {_trust_domain(a) for a in bundle.anchors}
+        domains = {ca.anchor_trust_domain(a) for a in bundle.anchors}
         domains.discard("")
         if len(domains) != 1:
             raise AgentError(f"{path} names no single trust domain (found "
                              f"{sorted(domains) or 'none'}); give the trust-bundle.pem that "
                              "`meshgate identity init` wrote for the cluster")
         return cls(path, pem, domains.pop())
-
-
-def _trust_domain(cert: Any) -> str:
-    cn = cert.subject.get_attributes_for_oid(ca.NameOID.COMMON_NAME)
-    name = str(cn[0].value) if cn else ""
-    return name.removeprefix("root.") if name.startswith("root.") else ""
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,11 @@ from kubernetes.client.rest import ApiException
 
 from mesh.control.externalworkloads import GROUP, KIND, PLURAL, VERSION
 from mesh.errors import ConfigError
-from mesh.identity import jointoken
+from mesh.identity import ca, jointoken
 from mesh.identity.bundle import TrustBundle
 from mesh.identity.names import Identity
 from mesh.identity.trustroots import TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY
 from mesh.kube import api_client
-from vm_agent.enroll import _trust_domain
 
 CREDENTIAL_PREFIX = "meshgate-vm-"
 TOKEN_WAIT = 10.0
@@ -105,7 +104,7 @@ def _domain_of(bundle_pem: str) -> str:
     if not bundle_pem:
         raise ConfigError("cannot tell the trust domain: the control plane has not published "
                           "its trust bundle yet; pass --trust-domain")
-    return _trust_domain(TrustBundle.from_pem(bundle_pem.encode()).anchors[0])
+    return ca.anchor_trust_domain(TrustBundle.from_pem(bundle_pem.encode()).anchors[0])
 
 
 def _ca_pem(api: client.ApiClient) -> str:

@@ -162,6 +162,14 @@ def _window(signer: x509.Certificate, *, now: datetime, lifetime: timedelta,
     return start, end
 
 
+def anchor_trust_domain(cert: x509.Certificate) -> str:
+    """The trust domain a trust anchor made by `new_anchor` names (its CN is
+    ``root.<trust-domain>``); "" for a certificate that names none."""
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    name = str(cn[0].value) if cn else ""
+    return name.removeprefix("root.") if name.startswith("root.") else ""
+
+
 def new_anchor(trust_domain: str, *, lifetime: timedelta, now: datetime) -> CertKey:
     """A self-signed ECDSA P-256 trust anchor ``root.<trust-domain>``."""
     check_trust_domain(trust_domain)

@@ -67,12 +67,13 @@ def add_identity_commands(commands: Any) -> None:
 
 
 def _trust_domain(directory: IssuerDir) -> str:
-    cn = directory.load_anchor_cert().subject.get_attributes_for_oid(ca.NameOID.COMMON_NAME)
-    name = str(cn[0].value) if cn else ""
-    if not name.startswith("root."):
+    anchor = directory.load_anchor_cert()
+    domain = ca.anchor_trust_domain(anchor)
+    if not domain:
         raise ConfigError(f"{directory.path}/anchor.crt does not name a trust domain "
-                          f"(CN {name!r}); recreate it with `meshgate identity init`")
-    return name.removeprefix("root.")
+                          f"(CN {anchor.subject.rfc4514_string()!r}); recreate it with "
+                          "`meshgate identity init`")
+    return domain
 
 
 def _init(args: argparse.Namespace) -> int:
