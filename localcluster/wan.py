@@ -293,7 +293,23 @@ def editing(wan: str) -> Iterator[WanEdit]:
 # --- netlink, sysctl and nftables ----------------------------------------------------------
 
 
+def _load_or_new(wan: str, cidr: IPv4Network | None) -> _Wan:
+    """The WAN's record, or a new one over `cidr` for a WAN not made yet; under the lock."""
+    state = _load(wan)
+    if state is None:
+        if namespaces.exists(wan):
+            raise namespaces.taken(wan, f"the WAN recorded in {_root(wan)}")
+        return _Wan(netns=wan, cidr=cidr or DEFAULT_WAN_CIDR)
+    if cidr is not None and cidr != state.cidr:
+        raise ConfigError(f"the WAN {wan!r} is {state.cidr}, not {cidr}; leave out "
+                          "--wan-cidr or use another --wan")
+    return state
+
+
 def _build_wan(name: str) -> None:
+    """The WAN's namespace, its loopback and its bridge, each made if missing."""
+    if not namespaces.exists(name):
+        namespaces.create(name, f"the WAN recorded in {_root(name)}")
     with namespaces.iproute(name, f"set up the WAN bridge in {name!r}") as ipr:
         ipr.link("set", index=namespaces.link_index(ipr, "lo"), state="up")
         if namespaces.link_index(ipr, BRIDGE) is None:
@@ -395,14 +411,7 @@ def attach(cluster: str, *, node_netns: str, pod_cidr: IPv4Network,
     namespaces.require_off_event_loop(f"attaching cluster {cluster!r} to the WAN")
     namespaces.require_privileges()
     with _locked(wan):
-        state = _load(wan)
-        if state is None:
-            if namespaces.exists(wan):
-                raise namespaces.taken(wan, f"the WAN recorded in {_root(wan)}")
-            state = _Wan(netns=wan, cidr=cidr or DEFAULT_WAN_CIDR)
-        elif cidr is not None and cidr != state.cidr:
-            raise ConfigError(f"the WAN {wan!r} is {state.cidr}, not {cidr}; leave out "
-                              "--wan-cidr or use another --wan")
+        state = _load_or_new(wan, cidr)
         check_ranges(state.cidr, pod_cidr=pod_cidr, service_cidr=service_cidr)
         _drop_stale(wan, state, keep=cluster)
         member = state.members.get(cluster)
@@ -416,8 +425,6 @@ def attach(cluster: str, *, node_netns: str, pod_cidr: IPv4Network,
             state.members[cluster] = member
         _save(wan, state)
         try:
-            if not namespaces.exists(wan):
-                namespaces.create(wan, f"the WAN recorded in {_root(wan)}")
             _build_wan(wan)
             _link_node(state, f"cluster {cluster!r}", member)
             _enable_forwarding(node_netns)
@@ -496,14 +503,7 @@ def join_vm(vm: str, *, netns: str, wan: str = DEFAULT_WAN, cidr: IPv4Network | 
     namespaces.require_off_event_loop(f"attaching VM {vm!r} to the WAN")
     namespaces.require_privileges()
     with _locked(wan):
-        state = _load(wan)
-        if state is None:
-            if namespaces.exists(wan):
-                raise namespaces.taken(wan, f"the WAN recorded in {_root(wan)}")
-            state = _Wan(netns=wan, cidr=cidr or DEFAULT_WAN_CIDR)
-        elif cidr is not None and cidr != state.cidr:
-            raise ConfigError(f"the WAN {wan!r} is {state.cidr}, not {cidr}; leave out "
-                              "--wan-cidr or use another --wan")
+        state = _load_or_new(wan, cidr)
         _drop_stale(wan, state, keep_vm=vm)
         member = state.vms.get(vm)
         if member is not None and (member.node_netns != netns or
@@ -517,8 +517,6 @@ def join_vm(vm: str, *, netns: str, wan: str = DEFAULT_WAN, cidr: IPv4Network | 
             state.vms[vm] = member
         _save(wan, state)
         try:
-            if not namespaces.exists(wan):
-                namespaces.create(wan, f"the WAN recorded in {_root(wan)}")
             _build_wan(wan)
             _link_node(state, f"VM {vm!r}", member, VM_IFNAME)
         except BaseException as e:
