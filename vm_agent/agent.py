@@ -232,8 +232,6 @@ class Agent:
             try:
                 await asyncio.to_thread(routes.sync, addresses)
                 self.status.routes = len(addresses)
-            except AgentError as e:
-                log.warning("service routes not changed cause=%s", e)
             except Exception as e:  # netlink: report, keep the rest of the agent going
                 log.warning("service routes not changed cause=%s", e)
 

@@ -42,6 +42,8 @@ class Registration:
             cfg.ssl_ca_cert = str(ca_file)
         cfg.retries = 0
         self.api = client.CustomObjectsApi(client.ApiClient(cfg))
+        self._written: tuple[str, str] | None = None
+        """(status, lastTransitionTime) of the Ready condition this agent last wrote."""
 
     @property
     def what(self) -> str:
@@ -61,15 +63,18 @@ class Registration:
         """Write the Ready condition with a fresh lastProbeTime."""
         now = now_text()
         status = "True" if ready else "False"
-        current = self._condition()
-        since = (current or {}).get("lastTransitionTime") if (current or {}).get(
-            "status") == status else now
+        if self._written is None:  # read once; later beats know what they wrote
+            current = self._condition() or {}
+            self._written = (str(current.get("status")),
+                             str(current.get("lastTransitionTime") or now))
+        since = self._written[1] if self._written[0] == status else now
         self._call("update the status of", self.api.patch_namespaced_custom_object_status,
                    GROUP, VERSION, self.namespace, PLURAL, self.name,
                    {"status": {"conditions": [{
                        "type": READY, "status": status, "lastProbeTime": now,
-                       "lastTransitionTime": since or now, "reason": reason,
+                       "lastTransitionTime": since, "reason": reason,
                        "message": message}]}})
+        self._written = (status, since)
 
     def withdraw(self) -> None:
         """No address and not ready: the workload leaves every Service's endpoints."""

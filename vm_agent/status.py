@@ -76,7 +76,7 @@ def status(args: argparse.Namespace) -> int:
 def _certificate(sd: StateDir) -> tuple[bool, str]:
     try:
         leaf = ca.load_certs(sd.chain.read_bytes())[0]
-    except (OSError, Exception) as e:
+    except Exception as e:  # unreadable, or not a certificate: say which
         return False, f"no usable certificate ({e})"
     left = leaf.not_valid_after_utc - dt.datetime.now(dt.UTC)
     if left.total_seconds() <= 0:
