@@ -31,6 +31,7 @@ from vm_agent.agent import Agent
 from vm_agent.enroll import Anchors, Enrolled, enroll, identity_of
 from vm_agent.registration import Registration, RegistrationUnreachable
 from vm_agent.state import (
+    UNIT_NAME,
     AgentError,
     Change,
     Phase,
@@ -152,7 +153,7 @@ def join(args: argparse.Namespace) -> int:
         if args.foreground:
             return _run_in_foreground(agent, announce=True)
         sd.begin(state, Change.UNIT)
-        state.unit_file = str(systemd.UNIT_DIR / "meshgate-vm.service")
+        state.unit_file = str(systemd.UNIT_DIR / UNIT_NAME)
         sd.save(state)
     systemd.install(sd.path)
     return _wait_joined(sd, args.timeout)
@@ -215,8 +216,7 @@ def _wait_joined(sd: StateDir, timeout: float) -> int:
     while time.monotonic() < deadline:
         state = sd.load()
         if state is not None and state.phase == Phase.JOINED:
-            print(f"joined: {state.identity}; the agent runs as {systemd.UNIT_DIR}/"
-                  "meshgate-vm.service")
+            print(f"joined: {state.identity}; the agent runs as {state.unit_file}")
             return 0
         time.sleep(0.5)
     raise AgentError(f"the agent did not report ready within {timeout:.0f}s; see "
