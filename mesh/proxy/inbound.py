@@ -38,7 +38,7 @@ from mesh.metrics import ProxyMetrics
 from mesh.proxy.assertion import AssertionVerifier, BadAssertion
 from mesh.proxy.http1 import error_response
 from mesh.proxy.observe import HttpObserver
-from mesh.proxy.relay import Flow, FlowMetrics, Half, Labels, describe, release
+from mesh.proxy.relay import Buffered, Flow, FlowMetrics, Half, Labels, describe, release
 from mesh.proxy.transport_header import HeaderDecoder, SessionProtocol, TransportHeader
 
 if TYPE_CHECKING:
@@ -147,8 +147,8 @@ class MeshListener:
     async def _terminate_tls(self, sock: socket.socket, peer: str, protocol: Half
                              ) -> MeshConnection | None:
         loop = asyncio.get_running_loop()
-        early: list[bytes] = []
-        protocol.on_data = early.append  # the header may follow the handshake at once
+        early = Buffered()
+        protocol.read_head(early)  # the header may follow the handshake at once
         try:
             context = self.server_context()  # the store's current one, for each connection
         except BaseException:
@@ -180,7 +180,7 @@ class MeshListener:
             tls.close()
             self.refuse(peer, "no-identity", exc=e)
             return None
-        return MeshConnection(tls, protocol, peer, identity, early)
+        return MeshConnection(tls, protocol, peer, identity, early.chunks)
 
     async def read_header(self, conn: MeshConnection) -> TransportHeader | None:
         """The transport header, within the header timeout; None (refused) otherwise.
@@ -188,27 +188,12 @@ class MeshListener:
         What follows the header is held for the upstream, with reading paused.
         """
         protocol, tls = conn.client, conn.tls
-        decoder = HeaderDecoder()
-        done: asyncio.Future[TransportHeader] = asyncio.get_running_loop().create_future()
-
-        def feed(data: bytes) -> None:
-            if done.done():
-                protocol.hold(data)
-                return
-            try:
-                decoder.receive_data(data)
-                event = decoder.next_event()
-            except ProtocolError as e:
-                done.set_exception(e)
-                return
-            if isinstance(event, TransportHeader):
-                protocol.hold(decoder.trailing_data)
-                done.set_result(event)
-
-        protocol.on_data = feed
+        reading = _HeaderReading(protocol, asyncio.get_running_loop().create_future())
+        done = reading.done
+        protocol.read_head(reading)
         protocol.flow.waiter = done
         for chunk in conn.early:
-            feed(chunk)
+            reading.feed(chunk)
         conn.early.clear()
         try:
             return await asyncio.wait_for(done, self.header_timeout)
@@ -231,6 +216,33 @@ class MeshListener:
 
 
 # -- the inbound proxy -------------------------------------------------------------------
+
+
+class _HeaderReading:
+    """A mesh connection's first bytes, read until its transport header is complete;
+    what follows the header is held for the upstream, with reading paused."""
+
+    __slots__ = ("decoder", "done", "protocol")
+
+    def __init__(self, protocol: Half, done: asyncio.Future[TransportHeader]) -> None:
+        self.protocol = protocol
+        self.done = done
+        self.decoder = HeaderDecoder()
+
+    def feed(self, data: bytes) -> None:
+        if self.done.done():
+            self.protocol.hold(data)
+            return
+        try:
+            self.decoder.receive_data(data)
+            event = self.decoder.next_event()
+        except ProtocolError as e:
+            self.done.set_exception(e)
+            return
+        if isinstance(event, TransportHeader):
+            self.protocol.hold_reads()
+            self.protocol.hold(self.decoder.trailing_data)
+            self.done.set_result(event)
 
 
 @dataclass(frozen=True)

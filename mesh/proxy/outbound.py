@@ -72,7 +72,7 @@ class Outbound:
         return client
 
     def _accepted(self, client: Half) -> None:
-        client.on_data = client.hold  # held until routed
+        client.hold_reads()  # until routed
         task = asyncio.get_running_loop().create_task(self.handle(client))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -137,39 +137,25 @@ class Outbound:
 
     async def _detect(self, client: Half) -> Detected:
         """Read until the protocol is known (or the detect timeout); keep every byte."""
-        detector = Detector()
-        decided: asyncio.Future[Detected] = asyncio.get_running_loop().create_future()
-
-        def settle() -> None:
-            # From here on bytes queue behind what the detector saw, in order.
-            client.on_data = client.hold
-            client.hold(detector.buffered)
-
-        def feed(data: bytes) -> None:
-            detector.receive_data(data)
-            result = detector.result()
-            if result is not None:
-                settle()
-                decided.set_result(result)
-
-        client.on_data = feed
-        client.flow.waiter = decided
+        reading = _Detecting(client, asyncio.get_running_loop().create_future())
+        client.read_head(reading)
+        client.flow.waiter = reading.decided
         # uvloop reads before this task first runs: what was held goes to the detector first.
         held = b"".join(client.pending)
         client.pending.clear()
         if held:
-            feed(held)
+            reading.feed(held)
         assert client.transport is not None
-        if not decided.done():
+        if not reading.decided.done():
             client.transport.resume_reading()
         try:
-            result = await asyncio.wait_for(decided, self.detect_timeout)
+            result = await asyncio.wait_for(reading.decided, self.detect_timeout)
         except TimeoutError:
-            result = detector.timeout_result()
-            settle()
+            result = reading.detector.timeout_result()
+            reading.settle()
         except ConnectionError:
-            result = detector.connection_closed()
-            settle()
+            result = reading.detector.connection_closed()
+            reading.settle()
         client.flow.waiter = None
         return result
 
@@ -195,3 +181,26 @@ class Outbound:
                 "server_id": str(identity) if identity is not None else "",
                 "target_addr": connected.pick.endpoint.spec.address,
                 "dst_service": service.name}
+
+
+class _Detecting:
+    """An accepted connection's first bytes, read until its protocol is known."""
+
+    __slots__ = ("client", "decided", "detector")
+
+    def __init__(self, client: Half, decided: asyncio.Future[Detected]) -> None:
+        self.client = client
+        self.decided = decided
+        self.detector = Detector()
+
+    def feed(self, data: bytes) -> None:
+        self.detector.receive_data(data)
+        result = self.detector.result()
+        if result is not None:
+            self.settle()
+            self.decided.set_result(result)
+
+    def settle(self) -> None:
+        """From here on bytes queue behind what the detector saw, in order."""
+        self.client.hold_reads()
+        self.client.hold(self.detector.buffered)

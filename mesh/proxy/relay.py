@@ -78,9 +78,32 @@ class Layer(Protocol):
     def resume_writing(self) -> None: ...
 
 
+class HeadReader(Protocol):
+    """What reads a connection's first bytes before it is relayed or handed over
+    (a transport header, protocol detection)."""
+
+    def feed(self, data: bytes) -> None: ...
+
+
+class Buffered:
+    """A `HeadReader` that keeps what it is fed, for a reader that comes later."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def feed(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+
 class Phase(enum.Enum):
     RELAY = "relay"
-    """Reads are held, given to `on_data`, or relayed to the peer."""
+    """Reads are relayed to the peer (held while it is not connected yet)."""
+    HOLD = "hold"
+    """Reads are held in ``pending``, with reading paused, until the flow is routed."""
+    HEAD = "head"
+    """Reads go to ``head``, the `HeadReader` of the connection's first bytes."""
     HANDED_OVER = "handed over"
     """The connection is its `layer`'s: every transport event goes there."""
 
@@ -88,7 +111,7 @@ class Phase(enum.Enum):
 class Half(asyncio.Protocol):
     """One side of a flow: what it reads is written to its peer."""
 
-    __slots__ = ("eof", "flow", "layer", "observe", "on_connected", "on_data", "peer",
+    __slots__ = ("eof", "flow", "head", "layer", "observe", "on_connected", "peer",
                  "pending", "phase", "read_bytes", "rewrite", "transport")
 
     def __init__(self, flow: Flow) -> None:
@@ -98,8 +121,8 @@ class Half(asyncio.Protocol):
         self.pending: list[bytes] = []
         self.read_bytes = 0
         self.eof = False
-        self.on_data: Callable[[bytes], None] | None = None
-        """While set, reads go here instead of to the peer (headers, detection)."""
+        self.head: HeadReader | None = None
+        """In `Phase.HEAD`, where reads go instead of to the peer."""
         self.observe: Callable[[bytes], None] | None = None
         """Sees a copy of every byte relayed from this side (HTTP metrics)."""
         self.rewrite: Callable[[bytes], bytes] | None = None
@@ -116,18 +139,33 @@ class Half(asyncio.Protocol):
         if self.on_connected is not None:
             self.on_connected(self)
 
+    def hold_reads(self) -> None:
+        """Hold what is read from now on (`Phase.HOLD`) until `start_relaying`."""
+        self.head = None
+        self.phase = Phase.HOLD
+
+    def read_head(self, reader: HeadReader) -> None:
+        """Give what is read from now on to `reader` (`Phase.HEAD`)."""
+        self.head = reader
+        self.phase = Phase.HEAD
+
     def hand_over(self, layer: Layer) -> None:
         """Give the connection to `layer` for the rest of its life (it was not relayed)."""
         self.layer = layer
+        self.head = None
         self.phase = Phase.HANDED_OVER
 
     def data_received(self, data: bytes) -> None:
-        if self.phase is Phase.HANDED_OVER and self.layer is not None:
+        phase = self.phase
+        if phase is Phase.HANDED_OVER and self.layer is not None:
             self.layer.data_received(data)
             return
         self.read_bytes += len(data)
-        if self.on_data is not None:
-            self.on_data(data)
+        if phase is Phase.HEAD and self.head is not None:
+            self.head.feed(data)
+            return
+        if phase is Phase.HOLD:
+            self.hold(data)
             return
         if self.rewrite is not None:
             data = self.rewrite(data)
@@ -150,7 +188,8 @@ class Half(asyncio.Protocol):
 
     def start_relaying(self) -> None:
         """Send what was held to the peer and let bytes flow both ways."""
-        self.on_data = None
+        self.head = None
+        self.phase = Phase.RELAY
         peer = self.peer
         assert peer is not None and peer.transport is not None
         if self.pending:
@@ -170,7 +209,8 @@ class Half(asyncio.Protocol):
         if self.phase is Phase.HANDED_OVER and self.layer is not None:
             return self.layer.eof_received()
         self.eof = True
-        if self.on_data is None and self.peer is not None and self.peer.transport is not None:
+        if self.phase is Phase.RELAY and self.peer is not None and \
+                self.peer.transport is not None:
             self._forward_eof()
         # Keeping a half-closed transport open is only possible without TLS.
         return self.transport is not None and self.transport.can_write_eof()
@@ -196,7 +236,7 @@ class Half(asyncio.Protocol):
             self.layer.resume_writing()
             return
         peer = self.peer
-        if peer is not None and peer.transport is not None and peer.on_data is None and \
+        if peer is not None and peer.transport is not None and peer.phase is Phase.RELAY and \
                 not peer.transport.is_closing():
             peer.transport.resume_reading()
 
@@ -210,7 +250,8 @@ class Half(asyncio.Protocol):
         # once rather than at the next full collection of reference cycles.
         self.transport = None
         self.layer = None
-        self.on_data = self.observe = self.rewrite = self.on_connected = None
+        self.head = None
+        self.observe = self.rewrite = self.on_connected = None
         self.pending = []
 
 
