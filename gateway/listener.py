@@ -35,7 +35,7 @@ from mesh.proxy.assertion import AssertionVerifier, BadAssertion
 from mesh.proxy.balancer import EndpointState, Pick
 from mesh.proxy.dial import Connected, Dialer, DialError, Unreachable
 from mesh.proxy.discovery import EndpointSpec
-from mesh.proxy.http1 import error_response
+from mesh.proxy.http1_head import error_response
 from mesh.proxy.inbound import MeshConnection, MeshListener
 from mesh.proxy.relay import Flow, Labels
 from mesh.proxy.transport_header import CallerAssertion, SessionProtocol, TransportHeader

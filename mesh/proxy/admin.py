@@ -16,7 +16,7 @@ from http import HTTPStatus
 from typing import cast
 
 from mesh.errors import ProtocolError
-from mesh.proxy import http1
+from mesh.proxy import http1, http1_head
 
 log = logging.getLogger("mesh.proxy.admin")
 
@@ -84,7 +84,7 @@ class _AdminConnection(asyncio.Protocol):
             try:
                 event = self.requests.next_event()
             except ProtocolError as e:
-                transport.write(http1.error_response(400, f"malformed request: {e}"))
+                transport.write(http1_head.error_response(400, f"malformed request: {e}"))
                 transport.close()
                 return
             if isinstance(event, http1.Head):

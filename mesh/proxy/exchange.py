@@ -26,7 +26,7 @@ import logging
 from typing import assert_never
 
 from mesh.errors import ProtocolError
-from mesh.proxy import http1
+from mesh.proxy import http1, http1_head
 from mesh.proxy.balancer import Balancer
 from mesh.proxy.discovery import ServiceSpec
 from mesh.proxy.exchange_io import (
@@ -310,7 +310,7 @@ class Exchange:
         assert request is not None
         self.shared.failed(request.head, request.service, status=failure.status,
                            cause=failure.cause)
-        self._out.append(WriteClient(http1.error_response(failure.status, failure.cause)))
+        self._out.append(WriteClient(http1_head.error_response(failure.status, failure.cause)))
         self._done(keep_alive=False)
 
     def _drop_upstream(self) -> None:
@@ -439,7 +439,7 @@ class Exchange:
         request.series.latency(status).observe((self._now - request.started) * 1000)
         # A client that asked to close is told so, whatever the upstream said.
         parts.append(head.raw if self.requests.keep_alive else
-                     http1.serialize_head(head, replace={b"connection": b"close"}))
+                     http1_head.serialize_head(head, replace={b"connection": b"close"}))
         return True
 
     def _closed_early(self, request: Request) -> None:
@@ -550,7 +550,7 @@ class Exchange:
             if started:
                 self._close(message)  # the client has part of a response: cut it
                 return
-        self._out.append(WriteClient(http1.error_response(status, message)))
+        self._out.append(WriteClient(http1_head.error_response(status, message)))
         self._close(message)
 
     def _close(self, cause: str) -> None:

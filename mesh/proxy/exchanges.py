@@ -16,7 +16,7 @@ from typing import Any
 
 from mesh.identity.names import Identity
 from mesh.metrics import ProxyMetrics
-from mesh.proxy import http1
+from mesh.proxy import http1, http1_head
 from mesh.proxy.balancer import Balancer, EndpointState, Pick
 from mesh.proxy.discovery import EndpointSpec, ServiceSpec
 from mesh.proxy.failover import CONNECTION_CAUSES, Cause
@@ -207,4 +207,4 @@ def kept_alive(head: http1.Head) -> bytes:
         return head.raw
     named = {token.strip().lower() for value in head.values(b"connection")
              for token in value.split(b",")}
-    return http1.serialize_head(head, remove={b"connection", *named})
+    return http1_head.serialize_head(head, remove={b"connection", *named})

@@ -36,7 +36,7 @@ from mesh.identity.names import Identity
 from mesh.identity.tls import ALPN, check_peer, context_bundle, explain_handshake_failure
 from mesh.metrics import ProxyMetrics
 from mesh.proxy.assertion import AssertionVerifier, BadAssertion
-from mesh.proxy.http1 import error_response
+from mesh.proxy.http1_head import error_response
 from mesh.proxy.observe import HttpObserver
 from mesh.proxy.relay import Buffered, Flow, FlowMetrics, Half, Labels, describe, release
 from mesh.proxy.transport_header import HeaderDecoder, SessionProtocol, TransportHeader

@@ -18,9 +18,9 @@ import importlib.machinery
 import importlib.util
 from pathlib import Path
 
-MODULES = ("mesh.proxy.http1", "mesh.proxy.exchange_io", "mesh.proxy.exchanges",
-           "mesh.proxy.exchange", "mesh.proxy.http", "mesh.proxy.pool", "mesh.proxy.balancer",
-           "mesh.proxy.retry", "mesh.proxy.relay", "mesh.proxy.observe",
+MODULES = ("mesh.proxy.http1_head", "mesh.proxy.http1", "mesh.proxy.exchange_io",
+           "mesh.proxy.exchanges", "mesh.proxy.exchange", "mesh.proxy.http", "mesh.proxy.pool",
+           "mesh.proxy.balancer", "mesh.proxy.retry", "mesh.proxy.relay", "mesh.proxy.observe",
            "mesh.proxy.transport_header", "mesh.proxy.detect")
 GROUP = "mesh.proxy._native"
 """The shared library of the compiled modules, kept inside the package."""

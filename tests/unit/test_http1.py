@@ -30,8 +30,8 @@ from mesh.proxy.http1 import (
     Role,
     UnexpectedData,
     Upgrade,
-    serialize_head,
 )
+from mesh.proxy.http1_head import serialize_head
 
 TCHARS = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 FRAMING = {"content-length", "transfer-encoding", "connection", "upgrade"}
