@@ -27,8 +27,7 @@ from enum import StrEnum
 
 from mesh.authz import AccessPolicy, Decision
 from mesh.control.externalworkloads import workload_identity
-from mesh.control.policy import PolicyIndex
-from mesh.control.policy_api import port_names
+from mesh.control.policy import PolicyIndex, port_names
 from mesh.discovery.index import (
     Change,
     DestinationIndex,

@@ -19,8 +19,7 @@ import signal
 from gateway.exports import Exports
 from gateway.listener import GatewayListener
 from mesh.config import GatewayConfig
-from mesh.control.policy_api import watch_policy_resources
-from mesh.discovery.server import watch_destinations, watch_workloads
+from mesh.control.watches import watch_destinations, watch_policy_resources, watch_workloads
 from mesh.identity.names import Identity
 from mesh.informer import Informer, all_synced, stop_all
 from mesh.kube import api_client

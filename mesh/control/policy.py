@@ -464,3 +464,13 @@ class PolicyIndex:
                                    "does not exist or is invalid, so the policy authorizes "
                                    "no one")
         return out
+
+
+def port_names(pod: Mapping[str, Any]) -> dict[str, int]:
+    """The pod's named container ports, for `PolicyIndex.for_port`."""
+    names: dict[str, int] = {}
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") and isinstance(port.get("containerPort"), int):
+                names[port["name"]] = port["containerPort"]
+    return names

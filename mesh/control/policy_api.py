@@ -32,23 +32,14 @@ from kubernetes import client
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh.control.externalworkloads import workload_ports
-from mesh.control.policy import (
-    AUTHORIZATION_POLICY,
-    GROUP,
-    MESH_TLS_AUTHENTICATION,
-    PLURALS,
-    SERVER,
-    VERSION,
-    PolicyIndex,
-    Workload,
-)
+from mesh.control.policy import PolicyIndex, Workload, port_names
+from mesh.control.watches import watch_policy_resources, watch_workloads
 from mesh.discovery.server import (
     CONTENT_TYPE,
     Subscription,
     Watch,
     peer_identity,
     pump,
-    watch_workloads,
 )
 from mesh.identity.bundle import TrustBundle
 from mesh.identity.service import Refusal
@@ -185,21 +176,6 @@ class PolicyService:
         return resp
 
 
-def watch_policy_resources(kube: client.ApiClient, loop: asyncio.AbstractEventLoop,
-                           handler: Callable[[str, str, Obj], None]) -> list[Informer]:
-    """Start informers on Servers, MeshTLSAuthentications and AuthorizationPolicies that
-    call ``handler(kind, event, obj)`` on `loop` (for `PolicyIndex.apply`)."""
-    custom = client.CustomObjectsApi(kube)
-    informers = []
-    for kind in (SERVER, MESH_TLS_AUTHENTICATION, AUTHORIZATION_POLICY):
-        informer = Informer(functools.partial(custom.list_cluster_custom_object, GROUP,
-                                              VERSION, PLURALS[kind]),
-                            kind=PLURALS[kind], handler=functools.partial(handler, kind))
-        informers.append(informer)
-        informer.start(loop)
-    return informers
-
-
 def _query(query: Mapping[str, str]) -> WatchKey:
     unknown = sorted(set(query) - {"namespace", *Workload})
     if unknown:
@@ -212,13 +188,3 @@ def _query(query: Mapping[str, str]) -> WatchKey:
                       "externalworkload=<name>")
     kind, name = named[0]
     return kind, namespace, name
-
-
-def port_names(pod: Obj) -> dict[str, int]:
-    """The pod's named container ports, for `PolicyIndex.for_port`."""
-    names: dict[str, int] = {}
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        for port in container.get("ports") or []:
-            if port.get("name") and isinstance(port.get("containerPort"), int):
-                names[port["name"]] = port["containerPort"]
-    return names

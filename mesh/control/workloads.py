@@ -39,9 +39,9 @@ from mesh.control.externalworkloads import (
     key_of,
     workload_ready,
 )
+from mesh.control.watches import watch_workloads
 from mesh.control.workloadslices import desired_slices, owner_service, selects, up_to_date
 from mesh.discovery.index import MANAGED_BY_LABEL
-from mesh.discovery.server import watch_workloads
 from mesh.informer import DELETED, Informer, all_synced, stop_all
 from mesh.workqueue import PermanentError, TemporaryError, WorkQueue
 

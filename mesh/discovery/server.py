@@ -28,7 +28,6 @@ starts again from a fresh snapshot, and no other watcher waits for it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import json
 import logging
@@ -40,11 +39,8 @@ from aiohttp import web
 from kubernetes import client
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from mesh.control.externalworkloads import GROUP as WORKLOAD_GROUP
-from mesh.control.externalworkloads import PLURAL as WORKLOAD_PLURAL
-from mesh.control.externalworkloads import VERSION as WORKLOAD_VERSION
+from mesh.control.watches import watch_destinations
 from mesh.discovery.index import (
-    SERVICE_NAME_LABEL,
     Address,
     Change,
     DestinationIndex,
@@ -57,7 +53,7 @@ from mesh.identity.bundle import TrustBundle
 from mesh.identity.names import Identity, InvalidName
 from mesh.identity.service import Refusal
 from mesh.identity.tls import peer_chain
-from mesh.informer import Handler, Informer, all_synced, stop_all
+from mesh.informer import Informer, all_synced, stop_all
 from mesh.proxy.discovery import ServiceSpec, canonical_address, split_host_port
 
 log = logging.getLogger(__name__)
@@ -332,34 +328,6 @@ async def pump(sub: Subscription, resp: web.StreamResponse, *, heartbeat: float,
         if lines:
             await resp.write(b"".join(lines))
             sent.inc(len(lines))
-
-
-def watch_destinations(kube: client.ApiClient, loop: asyncio.AbstractEventLoop, *,
-                       pods: Handler, slices: Handler, services: Handler,
-                       workloads: Handler | None = None) -> list[Informer]:
-    """Start the informers a `DestinationIndex` needs, each calling its handler on `loop`
-    (hand each event to the index's ``pod_event``, ``slice_event``, ``service_event`` and
-    ``workload_event``); ExternalWorkloads are watched when `workloads` is given."""
-    core, disc = client.CoreV1Api(kube), client.DiscoveryV1Api(kube)
-    informers = [
-        Informer(core.list_pod_for_all_namespaces, kind="pods", handler=pods),
-        Informer(disc.list_endpoint_slice_for_all_namespaces, kind="endpointslices",
-                 label_selector=SERVICE_NAME_LABEL, handler=slices),
-        Informer(core.list_service_for_all_namespaces, kind="services", handler=services),
-    ]
-    if workloads is not None:
-        informers.append(watch_workloads(kube, workloads))
-    for informer in informers:
-        informer.start(loop)
-    return informers
-
-
-def watch_workloads(kube: client.ApiClient, handler: Handler) -> Informer:
-    """An informer (not yet started) on every ExternalWorkload, calling `handler`."""
-    custom = client.CustomObjectsApi(kube)
-    return Informer(functools.partial(custom.list_cluster_custom_object, WORKLOAD_GROUP,
-                                      WORKLOAD_VERSION, WORKLOAD_PLURAL),
-                    kind=WORKLOAD_PLURAL, handler=handler)
 
 
 def peer_identity(request: web.Request, trust: TrustBundle) -> Identity:
