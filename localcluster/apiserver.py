@@ -14,7 +14,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from localcluster import discovery, protobuf, reviews, tables
+from localcluster import discovery, listoptions, protobuf, reviews, tables
 from localcluster.auth import (
     ANONYMOUS,
     Attributes,
@@ -294,6 +294,7 @@ class ApiHandler:
         return respond(obj)
 
     async def _list(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
+        listoptions.parse(request.query, watch=False)
         labels, fields = self._selectors(request, t.rt)
         try:
             limit = int(request.query.get("limit", "0") or 0)
@@ -308,19 +309,22 @@ class ApiHandler:
         return respond(listed)
 
     async def _watch(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
+        opts = listoptions.parse(request.query, watch=True)
         labels, fields = self._selectors(request, t.rt)
         try:
             timeout = float(request.query.get("timeoutSeconds") or DEFAULT_WATCH_TIMEOUT)
         except ValueError as e:
             raise ApiError.bad_request(f"timeoutSeconds must be a number: {e}") from e
-        rv = request.query.get("resourceVersion", "")
+        rv = opts.resource_version
+        if opts.send_initial_events is False and rv in ("", "0"):
+            rv = str(self.registry.store.rv)  # no initial state: from now on
         req = WatchRequest(
             rt=t.rt, namespace=t.namespace if t.rt.namespaced else None, resource_version=rv,
             labels=labels, fields=fields,
             bookmarks=request.query.get("allowWatchBookmarks") in ("true", "1"),
-            timeout=timeout)
+            timeout=timeout, initial_events_end=bool(opts.send_initial_events))
         initial = None
-        if rv in ("", "0"):
+        if rv in ("", "0") or opts.send_initial_events:
             initial = self.registry.list_objects(t.rt, req.namespace, labels=labels,
                                          fields=fields)["items"]
         storage = self.catalog.storage_type(t.rt.key)
