@@ -14,7 +14,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from localcluster import discovery, listoptions, protobuf, reviews, tables
+from localcluster import discovery, impersonation, listoptions, protobuf, reviews, tables
 from localcluster.auth import (
     ANONYMOUS,
     Attributes,
@@ -85,7 +85,8 @@ class ApiHandler:
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         verb, resource = request.method.lower(), ""
         try:
-            user = self._authenticate(request)
+            user = impersonation.impersonate(request.headers, self._authenticate(request),
+                                             self.authorizer.allowed)
             target = self._route(request.path)
             if target is None:
                 verb = "get" if request.method == "GET" else verb
@@ -98,6 +99,10 @@ class ApiHandler:
                     subresource=target.subresource, namespace=target.namespace or "",
                     name=target.name))
                 resp = await self._resource(request, user, target, verb)
+        except impersonation.ImpersonationRequestError as e:
+            # kube answers these with a plain-text 500, not a Status.
+            resp = web.Response(status=500, text=impersonation.internal_error_text(
+                request.raw_path, str(e)))
         except ApiError as e:
             self.rejected.labels(e.reason).inc()
             log.info("request refused method=%s path=%s code=%d reason=%s message=%r",
@@ -346,6 +351,10 @@ class ApiHandler:
         if not t.rt.persisted:
             if t.rt.kind == "TokenReview":
                 return respond(reviews.token_review(self.tokens, body), 201)
+            if t.rt.kind == "SelfSubjectReview":
+                return respond(reviews.self_subject_review(user, self.registry.clock), 201)
+            if t.rt.kind == "SelfSubjectRulesReview":
+                return respond(reviews.rules_review(self.authorizer, user, body), 201)
             return respond(reviews.access_review(t.rt, self.authorizer, user, body), 201)
         if t.rt.namespaced and t.namespace is None:
             raise ApiError.no_route()
