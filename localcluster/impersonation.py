@@ -142,9 +142,9 @@ def impersonate(headers: CIMultiDictProxy[str], requestor: User,
 
 
 def internal_error_text(request_uri: str, message: str) -> str:
-    """kube's ``responsewriters.InternalError`` body (http.Error, HTML-escaped)."""
+    """kube's ``responsewriters.InternalError`` body: http.Error of a text with ``&<>``
+    escaped so that it cannot pass for HTML (quotes are kept)."""
     text = f'Internal Server Error: "{request_uri}": {message}'
-    for raw, escaped in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ('"', "&#34;"),
-                         ("'", "&#39;")):
+    for raw, escaped in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;")):
         text = text.replace(raw, escaped)
     return text + "\n"

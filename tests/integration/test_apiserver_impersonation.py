@@ -213,7 +213,7 @@ def test_group_without_user_is_kubes_internal_error(cluster: Cluster) -> None:
     status, ctype, body = _raw(cluster, "/api/v1/namespaces", {"Impersonate-Group": "devs"})
     assert status == 500
     assert ctype.startswith("text/plain")
-    assert body == ("Internal Server Error: &#34;/api/v1/namespaces&#34;: requested "
+    assert body == ('Internal Server Error: "/api/v1/namespaces": requested '
                     "[{Group  devs    }] without impersonating a user\n")
 
 

@@ -176,3 +176,22 @@ def test_official_client_watch_still_works(cluster: Cluster) -> None:
         core.list_namespaced_config_map, ns, timeout_seconds=1)]
     assert "seen" in names
 
+
+
+def test_official_client_watch_list(cluster: Cluster) -> None:
+    core = client.CoreV1Api(cluster.api())
+    ns = _ns(cluster)
+    core.create_namespaced_config_map(ns, {"metadata": {"name": "x"}})
+    w = watch.Watch()
+    seen = []
+    for e in w.stream(core.list_namespaced_config_map, ns, send_initial_events=True,
+                      resource_version_match="NotOlderThan", allow_watch_bookmarks=True,
+                      field_selector="metadata.name=x", timeout_seconds=5):
+        seen.append(e)
+        if e["type"] == "BOOKMARK":
+            w.stop()
+    assert [e["type"] for e in seen] == ["ADDED", "BOOKMARK"]
+    assert seen[0]["object"].metadata.name == "x"
+    # The client hands bookmarks over undecoded, and resumes from their resourceVersion.
+    assert seen[1]["object"]["metadata"]["annotations"] == {INITIAL_END: "true"}
+    assert w.resource_version == seen[1]["object"]["metadata"]["resourceVersion"]
