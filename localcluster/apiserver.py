@@ -328,6 +328,8 @@ class ApiHandler:
             labels=labels, fields=fields,
             bookmarks=request.query.get("allowWatchBookmarks") in ("true", "1"),
             timeout=timeout, initial_events_end=bool(opts.send_initial_events))
+        if opts.send_initial_events and rv not in ("", "0") and not rv.isdigit():
+            raise ApiError.bad_request(f"invalid resourceVersion {rv!r}")
         initial = None
         if rv in ("", "0") or opts.send_initial_events:
             initial = self.registry.list_objects(t.rt, req.namespace, labels=labels,

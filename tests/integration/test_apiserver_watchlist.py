@@ -129,6 +129,14 @@ def test_refused_combinations(cluster: Cluster, query: str, message: str) -> Non
     assert body["details"]["group"] == "meta.k8s.io"
 
 
+def test_bad_resource_version_is_400(cluster: Cluster) -> None:
+    status, body = cluster.raw("GET", "/api/v1/namespaces/default/configmaps?watch=true"
+                               "&sendInitialEvents=true&resourceVersionMatch=NotOlderThan"
+                               "&resourceVersion=abc")
+    assert status == 400
+    assert body["message"] == "invalid resourceVersion 'abc'"
+
+
 def test_bad_boolean_is_400(cluster: Cluster) -> None:
     status, body = cluster.raw("GET", "/api/v1/namespaces/default/configmaps?watch=true"
                                "&sendInitialEvents=maybe&resourceVersionMatch=NotOlderThan")
