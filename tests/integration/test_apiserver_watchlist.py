@@ -68,12 +68,16 @@ def test_initial_events_then_bookmark_then_live_changes(cluster: Cluster, rv: st
             mark["metadata"]["resourceVersion"])
 
 
-def test_empty_collection_gets_only_the_bookmark(cluster: Cluster) -> None:
+def test_empty_collection_gets_the_bookmark_then_periodic_ones(cluster: Cluster) -> None:
     ns = _ns(cluster)
     with _stream(cluster, _watchlist(ns)) as events:
-        mark = next(events)
+        mark, periodic = next(events), next(events)  # the test cluster bookmarks every 0.5s
     assert mark["type"] == "BOOKMARK"
     assert mark["object"]["metadata"]["annotations"][INITIAL_END] == "true"
+    assert periodic["type"] == "BOOKMARK"
+    assert "annotations" not in periodic["object"]["metadata"]
+    assert int(periodic["object"]["metadata"]["resourceVersion"]) >= int(
+        mark["object"]["metadata"]["resourceVersion"])
 
 
 def test_without_allow_bookmarks_no_initial_end_bookmark(cluster: Cluster) -> None:
