@@ -14,7 +14,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from localcluster import discovery, protobuf, reviews, tables
+from localcluster import discovery, impersonation, listoptions, protobuf, reviews, tables
 from localcluster.auth import (
     ANONYMOUS,
     Attributes,
@@ -85,7 +85,8 @@ class ApiHandler:
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         verb, resource = request.method.lower(), ""
         try:
-            user = self._authenticate(request)
+            user = impersonation.impersonate(request.headers, self._authenticate(request),
+                                             self.authorizer.allowed)
             target = self._route(request.path)
             if target is None:
                 verb = "get" if request.method == "GET" else verb
@@ -98,6 +99,10 @@ class ApiHandler:
                     subresource=target.subresource, namespace=target.namespace or "",
                     name=target.name))
                 resp = await self._resource(request, user, target, verb)
+        except impersonation.ImpersonationRequestError as e:
+            # kube answers these with a plain-text 500, not a Status.
+            resp = web.Response(status=500, text=impersonation.internal_error_text(
+                request.raw_path, str(e)))
         except ApiError as e:
             self.rejected.labels(e.reason).inc()
             log.info("request refused method=%s path=%s code=%d reason=%s message=%r",
@@ -294,6 +299,7 @@ class ApiHandler:
         return respond(obj)
 
     async def _list(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
+        listoptions.parse(request.query, watch=False)
         labels, fields = self._selectors(request, t.rt)
         try:
             limit = int(request.query.get("limit", "0") or 0)
@@ -308,19 +314,24 @@ class ApiHandler:
         return respond(listed)
 
     async def _watch(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
+        opts = listoptions.parse(request.query, watch=True)
         labels, fields = self._selectors(request, t.rt)
         try:
             timeout = float(request.query.get("timeoutSeconds") or DEFAULT_WATCH_TIMEOUT)
         except ValueError as e:
             raise ApiError.bad_request(f"timeoutSeconds must be a number: {e}") from e
-        rv = request.query.get("resourceVersion", "")
+        rv = opts.resource_version
+        if opts.send_initial_events is False and rv in ("", "0"):
+            rv = str(self.registry.store.rv)  # no initial state: from now on
         req = WatchRequest(
             rt=t.rt, namespace=t.namespace if t.rt.namespaced else None, resource_version=rv,
             labels=labels, fields=fields,
             bookmarks=request.query.get("allowWatchBookmarks") in ("true", "1"),
-            timeout=timeout)
+            timeout=timeout, initial_events_end=bool(opts.send_initial_events))
+        if opts.send_initial_events and rv not in ("", "0") and not rv.isdigit():
+            raise ApiError.bad_request(f"invalid resourceVersion {rv!r}")
         initial = None
-        if rv in ("", "0"):
+        if rv in ("", "0") or opts.send_initial_events:
             initial = self.registry.list_objects(t.rt, req.namespace, labels=labels,
                                          fields=fields)["items"]
         storage = self.catalog.storage_type(t.rt.key)
@@ -342,6 +353,10 @@ class ApiHandler:
         if not t.rt.persisted:
             if t.rt.kind == "TokenReview":
                 return respond(reviews.token_review(self.tokens, body), 201)
+            if t.rt.kind == "SelfSubjectReview":
+                return respond(reviews.self_subject_review(user, self.registry.clock), 201)
+            if t.rt.kind == "SelfSubjectRulesReview":
+                return respond(reviews.rules_review(self.authorizer, user, body), 201)
             return respond(reviews.access_review(t.rt, self.authorizer, user, body), 201)
         if t.rt.namespaced and t.namespace is None:
             raise ApiError.no_route()

@@ -239,14 +239,25 @@ class Authorizer:
                     return True
         return False
 
+    def rules_for(self, user: User, namespace: str) -> list[Mapping[str, Any]]:
+        """Every RBAC rule that applies to ``user`` in ``namespace`` (cluster-wide ones
+        first), as kube's rule resolver visits them."""
+        rules: list[Mapping[str, Any]] = []
+        for crb in self._items(("rbac.authorization.k8s.io", "clusterrolebindings"), None):
+            if any(_subject_matches(s, user, "") for s in crb.get("subjects") or []):
+                rules += self._role_rules(crb["roleRef"], "")
+        if namespace:
+            for rb in self._items(("rbac.authorization.k8s.io", "rolebindings"), namespace):
+                if any(_subject_matches(s, user, namespace) for s in rb.get("subjects") or []):
+                    rules += self._role_rules(rb["roleRef"], namespace)
+        return rules
+
 
 def forbidden_message(user: User, attrs: Attributes) -> str:
     """kube-apiserver's wording for an RBAC denial."""
     if not attrs.is_resource:
         return f'forbidden: User "{user.name}" cannot {attrs.verb} path "{attrs.path}"'
     qualified = f"{attrs.resource}.{attrs.group}" if attrs.group else attrs.resource
-    if attrs.subresource:
-        qualified = f"{qualified}/{attrs.subresource}"
     subject = f'{qualified} "{attrs.name}"' if attrs.name else qualified
     full = f"{attrs.resource}/{attrs.subresource}" if attrs.subresource else attrs.resource
     scope = (f'in the namespace "{attrs.namespace}"' if attrs.namespace
@@ -287,6 +298,9 @@ def bootstrap_rbac() -> list[dict[str, Any]]:
         role("system:basic-user", [{"apiGroups": ["authorization.k8s.io"],
                                     "resources": ["selfsubjectaccessreviews",
                                                   "selfsubjectrulesreviews"],
+                                    "verbs": ["create"]},
+                                   {"apiGroups": ["authentication.k8s.io"],
+                                    "resources": ["selfsubjectreviews"],
                                     "verbs": ["create"]}]),
         binding("system:basic-user", "system:authenticated"),
         role("system:auth-delegator", [

@@ -125,6 +125,7 @@ SCHEMA: dict[str, dict[int, tuple[str, str]]] = {
     "BoundObjectReference": {1: ("kind", "str"), 2: ("apiVersion", "str"), 3: ("name", "str"),
                              4: ("uid", "str")},
     "TokenReview": {_META[0]: _META[1:], 2: ("spec", "TokenReviewSpec")},
+    "SelfSubjectReview": {_META[0]: _META[1:]},
     "TokenReviewSpec": {1: ("token", "str"), 2: ("audiences", "[]str")},
     # k8s.io/api/authorization/v1/generated.proto
     "SubjectAccessReview": {_META[0]: _META[1:], 2: ("spec", "SubjectAccessReviewSpec")},
@@ -165,7 +166,7 @@ SCHEMA: dict[str, dict[int, tuple[str, str]]] = {
 # registered in every group version, so it is accepted under any apiVersion.
 SUPPORTED: dict[tuple[str, str], str] = {
     **{("v1", k): k for k in ("Namespace", "ConfigMap", "Secret", "ServiceAccount", "Service")},
-    **{(_AUTHN, k): k for k in ("TokenRequest", "TokenReview")},
+    **{(_AUTHN, k): k for k in ("TokenRequest", "TokenReview", "SelfSubjectReview")},
     **{(_AUTHZ, k): k for k in ("SubjectAccessReview", "SelfSubjectAccessReview",
                                 "SelfSubjectRulesReview")},
     (_AUTHZ, "LocalSubjectAccessReview"): "SubjectAccessReview",

@@ -1,10 +1,12 @@
-"""The answered-not-stored kinds: TokenRequest, TokenReview and the
-SubjectAccessReviews that let a client ask whether it (or someone) may act."""
+"""The answered-not-stored kinds: TokenRequest, TokenReview, the
+SubjectAccessReviews that let a client ask whether it (or someone) may act, and
+the self reviews that tell a client who it is (SelfSubjectReview) and all it
+may do in a namespace (SelfSubjectRulesReview)."""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from localcluster.auth import Attributes, Authorizer, TokenAuthority, User
@@ -134,3 +136,39 @@ def access_review(rt: ResourceType, authorizer: Authorizer, caller: User,
         status["reason"] = "RBAC: allowed"
     return {"apiVersion": rt.api_version, "kind": rt.kind,
             "metadata": {"creationTimestamp": None}, "spec": dict(spec), "status": status}
+
+
+def self_subject_review(caller: User, clock: Callable[[], float]) -> dict[str, Any]:
+    """Who the caller is (after impersonation), as `kubectl auth whoami` shows it."""
+    info: dict[str, Any] = {"username": caller.name}
+    if caller.uid:
+        info["uid"] = caller.uid
+    info["groups"] = list(caller.groups)
+    if caller.extra:
+        info["extra"] = {k: list(v) for k, v in caller.extra.items()}
+    return {"kind": "SelfSubjectReview", "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": now_rfc3339(clock)}, "status": {"userInfo": info}}
+
+
+def rules_review(authorizer: Authorizer, caller: User, body: Any) -> dict[str, Any]:
+    """What the caller may do in a namespace, as `kubectl auth can-i --list` shows it."""
+    spec = body.get("spec") if isinstance(body, Mapping) else None
+    namespace = spec.get("namespace", "") if isinstance(spec, Mapping) else ""
+    if not namespace:
+        raise ApiError.bad_request("no namespace on request")
+    resource_rules: list[dict[str, Any]] = []
+    non_resource_rules: list[dict[str, Any]] = []
+    for rule in authorizer.rules_for(caller, namespace):
+        if rule.get("resources"):
+            out: dict[str, Any] = {"verbs": list(rule.get("verbs") or [])}
+            for key in ("apiGroups", "resources", "resourceNames"):
+                if rule.get(key):
+                    out[key] = list(rule[key])
+            resource_rules.append(out)
+        if rule.get("nonResourceURLs"):
+            non_resource_rules.append({"verbs": list(rule.get("verbs") or []),
+                                       "nonResourceURLs": list(rule["nonResourceURLs"])})
+    return {"kind": "SelfSubjectRulesReview", "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {"creationTimestamp": None}, "spec": {},
+            "status": {"resourceRules": resource_rules, "nonResourceRules": non_resource_rules,
+                       "incomplete": False}}

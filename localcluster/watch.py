@@ -2,10 +2,13 @@
 
 A watch first replays what the client missed (the current objects as ADDED
 when it gives no resourceVersion, or the history after the one it gives),
-then follows live commits. Subscribing and replaying happen with no await in
-between, so no event falls in the gap. A resourceVersion older than the
-history gets kube's ``410 Gone`` ERROR event; a watcher too slow to keep up is
-closed so that it re-watches rather than making the server hold its backlog.
+then follows live commits. A watch-list (``sendInitialEvents=true``) sends the
+current objects as ADDED and, when bookmarks are allowed, a BOOKMARK annotated
+``k8s.io/initial-events-end`` before following live commits. Subscribing and
+replaying happen with no await in between, so no event falls in the gap. A
+resourceVersion older than the history gets kube's ``410 Gone`` ERROR event; a
+watcher too slow to keep up is closed so that it re-watches rather than making
+the server hold its backlog.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class WatchRequest:
     fields: FieldSelector | None
     bookmarks: bool
     timeout: float
+    initial_events_end: bool = False
+    """Mark the end of the initial ADDED events with kube's annotated bookmark."""
 
 
 class Watcher:
@@ -97,6 +102,18 @@ class Watcher:
         return json.dumps({"type": typ, "object": obj}, separators=(",", ":")).encode() + b"\n"
 
 
+INITIAL_EVENTS_END = "k8s.io/initial-events-end"
+
+
+def _bookmark(rt: ResourceType, rv: int, *, initial_end: bool = False) -> bytes:
+    meta: dict[str, Any] = {"resourceVersion": str(rv)}
+    if initial_end:
+        meta["annotations"] = {INITIAL_EVENTS_END: "true"}
+    mark = {"type": "BOOKMARK",
+            "object": {"kind": rt.kind, "apiVersion": rt.api_version, "metadata": meta}}
+    return json.dumps(mark, separators=(",", ":")).encode() + b"\n"
+
+
 def _error_line(err: ApiError) -> bytes:
     return json.dumps({"type": "ERROR", "object": err.status()}).encode() + b"\n"
 
@@ -114,6 +131,7 @@ async def serve_watch(request: web.Request, req: WatchRequest, store: Store,
         except ValueError as e:
             raise ApiError.bad_request(f"invalid resourceVersion {req.resource_version!r}") from e
         backlog = store.events_since(since)
+    listed_rv = store.rv
     unsubscribe = store.subscribe(watcher.offer)
     resp = web.StreamResponse(headers={"Content-Type": "application/json",
                                        "Cache-Control": "no-cache, private"})
@@ -126,6 +144,8 @@ async def serve_watch(request: web.Request, req: WatchRequest, store: Store,
             return resp
         lines = [watcher.line("ADDED", o) for o in initial or () if watcher.matches(o)]
         lines += [line for ev in backlog if (line := watcher.encode(ev))]
+        if req.initial_events_end and req.bookmarks:
+            lines.append(_bookmark(req.rt, listed_rv, initial_end=True))
         if lines:
             await resp.write(b"".join(lines))
         await _follow(resp, watcher, bookmark_interval)
@@ -152,11 +172,7 @@ async def _follow(resp: web.StreamResponse, watcher: Watcher, bookmark_interval:
             first = await asyncio.wait_for(watcher.queue.get(), timeout=wait)
         except TimeoutError:
             if watcher.req.bookmarks and loop.time() >= next_bookmark:
-                rt = watcher.req.rt
-                mark = {"type": "BOOKMARK", "object": {
-                    "kind": rt.kind, "apiVersion": rt.api_version,
-                    "metadata": {"resourceVersion": str(max(last_rv, watcher.store.rv))}}}
-                await resp.write(json.dumps(mark).encode() + b"\n")
+                await resp.write(_bookmark(watcher.req.rt, max(last_rv, watcher.store.rv)))
                 next_bookmark = loop.time() + bookmark_interval
             continue
         batch = [first]

@@ -170,9 +170,9 @@ def test_cluster_scoped_paths_have_no_namespace() -> None:
 
 def test_create_only_kinds_have_only_post() -> None:
     doc = openapi_document("authentication.k8s.io/v1", BUILTIN)
-    assert list(doc["paths"]) == ["/apis/authentication.k8s.io/v1/tokenreviews"]
-    assert set(doc["paths"]["/apis/authentication.k8s.io/v1/tokenreviews"]) == {
-        "post", "parameters"}
+    assert sorted(doc["paths"]) == ["/apis/authentication.k8s.io/v1/selfsubjectreviews",
+                                    "/apis/authentication.k8s.io/v1/tokenreviews"]
+    assert all(set(ops) == {"post", "parameters"} for ops in doc["paths"].values())
 
 
 def test_patch_types_strategic_merge_only_for_builtins() -> None:

@@ -201,6 +201,12 @@ GOLDEN: dict[str, tuple[str, dict[str, Any]]] = {
         {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectRulesReview",
          "spec": {"namespace": "demo"}},
     ),
+    # kubectl auth whoami
+    "selfsubjectreview": (
+        "6b3873000a2d0a1861757468656e7469636174696f6e2e6b38732e696f2f7631121153656c665375626a"
+        "656374526576696577121a0a100a0012001a0022002a0032003800420012060a040a0012001a002200",
+        {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"},
+    ),
 }
 
 # Kinds kubectl sends as protobuf that have no schema here.
@@ -219,12 +225,6 @@ UNSUPPORTED: dict[str, tuple[str, str]] = {
         "6b3873000a130a027631120d5265736f7572636551756f746112280a150a017112001a0464656d6f2200"
         "2a00320038004200120d0a0b0a04706f647312030a01321a001a002200",
         "v1 ResourceQuota",
-    ),
-    # kubectl auth whoami
-    "selfsubjectreview": (
-        "6b3873000a2d0a1861757468656e7469636174696f6e2e6b38732e696f2f7631121153656c665375626a"
-        "656374526576696577121a0a100a0012001a0022002a0032003800420012060a040a0012001a002200",
-        "authentication.k8s.io/v1 SelfSubjectReview",
     ),
 }
 
