@@ -27,6 +27,7 @@ from localcluster.errors import ApiError
 from localcluster.registry import Registry, WriteOptions
 from localcluster.resources import ResourceType
 from localcluster.selectors import FieldSelector, LabelSelector
+from localcluster.strategy import delete_response
 from localcluster.watch import WatchRequest, serve_watch
 
 log = logging.getLogger("localcluster.apiserver")
@@ -368,7 +369,7 @@ class ApiHandler:
         options = body if isinstance(body, dict) else {}
         obj = await self.registry.delete(t.rt, self._scope(t), t.name, options,
                                          self._options(request))
-        return respond(obj)
+        return respond(delete_response(t.rt, obj))
 
     async def _delete_collection(self, request: web.Request, user: User,
                                  t: Target) -> web.StreamResponse:

@@ -28,6 +28,7 @@ from localcluster.errors import ApiError
 from localcluster.resources import ResourceType
 from localcluster.selectors import FieldSelector, LabelSelector
 from localcluster.store import EventType, Store, Write
+from localcluster.strategy import tracks_generation
 from localcluster.validate import validate_object, validate_update
 
 NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
@@ -190,7 +191,10 @@ class Registry:
             meta.pop(k, None)
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = now_rfc3339(self.clock)
-        meta["generation"] = 1
+        if tracks_generation(rt):
+            meta["generation"] = 1
+        else:
+            meta.pop("generation", None)
         if rt.status_subresource and rt.key != CRD_KEY:
             obj.pop("status", None)
         self._validate(rt, obj, None)
@@ -298,7 +302,7 @@ class Registry:
                 merged["status"] = copy.deepcopy(old["status"])
             elif rt.status_subresource:
                 merged.pop("status", None)
-            if _spec_changed(old, merged):
+            if tracks_generation(rt) and _spec_changed(old, merged):
                 new_meta["generation"] = int(old_meta.get("generation", 1)) + 1
         merged["apiVersion"], merged["kind"] = old.get("apiVersion", rt.api_version), rt.kind
         merged["metadata"]["resourceVersion"] = old_meta["resourceVersion"]
