@@ -66,7 +66,9 @@ def _dig(obj: Mapping[str, Any], path: str) -> Any:
 
 def _ports(svc: Mapping[str, Any]) -> str:
     ports = (svc.get("spec") or {}).get("ports") or []
-    return ",".join(f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in ports) or "<none>"
+    return ",".join(
+        f"{p.get('port')}:{p['nodePort']}/{p.get('protocol', 'TCP')}" if p.get("nodePort")
+        else f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in ports) or "<none>"
 
 
 def _endpoints(ep: Mapping[str, Any]) -> str:
@@ -95,6 +97,20 @@ def _col(name: str, cell: Cell, *, priority: int = 0, kind: str = "string",
          fmt: str = "") -> tuple[dict[str, Any], Cell]:
     return ({"name": name, "type": kind, "format": fmt, "description": "",
              "priority": priority}, cell)
+
+
+def _since(stamp: Any) -> str:
+    """kube's translateTimestampSince, for Time and MicroTime stamps alike."""
+    if not stamp:
+        return "<unknown>"
+    at = dt.datetime.strptime(str(stamp)[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.UTC)
+    return human_duration(time.time() - at.timestamp())
+
+
+def _event_object(o: Mapping[str, Any]) -> str:
+    kind = str(_dig(o, "involvedObject.kind") or "").lower()
+    name = _dig(o, "involvedObject.name")
+    return f"{kind}/{name}" if name else kind
 
 
 _NAME = _col("Name", lambda o: o["metadata"]["name"], fmt="name")
@@ -143,11 +159,20 @@ COLUMNS: dict[tuple[str, str], list[tuple[dict[str, Any], Cell]]] = {
         _AGE],
     ("apiextensions.k8s.io", "customresourcedefinitions"): [_NAME, _CREATED],
     ("", "events"): [
-        _col("Last Seen", lambda o: o.get("lastTimestamp") or ""),
+        _col("Last Seen", lambda o: _since(_dig(o, "series.lastObservedTime") or o.get(
+            "lastTimestamp") or o.get("firstTimestamp") or o.get("eventTime"))),
         _col("Type", lambda o: o.get("type", "")), _col("Reason", lambda o: o.get("reason", "")),
-        _col("Object", lambda o: f"{_dig(o, 'involvedObject.kind')}/"
-                                 f"{_dig(o, 'involvedObject.name')}".lower()),
-        _col("Message", lambda o: o.get("message", ""))],
+        _col("Object", _event_object),
+        _col("Subobject", lambda o: _dig(o, "involvedObject.fieldPath") or "", priority=1),
+        _col("Source", lambda o: ", ".join(v for v in (
+            _dig(o, "source.component") or o.get("reportingComponent"),
+            _dig(o, "source.host") or o.get("reportingInstance")) if v), priority=1),
+        _col("Message", lambda o: str(o.get("message", "")).strip()),
+        _col("First Seen", lambda o: _since(o.get("firstTimestamp") or o.get("eventTime")),
+             priority=1),
+        _col("Count", lambda o: _dig(o, "series.count") or o.get("count") or 1,
+             kind="integer", priority=1),
+        _col("Name", lambda o: o["metadata"]["name"], priority=1)],
 }
 
 
