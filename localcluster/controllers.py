@@ -24,7 +24,7 @@ from localcluster.admission import MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LA
 from localcluster.auth import bootstrap_rbac
 from localcluster.errors import ApiError
 from localcluster.events import EventRecorder
-from localcluster.registry import NAMESPACE_KEY, Registry
+from localcluster.registry import NAMESPACE_KEY, TERMINATING_CAUSE, Registry
 from localcluster.resources import BUILTIN, ResourceType
 from localcluster.selectors import LabelSelector
 from localcluster.store import Event, EventType, Write
@@ -153,9 +153,10 @@ class Controllers:
             await self._sync_endpoints(key)
         except ApiError as e:
             # As kube's EndpointSlice controller: a failed sync is a Warning on the
-            # Service (a conflict or a vanished object is churn, retried as TemporaryError).
+            # Service, but for churn (a conflict or a vanished object, retried as
+            # TemporaryError) and a namespace being emptied.
             svc = self.store.get(SERVICES.key, *key)
-            if svc is not None:
+            if svc is not None and not any(c.reason == TERMINATING_CAUSE for c in e.causes):
                 await self.slice_events.warning(
                     self.registry.present(SERVICES, svc), "FailedToUpdateEndpointSlices",
                     f"Error updating Endpoint Slices for Service {key[0]}/{key[1]}: {e}")

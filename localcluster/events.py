@@ -27,7 +27,7 @@ from localcluster.resources import BUILTIN
 
 log = logging.getLogger(__name__)
 
-EVENTS = next(rt for rt in BUILTIN if rt.key == ("", "events"))
+EVENTS = next(rt for rt in BUILTIN if (rt.group, rt.plural) == ("", "events"))
 MAX_CACHED = 4096
 SIMILAR_LIMIT = 10
 SIMILAR_WINDOW = 600.0

@@ -338,3 +338,76 @@ def test_delete_answers_per_kind(cluster: Cluster) -> None:
     assert status == 200 and body["kind"] == "ConfigMapList"
     assert sorted(i["metadata"]["name"] for i in body["items"]) == ["a", "b"]
     assert core.list_namespaced_config_map(ns, label_selector="x=y").items == []
+
+
+# -- events --------------------------------------------------------------------------
+
+
+def test_events_in_both_versions(cluster: Cluster) -> None:
+    ns = _ns(cluster)
+    api = cluster.api()
+    core, events = client.CoreV1Api(api), client.EventsV1Api(api)
+    svc = core.create_namespaced_service(ns, {"metadata": {"name": "web"}, "spec": {
+        "ports": [{"port": 80}]}})
+    regarding = {"kind": "Service", "namespace": ns, "name": "web", "uid": svc.metadata.uid,
+                 "apiVersion": "v1"}
+    core.create_namespaced_event(ns, {
+        "metadata": {"name": "web.1"}, "involvedObject": regarding, "type": "Warning",
+        "reason": "FailedToUpdateEndpointSlices", "message": "Error updating Endpoint Slices",
+        "source": {"component": "endpoint-slice-controller"}, "count": 2,
+        "firstTimestamp": "2026-01-01T00:00:00Z", "lastTimestamp": "2026-01-01T00:01:00Z"})
+    events.create_namespaced_event(ns, {
+        "metadata": {"name": "web.2"}, "regarding": regarding, "type": "Normal",
+        "reason": "Synced", "note": "all good", "action": "Sync",
+        "eventTime": "2026-01-01T00:02:00.000000Z", "reportingController": "example.com/ctl",
+        "reportingInstance": "ctl-1"})
+
+    as_core = {e.metadata.name: e for e in core.list_namespaced_event(ns).items}
+    assert as_core["web.2"].message == "all good" and as_core["web.2"].involved_object.name == \
+        "web"
+    assert as_core["web.2"].reporting_component == "example.com/ctl"
+    # Read raw: an Event written through core/v1 has no eventTime, which the client's
+    # events.k8s.io model insists on (as it does against kube).
+    status, listed = cluster.raw("GET", f"/apis/events.k8s.io/v1/namespaces/{ns}/events")
+    assert status == 200 and listed["kind"] == "EventList"
+    as_v1 = {e["metadata"]["name"]: e for e in listed["items"]}
+    assert as_v1["web.1"]["apiVersion"] == "events.k8s.io/v1"
+    assert as_v1["web.1"]["note"] == "Error updating Endpoint Slices"
+    assert as_v1["web.1"]["regarding"]["uid"] == svc.metadata.uid
+    assert as_v1["web.1"]["deprecatedCount"] == 2
+    assert as_v1["web.1"]["deprecatedLastTimestamp"] == "2026-01-01T00:01:00Z"
+    assert as_v1["web.2"]["eventTime"] == "2026-01-01T00:02:00.000000Z"
+    assert as_v1["web.1"]["deprecatedSource"] == {"component": "endpoint-slice-controller"}
+    assert "involvedObject" not in as_v1["web.1"] and "message" not in as_v1["web.1"]
+    picked = events.list_namespaced_event(ns, field_selector="regarding.name=web,type=Normal")
+    assert [e.metadata.name for e in picked.items] == ["web.2"]
+    assert picked.items[0].note == "all good"
+    picked = core.list_namespaced_event(ns, field_selector="involvedObject.name=web,"
+                                        "reason=FailedToUpdateEndpointSlices")
+    assert [e.metadata.name for e in picked.items] == ["web.1"]
+
+    rows = cluster.kubectl("get", "events", "-n", ns).stdout.splitlines()
+    assert rows[0].split() == ["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]
+    assert any(r.split()[1:5] == ["Warning", "FailedToUpdateEndpointSlices", "service/web",
+                                  "Error"] for r in rows[1:])
+    rows = cluster.kubectl("get", "events.v1.events.k8s.io", "-n", ns).stdout.splitlines()
+    assert any("Synced" in r and "service/web" in r and "all good" in r for r in rows[1:])
+    described = cluster.kubectl("describe", "service", "web", "-n", ns).stdout
+    events_part = described.split("Events:", 1)[1]
+    assert "FailedToUpdateEndpointSlices" in events_part and "all good" in events_part
+
+    # Raw: the client refuses to send an Event without eventTime at all.
+    status, body = cluster.raw("POST", f"/apis/events.k8s.io/v1/namespaces/{ns}/events",
+                               json.dumps({"metadata": {"name": "bad"}, "regarding": regarding,
+                                           "type": "Odd", "note": "x",
+                                           "deprecatedCount": 3}).encode())
+    assert status == 422 and body["message"] == (
+        'Event.events.k8s.io "bad" is invalid: [eventTime: Required value, '
+        "reportingController: Required value, reportingInstance: Required value, action: "
+        'Required value, reason: Required value, type: Unsupported value: "Odd": supported '
+        'values: "Normal", "Warning", deprecatedCount: Invalid value: "": needs to be unset]')
+    status, body = cluster.raw("DELETE", f"/apis/events.k8s.io/v1/namespaces/{ns}/events/web.1")
+    assert status == 200 and body["details"] == {"name": "web.1", "group": "events.k8s.io",
+                                                 "kind": "events",
+                                                 "uid": as_core["web.1"].metadata.uid}
+    assert [e.metadata.name for e in core.list_namespaced_event(ns).items] == ["web.2"]
