@@ -411,3 +411,39 @@ def test_events_in_both_versions(cluster: Cluster) -> None:
                                                  "kind": "events",
                                                  "uid": as_core["web.1"].metadata.uid}
     assert [e.metadata.name for e in core.list_namespaced_event(ns).items] == ["web.2"]
+
+
+def test_kubectl_apply_keeps_what_the_server_filled_in(cluster: Cluster) -> None:
+    ns = _ns(cluster)
+    manifest = """
+apiVersion: v1
+kind: Pod
+metadata: {name: app, namespace: NS}
+spec:
+  containers: [{name: app, image: "busybox:IMAGE", command: [sleep, "1"]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: app, namespace: NS}
+spec:
+  type: NodePort
+  selector: {app: app}
+  ports: [{port: 80}]
+"""
+
+    def apply(image: str) -> str:
+        text = manifest.replace("NS", ns).replace("IMAGE", image)
+        return cluster.kubectl("apply", "-f", "-", input=text).stdout
+
+    assert apply("1.36").split() == ["pod/app", "created", "service/app", "created"]
+    port = client.CoreV1Api(cluster.api()).read_namespaced_service("app", ns).spec.ports[0]
+    assert apply("1.36").split() == ["pod/app", "unchanged", "service/app", "unchanged"]
+    assert apply("1.37").split() == ["pod/app", "configured", "service/app", "unchanged"]
+    again = client.CoreV1Api(cluster.api()).read_namespaced_service("app", ns).spec.ports[0]
+    assert again.node_port == port.node_port
+    text = manifest.replace("NS", ns).replace("IMAGE", "1.37").replace(
+        'command: [sleep, "1"]', 'command: [sleep, "2"]')
+    proc = cluster.kubectl("apply", "-f", "-", input=text, check=False)
+    assert proc.returncode == 1
+    assert 'The Pod "app" is invalid: spec: Forbidden: pod updates may not change fields' in \
+        proc.stderr
