@@ -256,6 +256,7 @@ def test_pod_defaults_and_admission(cluster: Cluster) -> None:
     assert pod["status"] == {"phase": "Pending", "qosClass": "BestEffort"}
 
     core = client.CoreV1Api(cluster.api())
+    core.create_namespaced_service_account(ns, {"metadata": {"name": "robot"}})
     made = core.create_namespaced_pod(ns, {"metadata": {"name": "q"}, "spec": {
         "serviceAccount": "robot", "restartPolicy": "Never",
         "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists"}],
