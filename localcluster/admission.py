@@ -170,14 +170,20 @@ class Admission:
         default_service_spec(spec, old)
         if old is None:
             svc["status"] = {"loadBalancer": {}}
+        old_spec = (old or {}).get("spec") or {}
         if spec["type"] == "ExternalName":
+            # kube's dropTypeDependentFields: what only an addressed Service has goes,
+            # unless the request changed it (then validation answers).
+            for key in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy",
+                        "internalTrafficPolicy"):
+                if key in spec and spec[key] == old_spec.get(key):
+                    del spec[key]
             return
         spec.setdefault("ipFamilies", ["IPv4"])
         spec.setdefault("ipFamilyPolicy", "SingleStack")
         self.node_ports.assign(svc, old)
         name = svc["metadata"]["name"]
-        if old is not None:
-            old_spec = old.get("spec") or {}
+        if old_spec.get("clusterIPs"):
             # kube's patchAllocatedValues, then normalizeClusterIPs
             if not spec.get("clusterIP") and old_spec.get("clusterIP"):
                 spec["clusterIP"] = old_spec["clusterIP"]

@@ -135,6 +135,8 @@ def _service(obj: Mapping[str, Any]) -> list[Cause]:
     types = ["ClusterIP", "ExternalName", "LoadBalancer", "NodePort"]
     if stype not in types:
         causes.append(_unsupported("spec.type", stype, types))
+    if stype == "ExternalName" and not str(spec.get("externalName") or "").rstrip("."):
+        causes.append(_required("spec.externalName"))
     ports = spec.get("ports") or []
     headless = spec.get("clusterIP") == "None"
     if not ports and stype != "ExternalName" and not headless:

@@ -448,3 +448,23 @@ spec:
     assert proc.returncode == 1
     assert 'The Pod "app" is invalid: spec: Forbidden: pod updates may not change fields' in \
         proc.stderr
+
+
+def test_service_type_changes_to_and_from_external_name(cluster: Cluster) -> None:
+    ns = _ns(cluster)
+    core = client.CoreV1Api(cluster.api())
+    core.create_namespaced_service(ns, {"metadata": {"name": "s"}, "spec": {
+        "ports": [{"port": 80}]}})
+    err = _refused(cluster, "patch", "service", "s", "-n", ns, "--type=merge",
+                   "-p", '{"spec":{"type":"ExternalName"}}')
+    assert err == 'The Service "s" is invalid: spec.externalName: Required value'
+    cluster.kubectl("patch", "service", "s", "-n", ns, "--type=merge",
+                    "-p", '{"spec":{"type":"ExternalName","externalName":"example.com"}}')
+    named = core.read_namespaced_service("s", ns).spec
+    assert (named.cluster_ip, named.cluster_ips, named.ip_families,
+            named.internal_traffic_policy) == (None, None, None, None)
+    cluster.kubectl("patch", "service", "s", "-n", ns, "--type=merge",
+                    "-p", '{"spec":{"type":"ClusterIP","externalName":null}}')
+    addressed = core.read_namespaced_service("s", ns).spec
+    assert addressed.cluster_ip and addressed.cluster_ips == [addressed.cluster_ip]
+    assert addressed.ip_families == ["IPv4"]
