@@ -17,7 +17,9 @@ from typing import Any
 from localcluster import crd
 from localcluster.auth import TokenAuthority
 from localcluster.catalog import Catalog
+from localcluster.defaults import admit_pod, default_pod_spec, default_service_spec
 from localcluster.errors import ApiError, Cause
+from localcluster.nodeports import NodePortAllocator
 from localcluster.resources import ResourceType
 from localcluster.store import Event, EventType, Store, Write
 
@@ -94,6 +96,7 @@ class Admission:
         self.store = store
         self.catalog = catalog
         self.ips = ClusterIPAllocator(service_cidr, store)
+        self.node_ports = NodePortAllocator(store)
         self.tokens = tokens
         self.ca_pem = ca_pem
         self.clock = clock
@@ -109,7 +112,8 @@ class Admission:
             obj["spec"] = {"finalizers": ["kubernetes"]}
             obj["status"] = {"phase": "Active"}
         elif rt.key == ("", "pods"):
-            obj["status"] = {"phase": "Pending"}
+            default_pod_spec(obj.setdefault("spec", {}))
+            admit_pod(obj)
         elif rt.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
             self._establish(obj)
         return []
@@ -119,6 +123,8 @@ class Admission:
             self._service_defaults(new, old)
         elif rt.key == ("", "secrets"):
             self._secret(new)
+        elif rt.key == ("", "pods"):
+            default_pod_spec(new.setdefault("spec", {}))
         elif rt.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
             self._establish(new)
 
@@ -161,22 +167,31 @@ class Admission:
 
     def _service_defaults(self, svc: dict[str, Any], old: Mapping[str, Any] | None) -> None:
         spec = svc.setdefault("spec", {})
-        spec.setdefault("type", "ClusterIP")
-        spec.setdefault("sessionAffinity", "None")
-        for port in spec.get("ports") or []:
-            port.setdefault("protocol", "TCP")
-            port.setdefault("targetPort", port.get("port"))
+        default_service_spec(spec, old)
+        if old is None:
+            svc["status"] = {"loadBalancer": {}}
+        old_spec = (old or {}).get("spec") or {}
         if spec["type"] == "ExternalName":
+            # kube's dropTypeDependentFields: what only an addressed Service has goes,
+            # unless the request changed it (then validation answers).
+            for key in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy",
+                        "internalTrafficPolicy"):
+                if key in spec and spec[key] == old_spec.get(key):
+                    del spec[key]
             return
-        spec.setdefault("internalTrafficPolicy", "Cluster")
         spec.setdefault("ipFamilies", ["IPv4"])
         spec.setdefault("ipFamilyPolicy", "SingleStack")
+        self.node_ports.assign(svc, old)
         name = svc["metadata"]["name"]
-        if old is not None:
-            old_spec = old.get("spec") or {}
+        if old_spec.get("clusterIPs"):
+            # kube's patchAllocatedValues, then normalizeClusterIPs
             if not spec.get("clusterIP") and old_spec.get("clusterIP"):
                 spec["clusterIP"] = old_spec["clusterIP"]
-                spec["clusterIPs"] = list(old_spec.get("clusterIPs") or [old_spec["clusterIP"]])
+            if not spec.get("clusterIPs") and old_spec.get("clusterIPs"):
+                spec["clusterIPs"] = list(old_spec["clusterIPs"])
+            if spec.get("clusterIP") != old_spec.get("clusterIP") and spec.get(
+                    "clusterIPs") == old_spec.get("clusterIPs"):
+                spec["clusterIPs"] = [spec["clusterIP"]]
             return
         ip = spec.get("clusterIP") or (spec.get("clusterIPs") or [""])[0]
         if ip == "None":

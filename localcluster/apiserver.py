@@ -24,9 +24,11 @@ from localcluster.auth import (
     forbidden_message,
 )
 from localcluster.errors import ApiError
+from localcluster.eventsv1 import conversion_for
 from localcluster.registry import Registry, WriteOptions
 from localcluster.resources import ResourceType
 from localcluster.selectors import FieldSelector, LabelSelector
+from localcluster.strategy import delete_response
 from localcluster.watch import WatchRequest, serve_watch
 
 log = logging.getLogger("localcluster.apiserver")
@@ -335,10 +337,12 @@ class ApiHandler:
             initial = self.registry.list_objects(t.rt, req.namespace, labels=labels,
                                          fields=fields)["items"]
         storage = self.catalog.storage_type(t.rt.key)
-        transform = None
+        conversion = conversion_for(t.rt)
+        view = conversion.from_storage if conversion else None
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = view
         if tables.wants_table(request.headers.get("Accept", "")):
             def transform(obj: dict[str, Any]) -> dict[str, Any]:
-                return tables.table(t.rt, [obj])
+                return tables.table(t.rt, [view(obj) if view else obj])
         return await serve_watch(request, req, self.registry.store,
                                  bookmark_interval=self.bookmark_interval, initial=initial,
                                  rewrite_version=storage is not t.rt, transform=transform)
@@ -383,7 +387,7 @@ class ApiHandler:
         options = body if isinstance(body, dict) else {}
         obj = await self.registry.delete(t.rt, self._scope(t), t.name, options,
                                          self._options(request))
-        return respond(obj)
+        return respond(delete_response(t.rt, obj))
 
     async def _delete_collection(self, request: web.Request, user: User,
                                  t: Target) -> web.StreamResponse:

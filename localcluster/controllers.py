@@ -1,7 +1,8 @@
 """The in-process controllers that kube-controller-manager would run:
 
 - endpoints: ready Pods selected by a Service become its EndpointSlices
-  (labelled ``kubernetes.io/service-name``) and its Endpoints;
+  (labelled ``kubernetes.io/service-name``) and its Endpoints; a sync that
+  fails is a Warning Event on the Service;
 - namespaces: every namespace gets a ``default`` ServiceAccount and the
   ``kube-root-ca.crt`` ConfigMap; a deleted namespace is emptied, then removed;
 - bootstrap: the system namespaces, the default RBAC roles and the
@@ -22,7 +23,8 @@ from typing import Any
 from localcluster.admission import MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL
 from localcluster.auth import bootstrap_rbac
 from localcluster.errors import ApiError
-from localcluster.registry import NAMESPACE_KEY, Registry
+from localcluster.events import EventRecorder
+from localcluster.registry import NAMESPACE_KEY, TERMINATING_CAUSE, Registry
 from localcluster.resources import BUILTIN, ResourceType
 from localcluster.selectors import LabelSelector
 from localcluster.store import Event, EventType, Write
@@ -63,6 +65,8 @@ class Controllers:
         self.registry = registry
         self.store = registry.store
         self.ca_pem = ca_pem
+        self.slice_events = EventRecorder(registry, component="endpoint-slice-controller",
+                                          clock=registry.clock)
         self.endpoints: WorkQueue[tuple[str, str]] = WorkQueue("endpoints", self._endpoints)
         self.namespaces: WorkQueue[str] = WorkQueue("namespaces", self._namespace)
         self._tasks: list[asyncio.Task[None]] = []
@@ -145,6 +149,20 @@ class Controllers:
     # -- endpoints -------------------------------------------------------------------
 
     async def _endpoints(self, key: tuple[str, str]) -> None:
+        try:
+            await self._sync_endpoints(key)
+        except ApiError as e:
+            # As kube's EndpointSlice controller: a failed sync is a Warning on the
+            # Service, but for churn (a conflict or a vanished object, retried as
+            # TemporaryError) and a namespace being emptied.
+            svc = self.store.get(SERVICES.key, *key)
+            if svc is not None and not any(c.reason == TERMINATING_CAUSE for c in e.causes):
+                await self.slice_events.warning(
+                    self.registry.present(SERVICES, svc), "FailedToUpdateEndpointSlices",
+                    f"Error updating Endpoint Slices for Service {key[0]}/{key[1]}: {e}")
+            raise
+
+    async def _sync_endpoints(self, key: tuple[str, str]) -> None:
         ns, name = key
         svc = self.store.get(SERVICES.key, ns, name)
         selector = ((svc or {}).get("spec") or {}).get("selector")

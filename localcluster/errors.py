@@ -118,6 +118,8 @@ class ApiError(MeshError):
     ) -> ApiError:
         qualified = f"{kind}.{group}" if group else kind
         listed = ", ".join(f"{c.field}: {c.message}" if c.field else c.message for c in causes)
+        if len(causes) > 1:
+            listed = f"[{listed}]"  # kube's aggregate error brackets two or more
         return cls(
             422, "Invalid", f'{qualified} "{name}" is invalid: {listed}',
             group=group, kind=kind, name=name, causes=causes,

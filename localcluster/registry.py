@@ -24,15 +24,19 @@ from typing import Any
 from localcluster import crd, patch, schema
 from localcluster.admission import Admission
 from localcluster.catalog import Catalog
-from localcluster.errors import ApiError
+from localcluster.errors import ApiError, Cause
+from localcluster.eventsv1 import conversion_for
 from localcluster.resources import ResourceType
 from localcluster.selectors import FieldSelector, LabelSelector
 from localcluster.store import EventType, Store, Write
+from localcluster.strategy import tracks_generation
+from localcluster.timestamps import normalize_times
 from localcluster.validate import validate_object, validate_update
 
 NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 CRD_KEY = ("apiextensions.k8s.io", "customresourcedefinitions")
 NAMESPACE_KEY = ("", "namespaces")
+TERMINATING_CAUSE = "NamespaceTerminating"
 CREATE_ON_UPDATE = {("", "endpoints"), ("coordination.k8s.io", "leases")}
 
 
@@ -76,6 +80,9 @@ class Registry:
 
     def present(self, rt: ResourceType, obj: Mapping[str, Any]) -> dict[str, Any]:
         """The stored object as seen through ``rt``'s version (CRD versions share storage)."""
+        conversion = conversion_for(rt)
+        if conversion is not None:
+            return conversion.from_storage(obj)
         out = dict(obj)
         out["apiVersion"] = rt.api_version
         out["kind"] = rt.kind
@@ -105,13 +112,14 @@ class Registry:
                 continue
             if labels and not labels.matches(meta.get("labels")):
                 continue
-            if fields and not fields.matches(obj):
+            view = self.present(rt, obj)  # field selectors name the served version's fields
+            if fields and not fields.matches(view):
                 continue
             if limit and len(items) == limit:
                 token = {"start": [meta.get("namespace", ""), meta["name"]]}
                 next_token = base64.urlsafe_b64encode(json.dumps(token).encode()).decode()
                 break
-            items.append(self.present(rt, obj))
+            items.append(view)
         list_meta: dict[str, Any] = {"resourceVersion": str(self.store.rv)}
         if next_token:
             list_meta["continue"] = next_token
@@ -155,8 +163,11 @@ class Registry:
                     f"{first.field}: {first.message}")
             raise ApiError.invalid(rt.kind, name, list(checked.causes), group=rt.group)
         obj = copy.deepcopy(checked.obj)
+        if rt.model:
+            obj = normalize_times(obj, sch)
         obj["apiVersion"], obj["kind"] = rt.api_version, rt.kind
-        return obj, warnings
+        conversion = conversion_for(rt)
+        return (conversion.to_storage(obj) if conversion else obj), warnings
 
     def _validate(self, rt: ResourceType, obj: Mapping[str, Any],
                   old: Mapping[str, Any] | None) -> None:
@@ -173,6 +184,12 @@ class Registry:
 
     async def create(self, rt: ResourceType, namespace: str, body: Any,
                      opts: WriteOptions = WriteOptions()) -> Outcome:
+        conversion = conversion_for(rt)
+        if conversion is not None and isinstance(body, dict):
+            causes = conversion.validate_create(body)
+            if causes:
+                name = (body.get("metadata") or {}).get("name", "")
+                raise ApiError.invalid(rt.kind, name, causes, group=rt.group)
         obj, warnings = self.decode(rt, body, opts)
         meta = obj.setdefault("metadata", {})
         if rt.namespaced:
@@ -190,7 +207,10 @@ class Registry:
             meta.pop(k, None)
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = now_rfc3339(self.clock)
-        meta["generation"] = 1
+        if tracks_generation(rt):
+            meta["generation"] = 1
+        else:
+            meta.pop("generation", None)
         if rt.status_subresource and rt.key != CRD_KEY:
             obj.pop("status", None)
         self._validate(rt, obj, None)
@@ -213,9 +233,11 @@ class Registry:
         if ns is None:
             raise ApiError.not_found("namespaces", namespace)
         if ns["metadata"].get("deletionTimestamp"):
-            raise ApiError.forbidden(
-                f"unable to create new content in namespace {namespace} because it is being "
-                "terminated", kind="namespaces", name=namespace)
+            why = (f"unable to create new content in namespace {namespace} because it is being "
+                   "terminated")
+            err = ApiError.forbidden(why, kind="namespaces", name=namespace)
+            err.causes.append(Cause("metadata.namespace", why, TERMINATING_CAUSE))
+            raise err
 
     async def update(self, rt: ResourceType, namespace: str, name: str, body: Any,
                      opts: WriteOptions = WriteOptions(), *, subresource: str = "") -> Outcome:
@@ -298,7 +320,7 @@ class Registry:
                 merged["status"] = copy.deepcopy(old["status"])
             elif rt.status_subresource:
                 merged.pop("status", None)
-            if _spec_changed(old, merged):
+            if tracks_generation(rt) and _spec_changed(old, merged):
                 new_meta["generation"] = int(old_meta.get("generation", 1)) + 1
         merged["apiVersion"], merged["kind"] = old.get("apiVersion", rt.api_version), rt.kind
         merged["metadata"]["resourceVersion"] = old_meta["resourceVersion"]

@@ -36,6 +36,8 @@ class ResourceType:
     persisted: bool = True
     """False for review kinds (TokenReview, SubjectAccessReview): answered, never stored."""
     crd_name: str | None = None
+    stored_as: tuple[str, str] | None = None
+    """The (group, plural) whose storage this kind is a view of, when not its own."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -62,7 +64,7 @@ class ResourceType:
     @property
     def key(self) -> tuple[str, str]:
         """Storage identity: (group, plural). All versions of a group share storage."""
-        return (self.group, self.plural)
+        return self.stored_as or (self.group, self.plural)
 
 
 def _core(kind: str, plural: str, **kw: Any) -> ResourceType:
@@ -86,6 +88,12 @@ BUILTIN: tuple[ResourceType, ...] = (
                  short_names=("ev",),
           field_labels=("involvedObject.kind", "involvedObject.name", "involvedObject.namespace",
                         "involvedObject.uid", "reason", "type")),
+    ResourceType("events.k8s.io", "v1", "Event", "events", namespaced=True,
+                 model="EventsV1Event", short_names=("ev",), stored_as=("", "events"),
+                 field_labels=("regarding.kind", "regarding.name", "regarding.namespace",
+                               "regarding.uid", "regarding.apiVersion",
+                               "regarding.resourceVersion", "regarding.fieldPath", "reason",
+                               "reportingController", "type")),
     ResourceType("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", namespaced=True,
                  model="V1EndpointSlice", field_labels=("addressType",)),
     ResourceType("coordination.k8s.io", "v1", "Lease", "leases", namespaced=True, model="V1Lease"),

@@ -66,7 +66,9 @@ def _dig(obj: Mapping[str, Any], path: str) -> Any:
 
 def _ports(svc: Mapping[str, Any]) -> str:
     ports = (svc.get("spec") or {}).get("ports") or []
-    return ",".join(f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in ports) or "<none>"
+    return ",".join(
+        f"{p.get('port')}:{p['nodePort']}/{p.get('protocol', 'TCP')}" if p.get("nodePort")
+        else f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in ports) or "<none>"
 
 
 def _endpoints(ep: Mapping[str, Any]) -> str:
@@ -95,6 +97,31 @@ def _col(name: str, cell: Cell, *, priority: int = 0, kind: str = "string",
          fmt: str = "") -> tuple[dict[str, Any], Cell]:
     return ({"name": name, "type": kind, "format": fmt, "description": "",
              "priority": priority}, cell)
+
+
+def _since(stamp: Any) -> str:
+    """kube's translateTimestampSince, for Time and MicroTime stamps alike."""
+    if not stamp:
+        return "<unknown>"
+    at = dt.datetime.strptime(str(stamp)[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.UTC)
+    return human_duration(time.time() - at.timestamp())
+
+
+EVENT_FIELDS_V1 = {"involvedObject": "regarding", "message": "note",
+                   "reportingComponent": "reportingController", "source": "deprecatedSource",
+                   "firstTimestamp": "deprecatedFirstTimestamp",
+                   "lastTimestamp": "deprecatedLastTimestamp", "count": "deprecatedCount"}
+
+
+def _ev(o: Mapping[str, Any], core_field: str) -> Any:
+    """An Event's field by its core/v1 name, from either version's object."""
+    return o.get(core_field) or o.get(EVENT_FIELDS_V1[core_field])
+
+
+def _event_object(o: Mapping[str, Any]) -> str:
+    ref = _ev(o, "involvedObject") or {}
+    kind = str(ref.get("kind") or "").lower()
+    return f"{kind}/{ref['name']}" if ref.get("name") else kind
 
 
 _NAME = _col("Name", lambda o: o["metadata"]["name"], fmt="name")
@@ -142,12 +169,23 @@ COLUMNS: dict[tuple[str, str], list[tuple[dict[str, Any], Cell]]] = {
         _NAME, _col("Role", lambda o: f"{_dig(o, 'roleRef.kind')}/{_dig(o, 'roleRef.name')}"),
         _AGE],
     ("apiextensions.k8s.io", "customresourcedefinitions"): [_NAME, _CREATED],
-    ("", "events"): [
-        _col("Last Seen", lambda o: o.get("lastTimestamp") or ""),
+    ("", "events"): [  # core/v1 and events.k8s.io/v1 field names alike
+        _col("Last Seen", lambda o: _since(_dig(o, "series.lastObservedTime") or _ev(
+            o, "lastTimestamp") or _ev(o, "firstTimestamp") or o.get("eventTime"))),
         _col("Type", lambda o: o.get("type", "")), _col("Reason", lambda o: o.get("reason", "")),
-        _col("Object", lambda o: f"{_dig(o, 'involvedObject.kind')}/"
-                                 f"{_dig(o, 'involvedObject.name')}".lower()),
-        _col("Message", lambda o: o.get("message", ""))],
+        _col("Object", _event_object),
+        _col("Subobject", lambda o: (_ev(o, "involvedObject") or {}).get("fieldPath", ""),
+             priority=1),
+        _col("Source", lambda o: ", ".join(v for v in (
+            (_ev(o, "source") or {}).get("component") or _ev(o, "reportingComponent"),
+            (_ev(o, "source") or {}).get("host") or o.get("reportingInstance")) if v),
+             priority=1),
+        _col("Message", lambda o: str(_ev(o, "message") or "").strip()),
+        _col("First Seen", lambda o: _since(_ev(o, "firstTimestamp") or o.get("eventTime")),
+             priority=1),
+        _col("Count", lambda o: _dig(o, "series.count") or _ev(o, "count") or 1,
+             kind="integer", priority=1),
+        _col("Name", lambda o: o["metadata"]["name"], priority=1)],
 }
 
 

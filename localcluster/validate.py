@@ -15,7 +15,9 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from localcluster.defaults import externally_accessible
 from localcluster.errors import Cause
+from localcluster.podupdate import pod_spec_update
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -133,6 +135,8 @@ def _service(obj: Mapping[str, Any]) -> list[Cause]:
     types = ["ClusterIP", "ExternalName", "LoadBalancer", "NodePort"]
     if stype not in types:
         causes.append(_unsupported("spec.type", stype, types))
+    if stype == "ExternalName" and not str(spec.get("externalName") or "").rstrip("."):
+        causes.append(_required("spec.externalName"))
     ports = spec.get("ports") or []
     headless = spec.get("clusterIP") == "None"
     if not ports and stype != "ExternalName" and not headless:
@@ -164,6 +168,14 @@ def _service(obj: Mapping[str, Any]) -> list[Cause]:
         if isinstance(target, int) and not 1 <= target <= 65535:
             causes.append(_invalid(f"{path}.targetPort", target,
                                    "must be between 1 and 65535, inclusive"))
+    if stype == "ClusterIP":
+        causes += [Cause(f"spec.ports[{i}].nodePort", "Forbidden: may not be used when `type` "
+                         "is 'ClusterIP'", "FieldValueForbidden")
+                   for i, p in enumerate(ports) if p.get("nodePort")]
+    policy = spec.get("externalTrafficPolicy")
+    if policy and not externally_accessible({**spec, "type": stype}):
+        causes.append(_invalid("spec.externalTrafficPolicy", policy,
+                               "may only be set for externally-accessible services"))
     cluster_ip = spec.get("clusterIP")
     if cluster_ip not in (None, "", "None"):
         try:
@@ -234,11 +246,13 @@ def validate_object(plural: str, obj: Mapping[str, Any]) -> list[Cause]:
 
 
 IMMUTABLE: dict[str, tuple[str, ...]] = {
-    "services": ("spec.clusterIP",),
+    "secrets": ("type",),
     "rolebindings": ("roleRef",),
     "clusterrolebindings": ("roleRef",),
     "customresourcedefinitions": ("spec.group",),
 }
+FROZEN_WHEN_IMMUTABLE = {"configmaps": ("data", "binaryData"), "secrets": ("data",)}
+"""What ``immutable: true`` freezes; a Secret's ``stringData`` is already folded into ``data``."""
 
 
 def _dig(obj: Mapping[str, Any], path: str) -> Any:
@@ -248,15 +262,45 @@ def _dig(obj: Mapping[str, Any], path: str) -> Any:
     return cur
 
 
+def _frozen_by_immutable(plural: str, old: Mapping[str, Any],
+                         new: Mapping[str, Any]) -> list[Cause]:
+    if plural not in FROZEN_WHEN_IMMUTABLE or old.get("immutable") is not True:
+        return []
+    why = "Forbidden: field is immutable when `immutable` is set"
+    causes = []
+    if new.get("immutable") is not True:
+        causes.append(Cause("immutable", why, "FieldValueForbidden"))
+    for key in FROZEN_WHEN_IMMUTABLE[plural]:
+        if (old.get(key) or {}) != (new.get(key) or {}):
+            causes.append(Cause(key, why, "FieldValueForbidden"))
+    return causes
+
+
+def _service_cluster_ips(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Cause]:
+    """kube's validateUpgradeDowngradeClusterIPs for single-stack Services."""
+    old_spec, new_spec = old.get("spec") or {}, new.get("spec") or {}
+    if "ExternalName" in (old_spec.get("type"), new_spec.get("type")):
+        return []
+    before = list(old_spec.get("clusterIPs") or [])
+    after = list(new_spec.get("clusterIPs") or [])
+    if before == ["None"] and after == ["None"]:
+        return []
+    if before and not after:
+        return [Cause("spec.clusterIPs[0]",
+                      f"Invalid value: {json.dumps(after)}: primary clusterIP can not be unset")]
+    return [Cause(f"spec.clusterIPs[{i}]", f"Invalid value: {json.dumps(after)}: may not "
+                  "change once set") for i, ip in enumerate(before[:len(after)]) if ip != after[i]]
+
+
 def validate_update(plural: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Cause]:
     causes: list[Cause] = []
     for path in IMMUTABLE.get(plural, ()):
         before, after = _dig(old, path), _dig(new, path)
         if before not in (None, "") and after != before:
             causes.append(Cause(path, f"Invalid value: {json.dumps(after)}: field is immutable"))
-    if plural == "secrets" and old.get("immutable") and (
-        old.get("data") != new.get("data") or old.get("stringData") != new.get("stringData")
-    ):
-        causes.append(Cause("data", "Forbidden: field is immutable when `immutable` is set",
-                            "FieldValueForbidden"))
+    causes += _frozen_by_immutable(plural, old, new)
+    if plural == "services":
+        causes += _service_cluster_ips(old, new)
+    elif plural == "pods":
+        causes += pod_spec_update(old.get("spec") or {}, new.get("spec") or {})
     return causes

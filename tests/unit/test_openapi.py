@@ -94,9 +94,11 @@ def test_hash_is_stable_and_content_sensitive() -> None:
 
 
 def test_schema_names_follow_kube() -> None:
-    by_kind = {r.kind: r for r in BUILTIN}
+    by_kind = {r.kind: r for r in reversed(BUILTIN)}  # the first of a kind: core/v1 Event
     assert schema_name(by_kind["Service"]) == "io.k8s.api.core.v1.Service"
     assert schema_name(by_kind["Event"]) == "io.k8s.api.core.v1.Event"
+    (events_v1,) = [r for r in BUILTIN if r.group == "events.k8s.io"]
+    assert schema_name(events_v1) == "io.k8s.api.events.v1.Event"
     assert schema_name(by_kind["EndpointSlice"]) == "io.k8s.api.discovery.v1.EndpointSlice"
     assert schema_name(by_kind["ClusterRole"]) == "io.k8s.api.rbac.v1.ClusterRole"
     assert schema_name(by_kind["CustomResourceDefinition"]) == \
