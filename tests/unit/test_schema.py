@@ -130,6 +130,18 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "spec": {"resourceAttributes": {"verb": "get", "resource": "services",
                                         "namespace": "d"}},
         "status": {"allowed": True}},
+    "SelfSubjectReview": {
+        "apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview",
+        "status": {"userInfo": {"username": "alice", "uid": "u-1",
+                                "groups": ["dev", "system:authenticated"],
+                                "extra": {"scopes": ["a"]}}}},
+    "SelfSubjectRulesReview": {
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectRulesReview",
+        "spec": {"namespace": "d"},
+        "status": {"resourceRules": [{"verbs": ["get", "list"], "apiGroups": [""],
+                                      "resources": ["pods"], "resourceNames": ["web"]}],
+                   "nonResourceRules": [{"verbs": ["get"], "nonResourceURLs": ["/healthz"]}],
+                   "incomplete": False}},
     "SubjectAccessReview": {
         "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
         "spec": {"user": "alice", "groups": ["dev"], "extra": {"scopes": ["a"]},
