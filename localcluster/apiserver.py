@@ -14,7 +14,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from localcluster import discovery, protobuf, reviews, tables
+from localcluster import discovery, managedfields, protobuf, reviews, tables
 from localcluster.auth import (
     ANONYMOUS,
     Attributes,
@@ -34,6 +34,7 @@ log = logging.getLogger("localcluster.apiserver")
 PUBLIC_PATHS = {"/healthz", "/livez", "/readyz", "/version", "/version/"}
 YAML_TYPES = {"application/yaml", "application/x-yaml", "text/yaml"}
 JSON_TYPES = {"application/json", ""}
+APPLY_TYPE = "application/apply-patch+yaml"
 PATCH_TYPES = {"application/merge-patch+json", "application/strategic-merge-patch+json",
                "application/json-patch+json"}
 DEFAULT_WATCH_TIMEOUT = 1800.0
@@ -240,6 +241,8 @@ class ApiHandler:
         ctype = request.content_type if "Content-Type" in request.headers else ""
         if raw and ctype == protobuf.CONTENT_TYPE:
             return protobuf.decode(raw)
+        if ctype == APPLY_TYPE and request.method == "PATCH":
+            ctype = "application/yaml"  # an apply configuration is YAML (JSON included)
         if raw and ctype not in YAML_TYPES | JSON_TYPES | PATCH_TYPES:
             # kube's answer to a body it cannot decode; client-go retries such requests as JSON.
             raise ApiError.unsupported_media_type(ctype)
@@ -261,7 +264,11 @@ class ApiHandler:
         dry = request.query.getall("dryRun", [])
         if any(d != "All" for d in dry):
             raise ApiError.bad_request(f"dryRun must be All, got {dry}")
-        return WriteOptions(dry_run=bool(dry), field_validation=validation)
+        manager = request.query.get("fieldManager") or managedfields.default_manager(
+            request.headers.get("User-Agent", ""))
+        managedfields.check_manager(manager)
+        return WriteOptions(dry_run=bool(dry), field_validation=validation,
+                            field_manager=manager)
 
     def _selectors(self, request: web.Request, rt: ResourceType
                    ) -> tuple[LabelSelector | None, FieldSelector | None]:
@@ -359,6 +366,16 @@ class ApiHandler:
 
     async def _patch(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
         body = await self._body(request)
+        if request.content_type == APPLY_TYPE:
+            force = managedfields.apply_options(request.query.get("fieldManager", ""),
+                                                request.query.get("force"))
+            out = await self.registry.apply(t.rt, self._scope(t), t.name, body,
+                                            self._options(request), force=force,
+                                            subresource=t.subresource)
+            return respond(out.obj, 201 if out.created else 200, out.warnings)
+        if "force" in request.query:
+            raise managedfields.options_error("force", "Forbidden",
+                                              "may not be specified for non-apply patch")
         out = await self.registry.patch(t.rt, self._scope(t), t.name, request.content_type,
                                         body, self._options(request), subresource=t.subresource)
         return respond(out.obj, 200, out.warnings)

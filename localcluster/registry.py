@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from localcluster import crd, patch, schema
+from localcluster import crd, managedfields, patch, schema
 from localcluster.admission import Admission
 from localcluster.catalog import Catalog
 from localcluster.errors import ApiError
@@ -54,6 +54,8 @@ class WriteOptions:
     dry_run: bool = False
     field_validation: str = "Warn"
     """Strict, Warn or Ignore: what to do about fields the schema does not declare."""
+    field_manager: str = "kube-controller-manager"
+    """Who is writing: the manager `metadata.managedFields` records for this write."""
 
 
 def _spec_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
@@ -172,8 +174,9 @@ class Registry:
     # -- writing -------------------------------------------------------------------
 
     async def create(self, rt: ResourceType, namespace: str, body: Any,
-                     opts: WriteOptions = WriteOptions()) -> Outcome:
+                     opts: WriteOptions = WriteOptions(), *, tracked: bool = False) -> Outcome:
         obj, warnings = self.decode(rt, body, opts)
+        applied_fields = obj.get("metadata", {}).get("managedFields") if tracked else None
         meta = obj.setdefault("metadata", {})
         if rt.namespaced:
             if meta.get("namespace") not in (None, "", namespace):
@@ -193,6 +196,11 @@ class Registry:
         meta["generation"] = 1
         if rt.status_subresource and rt.key != CRD_KEY:
             obj.pop("status", None)
+        meta["managedFields"] = applied_fields or managedfields.update(
+            self._field_scope(rt), None, obj, managedfields.Managers(), opts.field_manager,
+            now_rfc3339(self.clock)).encode() or None
+        if meta["managedFields"] is None:
+            del meta["managedFields"]
         self._validate(rt, obj, None)
         async with self.store.lock:
             name = meta["name"]
@@ -260,7 +268,7 @@ class Registry:
 
     async def _update_locked(self, rt: ResourceType, ns: str, name: str, new: dict[str, Any],
                              warnings: list[str], opts: WriteOptions,
-                             subresource: str) -> Outcome:
+                             subresource: str, *, tracked: bool = False) -> Outcome:
         old = self.store.get(rt.key, ns, name)
         if old is None:
             raise ApiError.not_found(rt.plural, name, group=rt.group)
@@ -293,7 +301,6 @@ class Registry:
                 new_meta["namespace"] = ns
             else:
                 new_meta.pop("namespace", None)
-            new_meta.pop("managedFields", None)
             if rt.status_subresource and "status" in old:
                 merged["status"] = copy.deepcopy(old["status"])
             elif rt.status_subresource:
@@ -303,6 +310,8 @@ class Registry:
         merged["apiVersion"], merged["kind"] = old.get("apiVersion", rt.api_version), rt.kind
         merged["metadata"]["resourceVersion"] = old_meta["resourceVersion"]
         self.admission.on_update(rt, old, merged)
+        if not tracked:
+            self._track_fields(rt, old, merged, new_meta.get("managedFields"), opts, subresource)
         self._validate(rt, merged, old)
         if merged["metadata"].get("deletionTimestamp") and not merged["metadata"].get("finalizers"):
             writes = [Write(rt.key, ns, name, None, EventType.DELETED)]
@@ -318,6 +327,64 @@ class Registry:
         await self.store.commit([Write(rt.key, ns, name, merged, EventType.MODIFIED)])
         self._after_commit(rt, merged, EventType.MODIFIED)
         return Outcome(self.present(rt, merged), warnings)
+
+    def _field_scope(self, rt: ResourceType, subresource: str = "") -> managedfields.Scope:
+        sch = schema.builtin_schema(rt.model) if rt.model else rt.schema
+        return managedfields.Scope(managedfields.object_schema(sch), rt.api_version,
+                                   subresource, rt.status_subresource)
+
+    def _track_fields(self, rt: ResourceType, old: Mapping[str, Any], merged: dict[str, Any],
+                      sent: Any, opts: WriteOptions, subresource: str) -> None:
+        """Record in `merged` who owns its fields after this write (kube's field manager)."""
+        current = old["metadata"].get("managedFields")
+        try:
+            managers = managedfields.Managers.decode(
+                sent if sent and not subresource else current)
+        except ValueError:
+            managers = managedfields.Managers.decode(current)
+        if not managers.entries and not sent:
+            # kube starts tracking an object's fields at its creation or first apply
+            merged["metadata"].pop("managedFields", None)
+            return
+        tracked = managedfields.update(self._field_scope(rt, subresource), old, merged,
+                                       managers, opts.field_manager, now_rfc3339(self.clock))
+        encoded = tracked.encode()
+        if encoded:
+            merged["metadata"]["managedFields"] = encoded
+        else:
+            merged["metadata"].pop("managedFields", None)
+
+    async def apply(self, rt: ResourceType, namespace: str, name: str, body: Any,
+                    opts: WriteOptions, *, force: bool, subresource: str = "") -> Outcome:
+        """Server-side apply of `body` for `opts.field_manager`; creates a missing object."""
+        config, warnings = self.decode(rt, body, opts)
+        if not isinstance(body, dict) or not body.get("apiVersion") or not body.get("kind"):
+            raise ApiError.bad_request("apiVersion and kind must be set in an apply patch")
+        meta = config.setdefault("metadata", {})
+        if meta.get("managedFields") is not None:
+            raise ApiError.bad_request("metadata.managedFields must be nil")
+        if meta.get("name") not in (None, "", name):
+            raise ApiError.bad_request(f"the name of the object ({meta['name']}) does not "
+                                       f"match the name on the URL ({name})")
+        ns = namespace if rt.namespaced else ""
+        scope = self._field_scope(rt, subresource)
+        now = now_rfc3339(self.clock)
+        async with self.store.lock:
+            live = self.store.get(rt.key, ns, name)
+            if live is None and subresource:
+                raise ApiError.not_found(rt.plural, name, group=rt.group)
+            current = managedfields.Managers.decode(
+                (live or {}).get("metadata", {}).get("managedFields"))
+            applied = managedfields.apply(scope, live, {**config, "metadata": {
+                **meta, "name": name}}, current, opts.field_manager, force=force, now=now)
+            new = applied.obj
+            new["metadata"]["managedFields"] = applied.managers.encode()
+            if live is not None:
+                return await self._update_locked(rt, ns, name, new, warnings, opts, subresource,
+                                                 tracked=True)
+        created = await self.create(rt, namespace, new, opts, tracked=True)
+        created.warnings[:0] = warnings
+        return created
 
     async def delete(self, rt: ResourceType, namespace: str, name: str,
                      options: Mapping[str, Any] | None = None,
