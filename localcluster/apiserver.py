@@ -14,7 +14,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from localcluster import discovery, managedfields, protobuf, reviews, tables
+from localcluster import discovery, managedfields, openapiv2, protobuf, reviews, tables
 from localcluster.auth import (
     ANONYMOUS,
     Attributes,
@@ -207,6 +207,8 @@ class ApiHandler:
             return respond(doc)
         if path == "/openapi/v3":
             return respond(discovery.openapi_v3_index(self.catalog))
+        if path == "/openapi/v2":
+            return self._openapi_v2(request.headers.get("Accept", ""))
         parts = path.strip("/").split("/")
         if parts[:2] == ["openapi", "v3"] and len(parts) > 2:
             found = discovery.openapi_v3_document(self.catalog, "/".join(parts[2:]))
@@ -221,6 +223,16 @@ class ApiHandler:
             if doc is not None:
                 return respond(doc)
         raise ApiError.no_route()
+
+    def _openapi_v2(self, accept: str) -> web.Response:
+        media = openapiv2.negotiate(accept)
+        if media is None:
+            return web.Response(status=406, text="only application/json and "
+                                f"{openapiv2.PROTOBUF_TYPES[0]} are served")
+        doc, encoded = discovery.openapi_v2(self.catalog)
+        if media == openapiv2.JSON_TYPE:
+            return respond(doc)
+        return web.Response(body=encoded, headers={"Content-Type": media})
 
     # -- resources ----------------------------------------------------------------------
 
