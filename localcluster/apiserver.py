@@ -379,6 +379,8 @@ class ApiHandler:
     async def _patch(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
         body = await self._body(request)
         if request.content_type == APPLY_TYPE:
+            if t.subresource not in ("", "status"):
+                raise ApiError.method_not_allowed("apply", f"{t.rt.plural}/{t.subresource}")
             force = managedfields.apply_options(request.query.get("fieldManager", ""),
                                                 request.query.get("force"))
             out = await self.registry.apply(t.rt, self._scope(t), t.name, body,

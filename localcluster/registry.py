@@ -312,6 +312,8 @@ class Registry:
         self.admission.on_update(rt, old, merged)
         if not tracked:
             self._track_fields(rt, old, merged, new_meta.get("managedFields"), opts, subresource)
+        elif new_meta.get("managedFields"):
+            merged["metadata"]["managedFields"] = new_meta["managedFields"]
         self._validate(rt, merged, old)
         if merged["metadata"].get("deletionTimestamp") and not merged["metadata"].get("finalizers"):
             writes = [Write(rt.key, ns, name, None, EventType.DELETED)]

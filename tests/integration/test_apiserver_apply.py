@@ -237,3 +237,24 @@ def test_apply_bad_input(cluster: Cluster) -> None:
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "conf"},
          "bogus": 1}).encode(), content_type=APPLY)
     assert status == 400 and 'unknown field "bogus"' in answer["message"]
+
+
+def test_apply_to_the_status_subresource(cluster: Cluster) -> None:
+    ns = _ns(cluster)
+    core = client.CoreV1Api(cluster.api())
+    spec = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "lb"},
+            "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}}
+    core.patch_namespaced_service("lb", ns, spec, field_manager="deployer", _content_type=APPLY)
+    status = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "lb"},
+              "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.7"}]}}}
+    out = core.patch_namespaced_service_status("lb", ns, status, field_manager="lb-controller",
+                                               _content_type=APPLY)
+    assert out.status.load_balancer.ingress[0].ip == "192.0.2.7"
+    assert out.spec.ports[0].port == 80
+    by_manager = {m.manager: m for m in out.metadata.managed_fields}
+    assert by_manager["lb-controller"].subresource == "status"
+    assert list(by_manager["lb-controller"].fields_v1) == ["f:status"]
+    assert "f:status" not in by_manager["deployer"].fields_v1
+    status, answer = cluster.raw("PATCH", f"/api/v1/namespaces/{ns}/serviceaccounts/default/"
+                                 "token?fieldManager=m", b"{}", content_type=APPLY)
+    assert status in (404, 405) and answer["kind"] == "Status"
