@@ -344,9 +344,16 @@ def apply_options(field_manager: str, force: str | None) -> bool:
     """The `force` of an apply request; kube requires apply requests to name their manager."""
     if not field_manager:
         raise options_error("fieldManager", "Required value", "is required for apply patch")
-    if force not in (None, "", "true", "false", "1", "0"):
-        raise ApiError.bad_request(f"force: invalid boolean value {force!r}")
-    return force in ("true", "1")
+    if force in (None, ""):
+        return False
+    if force not in _TRUE | _FALSE:
+        raise ApiError.bad_request(f'strconv.ParseBool: parsing "{force}": invalid syntax')
+    return force in _TRUE
+
+
+# What Go's strconv.ParseBool accepts, as kube decodes query parameters.
+_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 
 
 def options_error(name: str, kind: str, detail: str) -> ApiError:

@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client
+from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster import Cluster, wait_for
+from tests.integration.test_apiserver_every_kind import SAMPLES, _crd
 
 APPLY = "application/apply-patch+yaml"
 
@@ -258,3 +259,29 @@ def test_apply_to_the_status_subresource(cluster: Cluster) -> None:
     status, answer = cluster.raw("PATCH", f"/api/v1/namespaces/{ns}/serviceaccounts/default/"
                                  "token?fieldManager=m", b"{}", content_type=APPLY)
     assert status in (404, 405) and answer["kind"] == "Status"
+
+
+@pytest.mark.parametrize(("api_version", "kind"), list(SAMPLES))
+def test_every_kind_can_be_applied(cluster: Cluster, api_version: str, kind: str) -> None:
+    dyn = dynamic.DynamicClient(cluster.api())
+    res = dyn.resources.get(api_version=api_version, kind=kind)
+    ns = _ns(cluster)
+    suffix = uuid.uuid4().hex[:6]
+    name = f"a{suffix}s.every.meshgate.io" if kind == "CustomResourceDefinition" else f"a{suffix}"
+    spec = _crd(name) if kind == "CustomResourceDefinition" else SAMPLES[(api_version, kind)]
+    if kind == "Secret":
+        spec = {"data": {"k": "dg=="}}  # stringData is write-only: applied again, it is news
+    body = {"apiVersion": api_version, "kind": kind, "metadata": {"name": name,
+            "labels": {"applied": "yes"}}, **spec}
+    where = {"namespace": ns} if res.namespaced else {}
+    first = dyn.server_side_apply(res, body=body, field_manager="every", **where).to_dict()
+    assert first["metadata"]["labels"] == {"applied": "yes"}
+    entries = {(m["manager"], m["operation"]) for m in first["metadata"]["managedFields"]}
+    assert ("every", "Apply") in entries
+    again = dyn.server_side_apply(res, body=body, field_manager="every", force_conflicts=True,
+                                  **where).to_dict()
+    assert again["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
+    del body["metadata"]["labels"]
+    dropped = dyn.server_side_apply(res, body=body, field_manager="every", **where).to_dict()
+    assert "labels" not in dropped["metadata"]
+    res.delete(name=name, **where)
