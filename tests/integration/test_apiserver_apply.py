@@ -53,6 +53,12 @@ def test_server_side_apply_creates_updates_and_removes(cluster: Cluster) -> None
     assert data == {"keep": "1"}
     assert _managers(cluster, ns)["kubectl/Apply"]["fieldsV1"] == {"f:data": {"f:keep": {}}}
 
+    # other kubectl commands are recorded as Update managers named after the command
+    cluster.kubectl("label", "configmap", "conf", "-n", ns, "team=mesh")
+    labeled = _managers(cluster, ns)["kubectl-label/Update"]
+    assert labeled["fieldsV1"] == {"f:metadata": {"f:labels": {".": {}, "f:team": {}}}}
+    assert labeled["apiVersion"] == "v1"
+
 
 def test_conflict_with_client_side_apply_then_force(cluster: Cluster) -> None:
     ns = _ns(cluster)

@@ -242,3 +242,22 @@ def test_merge_then_compare_only_touches_applied_paths(live: dict[str, Any],
     prefixes = {p[:i] for p in applied for i in range(len(p) + 1)}
     for path in diff.added | diff.modified | diff.removed:
         assert path in prefixes or any(path[:len(a)] == a for a in applied)
+
+
+def test_atomic_structs_are_owned_whole() -> None:
+    schema = managedfields.object_schema(builtin_schema("V1Pod"))
+    pod = {"metadata": {"ownerReferences": [{"apiVersion": "v1", "kind": "X", "name": "x",
+                                             "uid": "u1"}]},
+           "spec": {"containers": [{"name": "c", "env": [
+               {"name": "N", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]}]}}
+    assert fieldpath.encode(fieldpath.field_set(pod, schema)) == {
+        "f:metadata": {"f:ownerReferences": {'k:{"uid":"u1"}': {}}},
+        "f:spec": {"f:containers": {'k:{"name":"c"}': {
+            ".": {}, "f:env": {'k:{"name":"N"}': {
+                ".": {}, "f:name": {}, "f:valueFrom": {"f:fieldRef": {}}}},
+            "f:name": {}}}},
+    }
+    changed = {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    merged = fieldpath.merge(pod, {"spec": {"containers": [{"name": "c", "env": [
+        {"name": "N", "valueFrom": changed}]}]}}, schema)
+    assert merged["spec"]["containers"][0]["env"][0]["valueFrom"] == changed
