@@ -181,14 +181,16 @@ def item_element(node: Node, item: Any, index: int) -> PE:
                                  f"map: {_compact(item)}")
         fields: dict[str, Any] = {}
         for k in sorted(node.keys):
-            if k in item and item[k] is not None:
+            if k in item:
                 fields[k] = item[k]
             elif k in node.key_defaults:
                 fields[k] = node.key_defaults[k]
-            else:
-                raise FieldPathError(f"associative list with keys has an element that omits "
-                                     f"key field {json.dumps(k)} (and doesn't have default "
-                                     "value)")
+            # a key field left out is left out of the key: another item, as in kube
+        if not fields:
+            listed = "[" + " ".join(json.dumps(k) for k in node.keys) + "]"
+            raise FieldPathError(f"associative list with keys has an element that omits all "
+                                 f"key fields {listed} (and doesn't have default values for "
+                                 "any key fields)")
         return PE("k", _compact(fields))
     if node.is_set:
         return PE("v", _compact(item))
@@ -268,8 +270,6 @@ def _compare(lhs: Any, rhs: Any, schema: Mapping[str, Any] | None, path: Path,
     node = node_of(schema, rhs if rhs is not _MISSING else lhs)
     both_granular = all(v is _MISSING or _granular(node, v) for v in (lhs, rhs))
     if not both_granular:
-        if _empty(lhs) and _empty(rhs):
-            return
         if lhs is _MISSING:
             out.added.add(path)
         elif rhs is _MISSING:
@@ -288,10 +288,6 @@ def _compare(lhs: Any, rhs: Any, schema: Mapping[str, Any] | None, path: Path,
         out.added.add(path)
     elif rhs is _MISSING:
         out.removed.add(path)
-
-
-def _empty(value: Any) -> bool:
-    return value is _MISSING or value is None or value == {} or value == []
 
 
 # ---------------------------------------------------------------- merge and removal
@@ -317,30 +313,43 @@ def merge(live: Any, config: Any, schema: Mapping[str, Any] | None) -> Any:
 
 
 def _merge_list(live: list[Any], config: list[Any], node: Node) -> list[Any]:
-    """Items of both, matched by key; the live order kept, config's new items placed
-    after the config item they follow."""
-    right = {item_element(node, v, i): v for i, v in enumerate(config)}
-    left_keys = [item_element(node, v, i) for i, v in enumerate(live)]
-    emitted: set[PE] = set()
+    """structured-merge-diff's list merge: items in both follow the config's order, items
+    only live stay where they were, the config's new items come where it has them."""
+    lhs = [(item_element(node, v, i), v) for i, v in enumerate(live)]
+    rhs = [(item_element(node, v, i), v) for i, v in enumerate(config)]
+    left, right = dict(lhs), dict(rhs)
+    shared = iter([pe for pe, _ in rhs if pe in left])
+    next_shared = next(shared, None)
+    merged: set[PE] = set()
     out: list[Any] = []
-    config_order = list(right)
-    at = 0
-    for pe, item in zip(left_keys, live, strict=True):
-        if pe in right:
-            # first the config items that come before this one and are new
-            while at < len(config_order) and config_order[at] != pe:
-                new = config_order[at]
-                if new not in emitted and new not in left_keys:
-                    out.append(right[new])
-                    emitted.add(new)
-                at += 1
-            out.append(merge(item, right[pe], node.schema))
-        else:
-            out.append(item)
-        emitted.add(pe)
-    for pe in config_order:
-        if pe not in emitted:
-            out.append(right[pe])
+    li = ri = 0
+    while li < len(lhs) or ri < len(rhs):
+        if li < len(lhs) and ri < len(rhs):
+            pe = lhs[li][0]
+            if pe == rhs[ri][0]:
+                merged.add(pe)
+                out.append(merge(left[pe], right[pe], node.schema))
+                li, ri = li + 1, ri + 1
+                next_shared = next(shared, None)
+                continue
+            if pe in right and next_shared is not None and next_shared != pe:
+                li += 1  # shared, but its turn comes later
+                continue
+        if li < len(lhs):
+            pe = lhs[li][0]
+            if pe not in right:
+                out.append(lhs[li][1])
+                li += 1
+                continue
+            if pe in merged:
+                li += 1
+        if ri < len(rhs):
+            pe = rhs[ri][0]
+            merged.add(pe)
+            out.append(merge(left[pe], right[pe], node.schema) if pe in left else right[pe])
+            ri += 1
+            if next_shared is not None and next_shared == pe:
+                next_shared = next(shared, None)
     return out
 
 

@@ -188,7 +188,7 @@ def test_containers_merge_by_name_and_finalizers_as_a_set() -> None:
 
 def test_a_keyed_item_without_its_key_is_refused() -> None:
     schema = managedfields.object_schema(builtin_schema("V1Pod"))
-    with pytest.raises(fieldpath.FieldPathError, match='omits key field "name"'):
+    with pytest.raises(fieldpath.FieldPathError, match="omits all key fields \\[\"name\"\\]"):
         fieldpath.field_set({"spec": {"containers": [{"image": "i"}]}}, schema)
 
 
@@ -261,3 +261,17 @@ def test_atomic_structs_are_owned_whole() -> None:
     merged = fieldpath.merge(pod, {"spec": {"containers": [{"name": "c", "env": [
         {"name": "N", "valueFrom": changed}]}]}}, schema)
     assert merged["spec"]["containers"][0]["env"][0]["valueFrom"] == changed
+
+
+def test_list_merge_order_follows_structured_merge_diff() -> None:
+    schema = managedfields.object_schema(builtin_schema("V1Pod"))
+
+    def names(live: list[str], config: list[str]) -> list[str]:
+        merged = fieldpath.merge(
+            {"spec": {"containers": [{"name": n} for n in live]}},
+            {"spec": {"containers": [{"name": n} for n in config]}}, schema)
+        return [c["name"] for c in merged["spec"]["containers"]]
+
+    assert names(["a", "x"], ["b", "a"]) == ["b", "a", "x"]
+    assert names(["a", "b"], ["b", "a"]) == ["b", "a"]
+    assert names(["x", "a", "y"], ["a", "n"]) == ["x", "a", "y", "n"]
