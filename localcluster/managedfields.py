@@ -26,6 +26,7 @@ from typing import Any
 from localcluster import fieldpath, schema
 from localcluster.errors import ApiError, Cause
 from localcluster.fieldpath import Path, fld
+from localcluster.resources import ResourceType
 
 APPLY, UPDATE = "Apply", "Update"
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
@@ -149,7 +150,42 @@ class Scope:
         return {p for p in paths if not self.ignored(p)}
 
 
+def scope_for(rt: ResourceType, subresource: str = "") -> Scope:
+    sch = schema.builtin_schema(rt.model) if rt.model else rt.schema
+    return Scope(object_schema(sch), rt.api_version, subresource, rt.status_subresource)
+
+
 # ---------------------------------------------------------------- update
+
+
+def record(scope: Scope, live: Mapping[str, Any] | None, new: dict[str, Any], sent: Any, *,
+           manager: str, now: str, applied: bool = False) -> None:
+    """Set ``metadata.managedFields`` of `new`, written over `live` (None: created).
+
+    `sent` is what the request said of managedFields: kube takes them as the request
+    gives them when they are valid (how kubectl rewrites them when it moves an object
+    to server-side apply), and the live object's otherwise; `applied` says that `sent`
+    is what `apply` computed. An object written while nobody tracked its fields stays
+    untracked until it is applied to, as in kube.
+    """
+    meta = new.setdefault("metadata", {})
+    current = (live or {}).get("metadata", {}).get("managedFields")
+    if applied:
+        managers = Managers.decode(sent)
+    else:
+        try:
+            managers = Managers.decode(sent if sent and not scope.subresource else current)
+        except ValueError:
+            managers = Managers.decode(current)
+        if live is not None and not managers.entries:
+            meta.pop("managedFields", None)
+            return
+        managers = update(scope, live, new, managers, manager, now)
+    encoded = managers.encode()
+    if encoded:
+        meta["managedFields"] = encoded
+    else:
+        meta.pop("managedFields", None)
 
 
 def update(scope: Scope, live: Mapping[str, Any] | None, new: Mapping[str, Any],

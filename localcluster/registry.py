@@ -176,7 +176,7 @@ class Registry:
     async def create(self, rt: ResourceType, namespace: str, body: Any,
                      opts: WriteOptions = WriteOptions(), *, tracked: bool = False) -> Outcome:
         obj, warnings = self.decode(rt, body, opts)
-        applied_fields = obj.get("metadata", {}).get("managedFields") if tracked else None
+        applied = obj.get("metadata", {}).get("managedFields") if tracked else None
         meta = obj.setdefault("metadata", {})
         if rt.namespaced:
             if meta.get("namespace") not in (None, "", namespace):
@@ -196,11 +196,9 @@ class Registry:
         meta["generation"] = 1
         if rt.status_subresource and rt.key != CRD_KEY:
             obj.pop("status", None)
-        meta["managedFields"] = applied_fields or managedfields.update(
-            self._field_scope(rt), None, obj, managedfields.Managers(), opts.field_manager,
-            now_rfc3339(self.clock)).encode() or None
-        if meta["managedFields"] is None:
-            del meta["managedFields"]
+        managedfields.record(managedfields.scope_for(rt), None, obj, applied,
+                             manager=opts.field_manager, now=now_rfc3339(self.clock),
+                             applied=tracked)
         self._validate(rt, obj, None)
         async with self.store.lock:
             name = meta["name"]
@@ -310,10 +308,9 @@ class Registry:
         merged["apiVersion"], merged["kind"] = old.get("apiVersion", rt.api_version), rt.kind
         merged["metadata"]["resourceVersion"] = old_meta["resourceVersion"]
         self.admission.on_update(rt, old, merged)
-        if not tracked:
-            self._track_fields(rt, old, merged, new_meta.get("managedFields"), opts, subresource)
-        elif new_meta.get("managedFields"):
-            merged["metadata"]["managedFields"] = new_meta["managedFields"]
+        managedfields.record(managedfields.scope_for(rt, subresource), old, merged,
+                             new_meta.get("managedFields"), manager=opts.field_manager,
+                             now=now_rfc3339(self.clock), applied=tracked)
         self._validate(rt, merged, old)
         if merged["metadata"].get("deletionTimestamp") and not merged["metadata"].get("finalizers"):
             writes = [Write(rt.key, ns, name, None, EventType.DELETED)]
@@ -330,32 +327,6 @@ class Registry:
         self._after_commit(rt, merged, EventType.MODIFIED)
         return Outcome(self.present(rt, merged), warnings)
 
-    def _field_scope(self, rt: ResourceType, subresource: str = "") -> managedfields.Scope:
-        sch = schema.builtin_schema(rt.model) if rt.model else rt.schema
-        return managedfields.Scope(managedfields.object_schema(sch), rt.api_version,
-                                   subresource, rt.status_subresource)
-
-    def _track_fields(self, rt: ResourceType, old: Mapping[str, Any], merged: dict[str, Any],
-                      sent: Any, opts: WriteOptions, subresource: str) -> None:
-        """Record in `merged` who owns its fields after this write (kube's field manager)."""
-        current = old["metadata"].get("managedFields")
-        try:
-            managers = managedfields.Managers.decode(
-                sent if sent and not subresource else current)
-        except ValueError:
-            managers = managedfields.Managers.decode(current)
-        if not managers.entries and not sent:
-            # kube starts tracking an object's fields at its creation or first apply
-            merged["metadata"].pop("managedFields", None)
-            return
-        tracked = managedfields.update(self._field_scope(rt, subresource), old, merged,
-                                       managers, opts.field_manager, now_rfc3339(self.clock))
-        encoded = tracked.encode()
-        if encoded:
-            merged["metadata"]["managedFields"] = encoded
-        else:
-            merged["metadata"].pop("managedFields", None)
-
     async def apply(self, rt: ResourceType, namespace: str, name: str, body: Any,
                     opts: WriteOptions, *, force: bool, subresource: str = "") -> Outcome:
         """Server-side apply of `body` for `opts.field_manager`; creates a missing object."""
@@ -369,7 +340,7 @@ class Registry:
             raise ApiError.bad_request(f"the name of the object ({meta['name']}) does not "
                                        f"match the name on the URL ({name})")
         ns = namespace if rt.namespaced else ""
-        scope = self._field_scope(rt, subresource)
+        scope = managedfields.scope_for(rt, subresource)
         now = now_rfc3339(self.clock)
         async with self.store.lock:
             live = self.store.get(rt.key, ns, name)
