@@ -32,6 +32,8 @@ APPLY, UPDATE = "Apply", "Update"
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 KUBECTL = "kubectl"
 BEFORE_FIRST_APPLY = "before-first-apply"
+ANCIENT_CHANGES = "ancient-changes"
+MAX_UPDATE_MANAGERS = 10
 MAX_MANAGER_LENGTH = 128
 
 # Fields never owned by anyone (kube's stripMetaManager).
@@ -170,6 +172,9 @@ def record(scope: Scope, live: Mapping[str, Any] | None, new: dict[str, Any], se
     """
     meta = new.setdefault("metadata", {})
     current = (live or {}).get("metadata", {}).get("managedFields")
+    if not applied and sent == [{}]:
+        meta.pop("managedFields", None)  # kube's way to reset them: one empty entry
+        return
     if applied:
         managers = Managers.decode(sent)
     else:
@@ -181,7 +186,7 @@ def record(scope: Scope, live: Mapping[str, Any] | None, new: dict[str, Any], se
             meta.pop("managedFields", None)
             return
         managers = update(scope, live, new, managers, manager, now)
-    encoded = managers.encode()
+    encoded = cap_updaters(managers).encode()
     if encoded:
         meta["managedFields"] = encoded
     else:
@@ -218,6 +223,33 @@ def _plain(obj: Mapping[str, Any]) -> dict[str, Any]:
     meta = dict(out.get("metadata") or {})
     meta.pop("managedFields", None)
     out["metadata"] = meta
+    return out
+
+
+def cap_updaters(managers: Managers, limit: int = MAX_UPDATE_MANAGERS) -> Managers:
+    """kube keeps at most `limit` Update entries: the oldest are merged, per apiVersion,
+    into one ``ancient-changes`` entry."""
+    updaters = sorted((e.time, k) for k, e in managers.entries.items() if k.operation == UPDATE)
+    count = len(updaters)
+    if count <= limit:
+        return managers
+    out = managers.copy()
+    first_of_version: dict[str, ManagerKey] = {}
+    for _, key in updaters:
+        if count <= limit:
+            break
+        entry = out.entries[key]
+        bucket = ManagerKey(ANCIENT_CHANGES, UPDATE, entry.api_version)
+        first = first_of_version.setdefault(entry.api_version, key)
+        if first == key:
+            continue
+        if bucket not in out.entries:
+            out.entries[bucket] = out.entries.pop(first)
+        merged = out.entries[bucket]
+        merged.paths |= entry.paths
+        merged.time = entry.time
+        del out.entries[key]
+        count -= 1
     return out
 
 
@@ -296,7 +328,7 @@ def _apply(scope: Scope, live: Mapping[str, Any] | None, config: Mapping[str, An
     if manager == KUBECTL and live is not None and LAST_APPLIED in (
             (live.get("metadata") or {}).get("annotations") or {}):
         merged = _with_last_applied(merged, config)
-    return Applied(merged, out)
+    return Applied(merged, cap_updaters(out))
 
 
 def _prune(scope: Scope, merged: dict[str, Any], last: set[Path], managers: Managers

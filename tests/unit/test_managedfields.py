@@ -275,3 +275,27 @@ def test_list_merge_order_follows_structured_merge_diff() -> None:
     assert names(["a", "x"], ["b", "a"]) == ["b", "a", "x"]
     assert names(["a", "b"], ["b", "a"]) == ["b", "a"]
     assert names(["x", "a", "y"], ["a", "n"]) == ["x", "a", "y", "n"]
+
+
+def test_update_managers_are_capped_into_ancient_changes() -> None:
+    managers = Managers()
+    obj: dict[str, Any] = cm({})
+    for i in range(12):
+        new = cm({**obj["data"], f"k{i}": "v"})
+        managers = managedfields.update(scope(), obj, new, managers, f"m{i:02}",
+                                        f"2026-12-06T00:00:{i:02}Z")
+        obj = new
+    capped = managedfields.cap_updaters(managers)
+    names = [e["manager"] for e in capped.encode()]
+    assert len(names) == 10 and names[0] == "ancient-changes"
+    assert names[1:] == [f"m{i:02}" for i in range(3, 12)]
+    assert fields_of(capped, "ancient-changes", UPDATE) == {
+        "f:data": {"f:k0": {}, "f:k1": {}, "f:k2": {}}}
+
+
+def test_one_empty_entry_resets_managed_fields() -> None:
+    live = cm({"a": "1"}, managedFields=managedfields.update(
+        scope(), None, cm({"a": "1"}), Managers(), "m", NOW).encode())
+    new = cm({"a": "2"}, managedFields=[{}])
+    managedfields.record(scope(), live, new, [{}], manager="n", now=NOW)
+    assert "managedFields" not in new["metadata"]
