@@ -269,8 +269,12 @@ class Applied:
 
 
 def apply(scope: Scope, live: Mapping[str, Any] | None, config: Mapping[str, Any],
-          managers: Managers, manager: str, *, force: bool, now: str) -> Applied:
+          managers: Managers, manager: str, *, force: bool, now: str,
+          sent: Mapping[str, Any] | None = None) -> Applied:
     """Apply `config` for `manager` to `live` (None: the object does not exist yet).
+
+    `config` is the configuration as decoded (pruned, defaulted); `sent`, when given,
+    what the request said: the applier owns only the fields it sent itself.
 
     Raises the 409 kube answers for conflicts unless `force`; the `kubectl` manager
     may take over fields whose live values are still those of its client-side
@@ -280,14 +284,15 @@ def apply(scope: Scope, live: Mapping[str, Any] | None, config: Mapping[str, Any
         # An object written before anything tracked its fields: one manager owns them all.
         managers = update(scope, None, live, managers, BEFORE_FIRST_APPLY, now)
     try:
-        return _apply(scope, live, config, managers, manager, force=force, now=now)
+        return _apply(scope, live, config, managers, manager, force=force, now=now, sent=sent)
     except _Conflicts as e:
         conflicts = e.conflicts
         if manager == KUBECTL and live is not None:
             allowed = _allowed_by_last_applied(scope, live)
             conflicts = [c for c in conflicts if c.path not in allowed]
             if not conflicts:
-                return _apply(scope, live, config, managers, manager, force=True, now=now)
+                return _apply(scope, live, config, managers, manager, force=True, now=now,
+                              sent=sent)
         raise conflict_error(conflicts) from None
 
 
@@ -298,12 +303,15 @@ class _Conflicts(Exception):
 
 
 def _apply(scope: Scope, live: Mapping[str, Any] | None, config: Mapping[str, Any],
-           managers: Managers, manager: str, *, force: bool, now: str) -> Applied:
+           managers: Managers, manager: str, *, force: bool, now: str,
+           sent: Mapping[str, Any] | None) -> Applied:
     base = _plain(live) if live is not None else {"metadata": {}}
     applied = _plain(config)
     try:
         merged = fieldpath.merge(base, applied, scope.schema)
         paths = scope.keep(fieldpath.field_set(applied, scope.schema))
+        if sent is not None:
+            paths &= fieldpath.field_set(_plain(sent), scope.schema)
     except fieldpath.FieldPathError as e:
         raise ApiError(500, "InternalError", f"failed to create typed patch object: {e}") \
             from None

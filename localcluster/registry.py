@@ -341,23 +341,31 @@ class Registry:
                                        f"match the name on the URL ({name})")
         ns = namespace if rt.namespaced else ""
         scope = managedfields.scope_for(rt, subresource)
-        now = now_rfc3339(self.clock)
-        async with self.store.lock:
-            live = self.store.get(rt.key, ns, name)
-            if live is None and subresource:
-                raise ApiError.not_found(rt.plural, name, group=rt.group)
-            current = managedfields.Managers.decode(
-                (live or {}).get("metadata", {}).get("managedFields"))
-            applied = managedfields.apply(scope, live, {**config, "metadata": {
-                **meta, "name": name}}, current, opts.field_manager, force=force, now=now)
-            new = applied.obj
-            new["metadata"]["managedFields"] = applied.managers.encode()
-            if live is not None:
-                return await self._update_locked(rt, ns, name, new, warnings, opts, subresource,
-                                                 tracked=True)
-        created = await self.create(rt, namespace, new, opts, tracked=True)
-        created.warnings[:0] = warnings
-        return created
+        config = {**config, "metadata": {**meta, "name": name}}
+        for attempt in range(2):
+            async with self.store.lock:
+                live = self.store.get(rt.key, ns, name)
+                if live is None and subresource:
+                    raise ApiError.not_found(rt.plural, name, group=rt.group)
+                current = managedfields.Managers.decode(
+                    (live or {}).get("metadata", {}).get("managedFields"))
+                applied = managedfields.apply(scope, live, config, current, opts.field_manager,
+                                              force=force, now=now_rfc3339(self.clock),
+                                              sent=body)
+                new = applied.obj
+                new["metadata"]["managedFields"] = applied.managers.encode()
+                if live is not None:
+                    return await self._update_locked(rt, ns, name, new, warnings, opts,
+                                                     subresource, tracked=True)
+            try:
+                created = await self.create(rt, namespace, new, opts, tracked=True)
+            except ApiError as e:
+                if e.reason != "AlreadyExists" or attempt:
+                    raise
+                continue  # created meanwhile: apply to what is there now, as kube retries
+            created.warnings[:0] = warnings
+            return created
+        raise AssertionError("unreachable")
 
     async def delete(self, rt: ResourceType, namespace: str, name: str,
                      options: Mapping[str, Any] | None = None,

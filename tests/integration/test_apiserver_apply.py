@@ -141,6 +141,7 @@ spec:
             type: object
             properties:
               size: {type: integer}
+              mode: {type: string, default: auto}
               tags: {type: array, items: {type: string}, x-kubernetes-list-type: set}
 """
     cluster.kubectl("apply", "--server-side", "-f", "-", input=crd)
@@ -153,9 +154,11 @@ spec:
     cluster.kubectl("apply", "--server-side", "--field-manager=tagger", "-f", "-", input=other)
     live = yaml.safe_load(cluster.kubectl("get", "gadget", "g", "-n", ns, "-o", "yaml",
                                           "--show-managed-fields").stdout)
-    assert live["spec"] == {"size": 1, "tags": ["a", "b"]}
-    tagger = [m for m in live["metadata"]["managedFields"] if m["manager"] == "tagger"]
-    assert tagger[0]["fieldsV1"] == {"f:spec": {"f:tags": {'v:"b"': {}}}}
+    assert live["spec"] == {"mode": "auto", "size": 1, "tags": ["a", "b"]}
+    owned = {m["manager"]: m["fieldsV1"] for m in live["metadata"]["managedFields"]}
+    assert owned["tagger"] == {"f:spec": {"f:tags": {'v:"b"': {}}}}
+    # a default the schema filled in belongs to nobody
+    assert owned["kubectl"] == {"f:spec": {"f:size": {}, "f:tags": {'v:"a"': {}}}}
 
 
 def test_apply_of_an_unknown_kind_says_no_matches(cluster: Cluster) -> None:
