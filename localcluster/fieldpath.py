@@ -130,6 +130,7 @@ def _list_node(s: Mapping[str, Any]) -> Node:
     items = _fold(s.get("items"))
     list_type = s.get("x-kubernetes-list-type")
     keys: tuple[str, ...] = ()
+    builtin_defaults: Mapping[str, Any] = {}
     if list_type == "map":
         keys = tuple(s.get("x-kubernetes-list-map-keys") or ())
     elif list_type is None:
@@ -138,11 +139,12 @@ def _list_node(s: Mapping[str, Any]) -> Node:
             merge_key = s.get("x-kubernetes-patch-merge-key")
             keys = tuple(LIST_MAP_KEYS.get(merge_key, (merge_key,))) if merge_key else ()
             list_type = "map" if keys else "set"
+            builtin_defaults = KEY_DEFAULTS
     if list_type == "set":
         return Node(LIST, schema=items, is_set=True)
     if list_type == "map" and keys:
         props = (items or {}).get("properties") or {}
-        defaults = {k: (props.get(k) or {}).get("default", KEY_DEFAULTS.get(k))
+        defaults = {k: (props.get(k) or {}).get("default", builtin_defaults.get(k))
                     for k in keys}
         return Node(LIST, schema=items, keys=keys,
                     key_defaults={k: v for k, v in defaults.items() if v is not None})
@@ -153,8 +155,9 @@ def _list_node(s: Mapping[str, Any]) -> Node:
 LIST_MAP_KEYS: dict[str, tuple[str, ...]] = {
     "containerPort": ("containerPort", "protocol"),
     "port": ("port", "protocol"),
+    "topologyKey": ("topologyKey", "whenUnsatisfiable"),
 }
-# Defaults kube's schema gives key fields (``protocol: TCP``).
+# Defaults kube's built-in schemas give key fields (``protocol: TCP``).
 KEY_DEFAULTS: dict[str, Any] = {"protocol": "TCP"}
 
 

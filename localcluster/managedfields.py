@@ -229,13 +229,14 @@ def _plain(obj: Mapping[str, Any]) -> dict[str, Any]:
 def cap_updaters(managers: Managers, limit: int = MAX_UPDATE_MANAGERS) -> Managers:
     """kube keeps at most `limit` Update entries: the oldest are merged, per apiVersion,
     into one ``ancient-changes`` entry."""
-    updaters = sorted((e.time, k) for k, e in managers.entries.items() if k.operation == UPDATE)
+    updaters = [k for k in managers.entries if k.operation == UPDATE]
     count = len(updaters)
     if count <= limit:
         return managers
+    updaters.sort(key=lambda k: managers.entries[k].time)
     out = managers.copy()
     first_of_version: dict[str, ManagerKey] = {}
-    for _, key in updaters:
+    for key in updaters:
         if count <= limit:
             break
         entry = out.entries[key]

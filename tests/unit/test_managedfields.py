@@ -299,3 +299,14 @@ def test_one_empty_entry_resets_managed_fields() -> None:
     new = cm({"a": "2"}, managedFields=[{}])
     managedfields.record(scope(), live, new, [{}], manager="n", now=NOW)
     assert "managedFields" not in new["metadata"]
+
+
+def test_update_managers_at_the_same_second_are_kept_apart() -> None:
+    managers = Managers()
+    obj = cm({})
+    for i in range(3):
+        new = cm({**obj["data"], f"k{i}": "v"})
+        managers = managedfields.update(scope(), obj, new, managers, f"m{i}", NOW)
+        obj = new
+    out = managedfields.cap_updaters(managers, limit=2)
+    assert [e["manager"] for e in out.encode()] == ["ancient-changes", "m2"]
