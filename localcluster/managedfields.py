@@ -306,16 +306,26 @@ class _Conflicts(Exception):
 def _apply(scope: Scope, live: Mapping[str, Any] | None, config: Mapping[str, Any],
            managers: Managers, manager: str, *, force: bool, now: str,
            sent: Mapping[str, Any] | None) -> Applied:
+    try:
+        return _merge_config(scope, live, config, managers, manager, force=force, now=now,
+                             sent=sent)
+    except fieldpath.FieldPathError as e:
+        group_version = scope.api_version if "/" in scope.api_version \
+            else f"/{scope.api_version}"
+        raise ApiError(500, "InternalError", "Internal error occurred: failed to create typed "
+                       f"patch object ({group_version}, Kind={config.get('kind', '')}): {e}") \
+            from None
+
+
+def _merge_config(scope: Scope, live: Mapping[str, Any] | None, config: Mapping[str, Any],
+                  managers: Managers, manager: str, *, force: bool, now: str,
+                  sent: Mapping[str, Any] | None) -> Applied:
     base = _plain(live) if live is not None else {"metadata": {}}
     applied = _plain(config)
-    try:
-        merged = fieldpath.merge(base, applied, scope.schema)
-        paths = scope.keep(fieldpath.field_set(applied, scope.schema))
-        if sent is not None:
-            paths &= fieldpath.field_set(_plain(sent), scope.schema)
-    except fieldpath.FieldPathError as e:
-        raise ApiError(500, "InternalError", f"failed to create typed patch object: {e}") \
-            from None
+    merged = fieldpath.merge(base, applied, scope.schema)
+    paths = scope.keep(fieldpath.field_set(applied, scope.schema))
+    if sent is not None:
+        paths &= fieldpath.field_set(_plain(sent), scope.schema)
     key = ManagerKey(manager, APPLY, "", scope.subresource)
     previous = managers.entries.get(key)
     out = managers.copy()

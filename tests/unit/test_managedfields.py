@@ -310,3 +310,14 @@ def test_update_managers_at_the_same_second_are_kept_apart() -> None:
         obj = new
     out = managedfields.cap_updaters(managers, limit=2)
     assert [e["manager"] for e in out.encode()] == ["ancient-changes", "m2"]
+
+
+def test_a_config_fields_cannot_describe_is_kubes_500() -> None:
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+           "spec": {"containers": [{"image": "i"}]}}
+    with pytest.raises(ApiError) as err:
+        managedfields.apply(scope("V1Pod", status=True), None, pod, Managers(), "m",
+                            force=False, now=NOW)
+    assert err.value.code == 500 and err.value.message.startswith(
+        "Internal error occurred: failed to create typed patch object (/v1, Kind=Pod): "
+        "associative list with keys has an element that omits all key fields")
