@@ -346,7 +346,7 @@ def _merge_config(scope: Scope, live: Mapping[str, Any] | None, config: Mapping[
         out.entries[key].time = now
     if manager == KUBECTL and live is not None and LAST_APPLIED in (
             (live.get("metadata") or {}).get("annotations") or {}):
-        merged = _with_last_applied(merged, config)
+        merged = _with_last_applied(merged, sent if sent is not None else config)
     return Applied(merged, cap_updaters(out))
 
 
@@ -382,8 +382,6 @@ def _with_last_applied(obj: dict[str, Any], config: Mapping[str, Any]) -> dict[s
     annotations = (applied.get("metadata") or {}).get("annotations")
     if isinstance(annotations, dict):
         annotations.pop(LAST_APPLIED, None)
-        if not annotations:
-            applied["metadata"].pop("annotations")
     out = copy.deepcopy(obj)
     meta = out.setdefault("metadata", {})
     meta.setdefault("annotations", {})[LAST_APPLIED] = json.dumps(
