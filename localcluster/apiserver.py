@@ -14,7 +14,16 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from localcluster import discovery, impersonation, listoptions, protobuf, reviews, tables
+from localcluster import (
+    discovery,
+    impersonation,
+    listoptions,
+    managedfields,
+    openapiv2,
+    protobuf,
+    reviews,
+    tables,
+)
 from localcluster.auth import (
     ANONYMOUS,
     Attributes,
@@ -36,6 +45,7 @@ log = logging.getLogger("localcluster.apiserver")
 PUBLIC_PATHS = {"/healthz", "/livez", "/readyz", "/version", "/version/"}
 YAML_TYPES = {"application/yaml", "application/x-yaml", "text/yaml"}
 JSON_TYPES = {"application/json", ""}
+APPLY_TYPE = "application/apply-patch+yaml"
 PATCH_TYPES = {"application/merge-patch+json", "application/strategic-merge-patch+json",
                "application/json-patch+json"}
 DEFAULT_WATCH_TIMEOUT = 1800.0
@@ -213,6 +223,8 @@ class ApiHandler:
             return respond(doc)
         if path == "/openapi/v3":
             return respond(discovery.openapi_v3_index(self.catalog))
+        if path == "/openapi/v2":
+            return self._openapi_v2(request.headers.get("Accept", ""))
         parts = path.strip("/").split("/")
         if parts[:2] == ["openapi", "v3"] and len(parts) > 2:
             found = discovery.openapi_v3_document(self.catalog, "/".join(parts[2:]))
@@ -227,6 +239,16 @@ class ApiHandler:
             if doc is not None:
                 return respond(doc)
         raise ApiError.no_route()
+
+    def _openapi_v2(self, accept: str) -> web.Response:
+        media = openapiv2.negotiate(accept)
+        if media is None:
+            return web.Response(status=406, text="only application/json and "
+                                f"{openapiv2.PROTOBUF_TYPES[0]} are served")
+        doc, encoded = discovery.openapi_v2(self.catalog)
+        if media == openapiv2.JSON_TYPE:
+            return respond(doc)
+        return web.Response(body=encoded, headers={"Content-Type": media})
 
     # -- resources ----------------------------------------------------------------------
 
@@ -247,6 +269,8 @@ class ApiHandler:
         ctype = request.content_type if "Content-Type" in request.headers else ""
         if raw and ctype == protobuf.CONTENT_TYPE:
             return protobuf.decode(raw)
+        if ctype == APPLY_TYPE and request.method == "PATCH":
+            ctype = "application/yaml"  # an apply configuration is YAML (JSON included)
         if raw and ctype not in YAML_TYPES | JSON_TYPES | PATCH_TYPES:
             # kube's answer to a body it cannot decode; client-go retries such requests as JSON.
             raise ApiError.unsupported_media_type(ctype)
@@ -268,7 +292,11 @@ class ApiHandler:
         dry = request.query.getall("dryRun", [])
         if any(d != "All" for d in dry):
             raise ApiError.bad_request(f"dryRun must be All, got {dry}")
-        return WriteOptions(dry_run=bool(dry), field_validation=validation)
+        manager = request.query.get("fieldManager") or managedfields.default_manager(
+            request.headers.get("User-Agent", ""))
+        managedfields.check_manager(manager)
+        return WriteOptions(dry_run=bool(dry), field_validation=validation,
+                            field_manager=manager)
 
     def _selectors(self, request: web.Request, rt: ResourceType
                    ) -> tuple[LabelSelector | None, FieldSelector | None]:
@@ -378,6 +406,18 @@ class ApiHandler:
 
     async def _patch(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
         body = await self._body(request)
+        if request.content_type == APPLY_TYPE:
+            if t.subresource not in ("", "status"):
+                raise ApiError.method_not_allowed("apply", f"{t.rt.plural}/{t.subresource}")
+            force = managedfields.apply_options(request.query.get("fieldManager", ""),
+                                                request.query.get("force"))
+            out = await self.registry.apply(t.rt, self._scope(t), t.name, body,
+                                            self._options(request), force=force,
+                                            subresource=t.subresource)
+            return respond(out.obj, 201 if out.created else 200, out.warnings)
+        if "force" in request.query:
+            raise managedfields.options_error("force", "Forbidden",
+                                              "may not be specified for non-apply patch")
         out = await self.registry.patch(t.rt, self._scope(t), t.name, request.content_type,
                                         body, self._options(request), subresource=t.subresource)
         return respond(out.obj, 200, out.warnings)

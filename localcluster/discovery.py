@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from localcluster import openapi
+from localcluster import openapi, openapiv2
 from localcluster.catalog import Catalog
 from localcluster.resources import ResourceType
 
@@ -89,3 +89,24 @@ def openapi_v3_document(catalog: Catalog, url_path: str) -> dict[str, Any] | Non
         if _url_path(gv) == url_path:
             return _document(gv, tuple(types))[0]
     return None
+
+
+def openapi_v2(catalog: Catalog) -> tuple[dict[str, Any], bytes]:
+    """The ``/openapi/v2`` document built from the v3 documents: as JSON, and as protobuf."""
+    docs = tuple(_document(gv, tuple(types)) for gv, types in
+                 sorted(catalog.group_versions().items()))
+    return _v2(tuple(h for _, h in docs), tuple(doc for doc, _ in docs))
+
+
+_v2_cache: dict[tuple[str, ...], tuple[dict[str, Any], bytes]] = {}
+
+
+def _v2(hashes: tuple[str, ...], docs: tuple[dict[str, Any], ...]
+        ) -> tuple[dict[str, Any], bytes]:
+    cached = _v2_cache.get(hashes)
+    if cached is None:
+        doc = openapiv2.document(docs)
+        cached = (doc, openapiv2.encode_document(doc))
+        _v2_cache.clear()  # only the current set of kinds is ever asked for
+        _v2_cache[hashes] = cached
+    return cached

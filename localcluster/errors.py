@@ -139,6 +139,7 @@ class ApiError(MeshError):
                    "the body of the request was in an unknown format - accepted media types "
                    "include: application/json, application/yaml, application/merge-patch+json, "
                    "application/strategic-merge-patch+json, application/json-patch+json, "
+                   "application/apply-patch+yaml, "
                    f"application/vnd.kubernetes.protobuf (built-in kinds); got {content_type!r}")
 
     @classmethod

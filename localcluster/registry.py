@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from localcluster import crd, patch, schema
+from localcluster import crd, managedfields, patch, schema
 from localcluster.admission import Admission
 from localcluster.catalog import Catalog
 from localcluster.errors import ApiError, Cause
@@ -58,6 +58,8 @@ class WriteOptions:
     dry_run: bool = False
     field_validation: str = "Warn"
     """Strict, Warn or Ignore: what to do about fields the schema does not declare."""
+    field_manager: str = "kube-controller-manager"
+    """Who is writing: the manager `metadata.managedFields` records for this write."""
 
 
 def _spec_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
@@ -183,7 +185,7 @@ class Registry:
     # -- writing -------------------------------------------------------------------
 
     async def create(self, rt: ResourceType, namespace: str, body: Any,
-                     opts: WriteOptions = WriteOptions()) -> Outcome:
+                     opts: WriteOptions = WriteOptions(), *, tracked: bool = False) -> Outcome:
         conversion = conversion_for(rt)
         if conversion is not None and isinstance(body, dict):
             causes = conversion.validate_create(body)
@@ -191,6 +193,7 @@ class Registry:
                 name = (body.get("metadata") or {}).get("name", "")
                 raise ApiError.invalid(rt.kind, name, causes, group=rt.group)
         obj, warnings = self.decode(rt, body, opts)
+        applied = obj.get("metadata", {}).get("managedFields") if tracked else None
         meta = obj.setdefault("metadata", {})
         if rt.namespaced:
             if meta.get("namespace") not in (None, "", namespace):
@@ -213,6 +216,9 @@ class Registry:
             meta.pop("generation", None)
         if rt.status_subresource and rt.key != CRD_KEY:
             obj.pop("status", None)
+        managedfields.record(managedfields.scope_for(rt), None, obj, applied,
+                             manager=opts.field_manager, now=now_rfc3339(self.clock),
+                             applied=tracked)
         self._validate(rt, obj, None)
         async with self.store.lock:
             name = meta["name"]
@@ -282,7 +288,7 @@ class Registry:
 
     async def _update_locked(self, rt: ResourceType, ns: str, name: str, new: dict[str, Any],
                              warnings: list[str], opts: WriteOptions,
-                             subresource: str) -> Outcome:
+                             subresource: str, *, tracked: bool = False) -> Outcome:
         old = self.store.get(rt.key, ns, name)
         if old is None:
             raise ApiError.not_found(rt.plural, name, group=rt.group)
@@ -315,7 +321,6 @@ class Registry:
                 new_meta["namespace"] = ns
             else:
                 new_meta.pop("namespace", None)
-            new_meta.pop("managedFields", None)
             if rt.status_subresource and "status" in old:
                 merged["status"] = copy.deepcopy(old["status"])
             elif rt.status_subresource:
@@ -325,6 +330,9 @@ class Registry:
         merged["apiVersion"], merged["kind"] = old.get("apiVersion", rt.api_version), rt.kind
         merged["metadata"]["resourceVersion"] = old_meta["resourceVersion"]
         self.admission.on_update(rt, old, merged)
+        managedfields.record(managedfields.scope_for(rt, subresource), old, merged,
+                             new_meta.get("managedFields"), manager=opts.field_manager,
+                             now=now_rfc3339(self.clock), applied=tracked)
         self._validate(rt, merged, old)
         if merged["metadata"].get("deletionTimestamp") and not merged["metadata"].get("finalizers"):
             writes = [Write(rt.key, ns, name, None, EventType.DELETED)]
@@ -340,6 +348,46 @@ class Registry:
         await self.store.commit([Write(rt.key, ns, name, merged, EventType.MODIFIED)])
         self._after_commit(rt, merged, EventType.MODIFIED)
         return Outcome(self.present(rt, merged), warnings)
+
+    async def apply(self, rt: ResourceType, namespace: str, name: str, body: Any,
+                    opts: WriteOptions, *, force: bool, subresource: str = "") -> Outcome:
+        """Server-side apply of `body` for `opts.field_manager`; creates a missing object."""
+        config, warnings = self.decode(rt, body, opts)
+        if not isinstance(body, dict) or not body.get("apiVersion") or not body.get("kind"):
+            raise ApiError.bad_request("apiVersion and kind must be set in an apply patch")
+        meta = config.setdefault("metadata", {})
+        if meta.get("managedFields") is not None:
+            raise ApiError.bad_request("metadata.managedFields must be nil")
+        if meta.get("name") not in (None, "", name):
+            raise ApiError.bad_request(f"the name of the object ({meta['name']}) does not "
+                                       f"match the name on the URL ({name})")
+        ns = namespace if rt.namespaced else ""
+        scope = managedfields.scope_for(rt, subresource)
+        config = {**config, "metadata": {**meta, "name": name}}
+        for attempt in range(2):
+            async with self.store.lock:
+                live = self.store.get(rt.key, ns, name)
+                if live is None and subresource:
+                    raise ApiError.not_found(rt.plural, name, group=rt.group)
+                current = managedfields.Managers.decode(
+                    (live or {}).get("metadata", {}).get("managedFields"))
+                applied = managedfields.apply(scope, live, config, current, opts.field_manager,
+                                              force=force, now=now_rfc3339(self.clock),
+                                              sent=body)
+                new = applied.obj
+                new["metadata"]["managedFields"] = applied.managers.encode()
+                if live is not None:
+                    return await self._update_locked(rt, ns, name, new, warnings, opts,
+                                                     subresource, tracked=True)
+            try:
+                created = await self.create(rt, namespace, new, opts, tracked=True)
+            except ApiError as e:
+                if e.reason != "AlreadyExists" or attempt:
+                    raise
+                continue  # created meanwhile: apply to what is there now, as kube retries
+            created.warnings[:0] = warnings
+            return created
+        raise AssertionError("unreachable")
 
     async def delete(self, rt: ResourceType, namespace: str, name: str,
                      options: Mapping[str, Any] | None = None,

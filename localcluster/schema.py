@@ -111,6 +111,13 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "V1CustomResourceDefinitionVersion": ("name",),
 }
 
+# Structs kube's types mark `+structType=atomic`: replaced whole, owned as one field.
+_ATOMIC_STRUCTS = frozenset({
+    "V1LabelSelector", "V1OwnerReference", "V1ObjectReference", "V1LocalObjectReference",
+    "V1TypedLocalObjectReference", "V1ObjectFieldSelector", "V1ResourceFieldSelector",
+    "V1SecretKeySelector", "V1ConfigMapKeySelector", "V1NodeSelector", "V1NodeSelectorTerm",
+})
+
 _SCALARS: dict[str, dict[str, Any]] = {
     "str": {"type": "string"},
     "int": {"type": "integer"},
@@ -158,6 +165,8 @@ def builtin_schema(model: str) -> dict[str, Any]:
         schema = {"description": summary, **schema}
     if model in _REQUIRED:
         schema["required"] = list(_REQUIRED[model])
+    if model in _ATOMIC_STRUCTS:
+        schema["x-kubernetes-map-type"] = "atomic"
     return schema
 
 
