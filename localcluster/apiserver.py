@@ -20,6 +20,7 @@ from localcluster import (
     listoptions,
     managedfields,
     openapiv2,
+    podapi,
     protobuf,
     reviews,
     tables,
@@ -84,6 +85,8 @@ class ApiHandler:
         self.server_address = server_address
         self.max_body = max_body
         self.bookmark_interval = bookmark_interval
+        self.kubelet: podapi.KubeletView | None = None
+        """The node's kubelet, when this server runs one: serves pods/log."""
         self.metrics = CollectorRegistry()
         self.requests = Counter(
             "apiserver_request", "Requests served, by verb, resource and HTTP code",
@@ -181,6 +184,8 @@ class ApiHandler:
             subs.add("token")
         if rt.key == ("", "namespaces"):
             subs.add("finalize")
+        if rt.key == ("", "pods"):
+            subs |= podapi.SUBRESOURCES
         return subs
 
     @staticmethod
@@ -316,6 +321,8 @@ class ApiHandler:
         if verb not in target.rt.verbs and not (target.subresource == "token"
                                                  and verb == "create"):
             raise ApiError.method_not_allowed(verb, target.rt.plural)
+        if target.subresource in podapi.STREAMING:
+            raise podapi.streaming_refused(target.subresource)
         return await handler(request, user, target)
 
     def _scope(self, t: Target) -> str:
@@ -323,6 +330,8 @@ class ApiHandler:
 
     async def _get(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
         obj = self.registry.get(t.rt, self._scope(t), t.name)
+        if t.subresource == "log":
+            return await podapi.serve_log(request, obj, self.kubelet)
         if tables.wants_table(request.headers.get("Accept", "")):
             return respond(tables.table(t.rt, [obj], {"resourceVersion": str(
                 self.registry.store.rv)}))
@@ -380,6 +389,9 @@ class ApiHandler:
         if t.subresource == "token":
             return respond(reviews.token_request(self.registry, self.tokens, t.namespace or "",
                                                  t.name, body), 201)
+        if t.subresource == "binding":
+            return respond(await podapi.bind(self.registry, t.namespace or "", t.name, body,
+                                             dry_run=self._options(request).dry_run), 201)
         if t.name:
             raise ApiError.method_not_allowed("create", t.rt.plural)
         if not t.rt.persisted:
@@ -425,6 +437,8 @@ class ApiHandler:
     async def _delete(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
         body = await self._body(request)
         options = body if isinstance(body, dict) else {}
+        if "gracePeriodSeconds" in request.query:
+            options = {**options, "gracePeriodSeconds": podapi.grace_query(request.query)}
         obj = await self.registry.delete(t.rt, self._scope(t), t.name, options,
                                          self._options(request))
         return respond(delete_response(t.rt, obj))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from localcluster import namespaces, netns
+from localcluster.kubelet.kubelet import MIRROR_ANNOTATION
 from localcluster.rootless import meshgate_argv
 from localcluster.up import ClusterError, ClusterSpec, find, launch
 from mesh.errors import ConfigError
@@ -163,7 +164,8 @@ class _PodRun:
         body = k8s.V1Pod(
             metadata=k8s.V1ObjectMeta(
                 name=req.name, namespace=req.namespace, labels=dict(req.labels),
-                annotations={f"{_LABEL_KEY}/inbound-port": str(INBOUND_PORT),
+                annotations={MIRROR_ANNOTATION: "run-pod",
+                             f"{_LABEL_KEY}/inbound-port": str(INBOUND_PORT),
                              f"{_LABEL_KEY}/admin-port": str(ADMIN_PORT)}),
             spec=k8s.V1PodSpec(
                 service_account_name=req.service_account,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from localcluster import crd, managedfields, patch, schema
+from localcluster import crd, managedfields, patch, podgrace, schema
 from localcluster.admission import Admission
 from localcluster.catalog import Catalog
 from localcluster.errors import ApiError, Cause
@@ -71,12 +71,14 @@ def _spec_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
 class Registry:
     def __init__(
         self, store: Store, catalog: Catalog, admission: Admission, *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, graceful_pods: bool = False,
     ) -> None:
         self.store = store
         self.catalog = catalog
         self.admission = admission
         self.clock = clock
+        self.graceful_pods = graceful_pods
+        """A kubelet finishes the deletes of bound Pods (localcluster.podgrace)."""
 
     # -- reading -------------------------------------------------------------------
 
@@ -334,7 +336,8 @@ class Registry:
                              new_meta.get("managedFields"), manager=opts.field_manager,
                              now=now_rfc3339(self.clock), applied=tracked)
         self._validate(rt, merged, old)
-        if merged["metadata"].get("deletionTimestamp") and not merged["metadata"].get("finalizers"):
+        if merged["metadata"].get("deletionTimestamp") and not merged["metadata"].get(
+                "finalizers") and not merged["metadata"].get("deletionGracePeriodSeconds"):
             writes = [Write(rt.key, ns, name, None, EventType.DELETED)]
             writes += self.admission.on_delete(rt, merged)
             if not opts.dry_run:
@@ -408,6 +411,14 @@ class Registry:
                                         "ResourceVersion in precondition: "
                                         f"{pre['resourceVersion']}, ResourceVersion in object "
                                         f"meta: {meta['resourceVersion']}", group=rt.group)
+            if self.graceful_pods and rt.key == podgrace.PODS_KEY:
+                period = podgrace.grace_period(old, options or {})
+                if period > 0:
+                    marked = copy.deepcopy(old)
+                    if podgrace.mark(marked, period, self.clock()) and not opts.dry_run:
+                        await self.store.commit([Write(rt.key, ns, name, marked,
+                                                       EventType.MODIFIED)])
+                    return self.present(rt, marked)
             if meta.get("finalizers") or rt.key == NAMESPACE_KEY:
                 if meta.get("deletionTimestamp"):
                     return self.present(rt, old)

@@ -94,6 +94,8 @@ BUILTIN: tuple[ResourceType, ...] = (
                                "regarding.uid", "regarding.apiVersion",
                                "regarding.resourceVersion", "regarding.fieldPath", "reason",
                                "reportingController", "type")),
+    _core("Node", "nodes", namespaced=False, short_names=("no",), status_subresource=True,
+          field_labels=("spec.unschedulable",)),
     ResourceType("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", namespaced=True,
                  model="V1EndpointSlice", field_labels=("addressType",)),
     ResourceType("coordination.k8s.io", "v1", "Lease", "leases", namespaced=True, model="V1Lease"),

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from aiohttp import web
@@ -28,6 +28,9 @@ from localcluster.controllers import Controllers
 from localcluster.pki import ensure_pki
 from localcluster.registry import CRD_KEY, Registry
 from localcluster.store import Store
+
+if TYPE_CHECKING:
+    from localcluster.kubelet.kubelet import Kubelet
 from mesh.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,9 @@ class ClusterConfig:
     also_listen: tuple[tuple[str, str, int], ...] = ()
     """(network namespace, host, port): more listeners, each in its own namespace, such
     as a cluster node's, so that workloads there reach the same server."""
+    kubelet: bool = False
+    """Run the node's kubelet (localcluster.kubelet): needs the network `cluster up` built
+    in the state directory."""
 
 
 def _free_port(host: str, preferred: int) -> int:
@@ -118,6 +124,7 @@ class ClusterServer:
         self._runner: web.AppRunner | None = None
         self.store: Store | None = None
         self.controllers: Controllers | None = None
+        self.kubelet: Kubelet | None = None
 
     @property
     def url(self) -> str:
@@ -159,7 +166,8 @@ class ClusterServer:
                                 lookup=store.get, clock=self.clock)
         admission = Admission(store, catalog, service_cidr=cfg.service_cidr, tokens=tokens,
                               ca_pem=pki.ca_cert_pem, clock=self.clock)
-        registry = Registry(store, catalog, admission, clock=self.clock)
+        registry = Registry(store, catalog, admission, clock=self.clock,
+                            graceful_pods=cfg.kubelet)
         authorizer = Authorizer(store.items, store.get)
         handler = ApiHandler(registry, tokens, authorizer,
                              server_address=lambda: f"{cfg.host}:{self.port}",
@@ -167,6 +175,13 @@ class ClusterServer:
         self.controllers = Controllers(registry, ca_pem=pki.ca_cert_pem)
         await self.controllers.bootstrap(api_ip, cfg.host, self.port)
         self.controllers.start()
+        if cfg.kubelet:
+            from localcluster.kubelet.kubelet import Kubelet
+
+            self.kubelet = Kubelet(registry, cluster=cfg.name, state_dir=cfg.state_dir,
+                                   clock=self.clock)
+            await self.kubelet.start()
+            handler.kubelet = self.kubelet
 
         app = web.Application(client_max_size=MAX_BODY * 2)
         app.router.add_route("*", "/{tail:.*}", handler)
@@ -191,6 +206,8 @@ class ClusterServer:
                  self.kubeconfig)
 
     async def stop(self) -> None:
+        if self.kubelet is not None:
+            await self.kubelet.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.controllers is not None:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from localcluster.podprint import pod_row
 from localcluster.resources import ResourceType
 
 Cell = Callable[[Mapping[str, Any]], Any]
@@ -87,12 +88,6 @@ def _slice_endpoints(s: Mapping[str, Any]) -> str:
     return ",".join(addrs[:3]) + (f" + {len(addrs) - 3} more..." if len(addrs) > 3 else "")
 
 
-def _pod_ready(pod: Mapping[str, Any]) -> str:
-    containers = (pod.get("spec") or {}).get("containers") or []
-    statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    return f"{sum(1 for s in statuses if s.get('ready'))}/{len(containers)}"
-
-
 def _col(name: str, cell: Cell, *, priority: int = 0, kind: str = "string",
          fmt: str = "") -> tuple[dict[str, Any], Cell]:
     return ({"name": name, "type": kind, "format": fmt, "description": "",
@@ -140,10 +135,9 @@ COLUMNS: dict[tuple[str, str], list[tuple[dict[str, Any], Cell]]] = {
             f"{k}={v}" for k, v in (_dig(o, "spec.selector") or {}).items()) or "<none>",
             priority=1)],
     ("", "pods"): [
-        _NAME, _col("Ready", _pod_ready), _col("Status", lambda o: _dig(o, "status.phase") or ""),
-        _col("Restarts", lambda o: sum(s.get("restartCount", 0) for s in
-                                       _dig(o, "status.containerStatuses") or []),
-             kind="integer"),
+        _NAME, _col("Ready", lambda o: pod_row(o).ready),
+        _col("Status", lambda o: pod_row(o).status),
+        _col("Restarts", lambda o: pod_row(o).restarts, kind="integer"),
         _AGE, _col("IP", lambda o: _dig(o, "status.podIP") or "<none>", priority=1),
         _col("Node", lambda o: _dig(o, "spec.nodeName") or "<none>", priority=1)],
     ("", "endpoints"): [_NAME, _col("Endpoints", _endpoints), _AGE],

@@ -410,7 +410,7 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
             also.append(f"{spec.node_netns}={spec.wan_address}:{API_PORT}")
         _start_daemon(d, "apiserver", meshgate_argv((
             "cluster", "serve", "--name", spec.name, "--state-dir", str(d),
-            "--service-cidr", spec.service_cidr,
+            "--service-cidr", spec.service_cidr, "--kubelet",
             *(arg for a in also for arg in ("--also-listen", a)))), ready="kubeconfig:")
     node_kubeconfig = _node_kubeconfig(spec)
     if spec.wan_address is not None:

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--also-listen", type=_netns_listen, action="append", default=[],
                        metavar="NETNS=HOST:PORT",
                        help="also listen in that network namespace (repeatable)")
+    serve.add_argument("--kubelet", action="store_true",
+                       help="also run the node's kubelet, which runs Pods bound to it (needs "
+                       "the network `cluster up` builds in the state directory)")
     serve.set_defaults(func=_cluster_serve)
     add_cluster_commands(cluster_cmds)
     add_identity_commands(commands)
@@ -240,7 +243,7 @@ def _cluster_serve(args: argparse.Namespace) -> int:
     config = ClusterConfig(name=args.name, state_dir=args.state_dir, host=host, port=port,
                            service_cidr=args.service_cidr, watch_history=args.watch_history,
                            bookmark_interval=args.bookmark_interval,
-                           also_listen=tuple(args.also_listen))
+                           also_listen=tuple(args.also_listen), kubelet=args.kubelet)
 
     async def run() -> None:
         server = ClusterServer(config)

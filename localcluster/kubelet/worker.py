@@ -1,0 +1,385 @@
+"""One Pod on the node, from sandbox to removal: its network namespace, its init
+containers in order (native sidecars started and left running), its main
+containers supervised under the Pod's restartPolicy with kube's back-off, its
+status and Events, and its graceful termination."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localcluster import netns
+from localcluster.errors import ApiError
+from localcluster.events import EventRecorder
+from localcluster.kubelet import containers, images
+from localcluster.kubelet.backoff import Backoff
+from localcluster.kubelet.status import ContainerView, Role, conditions, phase
+from localcluster.registry import Registry, WriteOptions
+
+log = logging.getLogger(__name__)
+
+PODS_KEY = ("", "pods")
+MANAGER = WriteOptions(field_manager="kubelet")
+_KEY_CHARS = re.compile(r"[^a-z0-9-]+")
+
+
+@dataclass(frozen=True)
+class Node:
+    """What every Pod worker shares: the node, its network and where pods keep files."""
+
+    registry: Registry
+    name: str
+    host_ip: str
+    network: netns.ClusterNetwork
+    root: Path
+    events: EventRecorder
+    clock: Callable[[], float]
+
+
+def sandbox_key(namespace: str, name: str, uid: str) -> str:
+    """The Pod's name in the cluster network: readable, unique, a DNS label."""
+    base = _KEY_CHARS.sub("-", f"{namespace}-{name}".lower()).strip("-")[:40].strip("-")
+    return f"{base}-{uid.replace('-', '')[:8]}"
+
+
+def pod_dir(root: Path, namespace: str, name: str, uid: str) -> Path:
+    """As kube's /var/log/pods/<namespace>_<name>_<uid>."""
+    return root / f"{namespace}_{name}_{uid}"
+
+
+class PodWorker:
+    def __init__(self, node: Node, pod: Mapping[str, Any]) -> None:
+        self.node = node
+        self.pod: Mapping[str, Any] = pod
+        meta = pod["metadata"]
+        self.namespace, self.name, self.uid = meta["namespace"], meta["name"], meta["uid"]
+        self.key = sandbox_key(self.namespace, self.name, self.uid)
+        self.dir = pod_dir(node.root, self.namespace, self.name, self.uid)
+        spec = pod["spec"]
+        self.restart_policy = str(spec.get("restartPolicy", "Always"))
+        self.views: dict[str, ContainerView] = {}
+        for c in spec.get("initContainers") or []:
+            role = Role.SIDECAR if c.get("restartPolicy") == "Always" else Role.INIT
+            self.views[c["name"]] = ContainerView(c["name"], c.get("image", ""), role)
+        for c in spec["containers"]:
+            self.views[c["name"]] = ContainerView(c["name"], c.get("image", ""), Role.MAIN)
+        self.instances: dict[str, containers.Instance] = {}
+        self.backoffs: dict[str, Backoff] = {}
+        self.ip: str | None = None
+        self._adding: asyncio.Future[netns.Pod] | None = None
+        self.start_time = ""
+        self.inits_done = not any(v.role is Role.INIT for v in self.views.values())
+        self.init_failed = False
+        self.terminal = ""
+        self.terminating = asyncio.Event()
+        self.gone = False
+        self._changed = asyncio.Event()
+        self._started: dict[str, asyncio.Event] = {n: asyncio.Event() for n in self.views}
+        self.task = asyncio.create_task(self._run(), name=f"pod {self.namespace}/{self.name}")
+        self._writer = asyncio.create_task(self._write_status())
+
+    # -- from the kubelet ------------------------------------------------------------
+
+    def update(self, pod: Mapping[str, Any]) -> None:
+        self.pod = pod
+        if pod["metadata"].get("deletionTimestamp"):
+            self.terminating.set()
+
+    def removed(self) -> None:
+        """The Pod object is gone (force-deleted): stop everything, write nothing."""
+        self.gone = True
+        self.terminating.set()
+
+    async def shutdown(self, grace: float) -> None:
+        """The kubelet stops: the containers stop within `grace`, the sandbox goes."""
+        self.gone = True
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await self._stop_all(grace)
+        await self._remove_sandbox()
+        self._writer.cancel()
+
+    def log_path(self, container: str, restart: int) -> Path:
+        return self.dir / container / f"{restart}.log"
+
+    def running_log(self, container: str) -> Path | None:
+        inst = self.instances.get(container)
+        return inst.log_path if inst is not None else None
+
+    # -- the life of the Pod -----------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            await self._live()
+        except Exception as e:
+            log.error("pod worker failed pod=%s/%s cause=%r", self.namespace, self.name, e)
+            raise
+
+    async def _live(self) -> None:
+        life = asyncio.create_task(self._lifecycle())
+        done = asyncio.create_task(self.terminating.wait())
+        try:
+            await asyncio.wait({life, done}, return_when=asyncio.FIRST_COMPLETED)
+            await self.terminating.wait()  # a finished Pod stays until it is deleted
+        finally:
+            life.cancel()
+            done.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await life
+        if not life.cancelled() and life.exception() is not None:
+            log.error("pod failed pod=%s/%s cause=%r", self.namespace, self.name,
+                      life.exception())
+        meta = self.pod["metadata"]
+        grace = meta.get("deletionGracePeriodSeconds")
+        if grace is None:
+            grace = self.pod["spec"].get("terminationGracePeriodSeconds", 30)
+        await self._stop_all(float(grace))
+        await self._remove_sandbox()
+        self._changed.set()
+        await asyncio.sleep(0)
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+        if not self.gone:
+            await self._write_now()
+            try:
+                await self.node.registry.delete(
+                    self._rt(), self.namespace, self.name,
+                    {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}}, MANAGER)
+            except ApiError as e:
+                if e.code not in (404, 409):
+                    raise
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def _lifecycle(self) -> None:
+        spec = self.pod["spec"]
+        self.start_time = containers.rfc3339(self.node.clock())
+        self._adding = asyncio.ensure_future(asyncio.to_thread(
+            netns.add_pod, self.node.network, self.key))
+        sandbox = await asyncio.shield(self._adding)
+        self.ip = str(sandbox.ip)
+        self._changed.set()
+        sidecars: list[asyncio.Task[None]] = []
+        for c in spec.get("initContainers") or []:
+            if c.get("restartPolicy") == "Always":
+                sidecars.append(asyncio.create_task(self._supervise(c, "Always")))
+                await self._started[c["name"]].wait()
+                continue
+            if not await self._run_init(c):
+                self.init_failed = True
+                self.terminal = "Failed"
+                self._changed.set()
+                await self._stop_all(float(spec.get("terminationGracePeriodSeconds", 30)))
+                await self._remove_sandbox()
+                return
+        self.inits_done = True
+        self._changed.set()
+        try:
+            await asyncio.gather(*(self._supervise(c, self.restart_policy)
+                                   for c in spec["containers"]))
+        finally:
+            for t in sidecars:  # their processes are stopped after the main containers'
+                t.cancel()
+        mains = [v for v in self.views.values() if v.role is Role.MAIN]
+        self.terminal = phase(self.restart_policy, True, False, mains)
+        await self._stop_all(float(spec.get("terminationGracePeriodSeconds", 30)))
+        await self._remove_sandbox()
+        self._changed.set()
+
+    async def _run_init(self, c: Mapping[str, Any]) -> bool:
+        """Run one init container to success; False if it failed and may not restart."""
+        policy = "Never" if self.restart_policy == "Never" else "OnFailure"
+        await self._supervise(c, policy)
+        term = self.views[c["name"]].terminated
+        return term is not None and term.get("exitCode") == 0
+
+    async def _supervise(self, c: Mapping[str, Any], policy: str) -> None:
+        name = c["name"]
+        view = self.views[name]
+        backoff = self.backoffs.setdefault(name, Backoff())
+        while True:
+            code = await self._run_once(c, view)
+            if code is None:
+                return
+            if not (policy == "Always" or (policy == "OnFailure" and code != 0)):
+                return
+            term = view.state["terminated"]
+            wait = backoff.after_exit(started=view.started_at_s, finished=self.node.clock())
+            view.last_state = {"terminated": term}
+            if wait > 0:
+                pod = f"{self.name}_{self.namespace}({self.uid})"
+                view.state = {"waiting": {"reason": "CrashLoopBackOff", "message": (
+                    f"back-off {int(wait)}s restarting failed container={name} pod={pod}")}}
+                self._changed.set()
+                await self.node.events.warning(
+                    self._ref(), "BackOff",
+                    f"Back-off restarting failed container {name} in pod {pod}")
+                await asyncio.sleep(wait)
+            view.restart_count += 1
+
+    async def _run_once(self, c: Mapping[str, Any], view: ContainerView) -> int | None:
+        """Start the container and wait for it to exit: its exit code, or None when it
+        cannot be started (its status says why)."""
+        name = c["name"]
+        try:
+            env = containers.environment(
+                self.pod, c, lookup=self.node.registry.store.get, host_ip=self.node.host_ip,
+                service_env={})
+        except containers.ConfigError as e:
+            return await self._not_started(view, "CreateContainerConfigError", str(e))
+        run = images.runnable(c, env)
+        if run is None:
+            return await self._not_started(view, images.NOT_RUNNABLE_REASON,
+                                            f"{images.NOT_RUNNABLE_MESSAGE} (image "
+                                            f"{c.get('image', '')!r} has no command)")
+        if run.meshgate and "PYTHONPATH" in os.environ:
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        cwd = c.get("workingDir") or None
+        if cwd is not None and not os.path.isdir(cwd):
+            return await self._not_started(view, "CreateContainerError",
+                                            f"workingDir {cwd} does not exist on this machine")
+        argv = netns.pod_command(self.node.network, self.key, list(run.argv))
+        now = self.node.clock()
+        inst = await containers.start(argv, env=env, cwd=cwd,
+                                      log_path=self.log_path(name, view.restart_count),
+                                      now=now)
+        self.instances[name] = inst
+        view.container_id = inst.container_id
+        view.started_at_s = now
+        view.state = {"running": {"startedAt": containers.rfc3339(now)}}
+        view.started = view.ready = True
+        self._started[name].set()
+        self._changed.set()
+        await self.node.events.normal(self._ref(), "Created", f"Created container: {name}")
+        await self.node.events.normal(self._ref(), "Started", f"Started container {name}")
+        log.info("container started pod=%s/%s container=%s pid=%d restart=%d", self.namespace,
+                 self.name, name, inst.pid, view.restart_count)
+        code = await inst.wait()
+        log.info("container exited pod=%s/%s container=%s code=%d", self.namespace, self.name,
+                 name, code)
+        self._exited(view, inst, code)
+        return code
+
+    def _exited(self, view: ContainerView, inst: containers.Instance, code: int) -> None:
+        self.instances.pop(view.name, None)
+        view.state = {"terminated": {
+            "exitCode": code, "reason": "Completed" if code == 0 else "Error",
+            "startedAt": containers.rfc3339(inst.started),
+            "finishedAt": containers.rfc3339(self.node.clock()),
+            "containerID": inst.container_id}}
+        view.ready = view.started = False
+        self._changed.set()
+
+    async def _not_started(self, view: ContainerView, reason: str, message: str
+                           ) -> int | None:
+        """The container stays waiting with `reason`: None, as `_run_once` answers."""
+        if view.state.get("waiting", {}).get("reason") != reason:
+            view.state = {"waiting": {"reason": reason, "message": message}}
+            self._changed.set()
+            await self.node.events.warning(self._ref(), "Failed", f"Error: {message}")
+        return None
+
+    async def _stop_all(self, grace: float) -> None:
+        """Main containers first, then sidecars in reverse order, within `grace`."""
+        deadline = self.node.clock() + max(grace, 0.0)
+        mains = [n for n, v in self.views.items() if v.role is Role.MAIN]
+        sidecars = [n for n, v in reversed(self.views.items()) if v.role is not Role.MAIN]
+        for group in (mains, sidecars):
+            running = [(n, self.instances[n]) for n in group if n in self.instances]
+            for n, inst in running:
+                await self.node.events.normal(self._ref(), "Killing", f"Stopping container {n}")
+                inst.signal(signal.SIGTERM)
+
+            async def wait_one(n: str, inst: containers.Instance) -> None:
+                left = max(deadline - self.node.clock(), 0.0)
+                try:
+                    await asyncio.wait_for(asyncio.shield(inst.process.wait()), left)
+                except TimeoutError:
+                    inst.kill_group()
+                self._exited(self.views[n], inst, await inst.wait())
+
+            await asyncio.gather(*(wait_one(n, inst) for n, inst in running))
+
+    async def _remove_sandbox(self) -> None:
+        if self._adding is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._adding  # a cancelled start may still be creating it
+        await asyncio.to_thread(netns.remove_pod, self.node.network, self.key)
+
+    # -- status ----------------------------------------------------------------------
+
+    def _rt(self) -> Any:
+        rt = self.node.registry.catalog.lookup("", "v1", "pods")
+        assert rt is not None
+        return rt
+
+    def _ref(self) -> dict[str, Any]:
+        return {"kind": "Pod", "apiVersion": "v1", "metadata": self.pod["metadata"]}
+
+    def status(self, current: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(current.get("status") or {})
+        views = list(self.views.values())
+        mains = [v for v in views if v.role is Role.MAIN]
+        ph = self.terminal or phase(self.restart_policy, self.inits_done, self.init_failed,
+                                    mains)
+        now = containers.rfc3339(self.node.clock())
+        out["phase"] = ph
+        out["hostIP"] = self.node.host_ip
+        out["hostIPs"] = [{"ip": self.node.host_ip}]
+        if self.ip is not None:
+            out["podIP"] = self.ip
+            out["podIPs"] = [{"ip": self.ip}]
+        if self.start_time:
+            out["startTime"] = self.start_time
+        out["conditions"] = conditions(
+            sandbox=self.ip is not None and not self.terminal, inits_done=self.inits_done,
+            init_names=[v.name for v in views if v.role is Role.INIT],
+            containers=[v for v in views if v.role is not Role.INIT] if not self.terminal
+            else [], terminal=ph if self.terminal else "",
+            previous=out.get("conditions") or [], now=now)
+        if self.terminal:
+            for cond in out["conditions"]:
+                if cond["type"] in ("Ready", "ContainersReady"):
+                    cond["status"] = "False"
+                    cond["reason"] = "PodCompleted" if ph == "Succeeded" else cond.get(
+                        "reason", "PodFailed")
+        out["containerStatuses"] = [v.status() for v in mains]
+        inits = [v.status() for v in views if v.role is not Role.MAIN]
+        if inits:
+            out["initContainerStatuses"] = inits
+        return out
+
+    async def _write_status(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            await self._write_now()
+
+    async def _write_now(self) -> None:
+        store = self.node.registry.store
+        current = store.get(PODS_KEY, self.namespace, self.name)
+        if current is None or current["metadata"]["uid"] != self.uid:
+            return
+        status = self.status(current)
+        if status == current.get("status"):
+            return
+        meta = {k: v for k, v in current["metadata"].items() if k != "resourceVersion"}
+        body = {**current, "status": status, "metadata": meta}
+        try:
+            await self.node.registry.update(self._rt(), self.namespace, self.name, body,
+                                            MANAGER, subresource="status")
+        except ApiError as e:
+            if e.code != 404:
+                log.warning("pod status not written pod=%s/%s cause=%s", self.namespace,
+                            self.name, e)

@@ -1,0 +1,294 @@
+"""The embedded cluster's kubelet, driven with the pinned kubectl and the official
+client as on kind: Pods created directly are bound to the node and run as
+processes in their own network namespace, with kube's status, Events, logs,
+restarts with back-off, init containers and native sidecars, and graceful
+deletion that leaves no process, namespace or mount behind, also on `cluster down`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from pyroute2 import netns
+
+from localcluster import namespaces
+from localcluster.kubelet.images import NOT_RUNNABLE_MESSAGE, NOT_RUNNABLE_REASON
+from localcluster.kubelet.node import node_name
+from mesh.kube import api_client
+from tests.cluster import wait_for
+
+NAME = "mgkubelet"
+KUBECTL = str(Path(sys.executable).parent / "kubectl")
+PREFIX = f"mg-{NAME}-"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+
+@dataclass
+class Cluster:
+    base: Path
+    env: dict[str, str]
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.base / "state" / "kubeconfig"
+
+    def meshgate(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "mesh.cli", *args], env=self.env,
+                              capture_output=True, text=True, timeout=120)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"meshgate {' '.join(args)}: {proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def kubectl(self, *args: str, check: bool = True, timeout: float = 60
+                ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([KUBECTL, "--kubeconfig", str(self.kubeconfig), *args],
+                              capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} ({proc.returncode}):\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(api_client(self.kubeconfig))
+
+    def pod(self, name: str) -> client.V1Pod:
+        return self.core().read_namespaced_pod(name, "default")
+
+    def status_of(self, pod: str, container: str) -> Any:
+        statuses = self.pod(pod).status.container_statuses or []
+        return next((s for s in statuses if s.name == container), None)
+
+
+def _pod_namespaces() -> list[str]:
+    return [n for n in netns.listnetns() if n.startswith(f"{PREFIX}pod-")]
+
+
+def _pids_in(ns: str) -> list[int]:
+    """Processes whose network namespace is `ns`."""
+    try:
+        want = os.stat(namespaces.namespace_path(ns)).st_ino
+    except OSError:
+        return []
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}/ns/net").st_ino == want:
+                    out.append(int(entry))
+            except OSError:
+                continue
+    return out
+
+
+def _pids_with(marker: str) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker.encode() in cmdline and b"pytest" not in cmdline:
+                out.append(int(entry))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    base = tmp_path_factory.mktemp("kubelet")
+    env = {**os.environ, "MESHGATE_RUN_DIR": str(base / "run"), "PYTHONUNBUFFERED": "1"}
+    c = Cluster(base, env)
+    c.meshgate("cluster", "up", "--name", NAME, "--state-dir", str(base / "state"),
+               "--pod-cidr", "10.217.0.0/16", "--service-cidr", "10.218.0.0/16")
+    try:
+        yield c
+    finally:
+        c.meshgate("cluster", "down", "--name", NAME, check=False)
+    assert not [n for n in netns.listnetns() if n.startswith(PREFIX)]
+
+
+def _running_ready(c: Cluster, name: str) -> bool:
+    out = c.kubectl("get", "pod", name, "--no-headers").stdout.split()
+    return out[1:3] == ["1/1", "Running"]
+
+
+def test_node_registered_and_a_pod_is_bound_and_runs_a_server(cluster: Cluster) -> None:
+    ready = cluster.kubectl("get", "node", node_name(NAME), "-o",
+                            'jsonpath={.status.conditions[?(@.type=="Ready")].status}').stdout
+    assert ready == "True"
+    cluster.kubectl("run", "web", "--image=busybox", "--port=8080", "--labels=app=web",
+                    "--command", "--", sys.executable, "-m", "http.server", "8080")
+    wait_for(lambda: _running_ready(cluster, "web"), timeout=30, what="web Running 1/1")
+    pod = cluster.pod("web")
+    assert pod.spec.node_name == node_name(NAME)
+    assert pod.status.phase == "Running" and pod.status.pod_ip.startswith("10.217.")
+    assert pod.status.host_ip == "10.217.0.1" and pod.status.start_time is not None
+    conditions = {c.type: c.status for c in pod.status.conditions}
+    assert conditions == {"PodScheduled": "True", "Initialized": "True", "Ready": "True",
+                          "ContainersReady": "True", "PodReadyToStartContainers": "True"}
+    cs = cluster.status_of("web", "web")
+    assert cs.ready and cs.started and cs.restart_count == 0 and cs.state.running.started_at
+    assert cs.container_id.startswith("meshgate://") and cs.image == "busybox"
+    # The server answers inside the pod's own network namespace, at its address.
+    ns = [n for n in _pod_namespaces() if "default-web-" in n]
+    assert len(ns) == 1 and _pids_in(ns[0])
+    sock = namespaces.socket_in_namespace(f"{PREFIX}node")
+    try:
+        sock.settimeout(5)
+        wait_for(lambda: sock.connect_ex((pod.status.pod_ip, 8080)) == 0, timeout=10,
+                 what="the pod's server to accept")
+    finally:
+        sock.close()
+    events = cluster.kubectl("get", "events", "--field-selector",
+                             "involvedObject.name=web", "-o",
+                             "custom-columns=R:.reason,M:.message", "--no-headers").stdout
+    assert "Scheduled" in events and f"assigned default/web to {node_name(NAME)}" in events
+    assert "Created container: web" in events and "Started container web" in events
+
+
+def test_a_ready_pod_is_a_ready_endpoint_of_its_service(cluster: Cluster) -> None:
+    cluster.kubectl("expose", "pod", "web", "--port=80", "--target-port=8080",
+                    "--name=web-svc")
+    wait_for(lambda: _running_ready(cluster, "web"), timeout=30, what="web Running")
+    ip = cluster.pod("web").status.pod_ip
+
+    def ready_endpoints() -> list[str]:
+        out = cluster.kubectl("get", "endpointslices", "-l",
+                              "kubernetes.io/service-name=web-svc", "-o",
+                              "jsonpath={.items[*].endpoints[?(@.conditions.ready==true)]"
+                              ".addresses[0]}").stdout
+        return out.split()
+    assert wait_for(lambda: ready_endpoints() == [ip], timeout=15, what="a ready endpoint")
+
+
+def test_logs_and_follow(cluster: Cluster) -> None:
+    cluster.kubectl("run", "talker", "--image=busybox", "--restart=Never", "--command", "--",
+                    "sh", "-c", "echo one; sleep 1; echo two >&2; sleep 1; echo three")
+    wait_for(lambda: cluster.pod("talker").status.phase == "Running", timeout=30,
+             what="talker running")
+    followed = cluster.kubectl("logs", "-f", "talker", timeout=30).stdout
+    assert followed.splitlines() == ["one", "two", "three"]
+    wait_for(lambda: cluster.pod("talker").status.phase == "Succeeded", timeout=15,
+             what="talker Succeeded")
+    term = cluster.status_of("talker", "talker").state.terminated
+    assert term.exit_code == 0 and term.reason == "Completed" and term.finished_at
+    assert cluster.kubectl("logs", "talker", "--tail=1").stdout == "three\n"
+    stamped = cluster.kubectl("logs", "talker", "--timestamps").stdout.splitlines()
+    assert stamped[0].endswith(" one") and stamped[0][:4].isdigit() and "T" in stamped[0]
+    no_prev = cluster.kubectl("logs", "talker", "--previous", check=False)
+    assert no_prev.returncode == 1
+    assert 'previous terminated container "talker" in pod "talker" not found' in no_prev.stderr
+
+
+def test_a_crashing_container_backs_off(cluster: Cluster) -> None:
+    cluster.kubectl("run", "crasher", "--image=busybox", "--command", "--",
+                    "sh", "-c", "echo boom; exit 3")
+
+    def backing_off() -> bool:
+        cs = cluster.status_of("crasher", "crasher")
+        return bool(cs and cs.restart_count >= 1 and cs.state.waiting
+                    and cs.state.waiting.reason == "CrashLoopBackOff")
+    wait_for(backing_off, timeout=30, what="CrashLoopBackOff")
+    cs = cluster.status_of("crasher", "crasher")
+    assert "back-off 10s restarting failed container=crasher" in cs.state.waiting.message
+    assert cs.last_state.terminated.exit_code == 3 and cs.last_state.terminated.reason == "Error"
+    row = cluster.kubectl("get", "pod", "crasher", "--no-headers").stdout.split()
+    assert row[2] == "CrashLoopBackOff" and int(row[3]) >= 1
+    assert cluster.kubectl("logs", "crasher", "--previous").stdout == "boom\n"
+    events = cluster.kubectl("get", "events", "--field-selector",
+                             "involvedObject.name=crasher,reason=BackOff", "-o",
+                             "jsonpath={.items[*].message}").stdout
+    assert "Back-off restarting failed container crasher in pod crasher_default(" in events
+
+
+def test_a_foreign_image_without_a_command_waits_with_the_reason(cluster: Cluster) -> None:
+    cluster.kubectl("run", "foreign", "--image=nginx:1.27")
+    wait_for(lambda: cluster.status_of("foreign", "foreign") is not None
+             and cluster.status_of("foreign", "foreign").state.waiting.reason
+             == NOT_RUNNABLE_REASON, timeout=30, what="ImageNotRunnable")
+    waiting = cluster.status_of("foreign", "foreign").state.waiting
+    assert NOT_RUNNABLE_MESSAGE in waiting.message
+    assert cluster.pod("foreign").status.phase == "Pending"
+    row = cluster.kubectl("get", "pod", "foreign", "--no-headers").stdout.split()
+    assert row[2] == NOT_RUNNABLE_REASON
+    logs = cluster.kubectl("logs", "foreign", check=False)
+    assert logs.returncode == 1
+    assert f'is waiting to start: {NOT_RUNNABLE_REASON}' in logs.stderr
+    cluster.kubectl("delete", "pod", "foreign", "--wait=true", timeout=60)
+
+
+def test_exec_is_refused_naming_what_is_missing(cluster: Cluster) -> None:
+    wait_for(lambda: _running_ready(cluster, "web"), timeout=30, what="web Running")
+    proc = cluster.kubectl("exec", "web", "--", "true", check=False)
+    assert proc.returncode != 0
+    assert "pods/exec is not served" in proc.stderr, proc.stderr
+
+
+def test_init_containers_sidecar_and_graceful_delete(cluster: Cluster, tmp_path: Path
+                                                    ) -> None:
+    order = tmp_path / "order"
+    order.touch()
+    f = str(order)
+
+    def stays(word: str) -> list[str]:
+        return ["sh", "-c", f"echo {word} >> {f}; trap 'echo {word}-stop >> {f}; exit 0' "
+                f"TERM; while true; do sleep 0.1; done"]
+    manifest = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ordered"},
+        "spec": {"terminationGracePeriodSeconds": 10, "initContainers": [
+            {"name": "first", "image": "busybox", "command": ["sh", "-c", f"echo first >> {f}"]},
+            {"name": "sidecar", "image": "busybox", "restartPolicy": "Always",
+             "command": stays("sidecar")},
+            {"name": "second", "image": "busybox",
+             "command": ["sh", "-c", f"echo second >> {f}"]}],
+            "containers": [{"name": "main", "image": "busybox", "command": stays("main"),
+                            "env": [{"name": "MARK", "value": "kubelet-e2e-ordered"},
+                                    {"name": "POD", "valueFrom": {"fieldRef": {
+                                        "fieldPath": "metadata.name"}}}]}]}}
+    import json
+    proc = subprocess.run([KUBECTL, "--kubeconfig", str(cluster.kubeconfig), "apply", "-f",
+                           "-"], input=json.dumps(manifest), capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: cluster.kubectl("get", "pod", "ordered", "--no-headers").stdout.split()[
+        1:3] == ["2/2", "Running"], timeout=30, what="ordered Running 2/2")
+    assert order.read_text().split() == ["first", "sidecar", "second", "main"]
+    inits = {s.name: s for s in cluster.pod("ordered").status.init_container_statuses}
+    assert inits["first"].state.terminated.reason == "Completed"
+    assert inits["sidecar"].state.running and inits["sidecar"].ready
+    ns = [n for n in _pod_namespaces() if "default-ordered-" in n]
+    assert len(ns) == 1
+    pids = _pids_in(ns[0])
+    assert pids
+    environ = [Path(f"/proc/{p}/environ").read_bytes() for p in pids]
+    assert any(b"POD=ordered\0" in e and b"MARK=kubelet-e2e-ordered" in e for e in environ)
+    started = time.monotonic()
+    cluster.kubectl("delete", "pod", "ordered", timeout=60)
+    assert time.monotonic() - started < 10  # both stopped on SIGTERM, within the grace
+    assert order.read_text().split()[4:] == ["main-stop", "sidecar-stop"]
+    assert not [n for n in _pod_namespaces() if "default-ordered-" in n]
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()]
+    events = cluster.kubectl("get", "events", "--field-selector",
+                             "involvedObject.name=ordered,reason=Killing", "-o",
+                             "jsonpath={.items[*].message}").stdout
+    assert "Stopping container main" in events and "Stopping container sidecar" in events
+
+
+def test_cluster_down_stops_every_pod(cluster: Cluster) -> None:
+    cluster.kubectl("run", "lasting", "--image=busybox", "--command", "--",
+                    "sleep", "4242")
+    wait_for(lambda: _running_ready(cluster, "lasting"), timeout=30, what="lasting Running")
+    assert _pids_with("4242")
+    cluster.meshgate("cluster", "down", "--name", NAME)
+    assert not _pids_with("4242")
+    assert not [n for n in netns.listnetns() if n.startswith(PREFIX)]
