@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,21 +159,33 @@ class DestinationIndex:
     def endpoint_pod(self, service: ObjKey, endpoint: EndpointSpec) -> ObjKey | None:
         """The Pod behind `endpoint` of the Service `service` (namespace, name), as its
         EndpointSlices' targetRefs say; None for endpoints that are no Pod."""
-        host = endpoint.host_port[0]
+        for kind, pod_key in self._targets_at(service, endpoint):
+            pod = self._pods.get(pod_key) if kind == "Pod" else None
+            # Pods may share an address (host networking): the inbound port tells them apart.
+            if pod is not None and (endpoint.identity is None or
+                                    pod.inbound_port == endpoint.host_port[1]):
+                return pod_key
+        return None
+
+    def endpoint_workload(self, service: ObjKey, endpoint: EndpointSpec) -> ObjKey | None:
+        """The ExternalWorkload (a VM) behind `endpoint` of the Service `service`; None for
+        endpoints that are none."""
+        for kind, key in self._targets_at(service, endpoint):
+            if kind == WORKLOAD_KIND and key in self._workloads:
+                return key
+        return None
+
+    def _targets_at(self, service: ObjKey, endpoint: EndpointSpec
+                    ) -> Iterator[tuple[str, ObjKey]]:
+        """(kind, key) of what the Service's EndpointSlices say is at `endpoint`'s address."""
+        host = canonical_address(endpoint.host_port[0], 0)[0]
         for slice_name in sorted(self._slices.get(service, {})):
             for ep in self._slices[service][slice_name].get("endpoints") or []:
                 ref = ep.get("targetRef") or {}
-                if ref.get("kind") != "Pod" or not ep.get("addresses") or \
-                        canonical_address(str(ep["addresses"][0]), 0)[0] != \
-                        canonical_address(host, 0)[0]:
-                    continue
-                pod_key = (str(ref.get("namespace") or service[0]), str(ref.get("name")))
-                pod = self._pods.get(pod_key)
-                # Pods may share an address (host networking): the inbound port tells them apart.
-                if pod is not None and (endpoint.identity is None or
-                                        pod.inbound_port == endpoint.host_port[1]):
-                    return pod_key
-        return None
+                if ep.get("addresses") and \
+                        canonical_address(str(ep["addresses"][0]), 0)[0] == host:
+                    yield (str(ref.get("kind") or ""),
+                           (str(ref.get("namespace") or service[0]), str(ref.get("name"))))
 
     # -- events --------------------------------------------------------------------
 

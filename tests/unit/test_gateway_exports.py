@@ -210,6 +210,45 @@ def test_a_vm_identity_forwarded_by_a_gateway_gets_no_more_than_exports(
         Caller(VM, gateway=WEST)
 
 
+def workload_slice(svc: str, workload: str, ip: str) -> dict[str, Any]:
+    return {"metadata": {"namespace": "default", "name": f"{svc}-vm",
+                         "labels": {"kubernetes.io/service-name": svc}},
+            "ports": [{"name": "", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": True},
+                           "targetRef": {"kind": "ExternalWorkload", "namespace": "default",
+                                         "name": workload}}]}
+
+
+def test_a_vm_reaches_a_service_of_vms_under_their_policy(exports: Exports) -> None:
+    vm = external_workload("legacy", VM)
+    vm["metadata"]["labels"] = {"app": "legacy"}
+    vm["spec"]["ports"] = [{"name": "http", "port": 8080}]
+    exports.service_event(ADDED, service("legacy", EXPORTED, ip="10.96.0.13"))
+    exports.slice_event(ADDED, workload_slice("legacy", "legacy", "192.0.2.7"))
+    # Until the gateway knows the workload, its endpoint has no identity to dial it by.
+    r = route(exports.route(CALLER, header("legacy")))
+    assert refused(exports.choose(r)).reason is Reason.NO_ENDPOINTS
+    exports.workload_event(ADDED, vm)
+    target = exports.choose(route(exports.route(VM, header("legacy"))))
+    assert isinstance(target, Target), target
+    assert target.pod == ("default", "legacy")
+    assert target.pick.endpoint.spec.address == "192.0.2.7:4143"
+    assert target.pick.endpoint.spec.identity == VM
+    target.pick.released()
+    # A Server selecting the workload decides, as on the VM's own proxy.
+    exports.policy_event(SERVER, ADDED, policy(SERVER, "legacy", {
+        "externalWorkloadSelector": {"matchLabels": {"app": "legacy"}}, "port": "http",
+        "accessPolicy": "deny"}))
+    denied = refused(exports.choose(route(exports.route(VM, header("legacy")))))
+    assert denied.reason is Reason.UNAUTHORIZED
+    assert "externalworkload default/legacy port 8080" in denied.detail
+    # Gone, the workload's endpoint is no longer dialled.
+    exports.workload_event(DELETED, vm)
+    exports.policy_event(SERVER, DELETED, policy(SERVER, "legacy", {}))
+    assert refused(exports.choose(route(exports.route(CALLER, header("legacy"))))) \
+        .reason is Reason.NO_ENDPOINTS
+
+
 # -- choose -----------------------------------------------------------------------------
 
 
