@@ -1,0 +1,104 @@
+"""The Job controller: Pods from the template until ``completions`` of them have
+Succeeded (``parallelism`` at a time), failure once more than ``backoffLimit``
+have Failed or ``activeDeadlineSeconds`` has passed, and the status and
+conditions kube 1.32 writes (SuccessCriteriaMet/FailureTarget, then
+Complete/Failed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from localcluster.workloads.common import (
+    JOBS,
+    PODS,
+    Writer,
+    owned,
+    parse_time,
+    pod_active,
+    pod_phase,
+    pod_ready,
+    set_condition,
+    terminating,
+)
+
+COMPLETED = ("CompletionsReached", "Reached expected number of succeeded pods")
+BACKOFF = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+DEADLINE = ("DeadlineExceeded", "Job was active longer than specified deadline")
+
+
+def finished(job: Mapping[str, Any]) -> bool:
+    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+               for c in (job.get("status") or {}).get("conditions") or [])
+
+
+class JobController:
+    def __init__(self, writer: Writer) -> None:
+        self.w = writer
+
+    async def reconcile(self, key: tuple[str, str]) -> float | None:
+        ns, name = key
+        job = self.w.store.get(JOBS.key, ns, name)
+        if job is None or terminating(job) or finished(job):
+            return None
+        spec = job.get("spec") or {}
+        status = dict(job.get("status") or {})
+        pods = owned(self.w.registry, PODS, job)
+        active = [p for p in pods if pod_active(p)]
+        succeeded = sum(1 for p in pods if pod_phase(p) == "Succeeded")
+        failed = sum(1 for p in pods if pod_phase(p) == "Failed")
+        now = self.w.now()
+        stamp = self.w.stamp()
+        if not status.get("startTime") and not spec.get("suspend"):
+            status["startTime"] = stamp
+        started = parse_time(status.get("startTime"))
+        completions = spec.get("completions")
+        outcome: tuple[str, str] | None = None
+        failure: tuple[str, str] | None = None
+        if failed > int(spec.get("backoffLimit", 6)):
+            failure = BACKOFF
+        elif spec.get("activeDeadlineSeconds") is not None and started is not None and \
+                now >= started + int(spec["activeDeadlineSeconds"]):
+            failure = DEADLINE
+        elif (completions is not None and succeeded >= int(completions)) or (
+                completions is None and succeeded > 0 and not active):
+            outcome = COMPLETED
+        wait: float | None = None
+        if failure or outcome:
+            for pod in active:
+                await self.w.delete(PODS, ns, pod["metadata"]["name"])
+            active = []
+        else:
+            want = 0 if spec.get("suspend") else int(spec.get("parallelism", 1))
+            if completions is not None:
+                want = min(want, int(completions) - succeeded)
+            for _ in range(max(0, want - len(active))):
+                await self.w.create(PODS, ns, self.w.pod_body(JOBS, job, spec["template"]))
+            for pod in sorted(active, key=lambda p: p["metadata"]["name"])[max(0, want):]:
+                await self.w.delete(PODS, ns, pod["metadata"]["name"])
+            active = [p for p in owned(self.w.registry, PODS, job) if pod_active(p)]
+            if spec.get("activeDeadlineSeconds") is not None and started is not None:
+                wait = max(0.0, started + int(spec["activeDeadlineSeconds"]) - now)
+        status.update({"active": len(active), "succeeded": succeeded, "failed": failed,
+                       "ready": sum(1 for p in active if pod_ready(p)), "terminating": 0,
+                       "uncountedTerminatedPods": {}})
+        for field in ("active", "succeeded", "failed"):
+            if not status[field]:
+                del status[field]
+        conditions = list(status.get("conditions") or [])
+        if outcome:
+            conditions = set_condition(conditions, "SuccessCriteriaMet", "True", *outcome, stamp,
+                                       update_time=False)
+            conditions = set_condition(conditions, "Complete", "True", *outcome, stamp)
+            status["completionTime"] = stamp
+        elif failure:
+            conditions = set_condition(conditions, "FailureTarget", "True", *failure, stamp)
+            conditions = set_condition(conditions, "Failed", "True", *failure, stamp)
+        if conditions:
+            status["conditions"] = [{"lastProbeTime": c.get("lastProbeTime", stamp), **c}
+                                    for c in conditions]
+        fresh = self.w.store.get(JOBS.key, ns, name)
+        if fresh is not None:
+            await self.w.update(JOBS, fresh, lambda b: b.__setitem__("status", status),
+                                status=True)
+        return wait
