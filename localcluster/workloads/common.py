@@ -14,6 +14,7 @@ from typing import Any
 from localcluster.errors import ApiError
 from localcluster.registry import NAME_ALPHABET, Registry, now_rfc3339
 from localcluster.resources import BUILTIN, ResourceType
+from localcluster.selectors import LabelSelector
 from mesh.workqueue import TemporaryError
 
 TYPES = {(rt.group, rt.plural): rt for rt in BUILTIN}
@@ -44,6 +45,25 @@ def owned(registry: Registry, rt: ResourceType, owner: Mapping[str, Any]
     uid = owner["metadata"]["uid"]
     ns = owner["metadata"].get("namespace")
     return [o for o in registry.store.items(rt.key, ns) if controller_uid(o) == uid]
+
+
+async def adopt(w: Writer, rt: ResourceType, owner_rt: ResourceType,
+                owner: Mapping[str, Any]) -> None:
+    """Claim the owner's orphans: objects its selector matches that no controller owns
+    (left behind by a delete with propagationPolicy=Orphan, say), as kube's
+    ControllerRefManager does."""
+    try:
+        selector = LabelSelector.from_label_selector((owner.get("spec") or {}).get("selector"))
+    except ApiError:
+        return
+    if selector.empty:
+        return
+    ref = owner_reference(owner_rt, owner)
+    for obj in list(w.store.items(rt.key, owner["metadata"]["namespace"])):
+        if controller_uid(obj) is None and not terminating(obj) and selector.matches(
+                obj["metadata"].get("labels")):
+            await w.update(rt, obj, lambda b: b["metadata"].__setitem__(
+                "ownerReferences", [*(b["metadata"].get("ownerReferences") or []), ref]))
 
 
 def terminating(obj: Mapping[str, Any]) -> bool:

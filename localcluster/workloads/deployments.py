@@ -15,6 +15,7 @@ from localcluster.workloads.common import (
     DEPLOYMENTS,
     REPLICASETS,
     Writer,
+    adopt,
     owned,
     parse_time,
     scaled_value,
@@ -137,6 +138,7 @@ class DeploymentController:
             return None
         spec = d.get("spec") or {}
         template = spec.get("template") or {}
+        await adopt(self.w, REPLICASETS, DEPLOYMENTS, d)
         all_rs = owned(self.w.registry, REPLICASETS, d)
         new = next((rs for rs in all_rs
                     if _bare_template((rs.get("spec") or {}).get("template") or {})

@@ -12,6 +12,7 @@ from localcluster.workloads.common import (
     PODS,
     REPLICASETS,
     Writer,
+    adopt,
     available_in,
     owned,
     parse_time,
@@ -47,6 +48,7 @@ class ReplicaSetController:
         if rs is None or terminating(rs):
             return None
         spec = rs.get("spec") or {}
+        await adopt(self.w, PODS, REPLICASETS, rs)
         pods = [p for p in owned(self.w.registry, PODS, rs) if pod_active(p)]
         want = int(spec.get("replicas", 1))
         if len(pods) < want:

@@ -328,6 +328,15 @@ def test_deleting_an_owner_deletes_or_orphans_its_dependents(cluster: Cluster,
         ns).items if rs.metadata.name.startswith("orphan-") and not
         rs.metadata.owner_references], what="the orphaned replica set")
     assert orphans[0].spec.replicas == 2 and len(_pods(cluster, ns, "app=orphan")) == 2
+    # The same deployment created again adopts its orphaned replica set and pods.
+    orphan_pods = {p.metadata.name for p in _pods(cluster, ns, "app=orphan")}
+    cluster.kubectl("create", "deployment", "orphan", "--image=x:1", "--replicas=2", "-n", ns)
+    uid = _apps(cluster).read_namespaced_deployment("orphan", ns).metadata.uid
+    adopted = wait_for(lambda: [rs for rs in _apps(cluster).list_namespaced_replica_set(
+        ns).items if rs.metadata.name.startswith("orphan-") and rs.metadata.owner_references
+        and rs.metadata.owner_references[0].uid == uid], what="the adopted replica set")
+    assert [rs.metadata.name for rs in adopted] == [orphans[0].metadata.name]
+    assert {p.metadata.name for p in _pods(cluster, ns, "app=orphan")} == orphan_pods
 
     cluster.kubectl("delete", "deployment", "fg", "--cascade=foreground", "-n", ns)
     wait_for(lambda: not _pods(cluster, ns, "app=fg") and not [
