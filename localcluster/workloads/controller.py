@@ -19,6 +19,7 @@ from localcluster.workloads.common import (
     NODES,
     PODS,
     REPLICASETS,
+    STATEFULSETS,
     Writer,
 )
 from localcluster.workloads.daemonsets import DaemonSetController
@@ -27,6 +28,7 @@ from localcluster.workloads.gc import GarbageCollector
 from localcluster.workloads.jobs import JobController
 from localcluster.workloads.nodes import register_node
 from localcluster.workloads.replicasets import ReplicaSetController
+from localcluster.workloads.statefulsets import StatefulSetController
 from mesh.workqueue import WorkQueue
 
 K = TypeVar("K", bound=Hashable)
@@ -65,11 +67,13 @@ class Workloads:
             "replicasets", ReplicaSetController(self.writer).reconcile)
         self.daemonsets: WorkQueue[NsName] = _queue(
             "daemonsets", DaemonSetController(self.writer).reconcile)
+        self.statefulsets: WorkQueue[NsName] = _queue(
+            "statefulsets", StatefulSetController(self.writer).reconcile)
         self.jobs: WorkQueue[NsName] = _queue("jobs", JobController(self.writer).reconcile)
         self.collector: WorkQueue[str] = WorkQueue("garbage-collector", self.gc.reconcile)
         self._by_kind: dict[str, WorkQueue[NsName]] = {
             "Deployment": self.deployments, "ReplicaSet": self.replicasets,
-            "DaemonSet": self.daemonsets, "Job": self.jobs}
+            "DaemonSet": self.daemonsets, "StatefulSet": self.statefulsets, "Job": self.jobs}
         self._tasks: list[asyncio.Task[None]] = []
 
     async def register_node(self, name: str, *, address: str, state_dir: Path) -> None:
@@ -78,13 +82,15 @@ class Workloads:
     def start(self) -> None:
         """Queue every object once (what changed while stopped), then follow events."""
         for rt, queue in ((DEPLOYMENTS, self.deployments), (REPLICASETS, self.replicasets),
-                          (DAEMONSETS, self.daemonsets), (JOBS, self.jobs)):
+                          (DAEMONSETS, self.daemonsets), (STATEFULSETS, self.statefulsets),
+                          (JOBS, self.jobs)):
             for obj in self.store.items(rt.key):
                 queue.add((obj["metadata"]["namespace"], obj["metadata"]["name"]))
         for uid in self.gc.startup_keys():
             self.collector.add(uid)
         self._tasks = [asyncio.create_task(q.run()) for q in (
-            self.deployments, self.replicasets, self.daemonsets, self.jobs, self.collector)]
+            self.deployments, self.replicasets, self.daemonsets, self.statefulsets, self.jobs,
+            self.collector)]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -99,7 +105,8 @@ class Workloads:
                 self.daemonsets.add((ds["metadata"]["namespace"], ds["metadata"]["name"]))
             return
         kinds = {DEPLOYMENTS.key: self.deployments, REPLICASETS.key: self.replicasets,
-                 DAEMONSETS.key: self.daemonsets, JOBS.key: self.jobs}
+                 DAEMONSETS.key: self.daemonsets, STATEFULSETS.key: self.statefulsets,
+                 JOBS.key: self.jobs}
         if ev.key in kinds:
             kinds[ev.key].add((ev.namespace, ev.name))
         if ev.key in (PODS.key, REPLICASETS.key):

@@ -307,6 +307,25 @@ def test_node_and_daemonset(cluster: Cluster, ns: str) -> None:
     assert rows[1][:6] == ["agent", "1", "1", "1", "1", "1"]
 
 
+def test_statefulset_creates_in_order_and_scales_down_from_the_top(cluster: Cluster,
+                                                                     ns: str) -> None:
+    _apps(cluster).create_namespaced_stateful_set(ns, {"metadata": {"name": "db"}, "spec": {
+        "replicas": 2, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+        "template": {"metadata": {"labels": {"app": "db"}},
+                     "spec": {"containers": [{"name": "db", "image": "db:1"}]}}}})
+    first = wait_for(lambda: _pods(cluster, ns, "app=db"), what="the first pod")
+    assert [p.metadata.name for p in first] == ["db-0"]
+    assert first[0].spec.hostname == "db-0" and first[0].spec.subdomain == "db"
+    assert first[0].metadata.labels["statefulset.kubernetes.io/pod-name"] == "db-0"
+    out = _rollout(cluster, ns, "statefulset/db", 2)
+    assert "partitioned roll out complete: 2 new pods have been updated" in out
+    assert sorted(p.metadata.name for p in _pods(cluster, ns, "app=db")) == ["db-0", "db-1"]
+    assert _table(cluster, "sts", "-n", ns)[1][:2] == ["db", "2/2"]
+    cluster.kubectl("scale", "statefulset/db", "--replicas=1", "-n", ns)
+    wait_for(lambda: [p.metadata.name for p in _pods(cluster, ns, "app=db")] == ["db-0"],
+             what="db-1 removed")
+
+
 # -- garbage collection ------------------------------------------------------------------
 
 
