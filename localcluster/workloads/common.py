@@ -15,7 +15,7 @@ from localcluster.errors import ApiError
 from localcluster.registry import NAME_ALPHABET, Registry, now_rfc3339
 from localcluster.resources import BUILTIN, ResourceType
 from localcluster.selectors import LabelSelector
-from mesh.workqueue import TemporaryError
+from mesh.workqueue import PermanentError, TemporaryError
 
 TYPES = {(rt.group, rt.plural): rt for rt in BUILTIN}
 PODS = TYPES[("", "pods")]
@@ -169,6 +169,9 @@ class Writer:
         except ApiError as e:
             if e.code in (404, 409):
                 raise TemporaryError(f"creating {rt.plural} in {ns}: {e}") from e
+            if e.code == 403 and e.kind == "namespaces":
+                # the namespace is being emptied: its owners go too, nothing to retry
+                raise PermanentError(f"creating {rt.plural} in {ns}: {e}") from e
             raise
 
     async def update(self, rt: ResourceType, obj: Mapping[str, Any],

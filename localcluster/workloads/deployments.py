@@ -145,7 +145,12 @@ class DeploymentController:
                     == _bare_template(template)), None)
         olds = [rs for rs in all_rs if rs is not new]
         created = False
-        if not spec.get("paused"):
+        if spec.get("paused"):
+            # a paused rollout does not roll, but the deployment still scales
+            active = [rs for rs in all_rs if _replicas(rs)] or ([new] if new else [])
+            if len(active) == 1 and _replicas(active[0]) != _replicas(d):
+                await self._scale(active[0], _replicas(d), d)
+        else:
             if new is None:
                 new = await self._create_rs(d, olds)
                 created = True
@@ -315,6 +320,14 @@ class DeploymentController:
         if deadline is None:
             return [c for c in conditions if c.get("type") != "Progressing"], None
         rs_name = new["metadata"]["name"] if new is not None else ""
+        if d["spec"].get("paused"):
+            return set_condition(conditions, "Progressing", "Unknown", "DeploymentPaused",
+                                 "Deployment is paused", now, update_time=True), None
+        if current is not None and current.get("reason") == "DeploymentPaused":
+            conditions = set_condition(conditions, "Progressing", "Unknown",
+                                       "DeploymentResumed", "Deployment is resumed", now,
+                                       update_time=True)
+            current = next(c for c in conditions if c.get("type") == "Progressing")
         want = _replicas(d)
         old = d.get("status") or {}
         complete = (counts["updatedReplicas"] == want and counts["replicas"] == want

@@ -39,8 +39,10 @@ class JobController:
     async def reconcile(self, key: tuple[str, str]) -> float | None:
         ns, name = key
         job = self.w.store.get(JOBS.key, ns, name)
-        if job is None or terminating(job) or finished(job):
+        if job is None or terminating(job):
             return None
+        if finished(job):
+            return await self._expire(job)
         spec = job.get("spec") or {}
         status = dict(job.get("status") or {})
         pods = owned(self.w.registry, PODS, job)
@@ -102,3 +104,23 @@ class JobController:
             await self.w.update(JOBS, fresh, lambda b: b.__setitem__("status", status),
                                 status=True)
         return wait
+
+    async def _expire(self, job: Mapping[str, Any]) -> float | None:
+        """ttlSecondsAfterFinished, as kube's TTL-after-finished controller: the finished
+        Job and (by garbage collection) its Pods are deleted once the time is up."""
+        ttl = (job.get("spec") or {}).get("ttlSecondsAfterFinished")
+        if ttl is None:
+            return None
+        status = job.get("status") or {}
+        done = [parse_time(c.get("lastTransitionTime")) for c in status.get("conditions") or []
+                if c.get("type") in ("Complete", "Failed")]
+        finished_at = parse_time(status.get("completionTime")) or max(
+            (t for t in done if t is not None), default=self.w.now())
+        left = finished_at + int(ttl) - self.w.now()
+        if left > 0:
+            return left
+        meta = job["metadata"]
+        await self.w.delete(JOBS, meta["namespace"], meta["name"],
+                            {"propagationPolicy": "Background",
+                             "preconditions": {"uid": meta["uid"]}})
+        return None

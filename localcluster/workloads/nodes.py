@@ -11,9 +11,11 @@ from typing import Any
 
 from localcluster.discovery import KUBE_VERSION
 from localcluster.errors import ApiError
-from localcluster.workloads.common import NODES, Writer
+from localcluster.workloads.common import NODES, TYPES, Writer
 
 MAX_PODS = 110
+LEASES = TYPES[("coordination.k8s.io", "leases")]
+LEASE_NAMESPACE = "kube-node-lease"
 ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
         "s390x": "s390x"}
 
@@ -112,3 +114,25 @@ async def register_node(w: Writer, name: str, *, address: str, state_dir: Path) 
                 "lastTransitionTime"])
     await w.update(NODES, current, lambda b: b.__setitem__("status", want["status"]),
                    status=True)
+    await _renew_lease(w, current)
+
+
+async def _renew_lease(w: Writer, node: dict[str, Any]) -> None:
+    """The node's heartbeat Lease in kube-node-lease, as a kubelet keeps it."""
+    name = node["metadata"]["name"]
+    micro = w.stamp().replace("Z", ".000000Z")
+    lease = w.store.get(LEASES.key, LEASE_NAMESPACE, name)
+    if lease is None:
+        try:
+            await w.registry.create(LEASES, LEASE_NAMESPACE, {
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": name, "ownerReferences": [{
+                    "apiVersion": "v1", "kind": "Node", "name": name,
+                    "uid": node["metadata"]["uid"]}]},
+                "spec": {"holderIdentity": name, "leaseDurationSeconds": 40,
+                         "renewTime": micro}})
+        except ApiError as e:
+            if e.code != 409:
+                raise
+        return
+    await w.update(LEASES, lease, lambda b: b["spec"].__setitem__("renewTime", micro))

@@ -182,6 +182,31 @@ def test_rollout_update_undo_and_restart(cluster: Cluster, ns: str) -> None:
     assert current[0].metadata.annotations["deployment.kubernetes.io/revision"] == "4"
 
 
+def test_pause_resume_and_recreate(cluster: Cluster, ns: str) -> None:
+    cluster.kubectl("create", "deployment", "p", "--image=app:1", "--replicas=2", "-n", ns)
+    _rollout(cluster, ns, "deployment/p", 2)
+    cluster.kubectl("rollout", "pause", "deployment/p", "-n", ns)
+    cluster.kubectl("set", "image", "deployment/p", "app=app:2", "-n", ns)
+    cluster.kubectl("scale", "deployment/p", "--replicas=3", "-n", ns)
+    wait_for(lambda: len(_pods(cluster, ns)) == 3, what="scaled while paused")
+    assert {p.spec.containers[0].image for p in _pods(cluster, ns)} == {"app:1"}
+    progressing = wait_for(lambda: next(
+        c for c in _apps(cluster).read_namespaced_deployment("p", ns).status.conditions
+        if c.type == "Progressing" and c.reason == "DeploymentPaused"), what="paused")
+    assert (progressing.status, progressing.message) == ("Unknown", "Deployment is paused")
+    cluster.kubectl("rollout", "resume", "deployment/p", "-n", ns)
+    _rollout(cluster, ns, "deployment/p", 3)
+    assert {p.spec.containers[0].image for p in _pods(cluster, ns)} == {"app:2"}
+
+    _apps(cluster).patch_namespaced_deployment("p", ns, {"spec": {"strategy": {
+        "type": "Recreate", "rollingUpdate": None}}})
+    cluster.kubectl("set", "image", "deployment/p", "app=app:3", "-n", ns)
+    # Recreate: the old pods all go before any new one is made
+    wait_for(lambda: {p.spec.containers[0].image for p in _pods(cluster, ns)} == {"app:3"},
+             what="only new pods")
+    _rollout(cluster, ns, "deployment/p", 3)
+
+
 def test_deployment_defaults_and_refusals(cluster: Cluster, ns: str, tmp_path: Path) -> None:
     body = {"metadata": {"name": "d"}, "spec": {
         "selector": {"matchLabels": {"app": "d"}},
@@ -256,6 +281,18 @@ def test_job_runs_to_completion(cluster: Cluster, ns: str) -> None:
     assert _table(cluster, "jobs", "-n", ns)[1][:3] == ["hello", "Complete", "1/1"]
 
 
+def test_finished_job_is_deleted_after_its_ttl(cluster: Cluster, ns: str) -> None:
+    batch = client.BatchV1Api(cluster.api())
+    batch.create_namespaced_job(ns, {"metadata": {"name": "ttl"}, "spec": {
+        "ttlSecondsAfterFinished": 1, "template": {"spec": {
+            "restartPolicy": "OnFailure", "containers": [{"name": "c", "image": "c:1"}]}}}})
+    pod = wait_for(lambda: _pods(cluster, ns, "job-name=ttl"), what="the job's pod")[0]
+    _mark(cluster, ns, pod.metadata.name, "Succeeded")
+    wait_for(lambda: not batch.list_namespaced_job(ns).items
+             and not _pods(cluster, ns, "job-name=ttl"), timeout=15,
+             what="the job and its pod deleted")
+
+
 def test_job_fails_after_backoff_limit_and_refuses_restart_always(cluster: Cluster,
                                                                     ns: str) -> None:
     batch = client.BatchV1Api(cluster.api())
@@ -293,6 +330,9 @@ def test_node_and_daemonset(cluster: Cluster, ns: str) -> None:
     assert node.status.node_info.operating_system == "linux"
     ready = next(c for c in node.status.conditions if c.type == "Ready")
     assert (ready.status, ready.reason) == ("True", "KubeletReady")
+    lease = client.CoordinationV1Api(cluster.api()).read_namespaced_lease(node_name,
+                                                                          "kube-node-lease")
+    assert lease.spec.holder_identity == node_name
 
     _apps(cluster).create_namespaced_daemon_set(ns, {"metadata": {"name": "agent"}, "spec": {
         "selector": {"matchLabels": {"app": "agent"}},
