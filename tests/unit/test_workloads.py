@@ -149,3 +149,18 @@ def test_job_defaults_and_generated_selector() -> None:
     labels = job["spec"]["template"]["metadata"]["labels"]
     assert labels["job-name"] == "x" and labels["controller-uid"] == "u-1"
     assert spec.validate("jobs", job, None) == []
+
+
+def test_openapi_documents_the_scale_subresource() -> None:
+    from localcluster.openapi import SCALE_SCHEMA, openapi_document
+    from localcluster.resources import BUILTIN
+
+    doc = openapi_document("apps/v1", BUILTIN)
+    scale = doc["paths"]["/apis/apps/v1/namespaces/{namespace}/deployments/{name}/scale"]
+    assert set(scale) == {"get", "put", "patch", "parameters"}
+    assert scale["patch"]["operationId"] == "patchAppsV1NamespacedDeploymentScale"
+    assert scale["put"]["x-kubernetes-group-version-kind"] == {
+        "group": "autoscaling", "version": "v1", "kind": "Scale"}
+    assert doc["components"]["schemas"][SCALE_SCHEMA]["x-kubernetes-group-version-kind"] == [
+        {"group": "autoscaling", "version": "v1", "kind": "Scale"}]
+    assert "/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}/scale" not in doc["paths"]
