@@ -86,7 +86,7 @@ class Workloads:
                           (JOBS, self.jobs)):
             for obj in self.store.items(rt.key):
                 queue.add((obj["metadata"]["namespace"], obj["metadata"]["name"]))
-        for uid in self.gc.startup_keys():
+        for uid in self.gc.start():
             self.collector.add(uid)
         self._tasks = [asyncio.create_task(q.run()) for q in (
             self.deployments, self.replicasets, self.daemonsets, self.statefulsets, self.jobs,
@@ -98,7 +98,7 @@ class Workloads:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def on_event(self, ev: Event) -> None:
-        for uid in self.gc.keys_for(ev):
+        for uid in self.gc.observe(ev):
             self.collector.add(uid)
         if ev.key == NODES.key:
             for ds in self.store.items(DAEMONSETS.key):

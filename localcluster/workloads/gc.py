@@ -8,8 +8,10 @@
   ``foregroundDeletion`` finalizer: its dependents are deleted (in the
   foreground too), and it goes once none is left.
 
-The work key is an owner's uid; the reconcile reads the store, so it converges
-whatever events it missed.
+Like kube's dependency graph, an index of where each uid lives and which
+objects name it as an owner is built once from the store and then kept from
+its events; the work key is an owner's uid, and the reconcile reads the
+objects themselves from the store.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from localcluster.store import Event, EventType
 from localcluster.workloads.common import Writer
 from localcluster.workloads.propagation import FOREGROUND, ORPHAN
 
+Location = tuple[tuple[str, str], str, str]
+"""(storage key, namespace, name) of a stored object."""
+
 
 def owner_uids(obj: Mapping[str, Any] | None) -> list[str]:
     if obj is None:
@@ -31,60 +36,90 @@ def owner_uids(obj: Mapping[str, Any] | None) -> list[str]:
             if r.get("uid")]
 
 
+def _waiting(obj: Mapping[str, Any]) -> bool:
+    """Being deleted with a propagation finalizer the collector has to clear."""
+    meta = obj["metadata"]
+    return bool(meta.get("deletionTimestamp")) and bool(
+        {ORPHAN, FOREGROUND} & set(meta.get("finalizers") or []))
+
+
 class GarbageCollector:
     def __init__(self, writer: Writer, catalog: Catalog) -> None:
         self.w = writer
         self.catalog = catalog
+        self._where: dict[str, Location] = {}
+        self._dependents: dict[str, set[Location]] = {}
+        self._owners: dict[Location, list[str]] = {}
 
-    def _types(self) -> Iterator[ResourceType]:
+    # -- the index ---------------------------------------------------------------------
+
+    def _storage_types(self) -> Iterator[ResourceType]:
         seen: set[tuple[str, str]] = set()
         for rt in self.catalog.all():
             if rt.persisted and rt.key not in seen:
                 seen.add(rt.key)
                 yield self.catalog.storage_type(rt.key) or rt
 
-    def _objects(self) -> Iterator[tuple[ResourceType, dict[str, Any]]]:
-        for rt in self._types():
-            for obj in self.w.store.items(rt.key):
-                yield rt, obj
+    def _index(self, loc: Location, obj: Mapping[str, Any] | None) -> None:
+        for uid in self._owners.pop(loc, []):
+            self._dependents.get(uid, set()).discard(loc)
+            if not self._dependents.get(uid, True):
+                del self._dependents[uid]
+        if obj is None:
+            return
+        self._where[str(obj["metadata"].get("uid"))] = loc
+        owners = owner_uids(obj)
+        if owners:
+            self._owners[loc] = owners
+            for uid in owners:
+                self._dependents.setdefault(uid, set()).add(loc)
 
-    def keys_for(self, ev: Event) -> list[str]:
-        """Owners whose dependents may need work after this event."""
-        keys = owner_uids(ev.obj) if ev.type is EventType.DELETED else []
-        meta = ev.obj["metadata"]
-        if ev.type is EventType.DELETED or (
-                meta.get("deletionTimestamp")
-                and {ORPHAN, FOREGROUND} & set(meta.get("finalizers") or [])):
-            keys.append(str(meta.get("uid")))
-        return keys
-
-    def startup_keys(self) -> list[str]:
-        """Owners that are gone or waiting on dependents: collected at start."""
-        live: set[str] = set()
-        referenced: set[str] = set()
+    def start(self) -> list[str]:
+        """Index the store; returns the owners to collect now (gone, or waiting)."""
         waiting: list[str] = []
-        for _, obj in self._objects():
-            meta = obj["metadata"]
-            live.add(str(meta.get("uid")))
-            referenced.update(owner_uids(obj))
-            if meta.get("deletionTimestamp") and {ORPHAN, FOREGROUND} & set(
-                    meta.get("finalizers") or []):
-                waiting.append(str(meta["uid"]))
-        return sorted(referenced - live) + waiting
+        for rt in self._storage_types():
+            for obj in self.w.store.items(rt.key):
+                meta = obj["metadata"]
+                self._index((rt.key, meta.get("namespace", ""), meta["name"]), obj)
+                if _waiting(obj):
+                    waiting.append(str(meta["uid"]))
+        gone = sorted(uid for uid in self._dependents if uid not in self._where)
+        return gone + waiting
+
+    def observe(self, ev: Event) -> list[str]:
+        """Keep the index; returns the owners whose dependents this event concerns."""
+        loc = (ev.key, ev.namespace, ev.name)
+        uid = str(ev.obj["metadata"].get("uid"))
+        if ev.type is EventType.DELETED:
+            self._index(loc, None)
+            if self._where.get(uid) == loc:
+                del self._where[uid]
+            keys = [u for u in owner_uids(ev.obj) if u in self._dependents or
+                    u in self._where]
+            return keys + ([uid] if uid in self._dependents else [])
+        self._index(loc, ev.obj)
+        # An owner that is nowhere (never was, or went before this reference was
+        # written): its dependents are collected, as kube does for a dangling reference.
+        dangling = [u for u in owner_uids(ev.obj) if u not in self._where]
+        return dangling + ([uid] if _waiting(ev.obj) else [])
+
+    def _get(self, loc: Location) -> tuple[ResourceType, dict[str, Any]] | None:
+        rt = self.catalog.storage_type(loc[0])
+        obj = self.w.store.get(*loc)
+        return (rt, obj) if rt is not None and obj is not None else None
+
+    # -- reconcile -----------------------------------------------------------------------
 
     async def reconcile(self, uid: str) -> None:
-        owner: tuple[ResourceType, dict[str, Any]] | None = None
-        dependents: list[tuple[ResourceType, dict[str, Any]]] = []
-        live: set[str] = set()
-        for rt, obj in self._objects():
-            live.add(str(obj["metadata"].get("uid")))
-            if obj["metadata"].get("uid") == uid:
-                owner = (rt, obj)
-            if uid in owner_uids(obj):
-                dependents.append((rt, obj))
+        dependents = [found for loc in sorted(self._dependents.get(uid, ()))
+                      if (found := self._get(loc)) is not None]
+        where = self._where.get(uid)
+        owner = self._get(where) if where is not None else None
+        if owner is not None and owner[1]["metadata"].get("uid") != uid:
+            owner = None
         if owner is None:
             for rt, obj in dependents:
-                if any(u in live for u in owner_uids(obj) if u != uid):
+                if any(u in self._where for u in owner_uids(obj) if u != uid):
                     await self._drop_reference(rt, obj, uid)
                 elif not obj["metadata"].get("deletionTimestamp"):
                     await self._delete(rt, obj, "Background")
@@ -128,4 +163,3 @@ class GarbageCollector:
                 f for f in body["metadata"].get("finalizers") or [] if f != finalizer]
 
         await self.w.update(rt, obj, drop)
-

@@ -411,6 +411,26 @@ def test_deleting_an_owner_deletes_or_orphans_its_dependents(cluster: Cluster,
                                '"Background", "Orphan", "nil"')
 
 
+def test_an_object_whose_owner_does_not_exist_is_collected(cluster: Cluster, ns: str) -> None:
+    core = _core(cluster)
+    cm = core.create_namespaced_config_map(ns, {"metadata": {"name": "kept"}})
+    core.create_namespaced_config_map(ns, {"metadata": {
+        "name": "dangling", "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap",
+                                                 "name": "gone", "uid": str(uuid.uuid4())}]}})
+    core.create_namespaced_config_map(ns, {"metadata": {
+        "name": "two-owners", "ownerReferences": [
+            {"apiVersion": "v1", "kind": "ConfigMap", "name": "gone", "uid": "no-such-uid"},
+            {"apiVersion": "v1", "kind": "ConfigMap", "name": "kept",
+             "uid": cm.metadata.uid}]}})
+    wait_for(lambda: "dangling" not in {c.metadata.name for c in
+                                        core.list_namespaced_config_map(ns).items},
+             what="the dangling dependent deleted")
+    survivor = wait_for(lambda: (c := core.read_namespaced_config_map("two-owners", ns))
+                        and len(c.metadata.owner_references) == 1 and c,
+                        what="the dead owner's reference dropped")
+    assert survivor.metadata.owner_references[0].uid == cm.metadata.uid
+
+
 def test_discovery_lists_the_workload_kinds(cluster: Cluster) -> None:
     out = cluster.kubectl("api-resources", "--api-group=apps").stdout.splitlines()
     names = {line.split()[0]: line.split()[1] for line in out[1:]}
