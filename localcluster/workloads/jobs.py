@@ -88,6 +88,13 @@ class JobController:
             if not status[field]:
                 del status[field]
         conditions = list(status.get("conditions") or [])
+        suspended = next((c for c in conditions if c.get("type") == "Suspended"), None)
+        if spec.get("suspend") and not (failure or outcome):
+            conditions = set_condition(conditions, "Suspended", "True", "JobSuspended",
+                                       "Job suspended", stamp)
+        elif suspended is not None and suspended.get("status") == "True":
+            conditions = set_condition(conditions, "Suspended", "False", "JobResumed",
+                                       "Job resumed", stamp)
         if outcome:
             conditions = set_condition(conditions, "SuccessCriteriaMet", "True", *outcome, stamp,
                                        update_time=False)

@@ -293,6 +293,22 @@ def test_finished_job_is_deleted_after_its_ttl(cluster: Cluster, ns: str) -> Non
              what="the job and its pod deleted")
 
 
+def test_suspended_job_has_no_pods_until_resumed(cluster: Cluster, ns: str) -> None:
+    batch = client.BatchV1Api(cluster.api())
+    batch.create_namespaced_job(ns, {"metadata": {"name": "later"}, "spec": {
+        "suspend": True, "template": {"spec": {
+            "restartPolicy": "Never", "containers": [{"name": "c", "image": "c:1"}]}}}})
+    cond = wait_for(lambda: (batch.read_namespaced_job("later", ns).status.conditions
+                             or [None])[0], what="the Suspended condition")
+    assert (cond.type, cond.status, cond.reason) == ("Suspended", "True", "JobSuspended")
+    assert _table(cluster, "job", "later", "-n", ns)[1][:2] == ["later", "Suspended"]
+    assert not _pods(cluster, ns)
+    batch.patch_namespaced_job("later", ns, {"spec": {"suspend": False}})
+    wait_for(lambda: _pods(cluster, ns, "job-name=later"), what="the job's pod")
+    cond = batch.read_namespaced_job("later", ns).status.conditions[0]
+    assert (cond.status, cond.reason, cond.message) == ("False", "JobResumed", "Job resumed")
+
+
 def test_job_fails_after_backoff_limit_and_refuses_restart_always(cluster: Cluster,
                                                                     ns: str) -> None:
     batch = client.BatchV1Api(cluster.api())
