@@ -207,6 +207,21 @@ def test_pause_resume_and_recreate(cluster: Cluster, ns: str) -> None:
     _rollout(cluster, ns, "deployment/p", 3)
 
 
+def test_rollout_that_makes_no_progress_exceeds_its_deadline(cluster: Cluster,
+                                                              ns: str) -> None:
+    _apps(cluster).create_namespaced_deployment(ns, {"metadata": {"name": "stuck"}, "spec": {
+        "progressDeadlineSeconds": 1, "selector": {"matchLabels": {"app": "stuck"}},
+        "template": {"metadata": {"labels": {"app": "stuck"}},
+                     "spec": {"containers": [{"name": "c", "image": "c:1"}]}}}})
+    out = cluster.kubectl("rollout", "status", "deployment/stuck", "-n", ns, "--timeout=20s",
+                          check=False)
+    assert out.returncode == 1
+    assert 'error: deployment "stuck" exceeded its progress deadline' in out.stderr
+    cond = next(c for c in _apps(cluster).read_namespaced_deployment("stuck", ns).status
+                .conditions if c.type == "Progressing")
+    assert (cond.status, cond.reason) == ("False", "ProgressDeadlineExceeded")
+
+
 def test_deployment_defaults_and_refusals(cluster: Cluster, ns: str, tmp_path: Path) -> None:
     body = {"metadata": {"name": "d"}, "spec": {
         "selector": {"matchLabels": {"app": "d"}},
@@ -305,8 +320,9 @@ def test_suspended_job_has_no_pods_until_resumed(cluster: Cluster, ns: str) -> N
     assert not _pods(cluster, ns)
     batch.patch_namespaced_job("later", ns, {"spec": {"suspend": False}})
     wait_for(lambda: _pods(cluster, ns, "job-name=later"), what="the job's pod")
-    cond = batch.read_namespaced_job("later", ns).status.conditions[0]
-    assert (cond.status, cond.reason, cond.message) == ("False", "JobResumed", "Job resumed")
+    cond = wait_for(lambda: (c := batch.read_namespaced_job("later", ns).status.conditions[0])
+                    .status == "False" and c, what="the job resumed")
+    assert (cond.reason, cond.message) == ("JobResumed", "Job resumed")
 
 
 def test_job_fails_after_backoff_limit_and_refuses_restart_always(cluster: Cluster,
