@@ -105,6 +105,8 @@ BUILTIN: tuple[ResourceType, ...] = (
                                   ("ReplicaSet", "replicasets", "rs"),
                                   ("DaemonSet", "daemonsets", "ds"),
                                   ("StatefulSet", "statefulsets", "sts"))),
+    ResourceType("apps", "v1", "ControllerRevision", "controllerrevisions", namespaced=True,
+                 model="V1ControllerRevision"),
     ResourceType("batch", "v1", "Job", "jobs", namespaced=True, model="V1Job",
                  categories=("all",), status_subresource=True,
                  field_labels=("status.successful",)),

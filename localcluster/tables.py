@@ -257,6 +257,12 @@ COLUMNS: dict[tuple[str, str], list[tuple[dict[str, Any], Cell]]] = {
             f"{k}={v}" for k, v in sorted((_dig(o, "spec.template.spec.nodeSelector")
                                            or {}).items())) or "<none>"),
         _AGE, *_WORKLOAD_WIDE],
+    ("apps", "controllerrevisions"): [
+        _NAME, _col("Controller", lambda o: next(
+            (f"{r.get('kind', '').lower()}.{r.get('apiVersion', '').split('/')[0]}/"
+             f"{r.get('name')}" for r in o["metadata"].get("ownerReferences") or []
+             if r.get("controller")), "<none>")),
+        _col("Revision", lambda o: o.get("revision", 0), kind="integer"), _AGE],
     ("apps", "statefulsets"): [
         _NAME, _col("Ready", lambda o: f"{_count(o, 'status.readyReplicas')}/"
                                        f"{_count(o, 'spec.replicas')}"),

@@ -17,11 +17,10 @@ from localcluster.workloads.common import (
     pod_active,
     pod_ready,
     scaled_value,
-    template_hash,
     terminating,
 )
+from localcluster.workloads.revisions import REVISION_LABEL, current_revision
 
-REVISION_LABEL = "controller-revision-hash"
 GENERATION_LABEL = "pod-template-generation"
 
 
@@ -43,7 +42,7 @@ class DaemonSetController:
             return None
         spec = ds.get("spec") or {}
         template = spec.get("template") or {}
-        revision = template_hash(template)
+        _, revision = await current_revision(self.w, DAEMONSETS, ds)
         wanted = _wanted_nodes(ds, list(self.w.store.items(NODES.key)))
         pods = [p for p in owned(self.w.registry, PODS, ds) if pod_active(p)]
         by_node: dict[str, list[dict[str, Any]]] = {}

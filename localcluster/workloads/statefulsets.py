@@ -18,11 +18,10 @@ from localcluster.workloads.common import (
     pod_active,
     pod_phase,
     pod_ready,
-    template_hash,
     terminating,
 )
+from localcluster.workloads.revisions import REVISION_LABEL, current_revision
 
-REVISION_LABEL = "controller-revision-hash"
 POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 
@@ -55,7 +54,7 @@ class StatefulSetController:
             return None
         spec = sts.get("spec") or {}
         want = int(spec.get("replicas", 1))
-        revision = f"{name}-{template_hash(spec.get('template') or {})}"
+        revision, _ = await current_revision(self.w, STATEFULSETS, sts)
         ordered = spec.get("podManagementPolicy", "OrderedReady") != "Parallel"
         pods = self._pods(sts)
         if await self._create(sts, pods, want, revision, ordered):

@@ -378,6 +378,19 @@ def test_node_and_daemonset(cluster: Cluster, ns: str) -> None:
     assert rows[0][:6] == ["NAME", "DESIRED", "CURRENT", "READY", "UP-TO-DATE", "AVAILABLE"]
     assert rows[1][:6] == ["agent", "1", "1", "1", "1", "1"]
 
+    cluster.kubectl("set", "image", "daemonset/agent", "a=agent:2", "-n", ns)
+    _rollout(cluster, ns, "daemonset/agent", 1)
+    assert [p.spec.containers[0].image for p in _pods(cluster, ns, "app=agent")] == ["agent:2"]
+    history = cluster.kubectl("rollout", "history", "daemonset/agent", "-n", ns).stdout
+    assert [line.split()[0] for line in history.splitlines()[2:] if line.strip()] == ["1", "2"]
+    assert _table(cluster, "controllerrevisions", "-n", ns)[0] == [
+        "NAME", "CONTROLLER", "REVISION", "AGE"]
+    assert "rolled back" in cluster.kubectl("rollout", "undo", "daemonset/agent",
+                                            "-n", ns).stdout
+    wait_for(lambda: [p.spec.containers[0].image for p in _pods(cluster, ns, "app=agent")]
+             == ["agent:1"], what="the pod of revision 1 back")
+    _rollout(cluster, ns, "daemonset/agent", 1)
+
 
 def test_statefulset_creates_in_order_and_scales_down_from_the_top(cluster: Cluster,
                                                                      ns: str) -> None:
@@ -393,6 +406,10 @@ def test_statefulset_creates_in_order_and_scales_down_from_the_top(cluster: Clus
     assert "partitioned roll out complete: 2 new pods have been updated" in out
     assert sorted(p.metadata.name for p in _pods(cluster, ns, "app=db")) == ["db-0", "db-1"]
     assert _table(cluster, "sts", "-n", ns)[1][:2] == ["db", "2/2"]
+    sts = _apps(cluster).read_namespaced_stateful_set("db", ns)
+    assert sts.status.current_revision == sts.status.update_revision
+    assert {p.metadata.labels["controller-revision-hash"] for p in _pods(
+        cluster, ns, "app=db")} == {sts.status.update_revision}
     cluster.kubectl("scale", "statefulset/db", "--replicas=1", "-n", ns)
     wait_for(lambda: [p.metadata.name for p in _pods(cluster, ns, "app=db")] == ["db-0"],
              what="db-1 removed")
@@ -465,9 +482,9 @@ def test_an_object_whose_owner_does_not_exist_is_collected(cluster: Cluster, ns:
 
 def test_discovery_lists_the_workload_kinds(cluster: Cluster) -> None:
     out = cluster.kubectl("api-resources", "--api-group=apps").stdout.splitlines()
-    names = {line.split()[0]: line.split()[1] for line in out[1:]}
-    assert names == {"daemonsets": "ds", "deployments": "deploy", "replicasets": "rs",
-                     "statefulsets": "sts"}
+    shorts = {line.split()[0]: line.split()[1] for line in out[1:]}
+    assert shorts == {"controllerrevisions": "apps/v1", "daemonsets": "ds",
+                      "deployments": "deploy", "replicasets": "rs", "statefulsets": "sts"}
     assert "jobs" in cluster.kubectl("api-resources", "--api-group=batch").stdout
     status, scale_list = cluster.raw("GET", "/apis/apps/v1")
     assert status == 200

@@ -235,6 +235,12 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "spec": {"replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
                  "template": {"spec": {"containers": [{"name": "db", "image": "db:1"}]}}},
         "status": {"replicas": 1}},
+    "ControllerRevision": {
+        "apiVersion": "apps/v1", "kind": "ControllerRevision",
+        "metadata": {"name": "agent-5d4f8", "labels": {"controller-revision-hash": "5d4f8"}},
+        "revision": 2,
+        "data": {"spec": {"template": {"$patch": "replace", "spec": {"containers": [
+            {"name": "a", "image": "a:1"}]}}}}},
     "Job": {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "once"},
         "spec": {"completions": 1, "backoffLimit": 6,
