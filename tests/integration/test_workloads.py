@@ -20,13 +20,6 @@ from kubernetes.client.rest import ApiException
 from tests.cluster import Cluster, wait_for
 
 
-@pytest.fixture(autouse=True)
-def list_then_watch(monkeypatch: pytest.MonkeyPatch) -> None:
-    # kubectl 1.37 waits with watch-list streams; these tests are about the
-    # controllers, so kubectl lists and then watches, which every server serves.
-    monkeypatch.setenv("KUBE_FEATURE_WatchListClient", "false")
-
-
 @pytest.fixture
 def ns(cluster: Cluster) -> Iterator[str]:
     name = f"w-{uuid.uuid4().hex[:8]}"
