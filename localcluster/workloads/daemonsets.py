@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from localcluster.events import EventRecorder
 from localcluster.workloads.common import (
     DAEMONSETS,
     NODES,
@@ -34,6 +35,7 @@ def _wanted_nodes(ds: Mapping[str, Any], nodes: list[Mapping[str, Any]]) -> list
 class DaemonSetController:
     def __init__(self, writer: Writer) -> None:
         self.w = writer
+        self.events = EventRecorder(writer.registry, component="daemonset-controller")
 
     async def reconcile(self, key: tuple[str, str]) -> float | None:
         ns, name = key
@@ -51,13 +53,15 @@ class DaemonSetController:
         for node, extra in by_node.items():
             doomed = extra if node not in wanted else extra[1:]
             for pod in doomed:
-                await self.w.delete(PODS, ns, pod["metadata"]["name"])
+                await self._delete(ds, pod)
         labels = {REVISION_LABEL: revision,
                   GENERATION_LABEL: str(ds["metadata"].get("generation", 1))}
         for node in wanted:
             if node not in by_node:
-                await self.w.create(PODS, ns, self.w.pod_body(DAEMONSETS, ds, template,
-                                                              labels=labels, node=node))
+                pod = await self.w.create(PODS, ns, self.w.pod_body(
+                    DAEMONSETS, ds, template, labels=labels, node=node))
+                await self.events.normal(ds, "SuccessfulCreate",
+                                         f"Created pod: {pod['metadata']['name']}")
         await self._replace_outdated(ds, revision, wanted, by_node)
         return await self._status(ds, revision, wanted)
 
@@ -74,9 +78,14 @@ class DaemonSetController:
             if budget <= 0:
                 break
             if (pod["metadata"].get("labels") or {}).get(REVISION_LABEL) != revision:
-                await self.w.delete(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"])
+                await self._delete(ds, pod)
                 if pod_ready(pod):
                     budget -= 1
+
+    async def _delete(self, ds: Mapping[str, Any], pod: Mapping[str, Any]) -> None:
+        await self.w.delete(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"])
+        await self.events.normal(ds, "SuccessfulDelete",
+                                 f"Deleted pod: {pod['metadata']['name']}")
 
     async def _status(self, ds: Mapping[str, Any], revision: str, wanted: list[str]
                       ) -> float | None:

@@ -11,6 +11,7 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from localcluster.events import EventRecorder
 from localcluster.workloads.common import (
     DEPLOYMENTS,
     REPLICASETS,
@@ -129,6 +130,7 @@ def old_scale_downs(d: Mapping[str, Any], new: Mapping[str, Any] | None,
 class DeploymentController:
     def __init__(self, writer: Writer) -> None:
         self.w = writer
+        self.events = EventRecorder(writer.registry, component="deployment-controller")
 
     async def reconcile(self, key: tuple[str, str]) -> float | None:
         """Returns seconds after which the progress deadline needs checking, or None."""
@@ -186,7 +188,11 @@ class DeploymentController:
             "spec": {"replicas": replicas, "minReadySeconds": spec.get("minReadySeconds", 0),
                      "selector": selector, "template": template},
         }
-        return await self.w.create(REPLICASETS, d["metadata"]["namespace"], body)
+        created = await self.w.create(REPLICASETS, d["metadata"]["namespace"], body)
+        if replicas:
+            await self.events.normal(d, "ScalingReplicaSet", f"Scaled up replica set "
+                                     f"{created['metadata']['name']} from 0 to {replicas}")
+        return created
 
     def _annotations(self, d: Mapping[str, Any], rev: int) -> dict[str, str]:
         surge, _ = surge_and_unavailable(d)
@@ -217,7 +223,12 @@ class DeploymentController:
 
         fresh = self.w.store.get(REPLICASETS.key, rs["metadata"]["namespace"],
                                  rs["metadata"]["name"]) or rs
+        before = _replicas(fresh)
         await self.w.update(REPLICASETS, fresh, resize)
+        if before != replicas:
+            await self.events.normal(d, "ScalingReplicaSet", f"Scaled "
+                                     f"{'up' if replicas > before else 'down'} replica set "
+                                     f"{rs['metadata']['name']} from {before} to {replicas}")
 
     async def _roll(self, d: Mapping[str, Any], new: RS, olds: Sequence[RS]) -> bool:
         """One step of the rollout; True if something was scaled."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from localcluster.events import EventRecorder
 from localcluster.workloads.common import (
     JOBS,
     PODS,
@@ -35,6 +36,7 @@ def finished(job: Mapping[str, Any]) -> bool:
 class JobController:
     def __init__(self, writer: Writer) -> None:
         self.w = writer
+        self.events = EventRecorder(writer.registry, component="job-controller")
 
     async def reconcile(self, key: tuple[str, str]) -> float | None:
         ns, name = key
@@ -68,16 +70,18 @@ class JobController:
         wait: float | None = None
         if failure or outcome:
             for pod in active:
-                await self.w.delete(PODS, ns, pod["metadata"]["name"])
+                await self._delete(job, pod)
             active = []
         else:
             want = 0 if spec.get("suspend") else int(spec.get("parallelism", 1))
             if completions is not None:
                 want = min(want, int(completions) - succeeded)
             for _ in range(max(0, want - len(active))):
-                await self.w.create(PODS, ns, self.w.pod_body(JOBS, job, spec["template"]))
+                pod = await self.w.create(PODS, ns, self.w.pod_body(JOBS, job, spec["template"]))
+                await self.events.normal(job, "SuccessfulCreate",
+                                         f"Created pod: {pod['metadata']['name']}")
             for pod in sorted(active, key=lambda p: p["metadata"]["name"])[max(0, want):]:
-                await self.w.delete(PODS, ns, pod["metadata"]["name"])
+                await self._delete(job, pod)
             active = [p for p in owned(self.w.registry, PODS, job) if pod_active(p)]
             if spec.get("activeDeadlineSeconds") is not None and started is not None:
                 wait = max(0.0, started + int(spec["activeDeadlineSeconds"]) - now)
@@ -103,6 +107,7 @@ class JobController:
         elif failure:
             conditions = set_condition(conditions, "FailureTarget", "True", *failure, stamp)
             conditions = set_condition(conditions, "Failed", "True", *failure, stamp)
+        await self._report(job, conditions)
         if conditions:
             status["conditions"] = [{"lastProbeTime": c.get("lastProbeTime", stamp), **c}
                                     for c in conditions]
@@ -111,6 +116,27 @@ class JobController:
             await self.w.update(JOBS, fresh, lambda b: b.__setitem__("status", status),
                                 status=True)
         return wait
+
+    async def _delete(self, job: Mapping[str, Any], pod: Mapping[str, Any]) -> None:
+        await self.w.delete(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"])
+        await self.events.normal(job, "SuccessfulDelete",
+                                 f"Deleted pod: {pod['metadata']['name']}")
+
+    async def _report(self, job: Mapping[str, Any], conditions: list[dict[str, Any]]) -> None:
+        """Events for the conditions this pass sets (before they are written)."""
+        before = {c.get("type"): (c.get("status"), c.get("reason")) for c in
+                  (job.get("status") or {}).get("conditions") or []}
+        for cond in conditions:
+            if before.get(cond.get("type")) == (cond.get("status"), cond.get("reason")):
+                continue
+            if cond.get("type") == "Suspended":
+                await self.events.normal(job, "Suspended" if cond["status"] == "True"
+                                         else "Resumed", str(cond.get("message")))
+            elif cond.get("type") == "Complete":
+                await self.events.normal(job, "Completed", "Job completed")
+            elif cond.get("type") == "Failed":
+                await self.events.warning(job, str(cond.get("reason")),
+                                          str(cond.get("message")))
 
     async def _expire(self, job: Mapping[str, Any]) -> float | None:
         """ttlSecondsAfterFinished, as kube's TTL-after-finished controller: the finished

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from localcluster.events import EventRecorder
 from localcluster.selectors import LabelSelector
 from localcluster.workloads.common import (
     PODS,
@@ -40,6 +41,7 @@ def _deletion_rank(pod: Mapping[str, Any]) -> tuple[int, int, int, float]:
 class ReplicaSetController:
     def __init__(self, writer: Writer) -> None:
         self.w = writer
+        self.events = EventRecorder(writer.registry, component="replicaset-controller")
 
     async def reconcile(self, key: tuple[str, str]) -> float | None:
         """Returns seconds after which to look again (minReadySeconds), or None."""
@@ -53,11 +55,15 @@ class ReplicaSetController:
         want = int(spec.get("replicas", 1))
         if len(pods) < want:
             for _ in range(min(want - len(pods), BURST)):
-                await self.w.create(PODS, ns, self.w.pod_body(REPLICASETS, rs,
-                                                              spec.get("template") or {}))
+                pod = await self.w.create(PODS, ns, self.w.pod_body(
+                    REPLICASETS, rs, spec.get("template") or {}))
+                await self.events.normal(rs, "SuccessfulCreate",
+                                         f"Created pod: {pod['metadata']['name']}")
         elif len(pods) > want:
             for pod in sorted(pods, key=_deletion_rank)[:len(pods) - want]:
                 await self.w.delete(PODS, ns, pod["metadata"]["name"])
+                await self.events.normal(rs, "SuccessfulDelete",
+                                         f"Deleted pod: {pod['metadata']['name']}")
         return await self._status(rs)
 
     async def _status(self, rs: Mapping[str, Any]) -> float | None:

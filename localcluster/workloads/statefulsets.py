@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from localcluster.events import EventRecorder
 from localcluster.workloads.common import (
     PODS,
     STATEFULSETS,
@@ -38,6 +39,7 @@ def _ordinal(set_name: str, pod: Mapping[str, Any]) -> int | None:
 class StatefulSetController:
     def __init__(self, writer: Writer) -> None:
         self.w = writer
+        self.events = EventRecorder(writer.registry, component="statefulset-controller")
 
     def _pods(self, sts: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
         out = {}
@@ -63,7 +65,7 @@ class StatefulSetController:
         for o in condemned:
             if ordered and not all(_healthy(p) for i, p in pods.items() if i < want):
                 break
-            await self.w.delete(PODS, ns, pods[o]["metadata"]["name"])
+            await self._delete(sts, pods[o])
             if ordered:
                 break
         if not condemned:
@@ -78,7 +80,11 @@ class StatefulSetController:
                 if ordered and not _healthy(pods[i]):
                     return created
                 continue
-            await self.w.create(PODS, sts["metadata"]["namespace"], self._pod(sts, i, revision))
+            pod = await self.w.create(PODS, sts["metadata"]["namespace"],
+                                      self._pod(sts, i, revision))
+            await self.events.normal(sts, "SuccessfulCreate", f"create Pod "
+                                     f"{pod['metadata']['name']} in StatefulSet "
+                                     f"{sts['metadata']['name']} successful")
             created = True
             if ordered:
                 return True
@@ -105,9 +111,14 @@ class StatefulSetController:
         partition = int((strategy.get("rollingUpdate") or {}).get("partition") or 0)
         for i in range(want - 1, partition - 1, -1):
             if (pods[i]["metadata"].get("labels") or {}).get(REVISION_LABEL) != revision:
-                await self.w.delete(PODS, sts["metadata"]["namespace"],
-                                    pods[i]["metadata"]["name"])
+                await self._delete(sts, pods[i])
                 return
+
+    async def _delete(self, sts: Mapping[str, Any], pod: Mapping[str, Any]) -> None:
+        await self.w.delete(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"])
+        await self.events.normal(sts, "SuccessfulDelete", f"delete Pod "
+                                 f"{pod['metadata']['name']} in StatefulSet "
+                                 f"{sts['metadata']['name']} successful")
 
     async def _status(self, sts: Mapping[str, Any], revision: str) -> float | None:
         fresh = self.w.store.get(STATEFULSETS.key, sts["metadata"]["namespace"],

@@ -74,6 +74,12 @@ def _rollout(cluster: Cluster, ns: str, target: str, want: int) -> str:
     return out
 
 
+def _events(cluster: Cluster, ns: str) -> set[tuple[str, str, str, str]]:
+    """(object kind, reporting component, reason, message) of the namespace's Events."""
+    return {(e.involved_object.kind, e.source.component, e.reason, e.message)
+            for e in _core(cluster).list_namespaced_event(ns).items}
+
+
 def _message(e: ApiException) -> str:
     return str(json.loads(e.body)["message"])
 
@@ -123,6 +129,11 @@ def test_create_deployment_rolls_out_and_is_available(cluster: Cluster, ns: str)
                        "Progressing": ("True", "NewReplicaSetAvailable")}
     assert dep.metadata.annotations["deployment.kubernetes.io/revision"] == "1"
     assert _table(cluster, "deploy", "web", "-n", ns)[1][:4] == ["web", "2/2", "2", "2"]
+    events = _events(cluster, ns)
+    assert ("Deployment", "deployment-controller", "ScalingReplicaSet",
+            f"Scaled up replica set {rs_name} from 0 to 2") in events
+    assert {("ReplicaSet", "replicaset-controller", "SuccessfulCreate",
+             f"Created pod: {p.metadata.name}") for p in pods} <= events
 
 
 def test_scale_one_three_zero(cluster: Cluster, ns: str) -> None:
@@ -287,6 +298,8 @@ def test_job_runs_to_completion(cluster: Cluster, ns: str) -> None:
     assert (complete.status, complete.reason) == ("True", "CompletionsReached")
     assert job.status.completion_time is not None
     assert _table(cluster, "jobs", "-n", ns)[1][:3] == ["hello", "Complete", "1/1"]
+    assert ("Job", "job-controller", "Completed", "Job completed") in wait_for(
+        lambda: _events(cluster, ns), what="events")
 
 
 def test_finished_job_is_deleted_after_its_ttl(cluster: Cluster, ns: str) -> None:
@@ -335,6 +348,10 @@ def test_job_fails_after_backoff_limit_and_refuses_restart_always(cluster: Clust
     assert failed == {"FailureTarget": "BackoffLimitExceeded", "Failed": "BackoffLimitExceeded"}
     assert job.status.failed == 2
     assert _table(cluster, "job", "f", "-n", ns)[1][:3] == ["f", "Failed", "0/1"]
+    warning = next(e for e in _core(cluster).list_namespaced_event(ns).items
+                   if e.reason == "BackoffLimitExceeded")
+    assert (warning.type, warning.message) == ("Warning",
+                                               "Job has reached the specified backoff limit")
 
     with pytest.raises(ApiException) as refused:
         batch.create_namespaced_job(ns, {"metadata": {"name": "always"}, "spec": {
