@@ -403,8 +403,9 @@ class ApiHandler:
     async def _update(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
         body = await self._body(request)
         if t.subresource == "scale":
-            return respond(await scale.update_scale(self.registry, t.rt, self._scope(t), t.name,
-                                                    body, self._options(request)))
+            return respond(await scale.update_scale(
+                self.registry, t.rt, body, ns=self._scope(t), name=t.name,
+                opts=self._options(request)))
         if t.subresource == "finalize":
             out = await self.registry.update(t.rt, "", t.name, body, self._options(request))
         else:
@@ -427,9 +428,9 @@ class ApiHandler:
             raise managedfields.options_error("force", "Forbidden",
                                               "may not be specified for non-apply patch")
         if t.subresource == "scale":
-            return respond(await scale.patch_scale(self.registry, t.rt, self._scope(t), t.name,
-                                                   request.content_type, body,
-                                                   self._options(request)))
+            return respond(await scale.patch_scale(
+                self.registry, t.rt, body, content_type=request.content_type,
+                ns=self._scope(t), name=t.name, opts=self._options(request)))
         out = await self.registry.patch(t.rt, self._scope(t), t.name, request.content_type,
                                         body, self._options(request), subresource=t.subresource)
         return respond(out.obj, 200, out.warnings)

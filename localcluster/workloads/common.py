@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from localcluster.errors import ApiError
@@ -127,21 +128,31 @@ def scaled_value(value: Any, total: int, *, round_up: bool) -> int:
     return int(text)
 
 
-def set_condition(conditions: list[dict[str, Any]], ctype: str, status: str, reason: str,
-                  message: str, now: str, *, update_time: bool = False) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Condition:
+    """A status condition as a controller decides it; times are added when it is set."""
+
+    type: str
+    status: str
+    reason: str
+    message: str
+
+
+def set_condition(conditions: list[dict[str, Any]], want: Condition, *, now: str,
+                  update_time: bool = False) -> list[dict[str, Any]]:
     """Set one condition, keeping lastTransitionTime while its status stays the same."""
-    old = next((c for c in conditions if c.get("type") == ctype), None)
-    if old is not None and old.get("status") == status and old.get("reason") == reason \
-            and old.get("message") == message:
+    old = next((c for c in conditions if c.get("type") == want.type), None)
+    if old is not None and (old.get("status"), old.get("reason"), old.get("message")) == (
+            want.status, want.reason, want.message):
         return conditions
-    cond: dict[str, Any] = {"type": ctype, "status": status}
+    cond: dict[str, Any] = {"type": want.type, "status": want.status}
     if update_time:
         cond["lastUpdateTime"] = now
     cond["lastTransitionTime"] = (old["lastTransitionTime"] if old is not None and old.get(
-        "status") == status and old.get("lastTransitionTime") else now)
-    cond["reason"], cond["message"] = reason, message
-    return [cond if c.get("type") == ctype else c for c in conditions] if old is not None \
-        else [*conditions, cond]
+        "status") == want.status and old.get("lastTransitionTime") else now)
+    cond["reason"], cond["message"] = want.reason, want.message
+    return [cond if c.get("type") == want.type else c for c in conditions] \
+        if old is not None else [*conditions, cond]
 
 
 def without_empty(status: Mapping[str, Any], keep: Iterable[str] = ()) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from localcluster.events import EventRecorder
 from localcluster.workloads.common import (
     DEPLOYMENTS,
     REPLICASETS,
+    Condition,
     Writer,
     adopt,
     owned,
@@ -295,16 +296,15 @@ class DeploymentController:
         conditions = list(old_status.get("conditions") or [])
         _, max_unavailable = surge_and_unavailable(fresh)
         if available >= want - max_unavailable:
-            conditions = set_condition(conditions, "Available", "True",
-                                       "MinimumReplicasAvailable",
-                                       "Deployment has minimum availability.", now,
-                                       update_time=True)
+            conditions = set_condition(conditions, Condition(
+                "Available", "True", "MinimumReplicasAvailable",
+                "Deployment has minimum availability."), now=now, update_time=True)
         else:
-            conditions = set_condition(conditions, "Available", "False",
-                                       "MinimumReplicasUnavailable",
-                                       "Deployment does not have minimum availability.", now,
-                                       update_time=True)
-        conditions, wait = self._progressing(fresh, new, counts, conditions, created, now)
+            conditions = set_condition(conditions, Condition(
+                "Available", "False", "MinimumReplicasUnavailable",
+                "Deployment does not have minimum availability."), now=now, update_time=True)
+        conditions, wait = self._progressing(fresh, new, counts=counts, conditions=conditions,
+                                             created=created, now=now)
         order = {"Available": 0, "Progressing": 1}
         conditions.sort(key=lambda c: order.get(c.get("type", ""), 2))
         status = {**without_empty(counts), "conditions": conditions}
@@ -321,7 +321,7 @@ class DeploymentController:
         await self.w.update(DEPLOYMENTS, fresh, change, status=True)
         return wait
 
-    def _progressing(self, d: Mapping[str, Any], new: RS | None, counts: Mapping[str, int],
+    def _progressing(self, d: Mapping[str, Any], new: RS | None, *, counts: Mapping[str, int],
                      conditions: list[dict[str, Any]], created: bool, now: str
                      ) -> tuple[list[dict[str, Any]], float | None]:
         """progress.go's syncRolloutStatus: the Progressing condition, and when to look
@@ -332,28 +332,31 @@ class DeploymentController:
             return [c for c in conditions if c.get("type") != "Progressing"], None
         rs_name = new["metadata"]["name"] if new is not None else ""
         if d["spec"].get("paused"):
-            return set_condition(conditions, "Progressing", "Unknown", "DeploymentPaused",
-                                 "Deployment is paused", now, update_time=True), None
+            return set_condition(conditions, Condition(
+                "Progressing", "Unknown", "DeploymentPaused", "Deployment is paused"),
+                now=now, update_time=True), None
         if current is not None and current.get("reason") == "DeploymentPaused":
-            conditions = set_condition(conditions, "Progressing", "Unknown",
-                                       "DeploymentResumed", "Deployment is resumed", now,
-                                       update_time=True)
+            conditions = set_condition(conditions, Condition(
+                "Progressing", "Unknown", "DeploymentResumed", "Deployment is resumed"),
+                now=now, update_time=True)
             current = next(c for c in conditions if c.get("type") == "Progressing")
         want = _replicas(d)
         old = d.get("status") or {}
         complete = (counts["updatedReplicas"] == want and counts["replicas"] == want
                     and counts["availableReplicas"] == want)
         if created:
-            return set_condition(conditions, "Progressing", "True", "NewReplicaSetCreated",
-                                 f'Created new replica set "{rs_name}"', now,
-                                 update_time=True), float(deadline)
+            return set_condition(conditions, Condition(
+                "Progressing", "True", "NewReplicaSetCreated",
+                f'Created new replica set "{rs_name}"'), now=now, update_time=True), \
+                float(deadline)
         if current is not None and current.get("reason") == "NewReplicaSetAvailable" \
                 and counts["replicas"] == counts["updatedReplicas"] and complete:
             return conditions, None
         if complete:
-            return set_condition(conditions, "Progressing", "True", "NewReplicaSetAvailable",
-                                 f'ReplicaSet "{rs_name}" has successfully progressed.', now,
-                                 update_time=True), None
+            return set_condition(conditions, Condition(
+                "Progressing", "True", "NewReplicaSetAvailable",
+                f'ReplicaSet "{rs_name}" has successfully progressed.'), now=now,
+                update_time=True), None
         old_olds = int(old.get("replicas") or 0) - int(old.get("updatedReplicas") or 0)
         progressed = (current is None
                       or counts["updatedReplicas"] > int(old.get("updatedReplicas") or 0)
@@ -375,6 +378,7 @@ class DeploymentController:
         left = since + float(deadline) - self.w.now()
         if left > 0:
             return conditions, left
-        return set_condition(conditions, "Progressing", "False", "ProgressDeadlineExceeded",
-                             f'ReplicaSet "{rs_name}" has timed out progressing.', now,
-                             update_time=True), None
+        return set_condition(conditions, Condition(
+            "Progressing", "False", "ProgressDeadlineExceeded",
+            f'ReplicaSet "{rs_name}" has timed out progressing.'), now=now,
+            update_time=True), None

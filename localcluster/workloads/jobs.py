@@ -13,6 +13,7 @@ from localcluster.events import EventRecorder
 from localcluster.workloads.common import (
     JOBS,
     PODS,
+    Condition,
     Writer,
     owned,
     parse_time,
@@ -94,19 +95,20 @@ class JobController:
         conditions = list(status.get("conditions") or [])
         suspended = next((c for c in conditions if c.get("type") == "Suspended"), None)
         if spec.get("suspend") and not (failure or outcome):
-            conditions = set_condition(conditions, "Suspended", "True", "JobSuspended",
-                                       "Job suspended", stamp)
+            conditions = set_condition(conditions, Condition(
+                "Suspended", "True", "JobSuspended", "Job suspended"), now=stamp)
         elif suspended is not None and suspended.get("status") == "True":
-            conditions = set_condition(conditions, "Suspended", "False", "JobResumed",
-                                       "Job resumed", stamp)
+            conditions = set_condition(conditions, Condition(
+                "Suspended", "False", "JobResumed", "Job resumed"), now=stamp)
         if outcome:
-            conditions = set_condition(conditions, "SuccessCriteriaMet", "True", *outcome, stamp,
-                                       update_time=False)
-            conditions = set_condition(conditions, "Complete", "True", *outcome, stamp)
+            for ctype in ("SuccessCriteriaMet", "Complete"):
+                conditions = set_condition(conditions, Condition(ctype, "True", *outcome),
+                                           now=stamp)
             status["completionTime"] = stamp
         elif failure:
-            conditions = set_condition(conditions, "FailureTarget", "True", *failure, stamp)
-            conditions = set_condition(conditions, "Failed", "True", *failure, stamp)
+            for ctype in ("FailureTarget", "Failed"):
+                conditions = set_condition(conditions, Condition(ctype, "True", *failure),
+                                           now=stamp)
         await self._report(job, conditions)
         if conditions:
             status["conditions"] = [{"lastProbeTime": c.get("lastProbeTime", stamp), **c}

@@ -52,8 +52,8 @@ def _replicas_of(rt: ResourceType, name: str, scale: Any) -> int:
     return replicas
 
 
-async def _write(registry: Registry, rt: ResourceType, ns: str, name: str,
-                 scale: Mapping[str, Any], opts: WriteOptions) -> dict[str, Any]:
+async def _write(registry: Registry, rt: ResourceType, scale: Mapping[str, Any], *, ns: str,
+                 name: str, opts: WriteOptions) -> dict[str, Any]:
     replicas = _replicas_of(rt, name, scale)
     current = registry.get(rt, ns, name)
     wanted_rv = (scale.get("metadata") or {}).get("resourceVersion")
@@ -65,13 +65,13 @@ async def _write(registry: Registry, rt: ResourceType, ns: str, name: str,
     return scale_of(rt, out.obj)
 
 
-async def update_scale(registry: Registry, rt: ResourceType, ns: str, name: str, body: Any,
+async def update_scale(registry: Registry, rt: ResourceType, body: Any, *, ns: str, name: str,
                        opts: WriteOptions) -> dict[str, Any]:
-    return await _write(registry, rt, ns, name, body, opts)
+    return await _write(registry, rt, body, ns=ns, name=name, opts=opts)
 
 
-async def patch_scale(registry: Registry, rt: ResourceType, ns: str, name: str,
-                      content_type: str, body: Any, opts: WriteOptions) -> dict[str, Any]:
+async def patch_scale(registry: Registry, rt: ResourceType, body: Any, *, content_type: str,
+                      ns: str, name: str, opts: WriteOptions) -> dict[str, Any]:
     current = scale_of(rt, registry.get(rt, ns, name))
     if content_type in ("application/merge-patch+json",
                         "application/strategic-merge-patch+json"):
@@ -85,4 +85,4 @@ async def patch_scale(registry: Registry, rt: ResourceType, ns: str, name: str,
     if (patched.get("metadata") or {}).get("resourceVersion") == current["metadata"].get(
             "resourceVersion"):
         patched["metadata"].pop("resourceVersion", None)
-    return await _write(registry, rt, ns, name, patched, opts)
+    return await _write(registry, rt, patched, ns=ns, name=name, opts=opts)

@@ -8,7 +8,12 @@ from typing import Any
 import pytest
 
 from localcluster.workloads import spec
-from localcluster.workloads.common import scaled_value, set_condition, template_hash
+from localcluster.workloads.common import (
+    Condition,
+    scaled_value,
+    set_condition,
+    template_hash,
+)
 from localcluster.workloads.deployments import (
     new_rs_replicas,
     old_scale_downs,
@@ -83,10 +88,10 @@ def test_template_hash_is_stable_and_looks_like_kubes() -> None:
 
 
 def test_condition_keeps_transition_time_while_status_holds() -> None:
-    conds = set_condition([], "Available", "False", "A", "m", "t1")
-    conds = set_condition(conds, "Available", "False", "B", "n", "t2")
+    conds = set_condition([], Condition("Available", "False", "A", "m"), now="t1")
+    conds = set_condition(conds, Condition("Available", "False", "B", "n"), now="t2")
     assert conds[0]["lastTransitionTime"] == "t1" and conds[0]["reason"] == "B"
-    conds = set_condition(conds, "Available", "True", "C", "o", "t3")
+    conds = set_condition(conds, Condition("Available", "True", "C", "o"), now="t3")
     assert conds[0]["lastTransitionTime"] == "t3"
 
 
