@@ -48,8 +48,8 @@ def owned(registry: Registry, rt: ResourceType, owner: Mapping[str, Any]
     return [o for o in registry.store.items(rt.key, ns) if controller_uid(o) == uid]
 
 
-async def adopt(w: Writer, rt: ResourceType, owner_rt: ResourceType,
-                owner: Mapping[str, Any]) -> None:
+async def adopt(w: Writer, rt: ResourceType, owner: Mapping[str, Any], *,
+                owner_rt: ResourceType) -> None:
     """Claim the owner's orphans: objects its selector matches that no controller owns
     (left behind by a delete with propagationPolicy=Orphan, say), as kube's
     ControllerRefManager does."""

@@ -62,10 +62,11 @@ class DaemonSetController:
                     DAEMONSETS, ds, template, labels=labels, node=node))
                 await self.events.normal(ds, "SuccessfulCreate",
                                          f"Created pod: {pod['metadata']['name']}")
-        await self._replace_outdated(ds, revision, wanted, by_node)
+        await self._replace_outdated(ds, revision, wanted=wanted, by_node=by_node)
         return await self._status(ds, revision, wanted)
 
-    async def _replace_outdated(self, ds: Mapping[str, Any], revision: str, wanted: list[str],
+    async def _replace_outdated(self, ds: Mapping[str, Any], revision: str, *,
+                                wanted: list[str],
                                 by_node: Mapping[str, list[dict[str, Any]]]) -> None:
         strategy = (ds.get("spec") or {}).get("updateStrategy") or {}
         if strategy.get("type") != "RollingUpdate":

@@ -141,7 +141,7 @@ class DeploymentController:
             return None
         spec = d.get("spec") or {}
         template = spec.get("template") or {}
-        await adopt(self.w, REPLICASETS, DEPLOYMENTS, d)
+        await adopt(self.w, REPLICASETS, d, owner_rt=DEPLOYMENTS)
         all_rs = owned(self.w.registry, REPLICASETS, d)
         new = next((rs for rs in all_rs
                     if _bare_template((rs.get("spec") or {}).get("template") or {})

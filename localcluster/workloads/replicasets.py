@@ -50,7 +50,7 @@ class ReplicaSetController:
         if rs is None or terminating(rs):
             return None
         spec = rs.get("spec") or {}
-        await adopt(self.w, PODS, REPLICASETS, rs)
+        await adopt(self.w, PODS, rs, owner_rt=REPLICASETS)
         pods = [p for p in owned(self.w.registry, PODS, rs) if pod_active(p)]
         want = int(spec.get("replicas", 1))
         if len(pods) < want:

@@ -59,7 +59,7 @@ class StatefulSetController:
         revision, _ = await current_revision(self.w, STATEFULSETS, sts)
         ordered = spec.get("podManagementPolicy", "OrderedReady") != "Parallel"
         pods = self._pods(sts)
-        if await self._create(sts, pods, want, revision, ordered):
+        if await self._create(sts, pods, want=want, revision=revision, ordered=ordered):
             return await self._status(sts, revision)
         condemned = sorted((o for o in pods if o >= want), reverse=True)
         for o in condemned:
@@ -69,10 +69,10 @@ class StatefulSetController:
             if ordered:
                 break
         if not condemned:
-            await self._update(sts, pods, want, revision)
+            await self._update(sts, pods, want=want, revision=revision)
         return await self._status(sts, revision)
 
-    async def _create(self, sts: Mapping[str, Any], pods: Mapping[int, Mapping[str, Any]],
+    async def _create(self, sts: Mapping[str, Any], pods: Mapping[int, Mapping[str, Any]], *,
                       want: int, revision: str, ordered: bool) -> bool:
         created = False
         for i in range(want):
@@ -101,7 +101,7 @@ class StatefulSetController:
             body["spec"]["subdomain"] = sts["spec"]["serviceName"]
         return body
 
-    async def _update(self, sts: Mapping[str, Any], pods: Mapping[int, Mapping[str, Any]],
+    async def _update(self, sts: Mapping[str, Any], pods: Mapping[int, Mapping[str, Any]], *,
                       want: int, revision: str) -> None:
         strategy = sts["spec"].get("updateStrategy") or {}
         if strategy.get("type", "RollingUpdate") != "RollingUpdate":
