@@ -99,13 +99,14 @@ def parse_time(stamp: str | None) -> float | None:
 
 
 def available_in(pod: Mapping[str, Any], min_ready: int, now: float) -> float | None:
-    """Seconds until a ready pod counts as available (0: it is), None if it is not ready."""
+    """Seconds until a ready pod counts as available (0: it is), None if it never will as
+    it is: not ready, or (as kube's IsPodAvailable) ready since no recorded time."""
     if not pod_ready(pod):
         return None
     if min_ready <= 0:
         return 0.0
-    since = parse_time((_ready_condition(pod) or {}).get("lastTransitionTime")) or now
-    return max(0.0, since + min_ready - now)
+    since = parse_time((_ready_condition(pod) or {}).get("lastTransitionTime"))
+    return None if since is None else max(0.0, since + min_ready - now)
 
 
 def template_hash(template: Mapping[str, Any]) -> str:

@@ -5,6 +5,7 @@ would, and checks that the controllers react."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import uuid
@@ -209,6 +210,25 @@ def test_pause_resume_and_recreate(cluster: Cluster, ns: str) -> None:
     wait_for(lambda: {p.spec.containers[0].image for p in _pods(cluster, ns)} == {"app:3"},
              what="only new pods")
     _rollout(cluster, ns, "deployment/p", 3)
+
+
+def test_pods_count_as_available_after_min_ready_seconds(cluster: Cluster, ns: str) -> None:
+    _apps(cluster).create_namespaced_deployment(ns, {"metadata": {"name": "slow"}, "spec": {
+        "replicas": 2, "minReadySeconds": 3, "selector": {"matchLabels": {"app": "slow"}},
+        "template": {"metadata": {"labels": {"app": "slow"}},
+                     "spec": {"containers": [{"name": "c", "image": "c:1"}]}}}})
+    wait_for(lambda: len(_pods(cluster, ns)) == 2, what="two pods")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for pod in _pods(cluster, ns):
+        _core(cluster).patch_namespaced_pod_status(pod.metadata.name, ns, {"status": {
+            "phase": "Running", "conditions": [
+                {"type": "Ready", "status": "True", "lastTransitionTime": now}]}})
+    ready = wait_for(lambda: (d := _apps(cluster).read_namespaced_deployment("slow", ns))
+                     .status.ready_replicas == 2 and d, what="two ready replicas")
+    assert not ready.status.available_replicas
+    available = wait_for(lambda: _apps(cluster).read_namespaced_deployment(
+        "slow", ns).status.available_replicas == 2, timeout=10, what="available after 3s")
+    assert available
 
 
 def test_rollout_that_makes_no_progress_exceeds_its_deadline(cluster: Cluster,
