@@ -28,6 +28,7 @@ from localcluster.controllers import Controllers
 from localcluster.pki import ensure_pki
 from localcluster.registry import CRD_KEY, Registry
 from localcluster.store import Store
+from localcluster.workloads.nodes import node_name
 from mesh.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,9 @@ class ClusterServer:
                              max_body=MAX_BODY, bookmark_interval=cfg.bookmark_interval)
         self.controllers = Controllers(registry, ca_pem=pki.ca_cert_pem)
         await self.controllers.bootstrap(api_ip, cfg.host, self.port)
+        await self.controllers.workloads.register_node(
+            node_name(cfg.name), address=cfg.also_listen[0][1] if cfg.also_listen else cfg.host,
+            state_dir=cfg.state_dir)
         self.controllers.start()
 
         app = web.Application(client_max_size=MAX_BODY * 2)
