@@ -15,7 +15,7 @@ from mesh.authz import AccessPolicy
 from mesh.errors import ConfigError, IdentityError
 from mesh.identity.names import Identity
 from mesh.proxy.detect import DEFAULT_OPAQUE_PORTS
-from mesh.structs import FieldError, convert, problems
+from mesh.structs import Checked, FieldError, convert, problems
 
 M = TypeVar("M", bound=msgspec.Struct)
 
@@ -106,54 +106,12 @@ def _identity_name(value: str) -> str:
     return value
 
 
-def _text(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {value!r}")
-    return value
-
-
-class Address(str):
-    """HOST:PORT, checked where a configuration file is read."""
-
-    @classmethod
-    def parse(cls, value: object) -> Address:
-        return cls(_address(_text(value)))
-
-
-class IdentityPattern(str):
-    """An identity name, or ``*.`` and a suffix of identity names."""
-
-    @classmethod
-    def parse(cls, value: object) -> IdentityPattern:
-        return cls(_identity_pattern(_text(value)))
-
-
-class IdentityName(str):
-    @classmethod
-    def parse(cls, value: object) -> IdentityName:
-        return cls(_identity_name(_text(value)))
-
-
-class LabelSelector(str):
-    """``key=value``: one label."""
-
-    @classmethod
-    def parse(cls, value: object) -> LabelSelector:
-        return cls(_label_selector(_text(value)))
-
-
-class DnsName(str):
-    @classmethod
-    def parse(cls, value: object) -> DnsName:
-        return cls(_dns_name(_text(value)))
-
-
 def split_address(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]"), int(port)
 
 
-class _Model(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
+class _Model(Checked, frozen=True, kw_only=True, forbid_unknown_fields=True,
              rename="camel"):
     pass
 
@@ -173,6 +131,7 @@ class IdentityConfig(_Model, frozen=True, kw_only=True):
     token_file: Path | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if (self.cert_file is None) != (self.key_file is None):
             raise FieldError("", "give certFile and keyFile together")
         files = self.cert_file is not None
@@ -192,12 +151,14 @@ class IdentityConfig(_Model, frozen=True, kw_only=True):
 
 
 class InboundConfig(_Model, frozen=True, kw_only=True):
-    listen: Address = Address("0.0.0.0:4143")
+    __field_checks__ = {"listen": _address, "trusted_gateways": _identity_pattern}
+
+    listen: str = "0.0.0.0:4143"
     app_host: str = "127.0.0.1"
     """Where the local application listens; the transport header gives the port."""
     authorized: list[str] = msgspec.field(default_factory=lambda: ["*"])
     """Identity names allowed to connect, or "*" for every identity of the trust bundle."""
-    trusted_gateways: list[IdentityPattern] = msgspec.field(default_factory=list)
+    trusted_gateways: list[str] = msgspec.field(default_factory=list)
     """Gateways whose forwarded caller (transport header field 100) is authorized and
     counted instead of the gateway; field 100 from any other peer is refused."""
 
@@ -206,14 +167,18 @@ class HomeGatewayConfig(_Model, frozen=True, kw_only=True):
     """The home cluster's gateway, for a proxy with no route to the pod network (an
     enrolled VM): meshed pods are reached through it."""
 
-    address: Address
+    __field_checks__ = {"address": _address, "identity": _identity_name}
+
+    address: str
     """HOST:PORT of the gateway's mTLS listener."""
-    identity: IdentityName
+    identity: str
     """The identity the gateway must present."""
 
 
 class OutboundConfig(_Model, frozen=True, kw_only=True):
-    listen: Address = Address("127.0.0.1:4140")
+    __field_checks__ = {"listen": _address}
+
+    listen: str = "127.0.0.1:4140"
     redirect: bool = True
     """Also listen on every service address in discovery (the redirected listeners)."""
     connect_timeout: Duration = Duration(seconds=1)
@@ -233,7 +198,9 @@ class OutboundConfig(_Model, frozen=True, kw_only=True):
 
 
 class AdminConfig(_Model, frozen=True, kw_only=True):
-    listen: Address = Address("127.0.0.1:4191")
+    __field_checks__ = {"listen": _address}
+
+    listen: str = "127.0.0.1:4191"
 
 
 class DestinationConfig(_Model, frozen=True, kw_only=True):
@@ -254,6 +221,7 @@ class WorkloadConfig(_Model, frozen=True, kw_only=True):
     external_workload: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if (self.pod is None) == (self.external_workload is None):
             raise FieldError("", "give exactly one of pod and externalWorkload")
 
@@ -270,6 +238,7 @@ class ProxyConfig(_Model, frozen=True, kw_only=True):
     detect_timeout: Duration = Duration(seconds=10)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.discovery is not None and self.destination is not None:
             raise FieldError("", "give either discovery (a file) or destination (the control "
                              "plane), not both")
@@ -284,12 +253,16 @@ class GatewayConfig(_Model, frozen=True, kw_only=True):
     identity: IdentityConfig
     kubeconfig: Path
     """The cluster the gateway serves: its Services, endpoints, Pods and policies."""
-    listen: Address = Address("0.0.0.0:4143")
-    admin: Address = Address("0.0.0.0:4191")
-    exported_label: LabelSelector = LabelSelector("mirror.meshgate.io/exported=true")
+    __field_checks__ = {"listen": _address, "admin": _address,
+                        "exported_label": _label_selector, "cluster_domain": _dns_name,
+                        "trusted_gateways": _identity_pattern}
+
+    listen: str = "0.0.0.0:4143"
+    admin: str = "0.0.0.0:4191"
+    exported_label: str = "mirror.meshgate.io/exported=true"
     """Only Services carrying this label are reachable through the gateway."""
-    cluster_domain: DnsName = DnsName("cluster.local")
-    trusted_gateways: list[IdentityPattern] = msgspec.field(default_factory=list)
+    cluster_domain: str = "cluster.local"
+    trusted_gateways: list[str] = msgspec.field(default_factory=list)
     """Other gateways whose forwarded caller (field 100) this gateway honours."""
     default_policy: AccessPolicy = AccessPolicy.ALL_AUTHENTICATED
     """Decides for pod ports that no Server selects, as the control plane's default."""

@@ -10,8 +10,9 @@ the field, so the path points at the field rather than at the struct holding it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import msgspec
 
@@ -43,6 +44,31 @@ def convert(raw: Any, model: type[T]) -> T:
     does not fit (see `explain`). A type with a ``parse(value)`` classmethod (as
     mesh.config's Duration) is built by it."""
     return msgspec.convert(raw, model, dec_hook=_decode)
+
+
+class Checked(msgspec.Struct, frozen=True, kw_only=True):
+    """A Struct whose fields named in ``__field_checks__`` (attribute name -> a check
+    that raises ValueError) are checked whenever one is built or decoded; a list's
+    items are checked one by one. `problems` applies the same checks field by field."""
+
+    __field_checks__: ClassVar[Mapping[str, Callable[[Any], object]]] = {}
+
+    def __post_init__(self) -> None:
+        for field in msgspec.structs.fields(self):
+            check = self.__field_checks__.get(field.name)
+            if check is not None:
+                _check_value(field.encode_name, check, getattr(self, field.name))
+
+
+def _check_value(name: str, check: Callable[[Any], object], value: Any) -> None:
+    if value is None:
+        return
+    items = enumerate(value) if isinstance(value, list | tuple) else [(None, value)]
+    for i, item in items:
+        try:
+            check(item)
+        except ValueError as e:
+            raise FieldError(name if i is None else f"{name}[{i}]", str(e)) from None
 
 
 def _decode(kind: type, value: Any) -> Any:
@@ -107,10 +133,19 @@ def _problems(raw: Any, model: Any) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     if isinstance(model, type) and issubclass(model, msgspec.Struct) and isinstance(raw, dict):
         fields = msgspec.structs.fields(model)
+        checks: Mapping[str, Callable[[Any], object]] = getattr(model, "__field_checks__", {})
         for field in fields:
             if field.encode_name in raw:
-                out += [(_join(field.encode_name, where), reason) for where, reason in
-                        problems(raw[field.encode_name], field.type)]
+                found = [(_join(field.encode_name, where), reason) for where, reason in
+                         problems(raw[field.encode_name], field.type)]
+                check = checks.get(field.name)
+                if not found and check is not None:
+                    try:
+                        _check_value(field.encode_name, check,
+                                     convert(raw[field.encode_name], field.type))
+                    except FieldError as e:
+                        found = [(e.field, e.reason)]
+                out += found
             elif field.required:
                 out.append((field.encode_name, "required field is missing"))
         if model.__struct_config__.forbid_unknown_fields:
