@@ -4,11 +4,14 @@ msgspec.ValidationError into what a person acts on: the field path and the reaso
 
 A Struct checks what its types cannot say in ``__post_init__``, which runs both
 when code builds one and when msgspec decodes one; it raises `FieldError` naming
-the field, so the path points at the field rather than at the struct holding it.
+the field, so the path points at the field rather than at the struct holding it
+(`Checked` does it for fields given a check function). msgspec stops at the
+first error; `problems` finds every one, for a file a person fixes in one go.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -178,8 +181,8 @@ def _scalar(value: Any) -> bool:
 
 
 def _shown(value: Any) -> str:
-    shown = {True: "true", False: "false", None: "null"}.get(value, repr(value)) \
-        if value is None or isinstance(value, bool) else repr(value)
+    # As the input was written (YAML or JSON): true, false, null.
+    shown = json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
     return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
