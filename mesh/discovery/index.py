@@ -40,8 +40,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
 from mesh.control.externalworkloads import INBOUND_PORT as WORKLOAD_INBOUND_PORT
 from mesh.control.externalworkloads import KIND as WORKLOAD_KIND
 from mesh.control.externalworkloads import workload_identity
@@ -50,7 +48,8 @@ from mesh.discovery.failover import CLUSTER_LABEL, REMOTE_NAME_ANNOTATION, Mirro
 from mesh.errors import IdentityError
 from mesh.identity.names import DEFAULT_CONTROL_NS, Identity
 from mesh.informer import DELETED
-from mesh.proxy.discovery import EndpointSpec, ServiceSpec, canonical_address, explain
+from mesh.proxy.discovery import EndpointSpec, ServiceSpec, canonical_address
+from mesh.structs import FieldError
 
 log = logging.getLogger(__name__)
 
@@ -401,9 +400,9 @@ class DestinationIndex:
                 built = ServiceSpec(name=name, address=_join(vip, number),
                                     opaque=number in opaque, endpoints=endpoints,
                                     failback_s=plan.policy.failback_s if plan else None)
-            except ValidationError as e:
+            except FieldError as e:
                 log.warning("service port skipped service=%s/%s port=%d cause=%s", key[0],
-                            key[1], number, _one_line(e))
+                            key[1], number, e)
                 continue
             out[canonical_address(vip, number)] = built
         return out
@@ -460,9 +459,9 @@ class DestinationIndex:
             return EndpointSpec(address=_join(host, port), target_port=target,
                                 identity=identity, zone=str(ep.get("zone") or ""),
                                 cluster=self.cluster_name)
-        except ValidationError as e:
+        except FieldError as e:
             log.warning("endpoint skipped service=%s/%s slice=%s address=%s cause=%s", key[0],
-                        key[1], slice_name, host, _one_line(e))
+                        key[1], slice_name, host, e)
             return None
 
 
@@ -504,9 +503,9 @@ def _through_gateway(gateway: _Gateway, ep: Obj, gateway_port: int, service_port
         return EndpointSpec(address=_join(host, gateway_port), target_port=service_port,
                             identity=gateway.identity, cluster=gateway.cluster,
                             authority=gateway.remote_name)
-    except ValidationError as e:
+    except FieldError as e:
         log.warning("endpoint skipped service=%s/%s slice=%s address=%s cause=%s", key[0],
-                    key[1], slice_name, host, _one_line(e))
+                    key[1], slice_name, host, e)
         return None
 
 
@@ -574,6 +573,3 @@ def _opaque_ports(value: Any, ports: Iterable[Obj], key: ObjKey) -> set[int]:
                         OPAQUE_PORTS_ANNOTATION, item)
     return out
 
-
-def _one_line(error: ValidationError) -> str:
-    return "; ".join(f"{where}: {reason}" for where, reason in explain(error))

@@ -38,6 +38,7 @@ import yaml
 from mesh.config import ProxyConfig
 from mesh.memory import heap_in_use
 from mesh.proxy.main import Proxy
+from mesh.structs import convert
 from tests.controlplane import eventually
 from tests.meshproxy import Trust, free_port
 
@@ -125,13 +126,13 @@ async def proxy_pair(tmp_path: Path) -> AsyncIterator[Pair]:
         return {"outbound": {"listen": f"127.0.0.1:{free_port()}"},
                 "admin": {"listen": f"127.0.0.1:{free_port()}"}}
 
-    server = Proxy(ProxyConfig.model_validate({
+    server = Proxy(convert({
         "identity": server_id, **listeners(),
-        "inbound": {"listen": f"127.0.0.1:{inbound}", "authorized": ["*"]}}))
-    client = Proxy(ProxyConfig.model_validate({
+        "inbound": {"listen": f"127.0.0.1:{inbound}", "authorized": ["*"]}}, ProxyConfig))
+    client = Proxy(convert({
         "identity": trust.workload("default", "client"), **listeners(),
         "discovery": str(discovery), "detectTimeout": "2s",
-        "inbound": {"listen": f"127.0.0.1:{free_port()}", "authorized": ["*"]}}))
+        "inbound": {"listen": f"127.0.0.1:{free_port()}", "authorized": ["*"]}}, ProxyConfig))
     await server.start()
     await client.start()
     try:

@@ -21,6 +21,7 @@ from mesh.identity.names import Identity
 from mesh.informer import ADDED, DELETED
 from mesh.proxy.inbound import BadCaller, Caller, ForgedCaller, caller_of
 from mesh.proxy.transport_header import TransportHeader
+from mesh.structs import convert
 
 DOMAIN = "cluster.local"
 GATEWAY = Identity("multicluster", "gateway", DOMAIN)
@@ -338,8 +339,8 @@ def _identity(tmp_path: Path) -> dict[str, str]:
 
 
 def test_gateway_config_defaults(tmp_path: Path) -> None:
-    cfg = GatewayConfig.model_validate({"identity": _identity(tmp_path),
-                                        "kubeconfig": "/k"})
+    cfg = convert({"identity": _identity(tmp_path),
+                                        "kubeconfig": "/k"}, GatewayConfig)
     assert (cfg.listen, cfg.admin) == ("0.0.0.0:4143", "0.0.0.0:4191")
     assert cfg.exported_label == "mirror.meshgate.io/exported=true"
     assert cfg.cluster_domain == "cluster.local" and cfg.trusted_gateways == []
@@ -364,11 +365,11 @@ def test_gateway_config_errors_name_the_field(tmp_path: Path, field: str, value:
 
 
 def test_inbound_trusted_gateways_take_names_and_suffixes() -> None:
-    cfg = InboundConfig.model_validate({"trustedGateways": [
-        WEST, "*.multicluster.serviceaccount.identity.meshgate.cluster.local"]})
+    cfg = convert({"trustedGateways": [
+        WEST, "*.multicluster.serviceaccount.identity.meshgate.cluster.local"]}, InboundConfig)
     assert len(cfg.trusted_gateways) == 2
     with pytest.raises(ValueError, match="trustedGateways"):
-        InboundConfig.model_validate({"trustedGateways": ["*"]})
+        convert({"trustedGateways": ["*"]}, InboundConfig)
 
 
 def test_gateway_run_refuses_a_bad_config(tmp_path: Path,
