@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from mesh.authz import AccessPolicy, Decision
-from mesh.control.externalworkloads import workload_identity
-from mesh.control.policy import PolicyIndex, port_names
+from mesh.control.externalworkloads import workload_identity, workload_ports
+from mesh.control.policy import PolicyIndex, Workload, port_names
 from mesh.discovery.index import (
     Change,
     DestinationIndex,
@@ -108,6 +108,7 @@ class Target:
 
     pick: Pick
     pod: ObjKey
+    """The Pod (or ExternalWorkload) behind the endpoint."""
     decision: Decision
 
 
@@ -128,6 +129,7 @@ class Exports:
                                   control_ns=identity.control_ns)
         self._services: dict[ObjKey, Obj] = {}
         self._pods: dict[ObjKey, Obj] = {}
+        self._workloads: dict[ObjKey, Obj] = {}
         self._workload_identities: dict[ObjKey, str] = {}
         """ExternalWorkload -> its spec.meshTLS.identity: this cluster's VMs."""
         self._balancers: dict[tuple[str, int], Balancer] = {}
@@ -168,6 +170,9 @@ class Exports:
             self._workload_identities.pop(key, None)
         else:
             self._workload_identities[key] = identity
+        _remember(self._workloads, event, obj)
+        # Its endpoints become meshed ones once its identity is known: VMs reach each other.
+        self._apply(self.index.workload_event(event, obj))
         self._changed()
 
     def is_local_workload(self, identity: str) -> bool:
@@ -260,23 +265,32 @@ class Exports:
         return admitted if isinstance(admitted, Refused) else None
 
     def _admit(self, route: Route, endpoint: EndpointSpec) -> tuple[ObjKey, Decision] | Refused:
-        """The Pod behind `endpoint` and its port's decision for the route's caller."""
+        """The Pod or ExternalWorkload behind `endpoint`, and its port's decision for the
+        route's caller."""
         spec, who = route.service, route.caller.identity
-        pod_key = self.index.endpoint_pod(route.key, endpoint)
-        pod = self._pods.get(pod_key) if pod_key is not None else None
-        if pod_key is None or pod is None:
-            return Refused(Reason.NO_ENDPOINTS, f"endpoint {endpoint.address} of {spec.name} "
-                           "is no Pod the gateway knows, so its policy cannot be read",
-                           route.target, service=spec.name, caller=who)
-        labels = (pod.get("metadata") or {}).get("labels") or {}
-        policy = self.policy.for_port(pod_key[0], labels, endpoint.target_port,
-                                      port_names=port_names(pod))
+        key = self.index.endpoint_pod(route.key, endpoint)
+        pod = self._pods.get(key) if key is not None else None
+        if key is not None and pod is not None:
+            what, obj, kind, names = "pod", pod, Workload.POD, port_names(pod)
+        else:
+            key = self.index.endpoint_workload(route.key, endpoint)
+            vm = self._workloads.get(key) if key is not None else None
+            if key is None or vm is None:
+                return Refused(Reason.NO_ENDPOINTS, f"endpoint {endpoint.address} of "
+                               f"{spec.name} is no Pod or ExternalWorkload the gateway knows, "
+                               "so its policy cannot be read", route.target,
+                               service=spec.name, caller=who)
+            what, obj, kind, names = "externalworkload", vm, Workload.EXTERNAL, \
+                workload_ports(vm)
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        policy = self.policy.for_port(key[0], labels, endpoint.target_port,
+                                      port_names=names, kind=kind)
         decision = policy.allows(who)
         if not decision.allowed:
-            return Refused(Reason.UNAUTHORIZED, f"pod {pod_key[0]}/{pod_key[1]} port "
+            return Refused(Reason.UNAUTHORIZED, f"{what} {key[0]}/{key[1]} port "
                            f"{endpoint.target_port}: {decision.reason}", route.target,
                            service=spec.name, caller=who)
-        return pod_key, decision
+        return key, decision
 
     def service_key(self, name: str) -> ObjKey | None:
         """(namespace, name) of ``<svc>.<ns>.svc.<cluster-domain>``; None for other names."""

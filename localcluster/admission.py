@@ -22,6 +22,7 @@ from localcluster.errors import ApiError, Cause
 from localcluster.nodeports import NodePortAllocator
 from localcluster.resources import ResourceType
 from localcluster.store import Event, EventType, Store, Write
+from localcluster.workloads import spec as workload_spec
 
 SA_TOKEN_TYPE = "kubernetes.io/service-account-token"
 SA_NAME_ANNOTATION = "kubernetes.io/service-account.name"
@@ -116,6 +117,8 @@ class Admission:
             admit_pod(obj)
         elif rt.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
             self._establish(obj)
+        elif workload_spec.is_workload(rt):
+            workload_spec.admit(rt, obj, None)
         return []
 
     def on_update(self, rt: ResourceType, old: Mapping[str, Any], new: dict[str, Any]) -> None:
@@ -127,6 +130,8 @@ class Admission:
             default_pod_spec(new.setdefault("spec", {}))
         elif rt.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
             self._establish(new)
+        elif workload_spec.is_workload(rt):
+            workload_spec.admit(rt, new, old)
 
     def on_terminate(self, rt: ResourceType, obj: dict[str, Any]) -> None:
         """An object with finalizers (or a Namespace) starts its deletion."""

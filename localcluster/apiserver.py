@@ -40,6 +40,7 @@ from localcluster.resources import ResourceType
 from localcluster.selectors import FieldSelector, LabelSelector
 from localcluster.strategy import delete_response
 from localcluster.watch import WatchRequest, serve_watch
+from localcluster.workloads import scale
 
 log = logging.getLogger("localcluster.apiserver")
 
@@ -180,6 +181,8 @@ class ApiHandler:
     @staticmethod
     def _subresources(rt: ResourceType) -> set[str]:
         subs = {"status"} if rt.status_subresource else set()
+        if rt.scale_subresource:
+            subs.add("scale")
         if rt.key == ("", "serviceaccounts"):
             subs.add("token")
         if rt.key == ("", "namespaces"):
@@ -332,6 +335,8 @@ class ApiHandler:
         obj = self.registry.get(t.rt, self._scope(t), t.name)
         if t.subresource == "log":
             return await podapi.serve_log(request, obj, self.kubelet)
+        if t.subresource == "scale":
+            return respond(scale.scale_of(t.rt, obj))
         if tables.wants_table(request.headers.get("Accept", "")):
             return respond(tables.table(t.rt, [obj], {"resourceVersion": str(
                 self.registry.store.rv)}))
@@ -409,6 +414,10 @@ class ApiHandler:
 
     async def _update(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
         body = await self._body(request)
+        if t.subresource == "scale":
+            return respond(await scale.update_scale(
+                self.registry, t.rt, body, ns=self._scope(t), name=t.name,
+                opts=self._options(request)))
         if t.subresource == "finalize":
             out = await self.registry.update(t.rt, "", t.name, body, self._options(request))
         else:
@@ -430,6 +439,10 @@ class ApiHandler:
         if "force" in request.query:
             raise managedfields.options_error("force", "Forbidden",
                                               "may not be specified for non-apply patch")
+        if t.subresource == "scale":
+            return respond(await scale.patch_scale(
+                self.registry, t.rt, body, content_type=request.content_type,
+                ns=self._scope(t), name=t.name, opts=self._options(request)))
         out = await self.registry.patch(t.rt, self._scope(t), t.name, request.content_type,
                                         body, self._options(request), subresource=t.subresource)
         return respond(out.obj, 200, out.warnings)
@@ -439,6 +452,8 @@ class ApiHandler:
         options = body if isinstance(body, dict) else {}
         if "gracePeriodSeconds" in request.query:
             options = {**options, "gracePeriodSeconds": podapi.grace_query(request.query)}
+        if "propagationPolicy" in request.query:
+            options = {**options, "propagationPolicy": request.query["propagationPolicy"]}
         obj = await self.registry.delete(t.rt, self._scope(t), t.name, options,
                                          self._options(request))
         return respond(delete_response(t.rt, obj))

@@ -172,8 +172,8 @@ def _up(args: argparse.Namespace) -> int:
               "gateway :4143, probe :4191)")
         print(f"kubeconfig for VMs and other clusters: {spec.kubeconfig_wan}")
         print(f"link another cluster to this one: meshgate multicluster link --kubeconfig "
-              f"{spec.kubeconfig} --cluster-name {spec.name} --gateway-address "
-              f"{spec.wan_address} --api-server https://{spec.wan_address}:6443 "
+              f"{spec.kubeconfig} --cluster-name {spec.name} --api-server "
+              f"https://{spec.wan_address}:6443 "
               f"--trust-domain {spec.trust_domain} | kubectl --kubeconfig OTHER apply -f -")
     print(f"run a pod: meshgate cluster run-pod --cluster {spec.name} --name NAME -- COMMAND")
     return 0

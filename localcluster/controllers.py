@@ -6,7 +6,9 @@
 - namespaces: every namespace gets a ``default`` ServiceAccount and the
   ``kube-root-ca.crt`` ConfigMap; a deleted namespace is emptied, then removed;
 - bootstrap: the system namespaces, the default RBAC roles and the
-  ``kubernetes`` Service that points at the API server.
+  ``kubernetes`` Service that points at the API server;
+- workloads (`localcluster.workloads`): deployments, replica sets, daemon
+  sets, jobs and garbage collection.
 
 Each reconcile reads what is and computes what should be, so it converges
 whatever events it missed; store events only enqueue keys.
@@ -28,6 +30,7 @@ from localcluster.registry import NAMESPACE_KEY, TERMINATING_CAUSE, Registry
 from localcluster.resources import BUILTIN, ResourceType
 from localcluster.selectors import LabelSelector
 from localcluster.store import Event, EventType, Write
+from localcluster.workloads.controller import Workloads
 from mesh.workqueue import TemporaryError, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,7 @@ class Controllers:
                                           clock=registry.clock)
         self.endpoints: WorkQueue[tuple[str, str]] = WorkQueue("endpoints", self._endpoints)
         self.namespaces: WorkQueue[str] = WorkQueue("namespaces", self._namespace)
+        self.workloads = Workloads(registry)
         self._tasks: list[asyncio.Task[None]] = []
         self._unsubscribe = self.store.subscribe(self._on_event)
 
@@ -101,12 +105,14 @@ class Controllers:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self.endpoints.run()),
                        asyncio.create_task(self.namespaces.run())]
+        self.workloads.start()
 
     async def stop(self) -> None:
         self._unsubscribe()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.workloads.stop()
 
     def idle(self) -> bool:
         return self.endpoints.idle() and self.namespaces.idle()
@@ -125,6 +131,7 @@ class Controllers:
     # -- events ----------------------------------------------------------------------
 
     def _on_event(self, ev: Event) -> None:
+        self.workloads.on_event(ev)
         if ev.key == SERVICES.key:
             self.endpoints.add((ev.namespace, ev.name))
         elif ev.key == PODS.key:

@@ -105,7 +105,7 @@ class Demo:
         spec = self.specs[exporting]
         docs = run_step(meshgate_argv([
             "multicluster", "link", "--kubeconfig", str(spec.kubeconfig), "--cluster-name",
-            exporting, "--gateway-address", str(spec.wan_address), "--api-server",
+            exporting, "--api-server",
             f"https://{spec.wan_address}:6443", "--trust-domain", spec.trust_domain]),
             f"linking {exporting} to {importing}")
         self.kubectl("apply", "-f", "-", input=docs, cluster=importing)

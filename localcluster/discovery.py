@@ -51,6 +51,10 @@ def _resource_entries(rt: ResourceType) -> list[dict[str, Any]]:
     if rt.status_subresource:
         out.append({"name": f"{rt.plural}/status", "singularName": "", "namespaced": rt.namespaced,
                     "kind": rt.kind, "verbs": ["get", "patch", "update"]})
+    if rt.scale_subresource:
+        out.append({"name": f"{rt.plural}/scale", "singularName": "", "namespaced": rt.namespaced,
+                    "group": "autoscaling", "version": "v1", "kind": "Scale",
+                    "verbs": ["get", "patch", "update"]})
     if rt.key == ("", "serviceaccounts"):
         out.append({"name": "serviceaccounts/token", "singularName": "", "namespaced": True,
                     "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest",

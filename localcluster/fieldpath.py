@@ -83,7 +83,7 @@ class Node:
     key_defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _fold(schema: Any) -> Mapping[str, Any] | None:
+def schema_node(schema: Any) -> Mapping[str, Any] | None:
     """A schema node with a single-level ``allOf`` (how OpenAPI v3 wraps ``$ref``) folded in."""
     if not isinstance(schema, Mapping):
         return None
@@ -92,7 +92,7 @@ def _fold(schema: Any) -> Mapping[str, Any] | None:
         return schema
     folded: dict[str, Any] = {}
     for part in parts:
-        resolved = _fold(part)
+        resolved = schema_node(part)
         if resolved is not None:
             folded.update(resolved)
     folded.update((k, v) for k, v in schema.items() if k != "allOf")
@@ -101,7 +101,7 @@ def _fold(schema: Any) -> Mapping[str, Any] | None:
 
 def node_of(schema: Mapping[str, Any] | None, value: Any) -> Node:
     """The node for `value` under `schema` (None: untyped, deduced from the value)."""
-    s = _fold(schema)
+    s = schema_node(schema)
     if s is None or not _typed(s):
         if isinstance(value, Mapping):
             return Node(MAP, schema=None)
@@ -127,7 +127,7 @@ def _typed(s: Mapping[str, Any]) -> bool:
 
 
 def _list_node(s: Mapping[str, Any]) -> Node:
-    items = _fold(s.get("items"))
+    items = schema_node(s.get("items"))
     list_type = s.get("x-kubernetes-list-type")
     keys: tuple[str, ...] = ()
     builtin_defaults: Mapping[str, Any] = {}
@@ -166,9 +166,9 @@ def child_schema(node: Node, name: str) -> Mapping[str, Any] | None:
         return None
     props = node.schema.get("properties")
     if isinstance(props, Mapping) and name in props:
-        return _fold(props[name])
+        return schema_node(props[name])
     extra = node.schema.get("additionalProperties")
-    return _fold(extra) if isinstance(extra, Mapping) else None
+    return schema_node(extra) if isinstance(extra, Mapping) else None
 
 
 def is_declared(node: Node, name: str) -> bool:

@@ -71,6 +71,35 @@ def gateway_config(*, state_dir: Path, kubeconfig: Path, control_url: str, trust
     return path
 
 
+def publish_gateway_service(core: Any, wan_address: str) -> None:
+    """The gateway's Service ``meshgate/meshgate-gateway``, a LoadBalancer whose ingress
+    is the node's WAN address, as a cloud's load balancer controller would write it on a
+    real cluster: `meshgate multicluster link` reads the gateway's address and ports from
+    it (mirror.gatewayservice). Idempotent."""
+    from kubernetes.client.rest import ApiException
+
+    from mirror import gatewayservice
+
+    body = {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": gatewayservice.NAME, "namespace": CONTROL_NAMESPACE,
+                         "labels": {"app.kubernetes.io/name": "meshgate-gateway"}},
+            "spec": {"type": "LoadBalancer", "ports": [
+                {"name": gatewayservice.GATEWAY_PORT_NAME, "port": GATEWAY_PORT,
+                 "targetPort": GATEWAY_PORT, "protocol": "TCP"},
+                {"name": gatewayservice.PROBE_PORT_NAME, "port": GATEWAY_ADMIN_PORT,
+                 "targetPort": GATEWAY_ADMIN_PORT, "protocol": "TCP"}]}}
+    try:
+        core.create_namespaced_service(CONTROL_NAMESPACE, body)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+        core.patch_namespaced_service(gatewayservice.NAME, CONTROL_NAMESPACE,
+                                      {"spec": body["spec"]})
+    core.patch_namespaced_service_status(
+        gatewayservice.NAME, CONTROL_NAMESPACE,
+        {"status": {"loadBalancer": {"ingress": [{"ip": wan_address}]}}})
+
+
 def gateway_argv(config: Path) -> list[str]:
     return meshgate_argv(("gateway", "run", "--config", str(config)))
 

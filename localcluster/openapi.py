@@ -26,6 +26,8 @@ _META = "io.k8s.apimachinery.pkg.apis.meta.v1"
 STATUS_SCHEMA = f"{_META}.Status"
 PATCH_SCHEMA = f"{_META}.Patch"
 DELETE_OPTIONS_SCHEMA = f"{_META}.DeleteOptions"
+SCALE_SCHEMA = "io.k8s.api.autoscaling.v1.Scale"
+_SCALE_GVK = {"group": "autoscaling", "version": "v1", "kind": "Scale"}
 
 _PATCH_TYPES_CUSTOM = ("application/apply-patch+yaml", "application/json-patch+json",
                        "application/merge-patch+json")
@@ -102,6 +104,8 @@ def openapi_document(group_version: str, resources: Sequence[ResourceType]) -> d
         if "list" in resource.verbs:
             schemas[f"{name}List"] = _list_schema(resource, name)
         paths.update(_paths(resource, name))
+        if resource.scale_subresource:
+            schemas[SCALE_SCHEMA] = _with_gvk(builtin_schema("V1Scale"), **_SCALE_GVK)
     return {
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes", "version": "unversioned"},
@@ -304,6 +308,12 @@ def _paths(resource: ResourceType, name: str) -> dict[str, Any]:
                                   verbs & {"get", "update", "patch"})
         paths[f"{collection}/{{name}}/status"] = {**status,
                                                   "parameters": [*item_params, _PRETTY]}
+    if resource.scale_subresource:
+        scale = _item_operations(resource, f"{stem}Scale", _ref(SCALE_SCHEMA),
+                                 verbs & {"get", "update", "patch"})
+        for op in scale.values():
+            op["x-kubernetes-group-version-kind"] = dict(_SCALE_GVK)
+        paths[f"{collection}/{{name}}/scale"] = {**scale, "parameters": [*item_params, _PRETTY]}
     if resource.namespaced and "list" in verbs:
         every = f"{root}/{resource.plural}"
         paths[every] = {

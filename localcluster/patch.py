@@ -21,6 +21,7 @@ from typing import Any
 import jsonpatch
 
 from localcluster.errors import ApiError
+from localcluster.fieldpath import schema_node
 
 # kube-apiserver refuses longer JSON patches (maxJSONPatchOperations).
 MAX_JSON_PATCH_OPERATIONS = 10000
@@ -142,7 +143,7 @@ def strategic_merge_patch(
             f"a strategic merge patch must be a JSON object, not {_json_type(patch)}"
         )
     base = _own(original) if isinstance(original, Mapping) else {}
-    merged = _merge_map(base, patch, _node(schema), "")
+    merged = _merge_map(base, patch, schema_node(schema), "")
     # kube answers a top-level {"$patch": "delete"} with an empty object.
     return {} if merged is _DELETED else merged
 
@@ -229,7 +230,7 @@ def _fresh(value: Any, schema: Mapping[str, Any] | None, path: str) -> Any:
 def _merge_list(
     original: list[Any], patch: list[Any], schema: Mapping[str, Any] | None, path: str
 ) -> list[Any]:
-    items = _node(schema.get("items")) if schema is not None else None
+    items = schema_node(schema.get("items")) if schema is not None else None
     if "merge" in _strategies(schema):
         return _merge_slice(original, patch, items, _merge_key(schema), path)
     replaced: list[Any] = []
@@ -472,29 +473,13 @@ def _own(value: Any) -> Any:
 # -- schema lookups: OpenAPI v3 structural schema nodes with kube's patch extensions
 
 
-def _node(schema: Any) -> Mapping[str, Any] | None:
-    """A schema node with a single-level `allOf` (how OpenAPI v3 wraps `$ref`) folded in."""
-    if not isinstance(schema, Mapping):
-        return None
-    parts = schema.get("allOf")
-    if not isinstance(parts, list):
-        return schema
-    folded: dict[str, Any] = {}
-    for part in parts:
-        resolved = _node(part)
-        if resolved is not None:
-            folded.update(resolved)
-    folded.update((k, v) for k, v in schema.items() if k != "allOf")
-    return folded
-
-
 def _field_schema(schema: Mapping[str, Any] | None, key: str) -> Mapping[str, Any] | None:
     if schema is None:
         return None
     properties = schema.get("properties")
     if isinstance(properties, Mapping) and key in properties:
-        return _node(properties[key])
-    return _node(schema.get("additionalProperties"))
+        return schema_node(properties[key])
+    return schema_node(schema.get("additionalProperties"))
 
 
 def _strategies(schema: Mapping[str, Any] | None) -> frozenset[str]:

@@ -118,6 +118,49 @@ SCHEMA: dict[str, dict[int, tuple[str, str]]] = {
     },
     "SessionAffinityConfig": {1: ("clientIP", "ClientIPConfig")},
     "ClientIPConfig": {1: ("timeoutSeconds", "int32?")},
+    "PodTemplateSpec": {_META[0]: _META[1:], 2: ("spec", "PodSpec")},
+    "PodSpec": {
+        20: ("initContainers", "[]Container"), 2: ("containers", "[]Container"),
+        3: ("restartPolicy", "str"), 4: ("terminationGracePeriodSeconds", "int64?"),
+        5: ("activeDeadlineSeconds", "int64?"), 6: ("dnsPolicy", "str"),
+        7: ("nodeSelector", "map"), 8: ("serviceAccountName", "str"),
+        9: ("serviceAccount", "str"), 21: ("automountServiceAccountToken", "bool?"),
+        10: ("nodeName", "str"), 11: ("hostNetwork", "bool"), 16: ("hostname", "str"),
+        17: ("subdomain", "str"), 19: ("schedulerName", "str"),
+        15: ("imagePullSecrets", "[]LocalObjectReference"),
+        30: ("enableServiceLinks", "bool?"),
+    },
+    "Container": {
+        1: ("name", "str"), 2: ("image", "str"), 3: ("command", "[]str"), 4: ("args", "[]str"),
+        5: ("workingDir", "str"), 6: ("ports", "[]ContainerPort"), 7: ("env", "[]EnvVar"),
+        24: ("restartPolicy", "str?"), 13: ("terminationMessagePath", "str"),
+        20: ("terminationMessagePolicy", "str"), 14: ("imagePullPolicy", "str"),
+        16: ("stdin", "bool"), 17: ("stdinOnce", "bool"), 18: ("tty", "bool"),
+    },
+    "ContainerPort": {1: ("name", "str"), 2: ("hostPort", "int32"), 3: ("containerPort", "int32"),
+                      4: ("protocol", "str"), 5: ("hostIP", "str")},
+    "EnvVar": {1: ("name", "str"), 2: ("value", "str")},
+    # k8s.io/api/apps/v1/generated.proto
+    "Deployment": {_META[0]: _META[1:], 2: ("spec", "DeploymentSpec")},
+    "DeploymentSpec": {
+        1: ("replicas", "int32?"), 2: ("selector", "LabelSelector"),
+        3: ("template", "PodTemplateSpec"), 4: ("strategy", "DeploymentStrategy"),
+        5: ("minReadySeconds", "int32"), 6: ("revisionHistoryLimit", "int32?"),
+        7: ("paused", "bool"), 9: ("progressDeadlineSeconds", "int32?"),
+    },
+    "DeploymentStrategy": {1: ("type", "str"), 2: ("rollingUpdate", "RollingUpdateDeployment")},
+    "RollingUpdateDeployment": {1: ("maxUnavailable", "IntOrString"),
+                                2: ("maxSurge", "IntOrString")},
+    # k8s.io/api/batch/v1/generated.proto
+    "Job": {_META[0]: _META[1:], 2: ("spec", "JobSpec")},
+    "JobSpec": {
+        1: ("parallelism", "int32?"), 2: ("completions", "int32?"),
+        3: ("activeDeadlineSeconds", "int64?"), 7: ("backoffLimit", "int32?"),
+        4: ("selector", "LabelSelector"), 5: ("manualSelector", "bool?"),
+        6: ("template", "PodTemplateSpec"), 8: ("ttlSecondsAfterFinished", "int32?"),
+        9: ("completionMode", "str?"), 10: ("suspend", "bool?"),
+        14: ("podReplacementPolicy", "str?"),
+    },
     # k8s.io/api/authentication/v1/generated.proto
     "TokenRequest": {_META[0]: _META[1:], 2: ("spec", "TokenRequestSpec")},
     "TokenRequestSpec": {1: ("audiences", "[]str"), 4: ("expirationSeconds", "int64?"),
@@ -171,6 +214,8 @@ SUPPORTED: dict[tuple[str, str], str] = {
                                 "SelfSubjectRulesReview")},
     (_AUTHZ, "LocalSubjectAccessReview"): "SubjectAccessReview",
     **{(_RBAC, k): k for k in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")},
+    ("apps/v1", "Deployment"): "Deployment",
+    ("batch/v1", "Job"): "Job",
 }
 ANY_VERSION: frozenset[str] = frozenset({"DeleteOptions"})
 

@@ -32,6 +32,7 @@ from localcluster.store import EventType, Store, Write
 from localcluster.strategy import tracks_generation
 from localcluster.timestamps import normalize_times
 from localcluster.validate import validate_object, validate_update
+from localcluster.workloads.propagation import propagation_policy, with_propagation
 
 NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 CRD_KEY = ("apiextensions.k8s.io", "customresourcedefinitions")
@@ -411,6 +412,8 @@ class Registry:
                                         "ResourceVersion in precondition: "
                                         f"{pre['resourceVersion']}, ResourceVersion in object "
                                         f"meta: {meta['resourceVersion']}", group=rt.group)
+            old = with_propagation(old, propagation_policy(options)) or old
+            meta = old["metadata"]
             if self.graceful_pods and rt.key == podgrace.PODS_KEY:
                 period = podgrace.grace_period(old, options or {})
                 if period > 0:

@@ -31,6 +31,8 @@ class ResourceType:
     categories: tuple[str, ...] = ()
     verbs: tuple[str, ...] = STANDARD_VERBS
     status_subresource: bool = False
+    scale_subresource: bool = False
+    """Serves ``<plural>/scale`` as an autoscaling/v1 Scale of ``spec.replicas``."""
     field_labels: tuple[str, ...] = ()
     """Field selector keys beyond metadata.name and metadata.namespace."""
     persisted: bool = True
@@ -96,6 +98,18 @@ BUILTIN: tuple[ResourceType, ...] = (
                                "reportingController", "type")),
     _core("Node", "nodes", namespaced=False, short_names=("no",), status_subresource=True,
           field_labels=("spec.unschedulable",)),
+    *(ResourceType("apps", "v1", kind, plural, namespaced=True, model=f"V1{kind}",
+                   short_names=(short,), categories=("all",), status_subresource=True,
+                   scale_subresource=kind != "DaemonSet")
+      for kind, plural, short in (("Deployment", "deployments", "deploy"),
+                                  ("ReplicaSet", "replicasets", "rs"),
+                                  ("DaemonSet", "daemonsets", "ds"),
+                                  ("StatefulSet", "statefulsets", "sts"))),
+    ResourceType("apps", "v1", "ControllerRevision", "controllerrevisions", namespaced=True,
+                 model="V1ControllerRevision"),
+    ResourceType("batch", "v1", "Job", "jobs", namespaced=True, model="V1Job",
+                 categories=("all",), status_subresource=True,
+                 field_labels=("status.successful",)),
     ResourceType("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", namespaced=True,
                  model="V1EndpointSlice", field_labels=("addressType",)),
     ResourceType("coordination.k8s.io", "v1", "Lease", "leases", namespaced=True, model="V1Lease"),

@@ -28,6 +28,7 @@ from localcluster.controllers import Controllers
 from localcluster.pki import ensure_pki
 from localcluster.registry import CRD_KEY, Registry
 from localcluster.store import Store
+from localcluster.workloads.nodes import node_name
 
 if TYPE_CHECKING:
     from localcluster.kubelet.kubelet import Kubelet
@@ -174,12 +175,21 @@ class ClusterServer:
                              max_body=MAX_BODY, bookmark_interval=cfg.bookmark_interval)
         self.controllers = Controllers(registry, ca_pem=pki.ca_cert_pem)
         await self.controllers.bootstrap(api_ip, cfg.host, self.port)
+        workloads = self.controllers.workloads
+
+        async def register_node() -> None:
+            await workloads.register_node(
+                node_name(cfg.name),
+                address=cfg.also_listen[0][1] if cfg.also_listen else cfg.host,
+                state_dir=cfg.state_dir)
+
+        await register_node()
         self.controllers.start()
         if cfg.kubelet:
             from localcluster.kubelet.kubelet import Kubelet
 
             self.kubelet = Kubelet(registry, cluster=cfg.name, state_dir=cfg.state_dir,
-                                   clock=self.clock)
+                                   register=register_node, clock=self.clock)
             await self.kubelet.start()
             handler.kubelet = self.kubelet
 

@@ -119,8 +119,85 @@ def _event_object(o: Mapping[str, Any]) -> str:
     return f"{kind}/{ref['name']}" if ref.get("name") else kind
 
 
+def _images(o: Mapping[str, Any], field: str) -> str:
+    containers = _dig(o, "spec.template.spec.containers") or []
+    return ",".join(str(c.get(field, "")) for c in containers)
+
+
+def _selector(o: Mapping[str, Any]) -> str:
+    sel = _dig(o, "spec.selector") or {}
+    parts = [f"{k}={v}" for k, v in sorted((sel.get("matchLabels") or {}).items())]
+    for e in sel.get("matchExpressions") or []:
+        op, values = e.get("operator", ""), ",".join(e.get("values") or [])
+        parts.append({"In": f"{e.get('key')} in ({values})",
+                      "NotIn": f"{e.get('key')} notin ({values})",
+                      "Exists": str(e.get("key")),
+                      "DoesNotExist": f"!{e.get('key')}"}.get(op, str(e.get("key"))))
+    return ",".join(parts) or "<none>"
+
+
+def _count(o: Mapping[str, Any], path: str) -> int:
+    return int(_dig(o, path) or 0)
+
+
+def _node_status(o: Mapping[str, Any]) -> str:
+    ready = next((c for c in _dig(o, "status.conditions") or [] if c.get("type") == "Ready"),
+                 None)
+    status = "Ready" if ready and ready.get("status") == "True" else (
+        "NotReady" if ready and ready.get("status") == "False" else "Unknown")
+    return status + (",SchedulingDisabled" if _dig(o, "spec.unschedulable") else "")
+
+
+def _node_roles(o: Mapping[str, Any]) -> str:
+    roles = sorted(k.split("/", 1)[1] for k in (o["metadata"].get("labels") or {})
+                   if k.startswith("node-role.kubernetes.io/"))
+    return ",".join(r for r in roles if r) or "<none>"
+
+
+def _node_address(kind: str) -> Cell:
+    return lambda o: next((a.get("address") for a in _dig(o, "status.addresses") or []
+                           if a.get("type") == kind), "<none>")
+
+
+def _job_status(o: Mapping[str, Any]) -> str:
+    true = {c.get("type") for c in _dig(o, "status.conditions") or []
+            if c.get("status") == "True"}
+    for ctype, shown in (("Complete", "Complete"), ("Failed", "Failed")):
+        if ctype in true:
+            return shown
+    if o["metadata"].get("deletionTimestamp"):
+        return "Terminating"
+    for ctype in ("Suspended", "FailureTarget", "SuccessCriteriaMet"):
+        if ctype in true:
+            return ctype
+    return "Running"
+
+
+def _job_completions(o: Mapping[str, Any]) -> str:
+    done = _count(o, "status.succeeded")
+    completions = _dig(o, "spec.completions")
+    if completions is not None:
+        return f"{done}/{completions}"
+    parallelism = int(_dig(o, "spec.parallelism") or 0)
+    return f"{done}/1 of {parallelism}" if parallelism > 1 else f"{done}/1"
+
+
+def _job_duration(o: Mapping[str, Any]) -> str:
+    start = _dig(o, "status.startTime")
+    if not start:
+        return ""
+    begun = dt.datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    end = _dig(o, "status.completionTime")
+    until = (dt.datetime.strptime(end, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
+             if end else time.time())
+    return human_duration(until - begun.timestamp())
+
+
 _NAME = _col("Name", lambda o: o["metadata"]["name"], fmt="name")
 _AGE = _col("Age", _age)
+_WORKLOAD_WIDE = [_col("Containers", lambda o: _images(o, "name"), priority=1),
+                  _col("Images", lambda o: _images(o, "image"), priority=1),
+                  _col("Selector", _selector, priority=1)]
 _CREATED = _col("Created At", lambda o: o["metadata"].get("creationTimestamp", ""),
                 kind="date")
 
@@ -141,6 +218,52 @@ COLUMNS: dict[tuple[str, str], list[tuple[dict[str, Any], Cell]]] = {
         _AGE, _col("IP", lambda o: _dig(o, "status.podIP") or "<none>", priority=1),
         _col("Node", lambda o: _dig(o, "spec.nodeName") or "<none>", priority=1)],
     ("", "endpoints"): [_NAME, _col("Endpoints", _endpoints), _AGE],
+    ("", "nodes"): [
+        _NAME, _col("Status", _node_status), _col("Roles", _node_roles), _AGE,
+        _col("Version", lambda o: _dig(o, "status.nodeInfo.kubeletVersion") or ""),
+        _col("Internal-IP", _node_address("InternalIP"), priority=1),
+        _col("External-IP", _node_address("ExternalIP"), priority=1),
+        _col("OS-Image", lambda o: _dig(o, "status.nodeInfo.osImage") or "", priority=1),
+        _col("Kernel-Version", lambda o: _dig(o, "status.nodeInfo.kernelVersion") or "",
+             priority=1),
+        _col("Container-Runtime", lambda o: _dig(o, "status.nodeInfo.containerRuntimeVersion")
+             or "", priority=1)],
+    ("apps", "deployments"): [
+        _NAME, _col("Ready", lambda o: f"{_count(o, 'status.readyReplicas')}/"
+                                       f"{_count(o, 'spec.replicas')}"),
+        _col("Up-to-date", lambda o: _count(o, "status.updatedReplicas"), kind="integer"),
+        _col("Available", lambda o: _count(o, "status.availableReplicas"), kind="integer"),
+        _AGE, *_WORKLOAD_WIDE],
+    ("apps", "replicasets"): [
+        _NAME, _col("Desired", lambda o: _count(o, "spec.replicas"), kind="integer"),
+        _col("Current", lambda o: _count(o, "status.replicas"), kind="integer"),
+        _col("Ready", lambda o: _count(o, "status.readyReplicas"), kind="integer"),
+        _AGE, *_WORKLOAD_WIDE],
+    ("apps", "daemonsets"): [
+        _NAME, _col("Desired", lambda o: _count(o, "status.desiredNumberScheduled"),
+                    kind="integer"),
+        _col("Current", lambda o: _count(o, "status.currentNumberScheduled"), kind="integer"),
+        _col("Ready", lambda o: _count(o, "status.numberReady"), kind="integer"),
+        _col("Up-to-date", lambda o: _count(o, "status.updatedNumberScheduled"),
+             kind="integer"),
+        _col("Available", lambda o: _count(o, "status.numberAvailable"), kind="integer"),
+        _col("Node Selector", lambda o: ",".join(
+            f"{k}={v}" for k, v in sorted((_dig(o, "spec.template.spec.nodeSelector")
+                                           or {}).items())) or "<none>"),
+        _AGE, *_WORKLOAD_WIDE],
+    ("apps", "controllerrevisions"): [
+        _NAME, _col("Controller", lambda o: next(
+            (f"{r.get('kind', '').lower()}.{r.get('apiVersion', '').split('/')[0]}/"
+             f"{r.get('name')}" for r in o["metadata"].get("ownerReferences") or []
+             if r.get("controller")), "<none>")),
+        _col("Revision", lambda o: o.get("revision", 0), kind="integer"), _AGE],
+    ("apps", "statefulsets"): [
+        _NAME, _col("Ready", lambda o: f"{_count(o, 'status.readyReplicas')}/"
+                                       f"{_count(o, 'spec.replicas')}"),
+        _AGE, *_WORKLOAD_WIDE[:2]],
+    ("batch", "jobs"): [
+        _NAME, _col("Status", _job_status), _col("Completions", _job_completions),
+        _col("Duration", _job_duration), _AGE, *_WORKLOAD_WIDE],
     ("discovery.k8s.io", "endpointslices"): [
         _NAME, _col("AddressType", lambda o: o.get("addressType", "")),
         _col("Ports", lambda o: ",".join(str(p.get("port")) for p in o.get("ports") or [])

@@ -459,6 +459,7 @@ def _start_multicluster_processes(spec: ClusterSpec, node_kubeconfig: Path) -> N
                 state_dir=d, kubeconfig=node_kubeconfig, control_url=spec.control_url,
                 trust_domain=spec.trust_domain, cluster_domain=spec.cluster_domain,
                 wan_address=spec.wan_address, core=k8s.CoreV1Api(api))
+            multicluster.publish_gateway_service(k8s.CoreV1Api(api), spec.wan_address)
         _start_daemon(d, "gateway", _in_netns(spec.node_netns, multicluster.gateway_argv(
             config)), ready=" listening on ")
     if not _daemon_alive(d, "mirrors"):

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import msgspec
 
 from mesh.errors import ProtocolError
+from mesh.structs import FieldError, explain
 
 WIRE_VERSION = 1
 
@@ -154,10 +155,13 @@ class PortPolicy:
     def from_json(cls, data: str | bytes) -> PortPolicy:
         """Read `to_json`'s form; ProtocolError names what is wrong with it."""
         try:
-            wire = _WirePolicy.model_validate_json(data)
-        except ValidationError as e:
+            wire = msgspec.json.decode(data, type=_WirePolicy)
+        except msgspec.ValidationError as e:
+            where, reason = explain(e, model=_WirePolicy)
             raise ProtocolError("port policy from the control plane is malformed: "
-                                + "; ".join(field_reasons(e, ""))) from e
+                                f"{where or '<root>'}: {reason}") from e
+        except msgspec.DecodeError as e:
+            raise ProtocolError(f"port policy from the control plane is malformed: {e}") from e
         return cls(
             port=wire.port, server=wire.server, protocol=wire.protocol, access=wire.access,
             authorizations=tuple(
@@ -167,49 +171,27 @@ class PortPolicy:
             conflicts=wire.conflicts)
 
 
-class _Wire(BaseModel):
-    # Unknown fields are ignored, so a newer control plane may add some.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+# Unknown fields are ignored, so a newer control plane may add some.
 
-
-class _WireRequirement(_Wire):
+class _WireRequirement(msgspec.Struct, frozen=True):
     ref: str
     identities: tuple[str, ...]
 
 
-class _WireAuthorization(_Wire):
+class _WireAuthorization(msgspec.Struct, frozen=True):
     policy: str
     require: tuple[_WireRequirement, ...]
 
 
-class _WirePolicy(_Wire):
+class _WirePolicy(msgspec.Struct, frozen=True, kw_only=True):
     v: Literal[1]
-    port: int = Field(ge=1, le=65535)
+    port: int
     server: str | None
     protocol: ProxyProtocol
     access: AccessPolicy
     authorizations: tuple[_WireAuthorization, ...] = ()
     conflicts: tuple[str, ...] = ()
 
-
-# ---------------------------------------------------------------- resource specs
-
-
-def _path(parts: tuple[Any, ...]) -> str:
-    out = ""
-    for part in parts:
-        out = f"{out}[{part}]" if isinstance(part, int) else f"{out}.{part}" if out else part
-    return out
-
-
-def field_reasons(error: ValidationError, root: str) -> list[str]:
-    """One line per failure: the field path, then what is wrong with it."""
-    out = []
-    for e in error.errors(include_url=False):
-        where = _path((root, *e["loc"]) if root else tuple(e["loc"])) or "<root>"
-        message = e["msg"].removeprefix("Value error, ")
-        value = e.get("input")
-        if e["type"] != "missing" and not isinstance(value, (dict, list, tuple)):
-            message += f" (got {json.dumps(value, default=repr)})"
-        out.append(f"{where}: {message}")
-    return out
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise FieldError("port", f"must be from 1 to 65535, got {self.port}")

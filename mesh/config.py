@@ -6,25 +6,18 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TypeVar
 
+import msgspec
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    model_validator,
-)
 
 from mesh.authz import AccessPolicy
 from mesh.errors import ConfigError, IdentityError
 from mesh.identity.names import Identity
 from mesh.proxy.detect import DEFAULT_OPAQUE_PORTS
+from mesh.structs import Checked, FieldError, convert, problems
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=msgspec.Struct)
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -46,8 +39,21 @@ def parse_duration(text: str, *, what: str = "duration") -> timedelta:
 
 # -- the proxy's configuration file ------------------------------------------------------
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+class Duration(timedelta):
+    """A positive duration, written ``90s``, ``15m``, ``1h30m`` or as seconds."""
+
+    @classmethod
+    def parse(cls, value: object) -> Duration:
+        if isinstance(value, timedelta):
+            return cls(seconds=value.total_seconds())
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return cls(seconds=value)
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a duration such as 90s, 15m, 24h or 1h30m")
+        try:
+            return cls(seconds=parse_duration(value).total_seconds())
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
 
 
 def _address(value: str) -> str:
@@ -55,21 +61,6 @@ def _address(value: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not HOST:PORT")
     return value
-
-
-Address = Annotated[str, AfterValidator(_address)]
-
-
-def _duration(value: object) -> object:
-    if not isinstance(value, str):
-        return value
-    try:
-        return parse_duration(value)
-    except ConfigError as e:  # pydantic reports ValueErrors with the field's path
-        raise ValueError(str(e)) from None
-
-
-Duration = Annotated[timedelta, BeforeValidator(_duration)]
 
 
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -115,18 +106,17 @@ def _identity_name(value: str) -> str:
     return value
 
 
-IdentityPattern = Annotated[str, AfterValidator(_identity_pattern)]
-IdentityName = Annotated[str, AfterValidator(_identity_name)]
-LabelSelector = Annotated[str, AfterValidator(_label_selector)]
-DnsName = Annotated[str, AfterValidator(_dns_name)]
-
-
 def split_address(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]"), int(port)
 
 
-class IdentityConfig(_Model):
+class _Model(Checked, frozen=True, kw_only=True, forbid_unknown_fields=True,
+             rename="camel"):
+    pass
+
+
+class IdentityConfig(_Model, frozen=True, kw_only=True):
     """Where the proxy's certificate comes from: files never renewed (certFile and
     keyFile); the identity service (server and tokenFile); or files held from
     before and renewed through the identity service, written back on each renewal
@@ -134,26 +124,25 @@ class IdentityConfig(_Model):
     when the held certificate cannot prove the identity any more)."""
 
     name: str
-    trust_bundle: Path = Field(alias="trustBundle")
-    cert_file: Path | None = Field(None, alias="certFile")
-    key_file: Path | None = Field(None, alias="keyFile")
+    trust_bundle: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
     server: str | None = None
-    token_file: Path | None = Field(None, alias="tokenFile")
+    token_file: Path | None = None
 
-    @model_validator(mode="after")
-    def _one_source(self) -> IdentityConfig:
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("give certFile and keyFile together")
+            raise FieldError("", "give certFile and keyFile together")
         files = self.cert_file is not None
         if self.server is None and (not files or self.token_file is not None):
-            raise ValueError("give certFile and keyFile (files, never renewed), server and "
+            raise FieldError("", "give certFile and keyFile (files, never renewed), server and "
                              "tokenFile (a certificate from the identity service), or server, "
                              "certFile and keyFile (held files renewed through the identity "
                              "service)")
         if self.server is not None and not files and self.token_file is None:
-            raise ValueError("server needs tokenFile, or certFile and keyFile holding a "
+            raise FieldError("", "server needs tokenFile, or certFile and keyFile holding a "
                              "certificate to renew")
-        return self
 
     @property
     def renewed_files(self) -> bool:
@@ -161,41 +150,45 @@ class IdentityConfig(_Model):
         return self.server is not None and self.cert_file is not None
 
 
-class InboundConfig(_Model):
-    listen: Address = "0.0.0.0:4143"
-    app_host: str = Field("127.0.0.1", alias="appHost")
+class InboundConfig(_Model, frozen=True, kw_only=True):
+    __field_checks__ = {"listen": _address, "trusted_gateways": _identity_pattern}
+
+    listen: str = "0.0.0.0:4143"
+    app_host: str = "127.0.0.1"
     """Where the local application listens; the transport header gives the port."""
-    authorized: list[str] = Field(default_factory=lambda: ["*"])
+    authorized: list[str] = msgspec.field(default_factory=lambda: ["*"])
     """Identity names allowed to connect, or "*" for every identity of the trust bundle."""
-    trusted_gateways: list[IdentityPattern] = Field(default_factory=list,
-                                                    alias="trustedGateways")
+    trusted_gateways: list[str] = msgspec.field(default_factory=list)
     """Gateways whose forwarded caller (transport header field 100) is authorized and
     counted instead of the gateway; field 100 from any other peer is refused."""
 
 
-class HomeGatewayConfig(_Model):
+class HomeGatewayConfig(_Model, frozen=True, kw_only=True):
     """The home cluster's gateway, for a proxy with no route to the pod network (an
     enrolled VM): meshed pods are reached through it."""
 
-    address: Address
+    __field_checks__ = {"address": _address, "identity": _identity_name}
+
+    address: str
     """HOST:PORT of the gateway's mTLS listener."""
-    identity: IdentityName
+    identity: str
     """The identity the gateway must present."""
 
 
-class OutboundConfig(_Model):
-    listen: Address = "127.0.0.1:4140"
+class OutboundConfig(_Model, frozen=True, kw_only=True):
+    __field_checks__ = {"listen": _address}
+
+    listen: str = "127.0.0.1:4140"
     redirect: bool = True
     """Also listen on every service address in discovery (the redirected listeners)."""
-    connect_timeout: Duration = Field(timedelta(seconds=1), alias="connectTimeout")
-    request_timeout: Duration = Field(timedelta(seconds=10), alias="requestTimeout")
-    opaque_ports: list[int] = Field(default_factory=lambda: sorted(DEFAULT_OPAQUE_PORTS),
-                                    alias="opaquePorts")
+    connect_timeout: Duration = Duration(seconds=1)
+    request_timeout: Duration = Duration(seconds=10)
+    opaque_ports: list[int] = msgspec.field(default_factory=lambda: sorted(DEFAULT_OPAQUE_PORTS))
     """Service ports relayed without protocol detection, whatever the Service says:
     Linkerd's default list (server-speaks-first protocols, whose clients would wait
     `detectTimeout` for their greeting); ``[]`` turns it off. A Service adds its own
     with the annotation ``config.meshgate.io/opaque-ports``."""
-    failback_hold_down: Duration = Field(timedelta(seconds=5), alias="failbackHoldDown")
+    failback_hold_down: Duration = Duration(seconds=5)
     """How long a failover service's better priority group must stay healthy (its
     probes succeeding) before traffic returns to it; doubled, up to a minute or this
     if longer, each time the group fails again within that (mesh.proxy.failover)."""
@@ -204,84 +197,78 @@ class OutboundConfig(_Model):
     mesh.proxy.through_gateway); endpoints outside the mesh are then out of reach."""
 
 
-class AdminConfig(_Model):
-    listen: Address = "127.0.0.1:4191"
+class AdminConfig(_Model, frozen=True, kw_only=True):
+    __field_checks__ = {"listen": _address}
+
+    listen: str = "127.0.0.1:4191"
 
 
-class DestinationConfig(_Model):
+class DestinationConfig(_Model, frozen=True, kw_only=True):
     """The control plane that serves discovery (and policy, given `workload`)."""
 
     server: str
     """https://HOST:PORT of `meshgate control run`."""
-    server_identity: str | None = Field(None, alias="serverIdentity")
+    server_identity: str | None = None
     """The identity it must present; default: the identity service's of the trust domain."""
 
 
-class WorkloadConfig(_Model):
+class WorkloadConfig(_Model, frozen=True, kw_only=True):
     """The workload this proxy serves, for its inbound policy: a pod, or an
     ExternalWorkload (the proxy of a VM); exactly one of them."""
 
     namespace: str
     pod: str | None = None
-    external_workload: str | None = Field(None, alias="externalWorkload")
+    external_workload: str | None = None
 
-    @model_validator(mode="after")
-    def _one_workload(self) -> WorkloadConfig:
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if (self.pod is None) == (self.external_workload is None):
-            raise ValueError("give exactly one of pod and externalWorkload")
-        return self
+            raise FieldError("", "give exactly one of pod and externalWorkload")
 
 
-class ProxyConfig(_Model):
+class ProxyConfig(_Model, frozen=True, kw_only=True):
     identity: IdentityConfig
     discovery: Path | None = None
     """A static discovery file (services and their endpoints)."""
     destination: DestinationConfig | None = None
     workload: WorkloadConfig | None = None
-    inbound: InboundConfig = InboundConfig()
-    outbound: OutboundConfig = OutboundConfig()
-    admin: AdminConfig = AdminConfig()
-    detect_timeout: Duration = Field(timedelta(seconds=10), alias="detectTimeout")
+    inbound: InboundConfig = msgspec.field(default_factory=InboundConfig)
+    outbound: OutboundConfig = msgspec.field(default_factory=OutboundConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    detect_timeout: Duration = Duration(seconds=10)
 
-    @model_validator(mode="after")
-    def _one_discovery(self) -> ProxyConfig:
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.discovery is not None and self.destination is not None:
-            raise ValueError("give either discovery (a file) or destination (the control "
+            raise FieldError("", "give either discovery (a file) or destination (the control "
                              "plane), not both")
         if self.workload is not None and self.destination is None:
-            raise ValueError("workload needs destination: its policy comes from the control "
-                             "plane")
-        return self
+            raise FieldError("", "workload needs destination: its policy comes from the "
+                             "control plane")
 
 
-class GatewayConfig(_Model):
+class GatewayConfig(_Model, frozen=True, kw_only=True):
     """``meshgate gateway run --config``: the multicluster gateway of one cluster."""
 
     identity: IdentityConfig
     kubeconfig: Path
     """The cluster the gateway serves: its Services, endpoints, Pods and policies."""
-    listen: Address = "0.0.0.0:4143"
-    admin: Address = "0.0.0.0:4191"
-    exported_label: LabelSelector = Field("mirror.meshgate.io/exported=true",
-                                          alias="exportedLabel")
+    __field_checks__ = {"listen": _address, "admin": _address,
+                        "exported_label": _label_selector, "cluster_domain": _dns_name,
+                        "trusted_gateways": _identity_pattern}
+
+    listen: str = "0.0.0.0:4143"
+    admin: str = "0.0.0.0:4191"
+    exported_label: str = "mirror.meshgate.io/exported=true"
     """Only Services carrying this label are reachable through the gateway."""
-    cluster_domain: DnsName = Field("cluster.local", alias="clusterDomain")
-    trusted_gateways: list[IdentityPattern] = Field(default_factory=list,
-                                                    alias="trustedGateways")
+    cluster_domain: str = "cluster.local"
+    trusted_gateways: list[str] = msgspec.field(default_factory=list)
     """Other gateways whose forwarded caller (field 100) this gateway honours."""
-    default_policy: AccessPolicy = Field(AccessPolicy.ALL_AUTHENTICATED,
-                                         alias="defaultPolicy")
+    default_policy: AccessPolicy = AccessPolicy.ALL_AUTHENTICATED
     """Decides for pod ports that no Server selects, as the control plane's default."""
-    connect_timeout: Duration = Field(timedelta(seconds=1), alias="connectTimeout")
-    handshake_timeout: Duration = Field(timedelta(seconds=10), alias="handshakeTimeout")
-    header_timeout: Duration = Field(timedelta(seconds=10), alias="headerTimeout")
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<top level>"
+    connect_timeout: Duration = Duration(seconds=1)
+    handshake_timeout: Duration = Duration(seconds=10)
+    header_timeout: Duration = Duration(seconds=10)
 
 
 def load_model(path: Path, model: type[M], *, what: str) -> M:
@@ -295,8 +282,9 @@ def load_model(path: Path, model: type[M], *, what: str) -> M:
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} {path} is not valid YAML or JSON: "
                           f"{str(e).splitlines()[0]}") from e
+    raw = raw if raw is not None else {}
     try:
-        return model.model_validate(raw if raw is not None else {})
-    except ValidationError as e:
-        lines = [f"{_field_path(err['loc'])}: {err['msg']}" for err in e.errors()]
+        return convert(raw, model)
+    except msgspec.ValidationError as e:
+        lines = [f"{where or '<top level>'}: {reason}" for where, reason in problems(raw, model)]
         raise ConfigError(f"{what} {path} is invalid: " + "; ".join(lines)) from e

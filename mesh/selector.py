@@ -1,4 +1,4 @@
-"""A Kubernetes label selector (metav1.LabelSelector) as a pydantic model: checked
+"""A Kubernetes label selector (metav1.LabelSelector) as a checked struct: checked
 once where it comes in, matched against labels, or written as the
 ``labelSelector`` query of a list or watch."""
 
@@ -7,25 +7,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import msgspec
+
+from mesh.structs import FieldError
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
-
-
-class SelectorRequirement(_Model):
-    key: str = Field(min_length=1)
+class SelectorRequirement(msgspec.Struct, frozen=True, kw_only=True):
+    key: str
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
     values: tuple[str, ...] = ()
 
-    @model_validator(mode="after")
-    def _values_fit_operator(self) -> SelectorRequirement:
+    def __post_init__(self) -> None:
+        if not self.key:
+            raise FieldError("key", "must not be empty")
         if self.operator in ("In", "NotIn") and not self.values:
-            raise ValueError(f"values must not be empty when operator is {self.operator}")
+            raise FieldError("values", f"must not be empty when operator is {self.operator}")
         if self.operator in ("Exists", "DoesNotExist") and self.values:
-            raise ValueError(f"values must be empty when operator is {self.operator}")
-        return self
+            raise FieldError("values", f"must be empty when operator is {self.operator}")
 
     def query(self) -> str:
         if self.operator == "Exists":
@@ -43,11 +41,11 @@ class SelectorRequirement(_Model):
         return (self.key in labels) == (self.operator == "Exists")
 
 
-class LabelSelector(_Model):
+class LabelSelector(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """A metav1.LabelSelector; matchLabels and matchExpressions are ANDed."""
 
-    match_labels: dict[str, str] = Field(default_factory=dict, alias="matchLabels")
-    match_expressions: tuple[SelectorRequirement, ...] = Field((), alias="matchExpressions")
+    match_labels: dict[str, str] = msgspec.field(default_factory=dict)
+    match_expressions: tuple[SelectorRequirement, ...] = ()
 
     def query(self) -> str:
         """The ``labelSelector`` query string for list and watch."""

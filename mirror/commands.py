@@ -22,14 +22,16 @@ import base64
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, cast
 
 import yaml
 
-from mesh.errors import MeshError
+from mesh.errors import ConfigError, MeshError
 from mesh.identity.names import GATEWAY_SERVICE_ACCOUNT, Identity
+from mirror.gatewayservice import GatewayAddress
 
 # mirror.link and mirror.mirrors are imported where they are used: `meshgate` builds
 # this command's parser for every sub-command, the proxy's included, which must not
@@ -54,10 +56,13 @@ def add_multicluster_commands(commands: Any) -> None:
                       help="the EXPORTING cluster (the one being linked to)")
     link.add_argument("--cluster-name", required=True,
                       help="the name the importing cluster will know it by")
-    link.add_argument("--gateway-address", required=True,
-                      help="its gateway's addresses (names or IPs, comma separated)")
-    link.add_argument("--gateway-port", type=int, default=4143)
-    link.add_argument("--probe-port", type=int, default=4191)
+    link.add_argument("--gateway-address",
+                      help="its gateway's addresses (names or IPs, comma separated); "
+                      "default: read from its gateway Service meshgate/meshgate-gateway "
+                      "(load-balancer ingress, externalIPs, or node addresses and ports)")
+    link.add_argument("--gateway-port", type=int,
+                      help="with --gateway-address (default 4143)")
+    link.add_argument("--probe-port", type=int, help="with --gateway-address (default 4191)")
     link.add_argument("--api-server",
                       help="the API server address the importing cluster reaches (default: "
                       "the kubeconfig's)")
@@ -139,6 +144,7 @@ def _link(args: argparse.Namespace) -> int:
     from mirror.link import API_VERSION, CREDENTIALS_SECRET_KEY, CREDENTIALS_SECRET_TYPE, KIND
 
     with api_client(args.kubeconfig) as api:
+        gateway = _gateway(args, client.CoreV1Api(api))
         token = _reader_token(client.CoreV1Api(api), client.RbacAuthorizationV1Api(api))
         server = args.api_server or api.configuration.host
         ca_path = api.configuration.ssl_ca_cert
@@ -155,14 +161,49 @@ def _link(args: argparse.Namespace) -> int:
              "targetClusterName": args.cluster_name,
              "targetClusterDomain": args.cluster_domain,
              "clusterCredentialsSecret": secret_name,
-             "gatewayAddress": args.gateway_address,
-             "gatewayPort": args.gateway_port,
+             "gatewayAddress": ",".join(gateway.addresses),
+             "gatewayPort": gateway.port,
              "gatewayIdentity": Identity("meshgate", GATEWAY_SERVICE_ACCOUNT,
                                          args.trust_domain).dns_name,
-             "probeSpec": {"path": "/ready", "port": args.probe_port, "period": "3s"}}},
+             "probeSpec": {"path": "/ready", "port": gateway.probe_port, "period": "3s"}}},
     ]
     print(yaml.safe_dump_all(docs, sort_keys=False), end="")
     return 0
+
+
+def _gateway(args: argparse.Namespace, core: Any) -> GatewayAddress:
+    """The exporting cluster's gateway: as given, or read from its gateway Service."""
+    from kubernetes.client.rest import ApiException
+
+    from mirror import gatewayservice
+
+    if args.gateway_address:
+        return GatewayAddress(tuple(a.strip() for a in args.gateway_address.split(",")),
+                              args.gateway_port or 4143, args.probe_port or 4191,
+                              "--gateway-address")
+    if args.gateway_port or args.probe_port:
+        raise ConfigError("--gateway-port and --probe-port go with --gateway-address; "
+                          "without it the ports are read from the gateway Service")
+    try:
+        service = core.api_client.sanitize_for_serialization(core.read_namespaced_service(
+            gatewayservice.NAME, gatewayservice.NAMESPACE))
+    except ApiException as e:
+        if e.status == 404:
+            raise gatewayservice.NoGatewayAddress(
+                f"the exporting cluster has no gateway Service {gatewayservice.NAMESPACE}/"
+                f"{gatewayservice.NAME}: install its gateway (cluster up --multicluster on "
+                "an embedded cluster), or give --gateway-address") from None
+        raise
+    nodes: list[dict[str, Any]] = []
+    if not ((service.get("status") or {}).get("loadBalancer") or {}).get("ingress") and \
+            not (service.get("spec") or {}).get("externalIPs"):
+        with contextlib.suppress(ApiException):  # a server without Nodes has none to offer
+            nodes = core.api_client.sanitize_for_serialization(core.list_node())["items"]
+    found = gatewayservice.gateway_address(service, nodes)
+    print(f"# gateway {','.join(found.addresses)}:{found.port} (probe port "
+          f"{found.probe_port}), from {found.source} of {gatewayservice.NAMESPACE}/"
+          f"{gatewayservice.NAME}", file=sys.stderr)
+    return found
 
 
 def _reader_token(core: Any, rbac: Any) -> str:

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any
 
+import msgspec
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -24,8 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from mesh.proxy.discovery import explain
 from mesh.selector import LabelSelector
+from mesh.structs import convert, explain
 from mirror.errors import LinkSpecError
 
 GROUP = "multicluster.meshgate.io"
@@ -95,11 +96,25 @@ Threshold = Annotated[int, _whole(1, 1000)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+def _selector(value: Any) -> LabelSelector:
+    if isinstance(value, LabelSelector):
+        return value
+    try:
+        return convert(value, LabelSelector)
+    except msgspec.ValidationError as e:
+        where, reason = explain(e, value, LabelSelector)
+        raise ValueError(f"{where}: {reason}" if where else reason) from None
+
+
+Selector = Annotated[LabelSelector, BeforeValidator(_selector)]
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True,
+                              arbitrary_types_allowed=True)
 
 
-EXPORTED = LabelSelector(matchLabels={EXPORTED_LABEL: "true"})
+EXPORTED = LabelSelector(match_labels={EXPORTED_LABEL: "true"})
 
 
 class ProbeSpec(_Model):
@@ -154,9 +169,8 @@ class LinkSpec(_Model):
     gateway_port: Port = Field(4143, alias="gatewayPort")
     gateway_identity: str = Field("", alias="gatewayIdentity")
     probe_spec: ProbeSpec = Field(default_factory=ProbeSpec, alias="probeSpec")
-    selector: LabelSelector = EXPORTED
-    remote_discovery_selector: LabelSelector | None = Field(None,
-                                                            alias="remoteDiscoverySelector")
+    selector: Selector = EXPORTED
+    remote_discovery_selector: Selector | None = Field(None, alias="remoteDiscoverySelector")
     excluded_labels: tuple[str, ...] = Field((), alias="excludedLabels")
     excluded_annotations: tuple[str, ...] = Field((), alias="excludedAnnotations")
     namespace_mapping: Annotated[dict[str, str], AfterValidator(_namespace_mapping)] = Field(
@@ -178,5 +192,24 @@ def parse_spec(link: Mapping[str, Any]) -> LinkSpec:
     try:
         return LinkSpec.model_validate(link.get("spec") or {})
     except ValidationError as e:
-        problems = "; ".join(f"spec.{path}: {reason}" for path, reason in explain(e))
+        problems = "; ".join(f"spec.{path}: {reason}" for path, reason in _explain(e))
         raise LinkSpecError(f"{where} is invalid: {problems}") from e
+
+
+def _explain(error: ValidationError) -> list[tuple[str, str]]:
+    """pydantic's errors as (field path, reason), e.g. ``probeSpec.period``."""
+    out = []
+    for err in error.errors(include_url=False):
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}"
+                        for part in err["loc"]).removeprefix(".")
+        kind, msg = err["type"], err["msg"]
+        if kind == "missing":
+            reason = "required field is missing"
+        elif kind == "value_error":
+            reason = msg.removeprefix("Value error, ")
+        else:
+            shown = repr(err.get("input"))
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            reason = f"{msg[:1].lower()}{msg[1:]}, got {shown}"
+        out.append((where or "(top level)", reason))
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh import cliargs
-from vm_agent.state import DEFAULT_STATE_DIR
+from vm_agent import DEFAULT_STATE_DIR
 
 
 def _address(value: str) -> str:

@@ -62,15 +62,18 @@ def source_address(url: str) -> str:
 
 def proxy_config(sd: StateDir, state: VmState) -> dict[str, object]:
     outbound: dict[str, object] = {"listen": "127.0.0.1:4140", "redirect": True}
+    inbound: dict[str, object] = {"listen": "0.0.0.0:4143", "appHost": "127.0.0.1"}
     if state.gateway and state.gateway_identity:
         outbound["gateway"] = {"address": state.gateway, "identity": state.gateway_identity}
+        # Another VM of the cluster calls this one through the gateway, which names it.
+        inbound["trustedGateways"] = [state.gateway_identity]
     return {
         "identity": {"name": state.identity, "trustBundle": str(sd.anchor),
                      "server": state.control_plane, "certFile": str(sd.chain),
                      "keyFile": str(sd.key)},
         "destination": {"server": state.control_plane},
         "workload": {"namespace": state.namespace, "externalWorkload": state.workload},
-        "inbound": {"listen": "0.0.0.0:4143", "appHost": "127.0.0.1"},
+        "inbound": inbound,
         "outbound": outbound,
         "admin": {"listen": "127.0.0.1:4191"},
     }

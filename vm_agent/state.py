@@ -36,7 +36,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mesh.errors import ConfigError, MeshError
 from mesh.files import write_atomic
 
-DEFAULT_STATE_DIR = Path("/var/lib/meshgate")
 UNIT_NAME = "meshgate-vm.service"
 
 

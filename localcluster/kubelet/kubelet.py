@@ -16,18 +16,18 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from localcluster import netns
 from localcluster.errors import ApiError
 from localcluster.events import EventRecorder
-from localcluster.kubelet import node as nodes
 from localcluster.kubelet.binding import Scheduler, wants_binding
 from localcluster.kubelet.worker import MANAGER, PODS_KEY, Node, PodWorker
 from localcluster.registry import Registry
 from localcluster.store import Event
+from localcluster.workloads.nodes import node_name
 from mesh.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,14 @@ SHUTDOWN_GRACE = 2.0
 
 class Kubelet:
     def __init__(self, registry: Registry, *, cluster: str, state_dir: Path,
+                 register: Callable[[], Awaitable[None]],
                  clock: Callable[[], float] = time.time) -> None:
+        """`register` creates the Node or refreshes its status (and its Lease): on start
+        and every `HEARTBEAT_SECONDS`."""
         self.registry = registry
+        self.register = register
         self.network = netns.ClusterNetwork.load(state_dir)
-        self.node_name = nodes.node_name(cluster)
+        self.node_name = node_name(cluster)
         self.host_ip = str(self.network.gateway.ip)
         self.node = Node(registry=registry, name=self.node_name, host_ip=self.host_ip,
                          network=self.network, root=state_dir / "kubelet" / "pods",
@@ -58,7 +62,7 @@ class Kubelet:
 
     async def start(self) -> None:
         _quiet_forks()
-        await nodes.register(self.registry, self.node_name, self.host_ip)
+        await self.register()
         await self._forget_previous()
         self._unsubscribe = self.registry.store.subscribe(self._on_event)
         for pod in self.registry.store.items(PODS_KEY):
@@ -105,7 +109,7 @@ class Kubelet:
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             try:
-                await nodes.register(self.registry, self.node_name, self.host_ip)
+                await self.register()
             except ApiError as e:
                 log.warning("node heartbeat not written node=%s cause=%s", self.node_name, e)
 

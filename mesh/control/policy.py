@@ -35,26 +35,12 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    model_validator,
-)
+import msgspec
 
-from mesh.authz import (
-    AccessPolicy,
-    Authorization,
-    PortPolicy,
-    ProxyProtocol,
-    Requirement,
-    field_reasons,
-)
+from mesh.authz import AccessPolicy, Authorization, PortPolicy, ProxyProtocol, Requirement
 from mesh.identity.names import DEFAULT_CONTROL_NS, Identity, InvalidName, check_trust_domain
 from mesh.selector import LabelSelector
+from mesh.structs import FieldError, convert, explain
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +59,18 @@ _PORT_NAME = re.compile(r"^([a-z0-9]+-)*[a-z0-9]*[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _IDENTITY = re.compile(r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+class _Spec(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    pass
 
 
-def _port(value: Any) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool):
+def _port(value: int | str) -> None:
+    if isinstance(value, int):
         if not 1 <= value <= 65535:
-            raise ValueError("must be a port number from 1 to 65535")
-    elif isinstance(value, str):
-        if len(value) > 15 or not _PORT_NAME.match(value):
-            raise ValueError("must be a port name of at most 15 lowercase letters, digits and "
-                             "single inner hyphens, with at least one letter (e.g. http)")
-    else:
-        raise ValueError("must be a port number or a port name")
-    return value
+            raise FieldError("port", f"must be a port number from 1 to 65535, got {value}")
+    elif len(value) > 15 or not _PORT_NAME.match(value):
+        raise FieldError("port", "must be a port name of at most 15 lowercase letters, digits "
+                         "and single inner hyphens, with at least one letter (e.g. http), got "
+                         f"{value!r}")
 
 
 class Workload(StrEnum):
@@ -97,85 +80,76 @@ class Workload(StrEnum):
     EXTERNAL = "externalworkload"
 
 
-class _ServerSpec(_Spec):
-    pod_selector: LabelSelector | None = Field(None, alias="podSelector")
-    external_workload_selector: LabelSelector | None = Field(
-        None, alias="externalWorkloadSelector")
-    port: Annotated[int | str, BeforeValidator(_port)]
-    proxy_protocol: ProxyProtocol = Field(ProxyProtocol.UNKNOWN, alias="proxyProtocol")
-    access_policy: AccessPolicy = Field(AccessPolicy.DENY, alias="accessPolicy")
+class _ServerSpec(_Spec, frozen=True, kw_only=True):
+    pod_selector: LabelSelector | None = None
+    external_workload_selector: LabelSelector | None = None
+    port: int | str
+    proxy_protocol: ProxyProtocol = ProxyProtocol.UNKNOWN
+    access_policy: AccessPolicy = AccessPolicy.DENY
 
-    @model_validator(mode="after")
-    def _one_selector(self) -> _ServerSpec:
+    def __post_init__(self) -> None:
+        _port(self.port)
         if (self.pod_selector is None) == (self.external_workload_selector is None):
-            raise ValueError("give exactly one of podSelector and externalWorkloadSelector")
-        return self
+            raise FieldError("", "give exactly one of podSelector and externalWorkloadSelector")
 
     def selector(self, kind: Workload) -> LabelSelector | None:
         """The selector for workloads of `kind`; None when the Server selects the other kind."""
         return self.pod_selector if kind is Workload.POD else self.external_workload_selector
 
 
-class _IdentityRef(_Spec):
+class _IdentityRef(_Spec, frozen=True, kw_only=True):
     group: Literal[""] = ""
     kind: Literal["ServiceAccount", "Namespace"]
-    name: str | None = Field(None, min_length=1)
+    name: Annotated[str, msgspec.Meta(min_length=1)] | None = None
     namespace: str | None = None
 
-    @model_validator(mode="after")
-    def _namespace_is_named(self) -> _IdentityRef:
+    def __post_init__(self) -> None:
         if self.kind == "Namespace" and self.name is None:
-            raise ValueError("name is required when kind is Namespace")
-        return self
+            raise FieldError("name", "required when kind is Namespace")
 
 
-def _identity_pattern(value: str) -> str:
-    if len(value) > 253 or not _IDENTITY.match(value):
-        raise ValueError("must be an identity name such as web.default.serviceaccount.identity."
-                         "meshgate.cluster.local, \"*\", or \"*.\" and a suffix of one")
-    return value
+def _identity_pattern(value: str) -> bool:
+    return len(value) <= 253 and _IDENTITY.match(value) is not None
 
 
-class _MeshTLSSpec(_Spec):
-    identities: tuple[Annotated[str, AfterValidator(_identity_pattern)], ...] = ()
-    identity_refs: tuple[_IdentityRef, ...] = Field((), alias="identityRefs")
+class _MeshTLSSpec(_Spec, frozen=True, kw_only=True):
+    identities: tuple[str, ...] = ()
+    identity_refs: tuple[_IdentityRef, ...] = ()
 
-    @model_validator(mode="after")
-    def _names_someone(self) -> _MeshTLSSpec:
+    def __post_init__(self) -> None:
+        for i, value in enumerate(self.identities):
+            if not _identity_pattern(value):
+                raise FieldError(f"identities[{i}]", "must be an identity name such as web."
+                                 "default.serviceaccount.identity.meshgate.cluster.local, "
+                                 f"\"*\", or \"*.\" and a suffix of one (got {value!r})")
         if not self.identities and not self.identity_refs:
-            raise ValueError("identities or identityRefs must name at least one identity")
-        return self
+            raise FieldError("", "identities or identityRefs must name at least one identity")
 
 
-class _TargetRef(_Spec):
+class _TargetRef(_Spec, frozen=True, kw_only=True):
     group: Literal["", "policy.meshgate.io"] = ""
     kind: Literal["Server", "Namespace"]
-    name: str = Field(min_length=1)
+    name: Annotated[str, msgspec.Meta(min_length=1)]
 
-    @model_validator(mode="after")
-    def _group_fits_kind(self) -> _TargetRef:
+    def __post_init__(self) -> None:
         if self.kind == "Namespace" and self.group:
-            raise ValueError("group must be empty when kind is Namespace")
-        return self
+            raise FieldError("group", "must be empty when kind is Namespace")
 
 
-class _AuthenticationRef(_Spec):
+class _AuthenticationRef(_Spec, frozen=True, kw_only=True):
     group: Literal["", "policy.meshgate.io"] = ""
     kind: Literal["MeshTLSAuthentication", "ServiceAccount"]
-    name: str = Field(min_length=1)
+    name: Annotated[str, msgspec.Meta(min_length=1)]
     namespace: str | None = None
 
-    @model_validator(mode="after")
-    def _group_fits_kind(self) -> _AuthenticationRef:
+    def __post_init__(self) -> None:
         if self.kind == "ServiceAccount" and self.group:
-            raise ValueError("group must be empty when kind is ServiceAccount")
-        return self
+            raise FieldError("group", "must be empty when kind is ServiceAccount")
 
 
-class _AuthorizationSpec(_Spec):
-    target_ref: _TargetRef = Field(alias="targetRef")
-    required_authentication_refs: tuple[_AuthenticationRef, ...] = Field(
-        alias="requiredAuthenticationRefs")
+class _AuthorizationSpec(_Spec, frozen=True, kw_only=True):
+    target_ref: _TargetRef
+    required_authentication_refs: tuple[_AuthenticationRef, ...]
 
 
 _SPECS: dict[str, type[_Spec]] = {SERVER: _ServerSpec, MESH_TLS_AUTHENTICATION: _MeshTLSSpec,
@@ -335,10 +309,12 @@ class PolicyIndex:
             return None, missing
         if not isinstance(obj.get("spec"), Mapping):
             return None, ["spec: required: an object"]
+        raw = _without_nulls(obj["spec"])
         try:
-            spec = _SPECS[kind].model_validate(_without_nulls(obj["spec"]))
-        except ValidationError as e:
-            return None, field_reasons(e, "spec")
+            spec = convert(raw, _SPECS[kind])
+        except msgspec.ValidationError as e:
+            where, reason = explain(e, raw, _SPECS[kind])
+            return None, [f"spec.{where}: {reason}" if where else f"spec: {reason}"]
         try:
             if isinstance(spec, _ServerSpec):
                 return _Server(namespace, name, _created(obj["metadata"]), spec), []

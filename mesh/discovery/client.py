@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+import msgspec
 
 from mesh.discovery.stream import ControlStream
 from mesh.identity.names import Identity
@@ -30,14 +30,13 @@ from mesh.proxy.discovery import (
     ServiceSpec,
     StaticDiscovery,
     canonical_address,
-    explain,
     split_host_port,
 )
+from mesh.structs import convert, explain
 
 log = logging.getLogger(__name__)
 
 PATH = "/v1/destinations"
-_SERVICES = TypeAdapter(list[ServiceSpec])
 
 
 class WatchDiscovery(ControlStream, StaticDiscovery):
@@ -84,8 +83,8 @@ class WatchDiscovery(ControlStream, StaticDiscovery):
                         self.url)
             return
         try:  # all at once is several times faster than item by item
-            services = _SERVICES.validate_python(items)
-        except ValidationError:  # find, report and skip the bad ones
+            services = convert(items, list[ServiceSpec])
+        except msgspec.ValidationError:  # find, report and skip the bad ones
             services = [svc for i, item in enumerate(items)
                         if (svc := self._parse(item, f"services[{i}]")) is not None]
         changed = self._index(services)
@@ -106,16 +105,16 @@ class WatchDiscovery(ControlStream, StaticDiscovery):
         old = self._by_address.get(key)
         if old is not None:
             self._unlink(key, old)
-            self._announce(old.model_copy(update={"endpoints": []}))
+            self._announce(old.without_endpoints())
 
     def _parse(self, item: Any, where: str) -> ServiceSpec | None:
         try:
-            return ServiceSpec.model_validate(item)
-        except ValidationError as e:
+            return convert(item, ServiceSpec)
+        except msgspec.ValidationError as e:
             name = item.get("name") if isinstance(item, dict) else None
-            causes = "; ".join(f"{where}.{field}: {reason}" for field, reason in explain(e))
-            log.warning("discovery item skipped server=%s service=%s cause=%s", self.url,
-                        name, causes)
+            field, reason = explain(e, item, ServiceSpec)
+            log.warning("discovery item skipped server=%s service=%s cause=%s: %s", self.url,
+                        name, f"{where}.{field}" if field else where, reason)
             return None
 
     # -- the table, one service at a time --------------------------------------------

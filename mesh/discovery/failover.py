@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from mesh.errors import ConfigError
 from mesh.proxy.discovery import EndpointSpec
 
@@ -234,8 +236,8 @@ def ranked(groups: Iterable[Sequence[EndpointSpec]]) -> list[EndpointSpec]:
         for ep in endpoints:
             key = (ep.address, ep.target_port)
             if key not in out:
-                out[key] = ep if ep.priority == priority else ep.model_copy(
-                    update={"priority": priority})
+                out[key] = ep if ep.priority == priority else msgspec.structs.replace(
+                    ep, priority=priority)
     return list(out.values())
 
 

@@ -36,11 +36,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
-
-from pydantic import ValidationError
 
 from mesh.control.externalworkloads import INBOUND_PORT as WORKLOAD_INBOUND_PORT
 from mesh.control.externalworkloads import KIND as WORKLOAD_KIND
@@ -50,7 +48,8 @@ from mesh.discovery.failover import CLUSTER_LABEL, REMOTE_NAME_ANNOTATION, Mirro
 from mesh.errors import IdentityError
 from mesh.identity.names import DEFAULT_CONTROL_NS, Identity
 from mesh.informer import DELETED
-from mesh.proxy.discovery import EndpointSpec, ServiceSpec, canonical_address, explain
+from mesh.proxy.discovery import EndpointSpec, ServiceSpec, canonical_address
+from mesh.structs import FieldError
 
 log = logging.getLogger(__name__)
 
@@ -159,21 +158,33 @@ class DestinationIndex:
     def endpoint_pod(self, service: ObjKey, endpoint: EndpointSpec) -> ObjKey | None:
         """The Pod behind `endpoint` of the Service `service` (namespace, name), as its
         EndpointSlices' targetRefs say; None for endpoints that are no Pod."""
-        host = endpoint.host_port[0]
+        for kind, pod_key in self._targets_at(service, endpoint):
+            pod = self._pods.get(pod_key) if kind == "Pod" else None
+            # Pods may share an address (host networking): the inbound port tells them apart.
+            if pod is not None and (endpoint.identity is None or
+                                    pod.inbound_port == endpoint.host_port[1]):
+                return pod_key
+        return None
+
+    def endpoint_workload(self, service: ObjKey, endpoint: EndpointSpec) -> ObjKey | None:
+        """The ExternalWorkload (a VM) behind `endpoint` of the Service `service`; None for
+        endpoints that are none."""
+        for kind, key in self._targets_at(service, endpoint):
+            if kind == WORKLOAD_KIND and key in self._workloads:
+                return key
+        return None
+
+    def _targets_at(self, service: ObjKey, endpoint: EndpointSpec
+                    ) -> Iterator[tuple[str, ObjKey]]:
+        """(kind, key) of what the Service's EndpointSlices say is at `endpoint`'s address."""
+        host = canonical_address(endpoint.host_port[0], 0)[0]
         for slice_name in sorted(self._slices.get(service, {})):
             for ep in self._slices[service][slice_name].get("endpoints") or []:
                 ref = ep.get("targetRef") or {}
-                if ref.get("kind") != "Pod" or not ep.get("addresses") or \
-                        canonical_address(str(ep["addresses"][0]), 0)[0] != \
-                        canonical_address(host, 0)[0]:
-                    continue
-                pod_key = (str(ref.get("namespace") or service[0]), str(ref.get("name")))
-                pod = self._pods.get(pod_key)
-                # Pods may share an address (host networking): the inbound port tells them apart.
-                if pod is not None and (endpoint.identity is None or
-                                        pod.inbound_port == endpoint.host_port[1]):
-                    return pod_key
-        return None
+                if ep.get("addresses") and \
+                        canonical_address(str(ep["addresses"][0]), 0)[0] == host:
+                    yield (str(ref.get("kind") or ""),
+                           (str(ref.get("namespace") or service[0]), str(ref.get("name"))))
 
     # -- events --------------------------------------------------------------------
 
@@ -389,9 +400,9 @@ class DestinationIndex:
                 built = ServiceSpec(name=name, address=_join(vip, number),
                                     opaque=number in opaque, endpoints=endpoints,
                                     failback_s=plan.policy.failback_s if plan else None)
-            except ValidationError as e:
+            except FieldError as e:
                 log.warning("service port skipped service=%s/%s port=%d cause=%s", key[0],
-                            key[1], number, _one_line(e))
+                            key[1], number, e)
                 continue
             out[canonical_address(vip, number)] = built
         return out
@@ -448,9 +459,9 @@ class DestinationIndex:
             return EndpointSpec(address=_join(host, port), target_port=target,
                                 identity=identity, zone=str(ep.get("zone") or ""),
                                 cluster=self.cluster_name)
-        except ValidationError as e:
+        except FieldError as e:
             log.warning("endpoint skipped service=%s/%s slice=%s address=%s cause=%s", key[0],
-                        key[1], slice_name, host, _one_line(e))
+                        key[1], slice_name, host, e)
             return None
 
 
@@ -492,9 +503,9 @@ def _through_gateway(gateway: _Gateway, ep: Obj, gateway_port: int, service_port
         return EndpointSpec(address=_join(host, gateway_port), target_port=service_port,
                             identity=gateway.identity, cluster=gateway.cluster,
                             authority=gateway.remote_name)
-    except ValidationError as e:
+    except FieldError as e:
         log.warning("endpoint skipped service=%s/%s slice=%s address=%s cause=%s", key[0],
-                    key[1], slice_name, host, _one_line(e))
+                    key[1], slice_name, host, e)
         return None
 
 
@@ -562,6 +573,3 @@ def _opaque_ports(value: Any, ports: Iterable[Obj], key: ObjKey) -> set[int]:
                         OPAQUE_PORTS_ANNOTATION, item)
     return out
 
-
-def _one_line(error: ValidationError) -> str:
-    return "; ".join(f"{where}: {reason}" for where, reason in explain(error))

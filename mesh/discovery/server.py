@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import msgspec
 from aiohttp import web
 from kubernetes import client
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -234,7 +235,7 @@ class DestinationService:
         hit = self._encoded.get(key)
         if hit is not None and hit[0] is spec:
             return hit[1]
-        text = spec.model_dump_json(by_alias=True)
+        text = msgspec.json.encode(spec).decode()
         self._encoded[key] = (spec, text)
         return text
 

@@ -19,21 +19,14 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Any, Protocol
 
+import msgspec
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-)
-from pydantic_core import PydanticCustomError
 
 from mesh.errors import ConfigError, IdentityError
 from mesh.identity.names import Identity
+from mesh.structs import FieldError, convert, problems
 
 log = logging.getLogger(__name__)
 
@@ -136,29 +129,46 @@ def canonical_address(host: str, port: int) -> tuple[str, int]:
         return host.lower().rstrip("."), port
 
 
-HostPort = Annotated[str, AfterValidator(_host_port)]
+def _check(field: str, check: Callable[[str], object], value: str) -> None:
+    try:
+        check(value)
+    except ValueError as e:
+        raise FieldError(field, str(e)) from None
 
 
-class EndpointSpec(BaseModel):
+def _in_range(field: str, value: int, low: int, high: int | None = None) -> None:
+    if value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise FieldError(field, f"must be {bound}, got {value}")
+
+
+class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                   rename={"target_port": "targetPort", "authority": "authorityOverride"}):
     """One destination workload, as the caller's proxy reaches it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-    address: HostPort
+    address: str
     """host:port of the destination proxy's inbound listener (or of the app when not meshed)."""
-    target_port: int = Field(alias="targetPort", ge=1, le=65535)
+    target_port: int
     """The port the app listens on at the destination; sent in the transport header."""
-    identity: Annotated[str | None, AfterValidator(_identity)] = None
+    identity: str | None = None
     """The TLS identity the destination must present; None: not meshed, plain TCP."""
-    weight: int = Field(default=1, ge=1)
-    priority: int = Field(default=0, ge=0)
+    weight: int = 1
+    priority: int = 0
     """The priority group: lower is preferred; higher groups take traffic on failover."""
     zone: str = ""
     cluster: str = ""
     """The cluster the endpoint runs in, when discovery knows it."""
-    authority: str | None = Field(default=None, alias="authorityOverride")
+    authority: str | None = None
     """The service name to send in the transport header instead of the service's own:
     for a linked cluster's gateway, the service's name over there."""
+
+    def __post_init__(self) -> None:
+        _check("address", _host_port, self.address)
+        _in_range("targetPort", self.target_port, 1, 65535)
+        if self.identity is not None:
+            _check("identity", _identity, self.identity)
+        _in_range("weight", self.weight, 1)
+        _in_range("priority", self.priority, 0)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -169,69 +179,63 @@ class EndpointSpec(BaseModel):
         return self.identity is not None
 
 
-class ServiceSpec(BaseModel):
+class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                  rename={"failback_s": "failbackSeconds"}):
     """A service: the address apps dial and the endpoints behind it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-    name: Annotated[str, AfterValidator(_service_name)]
-    address: Annotated[str, AfterValidator(_vip)]
+    name: str
+    address: str
     """VIP:port, the address apps dial."""
     opaque: bool = False
     """Relay bytes without looking for HTTP."""
     endpoints: list[EndpointSpec]
-    failback_s: float | None = Field(default=None, alias="failbackSeconds", gt=0)
+    failback_s: float | None = None
     """Seconds a preferred priority group must stay healthy before traffic returns to
     it (a failover Service's ``failover.meshgate.io/policy``); None: the proxy's default."""
+
+    def __post_init__(self) -> None:
+        _check("name", _service_name, self.name)
+        _check("address", _vip, self.address)
+        if self.failback_s is not None and not self.failback_s > 0:
+            raise FieldError("failbackSeconds", f"must be greater than 0, got {self.failback_s}")
+        seen: dict[tuple[tuple[str, int], int], int] = {}
+        for i, ep in enumerate(self.endpoints):
+            key = (canonical_address(*ep.host_port), ep.target_port)
+            if key in seen:
+                raise FieldError(f"endpoints[{i}]", f"endpoint {ep.address} targetPort "
+                                 f"{ep.target_port} is already listed as endpoints[{seen[key]}]")
+            seen[key] = i
 
     @property
     def host_port(self) -> tuple[str, int]:
         return _split_cached(self.address)
 
-    @field_validator("endpoints")
-    @classmethod
-    def _endpoints_unique(cls, endpoints: list[EndpointSpec]) -> list[EndpointSpec]:
-        seen: dict[tuple[tuple[str, int], int], int] = {}
-        for i, ep in enumerate(endpoints):
-            key = (canonical_address(*ep.host_port), ep.target_port)
-            if key in seen:
-                raise _duplicate(f"[{i}]", f"endpoint {ep.address} targetPort {ep.target_port} "
-                                 f"is already listed as endpoints[{seen[key]}]")
-            seen[key] = i
-        return endpoints
+    def without_endpoints(self) -> ServiceSpec:
+        """This service with no endpoints: how one that went away is announced."""
+        return msgspec.structs.replace(self, endpoints=[])
 
 
-class DiscoveryFile(BaseModel):
+class DiscoveryFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole of a static discovery file."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     services: list[ServiceSpec]
 
-    @field_validator("services")
-    @classmethod
-    def _services_unique(cls, services: list[ServiceSpec]) -> list[ServiceSpec]:
+    def __post_init__(self) -> None:
+        services = self.services
         by_address: dict[tuple[str, int], int] = {}
         by_authority: dict[tuple[str, int], int] = {}
         for i, svc in enumerate(services):
             vip = canonical_address(*svc.host_port)
             if vip in by_address:
                 j = by_address[vip]
-                raise _duplicate(f"[{i}].address", f"{svc.address} is already the address of "
-                                 f"services[{j}] ({services[j].name})")
+                raise FieldError(f"services[{i}].address", f"{svc.address} is already the "
+                                 f"address of services[{j}] ({services[j].name})")
             authority = (svc.name, vip[1])
             if authority in by_authority:
                 j = by_authority[authority]
-                raise _duplicate(f"[{i}].name", f"{svc.name} port {vip[1]} is already served "
-                                 f"by services[{j}] ({services[j].address})")
+                raise FieldError(f"services[{i}].name", f"{svc.name} port {vip[1]} is already "
+                                 f"served by services[{j}] ({services[j].address})")
             by_address[vip] = by_authority[authority] = i
-        return services
-
-
-def _duplicate(at: str, reason: str) -> PydanticCustomError:
-    # pydantic cannot place a list validator's error on one item; `at` carries the
-    # rest of the path so that the message still points at the offending field.
-    return PydanticCustomError("duplicate", "{reason}", {"reason": reason, "at": at})
 
 
 class Discovery(Protocol):
@@ -342,7 +346,7 @@ class StaticDiscovery:
         old = self._by_address
         new = {canonical_address(*svc.host_port): svc for svc in services}
         changed = [svc for key, svc in new.items() if old.get(key) != svc]
-        changed += [svc.model_copy(update={"endpoints": []})
+        changed += [svc.without_endpoints()
                     for key, svc in old.items() if key not in new]
         self._by_address = new
         self._by_authority = {(svc.name, key[1]): svc for key, svc in new.items()}
@@ -396,9 +400,10 @@ def read_discovery_file(path: Path) -> DiscoveryFile:
         raise ConfigError(f"{path}: expected a mapping with a 'services' list at the top, "
                           f"got {type(raw).__name__}")
     try:
-        return DiscoveryFile.model_validate(raw)
-    except ValidationError as e:
-        lines = [f"{path}: {where}: {reason}" for where, reason in explain(e)]
+        return convert(raw, DiscoveryFile)
+    except msgspec.ValidationError:
+        lines = [f"{path}: {where or '(top level)'}: {reason}"
+                 for where, reason in problems(raw, DiscoveryFile)]
         raise ConfigError("\n".join(lines)) from None
 
 
@@ -416,35 +421,3 @@ def _parse(path: Path, text: str) -> Any:
         raise ConfigError(f"{where}: invalid YAML: {e.problem or e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
-
-
-def explain(error: ValidationError) -> list[tuple[str, str]]:
-    """pydantic's errors as (field path, reason), e.g. ``services[1].endpoints[0].address``."""
-    out = []
-    for err in error.errors(include_url=False):
-        ctx = err.get("ctx") or {}
-        where = format_loc(err["loc"]) + str(ctx.get("at", ""))
-        out.append((where or "(top level)", _reason(err["type"], err["msg"], err.get("input"))))
-    return out
-
-
-def format_loc(loc: Iterable[int | str]) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
-    return path
-
-
-def _reason(kind: str, msg: str, value: Any) -> str:
-    if kind == "missing":
-        return "required field is missing"
-    if kind == "extra_forbidden":
-        return "unknown field (check its spelling and indentation)"
-    if kind == "value_error":
-        return msg.removeprefix("Value error, ")
-    if kind == "duplicate":
-        return msg
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return f"{msg[:1].lower()}{msg[1:]}, got {shown}"

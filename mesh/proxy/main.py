@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
@@ -289,8 +290,7 @@ class Proxy:
     def _endpoints(self) -> Answer:
         """Every service the proxy knows and the endpoints behind it, as discovery says."""
         services = self.discovery.services() if self.discovery is not None else []
-        return 200, JSON, json.dumps([svc.model_dump(mode="json", by_alias=True)
-                                      for svc in services]).encode()
+        return 200, JSON, msgspec.json.encode(services)
 
     def _redirects(self) -> Answer:
         """Each redirected listener: its address, service, state (bound or failed) and

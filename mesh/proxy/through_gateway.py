@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import msgspec
+
 from mesh.proxy.discovery import Discovery, EndpointSpec, ServiceSpec
 
 
@@ -36,7 +38,7 @@ def through_gateway(service: ServiceSpec, *, address: str, identity: str) -> Ser
                                     priority=min(ep.priority for ep in direct)))
     if kept == service.endpoints:
         return service
-    return service.model_copy(update={"endpoints": kept})
+    return msgspec.structs.replace(service, endpoints=kept)
 
 
 class ThroughGateway:

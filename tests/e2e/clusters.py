@@ -107,8 +107,7 @@ class Clusters:
         address = self.wan_address(exporting)
         docs = self.meshgate("multicluster", "link", "--kubeconfig",
                              str(self.kubeconfig(exporting)), "--cluster-name", exporting,
-                             "--gateway-address", address, "--api-server",
-                             f"https://{address}:6443").stdout
+                             "--api-server", f"https://{address}:6443").stdout
         if probe_period:
             parsed = list(yaml.safe_load_all(docs))
             for doc in parsed:

@@ -22,7 +22,7 @@ from pyroute2 import netns
 
 from localcluster import namespaces
 from localcluster.kubelet.images import NOT_RUNNABLE_MESSAGE, NOT_RUNNABLE_REASON
-from localcluster.kubelet.node import node_name
+from localcluster.workloads.nodes import node_name
 from mesh.kube import api_client
 from tests.cluster import wait_for
 

@@ -325,6 +325,21 @@ def test_a_pod_calls_the_vm_by_name(joined: Home) -> None:
                          client_id=CLIENT_ID) >= 3
 
 
+def test_the_vm_calls_a_service_of_vms_through_the_gateway(joined: Home) -> None:
+    # legacy's one endpoint is this VM: the call leaves through the home gateway, which
+    # dials the workload's proxy and names the VM as the caller it forwards.
+    def answers() -> list[str]:
+        return [joined.vm("curl", "-s", "--max-time", "5", f"http://{LEGACY}/",
+                          check=False).stdout.strip() for _ in range(3)]
+
+    got = wait_for(lambda: (a := answers()) and all(x.startswith("hello") for x in a) and a,
+                   timeout=20, interval=0.5, what="the VM's calls to legacy")
+    assert got == ["hello from legacy-vm in default"] * 3
+    metrics = joined.vm("curl", "-s", "http://127.0.0.1:4191/metrics").stdout
+    assert joined.metric(metrics, "request_total", direction="inbound",
+                         client_id=VM_ID) >= 3
+
+
 def joined_address(home: Home) -> str:
     ew = client.CustomObjectsApi(api_client(home.kubeconfig)).get_namespaced_custom_object(
         GROUP, VERSION, "default", PLURAL, VM)

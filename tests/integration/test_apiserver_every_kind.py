@@ -36,6 +36,10 @@ SAMPLES: dict[tuple[str, str], dict[str, Any]] = {
         "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
         "subjects": [{"kind": "Group", "name": "g"}]},
     ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): {},
+    ("v1", "Node"): {},
+    ("apps/v1", "ControllerRevision"): {"revision": 1, "data": {"spec": {}}},
+    # The workload kinds are left to test_workloads: their controllers write status as
+    # soon as they are created, which would make the replace below a race.
 }
 
 

@@ -27,6 +27,7 @@ from mesh.identity import ca, jointoken
 from mesh.identity.ca import IssuerDir
 from mesh.identity.names import Identity
 from mesh.identity.service import AUDIENCE, IdentityService, service_identity
+from mesh.structs import convert
 from tests.cluster import Cluster
 
 DOMAIN = "cluster.local"
@@ -305,9 +306,10 @@ async def test_held_files_are_renewed_by_certificate_and_written_back(
     cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
     cert_file.write_bytes(held)
     ca.write_private(key_file, ca.key_pem(key))
-    cfg = IdentityConfig.model_validate({
+    cfg = convert({
         "name": me.dns_name, "trustBundle": str(service.issuers.bundle),
-        "server": service.url, "certFile": str(cert_file), "keyFile": str(key_file)})
+        "server": service.url, "certFile": str(cert_file), "keyFile": str(key_file)},
+        IdentityConfig)
     workload, renewal = await load_workload(cfg, CollectorRegistry())
     assert isinstance(workload, CertStore) and renewal is not None
     try:
@@ -350,10 +352,10 @@ async def test_an_expired_held_certificate_says_to_join_again(
         await asyncio.sleep(0.05)
     (tmp_path / "tls.crt").write_bytes(ca.cert_pem(leaf) + ca.cert_pem(issuer.cert))
     ca.write_private(tmp_path / "tls.key", ca.key_pem(key))
-    cfg = IdentityConfig.model_validate({
+    cfg = convert({
         "name": me.dns_name, "trustBundle": str(service.issuers.bundle),
         "server": service.url, "certFile": str(tmp_path / "tls.crt"),
-        "keyFile": str(tmp_path / "tls.key")})
+        "keyFile": str(tmp_path / "tls.key")}, IdentityConfig)
     with pytest.raises(CertificateExpired, match=r"expired.*must join again: run "
                        r"`meshgate vm leave`, then `meshgate vm join` with a new token"):
         await load_workload(cfg, CollectorRegistry())

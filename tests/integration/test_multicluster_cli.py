@@ -5,6 +5,7 @@ documents apply with kubectl, and unlink removes mirrors, Link and Secret."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -116,3 +117,44 @@ def test_link_errors_are_one_line(tmp_path: Path) -> None:
                    "--cluster-name", "west", "--gateway-address", "127.0.0.1")
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "kubeconfig" in out.stderr
+
+
+def test_link_reads_the_gateway_from_its_service(west: Cluster) -> None:
+    """Without --gateway-address: from the gateway Service, as `cluster up --multicluster`
+    publishes it (or a cloud's load balancer would); without one, a message that names
+    the Service and the override, and nothing printed for kubectl to apply."""
+    def link() -> subprocess.CompletedProcess[str]:
+        return meshgate("multicluster", "link", "--kubeconfig", str(west.kubeconfig),
+                        "--cluster-name", "west")
+
+    missing = link()
+    assert missing.returncode == 2 and not missing.stdout
+    assert "no gateway Service meshgate/meshgate-gateway" in missing.stderr
+    assert "--gateway-address" in missing.stderr
+    core = client.CoreV1Api(west.api())
+    with contextlib.suppress(client.ApiException):
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
+            name="meshgate")))
+    core.create_namespaced_service("meshgate", {
+        "metadata": {"name": "meshgate-gateway"},
+        "spec": {"type": "ClusterIP", "ports": [
+            {"name": "mc-gateway", "port": 4143}, {"name": "mc-probe", "port": 4191}]}})
+    unreachable = link()
+    assert unreachable.returncode == 2 and not unreachable.stdout
+    assert "no load-balancer ingress, no externalIPs and no node ports" in \
+        unreachable.stderr
+    core.patch_namespaced_service("meshgate-gateway", "meshgate", {"spec": {
+        "type": "LoadBalancer"}})
+    core.patch_namespaced_service_status("meshgate-gateway", "meshgate", {"status": {
+        "loadBalancer": {"ingress": [{"ip": "203.0.113.5"}]}}})
+    out = link()
+    assert out.returncode == 0, out.stderr
+    spec = next(d for d in yaml.safe_load_all(out.stdout) if d["kind"] == "Link")["spec"]
+    assert (spec["gatewayAddress"], spec["gatewayPort"], spec["probeSpec"]["port"]) == (
+        "203.0.113.5", 4143, 4191)
+    assert "from its load balancer's ingress of meshgate/meshgate-gateway" in out.stderr
+    # The flags still override, and the ports go with the address.
+    given = meshgate("multicluster", "link", "--kubeconfig", str(west.kubeconfig),
+                     "--cluster-name", "west", "--gateway-port", "5000")
+    assert given.returncode != 0 and "--gateway-port and --probe-port go with " \
+        "--gateway-address" in given.stderr

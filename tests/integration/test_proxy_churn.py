@@ -38,6 +38,7 @@ import yaml
 from mesh.config import ProxyConfig
 from mesh.memory import heap_in_use
 from mesh.proxy.main import Proxy
+from mesh.structs import convert
 from tests.controlplane import eventually
 from tests.meshproxy import Trust, free_port
 
@@ -125,13 +126,13 @@ async def proxy_pair(tmp_path: Path) -> AsyncIterator[Pair]:
         return {"outbound": {"listen": f"127.0.0.1:{free_port()}"},
                 "admin": {"listen": f"127.0.0.1:{free_port()}"}}
 
-    server = Proxy(ProxyConfig.model_validate({
+    server = Proxy(convert({
         "identity": server_id, **listeners(),
-        "inbound": {"listen": f"127.0.0.1:{inbound}", "authorized": ["*"]}}))
-    client = Proxy(ProxyConfig.model_validate({
+        "inbound": {"listen": f"127.0.0.1:{inbound}", "authorized": ["*"]}}, ProxyConfig))
+    client = Proxy(convert({
         "identity": trust.workload("default", "client"), **listeners(),
         "discovery": str(discovery), "detectTimeout": "2s",
-        "inbound": {"listen": f"127.0.0.1:{free_port()}", "authorized": ["*"]}}))
+        "inbound": {"listen": f"127.0.0.1:{free_port()}", "authorized": ["*"]}}, ProxyConfig))
     await server.start()
     await client.start()
     try:
@@ -160,7 +161,8 @@ async def get(port: int, *, requests: int = 1, close: bool = True) -> None:
 
 
 async def bad_input(pair: Pair, n: int) -> None:
-    """Garbage and a refused handshake at the inbound port, a reset mid-request."""
+    """Garbage and a refused handshake at the inbound port, a reset mid-request, and
+    bytes that are not HTTP or a head over the size limit at the HTTP service."""
     _, writer = await asyncio.open_connection("127.0.0.1", pair.inbound)
     writer.write(b"\x16\x03\x01garbage" * 10)
     writer.close()
@@ -179,6 +181,13 @@ async def bad_input(pair: Pair, n: int) -> None:
     if n % 2:
         _, writer = await asyncio.open_connection(VIP, pair.http)
         writer.write(b"\x00\x01 not http at all\r\n\r\n" + b"X" * 70000)
+        writer.close()
+    else:
+        # A head over the proxy's limit is answered 400 by the client proxy itself.
+        reader, writer = await asyncio.open_connection(VIP, pair.http)
+        writer.write(b"GET / HTTP/1.1\r\nHost: web\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
+        answer = await reader.read()
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"l5d-proxy-error" in answer, answer[:200]
         writer.close()
 
 

@@ -28,6 +28,7 @@ from mesh.proxy.assertion import (
 )
 from mesh.proxy.discovery import EndpointSpec, ServiceSpec
 from mesh.proxy.transport_header import AssertionClaims, CallerAssertion, SessionProtocol
+from mesh.structs import convert
 
 DOMAIN = "cluster.local"
 NOW = 1_800_000_000.0
@@ -213,12 +214,12 @@ def test_credentials_sign_once_per_target_for_most_of_the_lifetime(caller: Issue
 
 def test_the_header_carries_an_assertion_only_towards_a_gateway(caller: Issued) -> None:
     creds = ClientCredentials(FakeWorkload(caller), clock=lambda: NOW)
-    service = ServiceSpec.model_validate({"name": "web-west.default.svc.cluster.local",
-                                          "address": "10.96.0.10:80", "endpoints": []})
-    direct = EndpointSpec.model_validate({"address": "10.0.0.7:4143", "targetPort": 8080,
-                                          "identity": str(CALLER)})
-    via = EndpointSpec.model_validate({"address": "192.0.2.1:4143", "targetPort": 80,
-                                       "identity": str(CALLER), "authorityOverride": TARGET})
+    service = convert({"name": "web-west.default.svc.cluster.local",
+                       "address": "10.96.0.10:80", "endpoints": []}, ServiceSpec)
+    direct = convert({"address": "10.0.0.7:4143", "targetPort": 8080,
+                      "identity": str(CALLER)}, EndpointSpec)
+    via = convert({"address": "192.0.2.1:4143", "targetPort": 80,
+                   "identity": str(CALLER), "authorityOverride": TARGET}, EndpointSpec)
     plain = peer_header(creds, direct, service)
     assert (plain.name, plain.port, plain.assertion) == (service.name, 8080, None)
     header = peer_header(creds, via, service, SessionProtocol.HTTP1)

@@ -8,13 +8,14 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from pydantic import ValidationError
+from msgspec import ValidationError
 
 from mesh.cli import build_parser, control_settings
 from mesh.config import WorkloadConfig
 from mesh.control.run import ControlSettings
 from mesh.identity.names import service_identity
 from mesh.proxy.policy import PolicyWatch
+from mesh.structs import convert
 
 BASE = ["control", "run", "--kubeconfig", "k", "--identity-dir", "d", "--trust-domain",
         "cluster.local"]
@@ -52,12 +53,12 @@ def test_bad_workload_flags_are_refused(flags: tuple[str, str],
 
 
 def test_a_proxy_serves_a_pod_or_an_external_workload() -> None:
-    vm = WorkloadConfig.model_validate({"namespace": "legacy", "externalWorkload": "vm1"})
+    vm = convert({"namespace": "legacy", "externalWorkload": "vm1"}, WorkloadConfig)
     assert (vm.pod, vm.external_workload) == (None, "vm1")
     for both_or_neither in ({"namespace": "a"}, {"namespace": "a", "pod": "p",
                                                  "externalWorkload": "vm1"}):
         with pytest.raises(ValidationError, match="exactly one of pod and externalWorkload"):
-            WorkloadConfig.model_validate(both_or_neither)
+            convert(both_or_neither, WorkloadConfig)
 
 
 def test_the_policy_watch_asks_for_what_it_serves() -> None:

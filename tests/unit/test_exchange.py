@@ -5,6 +5,8 @@ is a script of events in and commands out; no socket, no event loop."""
 
 from __future__ import annotations
 
+import msgspec
+
 from mesh.proxy.exchange import Phase
 from mesh.proxy.exchange_io import (
     CLIENT_EOF,
@@ -197,8 +199,8 @@ def test_requests_are_routed_by_their_authority() -> None:
 def test_connections_are_pooled_by_endpoint_identity_and_header_name() -> None:
     # A gateway routes a whole connection by its transport header's name: two services
     # behind one gateway must not share a connection.
-    gateway = endpoint(9).model_copy(update={"authority": "web.default.svc.cluster.local"})
-    other = gateway.model_copy(update={"authority": "api.default.svc.cluster.local"})
+    gateway = msgspec.structs.replace(endpoint(9), authority="web.default.svc.cluster.local")
+    other = msgspec.structs.replace(gateway, authority="api.default.svc.cluster.local")
     web, api = service(gateway), service(other, name="api")
     assert Pool.key(web, gateway) != Pool.key(api, other)
     assert Pool.key(web, gateway) == Pool.key(api, gateway)

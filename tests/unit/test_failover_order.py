@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import msgspec
 import pytest
 
 from mesh.discovery.failover import (
@@ -18,6 +19,7 @@ from mesh.discovery.failover import (
 from mesh.discovery.index import Change, DestinationIndex, ServiceUpdated
 from mesh.informer import ADDED, DELETED, MODIFIED
 from mesh.proxy.discovery import DiscoveryFile, ServiceSpec
+from mesh.structs import convert
 from mirror.link import parse_spec
 from mirror.mirrors import GatewayEndpoint, mirror_name, mirror_service, mirror_slices
 
@@ -89,9 +91,9 @@ def test_local_first_then_the_listed_clusters_in_order(index: DestinationIndex) 
     assert (remote.identity, remote.authority, remote.target_port) == (GATEWAY, REMOTE, 80)
     assert spec.failback_s == 10.0
     # What the index serves is what a proxy accepts, field names and all.
-    dumped = spec.model_dump(by_alias=True)
+    dumped = msgspec.to_builtins(spec)
     assert dumped["failbackSeconds"] == 10.0
-    assert ServiceSpec.model_validate(dumped) == spec
+    assert convert(dumped, ServiceSpec) == spec
     DiscoveryFile(services=index.services())
 
 

@@ -21,6 +21,7 @@ from mesh.identity.names import Identity
 from mesh.informer import ADDED, DELETED
 from mesh.proxy.inbound import BadCaller, Caller, ForgedCaller, caller_of
 from mesh.proxy.transport_header import TransportHeader
+from mesh.structs import convert
 
 DOMAIN = "cluster.local"
 GATEWAY = Identity("multicluster", "gateway", DOMAIN)
@@ -210,6 +211,45 @@ def test_a_vm_identity_forwarded_by_a_gateway_gets_no_more_than_exports(
         Caller(VM, gateway=WEST)
 
 
+def workload_slice(svc: str, workload: str, ip: str) -> dict[str, Any]:
+    return {"metadata": {"namespace": "default", "name": f"{svc}-vm",
+                         "labels": {"kubernetes.io/service-name": svc}},
+            "ports": [{"name": "", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": True},
+                           "targetRef": {"kind": "ExternalWorkload", "namespace": "default",
+                                         "name": workload}}]}
+
+
+def test_a_vm_reaches_a_service_of_vms_under_their_policy(exports: Exports) -> None:
+    vm = external_workload("legacy", VM)
+    vm["metadata"]["labels"] = {"app": "legacy"}
+    vm["spec"]["ports"] = [{"name": "http", "port": 8080}]
+    exports.service_event(ADDED, service("legacy", EXPORTED, ip="10.96.0.13"))
+    exports.slice_event(ADDED, workload_slice("legacy", "legacy", "192.0.2.7"))
+    # Until the gateway knows the workload, its endpoint has no identity to dial it by.
+    r = route(exports.route(CALLER, header("legacy")))
+    assert refused(exports.choose(r)).reason is Reason.NO_ENDPOINTS
+    exports.workload_event(ADDED, vm)
+    target = exports.choose(route(exports.route(VM, header("legacy"))))
+    assert isinstance(target, Target), target
+    assert target.pod == ("default", "legacy")
+    assert target.pick.endpoint.spec.address == "192.0.2.7:4143"
+    assert target.pick.endpoint.spec.identity == VM
+    target.pick.released()
+    # A Server selecting the workload decides, as on the VM's own proxy.
+    exports.policy_event(SERVER, ADDED, policy(SERVER, "legacy", {
+        "externalWorkloadSelector": {"matchLabels": {"app": "legacy"}}, "port": "http",
+        "accessPolicy": "deny"}))
+    denied = refused(exports.choose(route(exports.route(VM, header("legacy")))))
+    assert denied.reason is Reason.UNAUTHORIZED
+    assert "externalworkload default/legacy port 8080" in denied.detail
+    # Gone, the workload's endpoint is no longer dialled.
+    exports.workload_event(DELETED, vm)
+    exports.policy_event(SERVER, DELETED, policy(SERVER, "legacy", {}))
+    assert refused(exports.choose(route(exports.route(CALLER, header("legacy"))))) \
+        .reason is Reason.NO_ENDPOINTS
+
+
 # -- choose -----------------------------------------------------------------------------
 
 
@@ -299,8 +339,8 @@ def _identity(tmp_path: Path) -> dict[str, str]:
 
 
 def test_gateway_config_defaults(tmp_path: Path) -> None:
-    cfg = GatewayConfig.model_validate({"identity": _identity(tmp_path),
-                                        "kubeconfig": "/k"})
+    cfg = convert({"identity": _identity(tmp_path),
+                                        "kubeconfig": "/k"}, GatewayConfig)
     assert (cfg.listen, cfg.admin) == ("0.0.0.0:4143", "0.0.0.0:4191")
     assert cfg.exported_label == "mirror.meshgate.io/exported=true"
     assert cfg.cluster_domain == "cluster.local" and cfg.trusted_gateways == []
@@ -325,11 +365,11 @@ def test_gateway_config_errors_name_the_field(tmp_path: Path, field: str, value:
 
 
 def test_inbound_trusted_gateways_take_names_and_suffixes() -> None:
-    cfg = InboundConfig.model_validate({"trustedGateways": [
-        WEST, "*.multicluster.serviceaccount.identity.meshgate.cluster.local"]})
+    cfg = convert({"trustedGateways": [
+        WEST, "*.multicluster.serviceaccount.identity.meshgate.cluster.local"]}, InboundConfig)
     assert len(cfg.trusted_gateways) == 2
     with pytest.raises(ValueError, match="trustedGateways"):
-        InboundConfig.model_validate({"trustedGateways": ["*"]})
+        convert({"trustedGateways": ["*"]}, InboundConfig)
 
 
 def test_gateway_run_refuses_a_bad_config(tmp_path: Path,

@@ -31,6 +31,7 @@ from mesh.identity.errors import (
     UntrustedChain,
 )
 from mesh.identity.names import Identity
+from mesh.structs import convert
 
 DOMAIN = "cluster.local"
 WEB = Identity("default", "web", DOMAIN)
@@ -479,14 +480,14 @@ def test_unusable_held_files_are_refused(
     ({"certFile": "c", "keyFile": "k", "tokenFile": "t"}, "give certFile and keyFile"),
 ])
 def test_identity_config_sources(fields: dict[str, str], error: str | None) -> None:
-    from pydantic import ValidationError
+    from msgspec import ValidationError
 
     from mesh.config import IdentityConfig
 
     doc = {"name": WEB.dns_name, "trustBundle": "b", **fields}
     if error is None:
-        cfg = IdentityConfig.model_validate(doc)
+        cfg = convert(doc, IdentityConfig)
         assert cfg.renewed_files == ("server" in fields and "certFile" in fields)
     else:
         with pytest.raises(ValidationError, match=error):
-            IdentityConfig.model_validate(doc)
+            convert(doc, IdentityConfig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from mesh.structs import convert
 from mirror.errors import LinkSpecError
 from mirror.link import EXPORTED, LabelSelector, parse_duration, parse_spec
 
@@ -49,11 +50,11 @@ def test_bad_durations(text: object) -> None:
 
 
 def test_selector_queries() -> None:
-    sel = LabelSelector.model_validate({
+    sel = convert({
         "matchLabels": {"b": "2", "a": "1"},
         "matchExpressions": [{"key": "tier", "operator": "In", "values": ["web", "api"]},
                              {"key": "legacy", "operator": "DoesNotExist"},
-                             {"key": "zone", "operator": "Exists"}]})
+                             {"key": "zone", "operator": "Exists"}]}, LabelSelector)
     assert sel.query() == "a=1,b=2,tier in (api,web),!legacy,zone"
     assert sel.matches({"a": "1", "b": "2", "tier": "web", "zone": "z"})
     assert not sel.matches({"a": "1", "b": "2", "tier": "web", "zone": "z", "legacy": "y"})

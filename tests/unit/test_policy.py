@@ -418,22 +418,22 @@ def _with(obj: dict[str, Any], **spec: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("obj", "reason"), [
-    (server("s", 70000), "spec.port: must be a port number from 1 to 65535 (got 70000)"),
-    (server("s", 0), "spec.port: must be a port number from 1 to 65535 (got 0)"),
+    (server("s", 70000), "spec.port: must be a port number from 1 to 65535, got 70000"),
+    (server("s", 0), "spec.port: must be a port number from 1 to 65535, got 0"),
     (server("s", "80"), "spec.port: must be a port name of at most 15"),
     (server("s", "Http"), "spec.port: must be a port name"),
     (server("s", "a-very-long-port-name"), "spec.port: must be a port name"),
-    (server("s", True), "spec.port: must be a port number or a port name (got true)"),
+    (server("s", True), "spec.port: expected an integer or a string, got true"),
     (server("s", proxyProtocol="HTTP/3"),
-     "spec.proxyProtocol: Input should be 'unknown', 'HTTP/1', 'HTTP/2', 'gRPC', 'opaque' or "
-     "'TLS' (got \"HTTP/3\")"),
-    (server("s", accessPolicy="open"), "spec.accessPolicy: Input should be 'deny', "),
+     "spec.proxyProtocol: expected one of 'unknown', 'HTTP/1', 'HTTP/2', 'gRPC', 'opaque', "
+     "'TLS', got 'HTTP/3'"),
+    (server("s", accessPolicy="open"), "spec.accessPolicy: expected one of 'deny', "),
     (server("s", expressions=[{"key": "a", "operator": "In"}]),
-     "spec.podSelector.matchExpressions[0]: values must not be empty when operator is In"),
+     "spec.podSelector.matchExpressions[0].values: must not be empty when operator is In"),
     (server("s", expressions=[{"key": "a", "operator": "Exists", "values": ["x"]}]),
-     "spec.podSelector.matchExpressions[0]: values must be empty when operator is Exists"),
+     "spec.podSelector.matchExpressions[0].values: must be empty when operator is Exists"),
     (server("s", expressions=[{"key": "a", "operator": "Gt", "values": ["1"]}]),
-     "spec.podSelector.matchExpressions[0].operator: Input should be"),
+     "spec.podSelector.matchExpressions[0].operator: expected one of"),
     ({**server("s"), "spec": None}, "spec: required"),
     ({"kind": SERVER, "metadata": {"namespace": "default"}, "spec": {}},
      "metadata.name: required"),
@@ -447,21 +447,21 @@ def _with(obj: dict[str, Any], **spec: Any) -> dict[str, Any]:
     (authn("a", refs=[{"kind": "ServiceAccount", "name": "Bad_Name"}]),
      "spec.identityRefs[0]: service account 'Bad_Name' must be a lowercase DNS label"),
     (authn("a", refs=[{"kind": "Namespace"}]),
-     "spec.identityRefs[0]: name is required when kind is Namespace"),
-    (authn("a", refs=[{"kind": "Pod", "name": "x"}]), "spec.identityRefs[0].kind: Input should"),
+     "spec.identityRefs[0].name: required when kind is Namespace"),
+    (authn("a", refs=[{"kind": "Pod", "name": "x"}]), "spec.identityRefs[0].kind: expected"),
     ({**policy("p", "web"), "spec": {"requiredAuthenticationRefs": []}},
-     "spec.targetRef: Field required"),
+     "spec.targetRef: required field is missing"),
     (policy("p", "web", {"kind": "NetworkAuthentication", "name": "x"}),
-     "spec.requiredAuthenticationRefs[0].kind: Input should be 'MeshTLSAuthentication' or "
-     "'ServiceAccount' (got \"NetworkAuthentication\")"),
+     "spec.requiredAuthenticationRefs[0].kind: expected 'MeshTLSAuthentication' or "
+     "'ServiceAccount', got 'NetworkAuthentication'"),
     (policy("p", "web", {"group": GROUP, "kind": "ServiceAccount", "name": "x"}),
-     "spec.requiredAuthenticationRefs[0]: group must be empty when kind is ServiceAccount"),
+     "spec.requiredAuthenticationRefs[0].group: must be empty when kind is ServiceAccount"),
     (policy("p", "web", {"kind": "ServiceAccount", "name": "x", "namespace": "Bad"}),
      "namespace 'Bad' must be a lowercase DNS label"),
     ({**policy("p", "default", target_kind="Namespace"),
       "spec": {"targetRef": {"group": GROUP, "kind": "Namespace", "name": "default"},
                "requiredAuthenticationRefs": []}},
-     "spec.targetRef: group must be empty when kind is Namespace"),
+     "spec.targetRef.group: must be empty when kind is Namespace"),
 ])
 def test_invalid_resources_are_reported_not_raised(obj: dict[str, Any], reason: str) -> None:
     idx = PolicyIndex(TD, default_policy=AccessPolicy.DENY)
@@ -553,10 +553,10 @@ def test_from_json_ignores_fields_it_does_not_know() -> None:
 
 @pytest.mark.parametrize(("data", "message"), [
     ("not json", "malformed"),
-    ('{"v":2,"port":80,"server":null,"protocol":"unknown","access":"deny"}', "v: Input should"),
+    ('{"v":2,"port":80,"server":null,"protocol":"unknown","access":"deny"}', "v: expected 1"),
     ('{"v":1,"port":80,"server":null,"protocol":"unknown","access":"maybe"}', "access:"),
     ('{"v":1,"port":80,"server":null,"protocol":"unknown","access":"deny",'
-     '"authorizations":[{"policy":"p"}]}', "authorizations[0].require: Field required"),
+     '"authorizations":[{"policy":"p"}]}', "authorizations[0].require: required field is missing"),
 ])
 def test_from_json_refuses_malformed_policies(data: str, message: str) -> None:
     with pytest.raises(ProtocolError, match=message.replace("[", r"\[").replace("]", r"\]")):

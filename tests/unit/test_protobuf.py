@@ -207,10 +207,6 @@ GOLDEN: dict[str, tuple[str, dict[str, Any]]] = {
         "656374526576696577121a0a100a0012001a0022002a0032003800420012060a040a0012001a002200",
         {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"},
     ),
-}
-
-# Kinds kubectl sends as protobuf that have no schema here.
-UNSUPPORTED: dict[str, tuple[str, str]] = {
     # kubectl create deployment web -n demo --image=nginx --replicas=2
     "deployment": (
         "6b3873000a150a07617070732f7631120a4465706c6f796d656e7412af010a230a0377656212001a0464"
@@ -218,8 +214,16 @@ UNSUPPORTED: dict[str, tuple[str, str]] = {
         "621a600a1c0a0012001a0022002a003200380042005a0a0a036170701203776562124012220a056e6769"
         "6e7812056e67696e782a0042006a007200800100880100900100a201001a00320042004a005200580060"
         "0068008201008a01009a0100c2010022020a00280038001a0c0800100018002000280038001a002200",
-        "apps/v1 Deployment",
+        {"apiVersion": "apps/v1", "kind": "Deployment",
+         "metadata": {"name": "web", "namespace": "demo", "labels": {"app": "web"}},
+         "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                  "template": {"metadata": {"labels": {"app": "web"}},
+                               "spec": {"containers": [{"name": "nginx", "image": "nginx"}]}}}},
     ),
+}
+
+# Kinds kubectl sends as protobuf that have no schema here.
+UNSUPPORTED: dict[str, tuple[str, str]] = {
     # kubectl create quota q -n demo --hard=pods=2
     "resourcequota": (
         "6b3873000a130a027631120d5265736f7572636551756f746112280a150a017112001a0464656d6f2200"

@@ -192,6 +192,61 @@ SAMPLES: dict[str, dict[str, Any]] = {
                    "storedVersions": ["v1alpha1"],
                    "conditions": [{"type": "Established", "status": "True",
                                    "lastTransitionTime": "2024-05-01T10:00:00Z"}]}},
+    "Node": {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "c-control-plane", "labels": {"kubernetes.io/os": "linux"}},
+        "spec": {"unschedulable": False, "taints": [{"key": "k", "effect": "NoSchedule"}]},
+        "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.2"}],
+                   "capacity": {"cpu": "2", "memory": "4Gi", "pods": "110"},
+                   "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110"},
+                   "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                   "lastHeartbeatTime": "2024-05-01T10:00:00Z"}],
+                   "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+                   "nodeInfo": {"machineID": "m", "systemUUID": "s", "bootID": "b",
+                                "kernelVersion": "6.1", "osImage": "Debian",
+                                "containerRuntimeVersion": "meshgate://1",
+                                "kubeletVersion": "v1.32.0", "kubeProxyVersion": "",
+                                "operatingSystem": "linux", "architecture": "amd64"}}},
+    "Deployment": {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                 "strategy": {"type": "RollingUpdate",
+                              "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 1}},
+                 "template": {"metadata": {"labels": {"app": "web"}}, "spec": {
+                     "containers": [{"name": "web", "image": "web:1",
+                                     "ports": [{"containerPort": 8080}]}]}}},
+        "status": {"replicas": 2, "conditions": [{"type": "Available", "status": "True",
+                                                  "lastUpdateTime": "2024-05-01T10:00:00Z"}]}},
+    "ReplicaSet": {
+        "apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "web-abc"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"spec": {"containers": [{"name": "web", "image": "web:1"}]}}},
+        "status": {"replicas": 1, "readyReplicas": 1}},
+    "DaemonSet": {
+        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "agent"},
+        "spec": {"selector": {"matchLabels": {"app": "agent"}},
+                 "updateStrategy": {"type": "RollingUpdate",
+                                    "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}},
+                 "template": {"spec": {"containers": [{"name": "a", "image": "a:1"}]}}},
+        "status": {"currentNumberScheduled": 1, "desiredNumberScheduled": 1,
+                   "numberMisscheduled": 0, "numberReady": 1}},
+    "StatefulSet": {
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db"},
+        "spec": {"replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+                 "template": {"spec": {"containers": [{"name": "db", "image": "db:1"}]}}},
+        "status": {"replicas": 1}},
+    "ControllerRevision": {
+        "apiVersion": "apps/v1", "kind": "ControllerRevision",
+        "metadata": {"name": "agent-5d4f8", "labels": {"controller-revision-hash": "5d4f8"}},
+        "revision": 2,
+        "data": {"spec": {"template": {"$patch": "replace", "spec": {"containers": [
+            {"name": "a", "image": "a:1"}]}}}}},
+    "Job": {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "once"},
+        "spec": {"completions": 1, "backoffLimit": 6,
+                 "template": {"spec": {"restartPolicy": "Never",
+                                       "containers": [{"name": "c", "image": "c:1"}]}}},
+        "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}},
 }
 
 

@@ -15,6 +15,7 @@ from mesh.proxy.assertion import peer_header
 from mesh.proxy.discovery import ServiceSpec, StaticDiscovery
 from mesh.proxy.pool import Pool
 from mesh.proxy.through_gateway import ThroughGateway, through_gateway
+from mesh.structs import convert
 
 DOMAIN = "cluster.local"
 GATEWAY = Identity("multicluster", "gateway", DOMAIN).dns_name
@@ -40,9 +41,9 @@ def write(path: Path, *services: dict[str, Any]) -> Path:
 
 
 def test_meshed_pods_become_one_gateway_endpoint_named_for_the_service() -> None:
-    svc = ServiceSpec.model_validate(spec(
+    svc = convert(spec(
         "web", "10.96.0.12:80", pod("10.0.1.5:4143", weight=2), pod("10.0.1.6:4143", weight=3),
-        pod("10.0.1.7:4143", priority=1)))
+        pod("10.0.1.7:4143", priority=1)), ServiceSpec)
     [ep] = through_gateway(svc, address=GW, identity=GATEWAY).endpoints
     assert (ep.address, ep.target_port, ep.identity, ep.authority, ep.cluster) == \
         (GW, 80, GATEWAY, "web.default.svc.cluster.local", "")
@@ -53,16 +54,16 @@ def test_linked_gateways_stay_and_unmeshed_endpoints_go() -> None:
     linked = {"address": "198.51.100.9:4143", "targetPort": 80, "identity": LINKED,
               "authorityOverride": "web.default.svc.cluster.local", "priority": 1,
               "cluster": "west"}
-    svc = ServiceSpec.model_validate(spec("web", "10.96.0.12:80", pod("10.0.1.5:4143"),
-                                          pod("10.0.1.8:8080", meshed=False), linked))
+    svc = convert(spec("web", "10.96.0.12:80", pod("10.0.1.5:4143"),
+                                          pod("10.0.1.8:8080", meshed=False), linked), ServiceSpec)
     out = through_gateway(svc, address=GW, identity=GATEWAY).endpoints
     assert [(ep.address, ep.identity, ep.priority) for ep in out] == \
         [(GW, GATEWAY, 0), ("198.51.100.9:4143", LINKED, 1)]
     assert out[1] == svc.endpoints[2]
-    only_linked = ServiceSpec.model_validate(spec("web", "10.96.0.12:80", linked))
+    only_linked = convert(spec("web", "10.96.0.12:80", linked), ServiceSpec)
     assert through_gateway(only_linked, address=GW, identity=GATEWAY) is only_linked
-    unmeshed = ServiceSpec.model_validate(spec("db", "10.96.0.13:5432",
-                                               pod("10.0.1.9:5432", meshed=False)))
+    unmeshed = convert(spec("db", "10.96.0.13:5432",
+                                               pod("10.0.1.9:5432", meshed=False)), ServiceSpec)
     assert through_gateway(unmeshed, address=GW, identity=GATEWAY).endpoints == []
 
 
@@ -96,10 +97,10 @@ def test_lookups_and_subscribers_see_the_rewritten_services(tmp_path: Path) -> N
 def test_the_transport_header_and_pool_key_name_the_service() -> None:
     """The gateway routes a whole connection by the header's name and port, so a
     pooled connection must never carry another service's requests."""
-    web = through_gateway(ServiceSpec.model_validate(
-        spec("web", "10.96.0.12:80", pod("10.0.1.5:4143"))), address=GW, identity=GATEWAY)
-    api = through_gateway(ServiceSpec.model_validate(
-        spec("api", "10.96.0.14:80", pod("10.0.1.6:4143"))), address=GW, identity=GATEWAY)
+    web = through_gateway(convert(spec("web", "10.96.0.12:80", pod("10.0.1.5:4143")),
+                                  ServiceSpec), address=GW, identity=GATEWAY)
+    api = through_gateway(convert(spec("api", "10.96.0.14:80", pod("10.0.1.6:4143")),
+                                  ServiceSpec), address=GW, identity=GATEWAY)
     header = peer_header(ssl.create_default_context, web.endpoints[0], web)
     assert (header.name, header.port) == ("web.default.svc.cluster.local", 80)
     assert Pool.key(web, web.endpoints[0]) != Pool.key(api, api.endpoints[0])
