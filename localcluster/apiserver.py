@@ -400,6 +400,11 @@ class ApiHandler:
         if t.name:
             raise ApiError.method_not_allowed("create", t.rt.plural)
         if not t.rt.persisted:
+            if t.rt.kind == "Binding" and t.namespace is not None:
+                named = ((body or {}).get("metadata") or {}).get("name", "") if isinstance(
+                    body, dict) else ""
+                return respond(await podapi.bind(self.registry, t.namespace, named, body,
+                                                 dry_run=self._options(request).dry_run), 201)
             if t.rt.kind == "TokenReview":
                 return respond(reviews.token_review(self.tokens, body), 201)
             if t.rt.kind == "SelfSubjectReview":

@@ -119,6 +119,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
               "spec": {"holderIdentity": "mirror-0", "leaseDurationSeconds": 15,
                        "acquireTime": "2024-05-01T10:00:00.000000Z",
                        "renewTime": "2024-05-01T10:00:05.000000Z", "leaseTransitions": 1}},
+    "Binding": {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "p"},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": "c-control-plane"}},
     "TokenReview": {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                     "spec": {"token": "abc", "audiences": ["meshgate"]},
                     "status": {"authenticated": True, "audiences": ["meshgate"],
