@@ -44,6 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from localcluster import multicluster, namespaces, netns, wan, wanlink
+from localcluster.kubelet.reap import kill_pod_processes
 from localcluster.rootless import meshgate_argv, run_dir
 from mesh.errors import ConfigError, MeshError
 
@@ -557,6 +558,7 @@ def _down(spec: ClusterSpec) -> None:
     # Children a killed supervisor left behind (their pid files name them).
     for pid_file in sorted((spec.state_dir / "run").glob("mirror-*.pid")):
         _stop_daemon(spec.state_dir, pid_file.stem)
+    kill_pod_processes(spec.network)  # what a killed kubelet could not stop
     netns.teardown(spec.state_dir)
     if spec.wan is not None:
         wan.detach(spec.name, wan=spec.wan)

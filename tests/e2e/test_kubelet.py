@@ -22,6 +22,7 @@ from pyroute2 import netns
 
 from localcluster import namespaces
 from localcluster.kubelet.images import NOT_RUNNABLE_MESSAGE, NOT_RUNNABLE_REASON
+from localcluster.kubelet.reap import processes_in
 from localcluster.workloads.nodes import node_name
 from mesh.kube import api_client
 from tests.cluster import wait_for
@@ -71,23 +72,6 @@ class Cluster:
 
 def _pod_namespaces() -> list[str]:
     return [n for n in netns.listnetns() if n.startswith(f"{PREFIX}pod-")]
-
-
-def _pids_in(ns: str) -> list[int]:
-    """Processes whose network namespace is `ns`."""
-    try:
-        want = os.stat(namespaces.namespace_path(ns)).st_ino
-    except OSError:
-        return []
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}/ns/net").st_ino == want:
-                    out.append(int(entry))
-            except OSError:
-                continue
-    return out
 
 
 def _pids_with(marker: str) -> list[int]:
@@ -141,7 +125,7 @@ def test_node_registered_and_a_pod_is_bound_and_runs_a_server(cluster: Cluster) 
     assert cs.container_id.startswith("meshgate://") and cs.image == "busybox"
     # The server answers inside the pod's own network namespace, at its address.
     ns = [n for n in _pod_namespaces() if "default-web-" in n]
-    assert len(ns) == 1 and _pids_in(ns[0])
+    assert len(ns) == 1 and processes_in(ns[0])
     sock = namespaces.socket_in_namespace(f"{PREFIX}node")
     try:
         sock.settimeout(5)
@@ -268,7 +252,7 @@ def test_init_containers_sidecar_and_graceful_delete(cluster: Cluster, tmp_path:
     assert inits["sidecar"].state.running and inits["sidecar"].ready
     ns = [n for n in _pod_namespaces() if "default-ordered-" in n]
     assert len(ns) == 1
-    pids = _pids_in(ns[0])
+    pids = processes_in(ns[0])
     assert pids
     environ = [Path(f"/proc/{p}/environ").read_bytes() for p in pids]
     assert any(b"POD=ordered\0" in e and b"MARK=kubelet-e2e-ordered" in e for e in environ)
@@ -284,6 +268,32 @@ def test_init_containers_sidecar_and_graceful_delete(cluster: Cluster, tmp_path:
     assert "Stopping container main" in events and "Stopping container sidecar" in events
 
 
+def test_a_deployment_runs_scales_and_its_slices_follow(cluster: Cluster) -> None:
+    cluster.kubectl("create", "deployment", "echo", "--image=busybox", "--port=8080",
+                    "--", sys.executable, "-m", "http.server", "8080")
+    cluster.kubectl("rollout", "status", "deployment/echo", "--timeout=60s", timeout=90)
+    cluster.kubectl("expose", "deployment", "echo", "--port=80", "--target-port=8080")
+    cluster.kubectl("scale", "deployment/echo", "--replicas=3")
+    cluster.kubectl("rollout", "status", "deployment/echo", "--timeout=60s", timeout=90)
+
+    def ready_addresses() -> set[str]:
+        out = cluster.kubectl("get", "endpointslices", "-l",
+                              "kubernetes.io/service-name=echo", "-o",
+                              "jsonpath={.items[*].endpoints[?(@.conditions.ready==true)]"
+                              ".addresses[0]}").stdout
+        return set(out.split())
+    ips = {p.status.pod_ip for p in cluster.core().list_namespaced_pod(
+        "default", label_selector="app=echo").items}
+    assert len(ips) == 3
+    wait_for(lambda: ready_addresses() == ips, timeout=20, what="3 ready endpoints")
+    assert len(_pids_with("http.server")) >= 3
+    cluster.kubectl("scale", "deployment/echo", "--replicas=0")
+    wait_for(lambda: not cluster.core().list_namespaced_pod(
+        "default", label_selector="app=echo").items, timeout=60, what="the pods gone")
+    wait_for(lambda: not ready_addresses(), timeout=20, what="no endpoints")
+    assert not [n for n in _pod_namespaces() if "default-echo-" in n]
+
+
 def test_cluster_down_stops_every_pod(cluster: Cluster) -> None:
     cluster.kubectl("run", "lasting", "--image=busybox", "--command", "--",
                     "sleep", "4242")
@@ -291,4 +301,18 @@ def test_cluster_down_stops_every_pod(cluster: Cluster) -> None:
     assert _pids_with("4242")
     cluster.meshgate("cluster", "down", "--name", NAME)
     assert not _pids_with("4242")
+    assert not [n for n in netns.listnetns() if n.startswith(PREFIX)]
+
+
+def test_cluster_down_after_the_kubelet_was_killed(cluster: Cluster) -> None:
+    state = cluster.base / "state"
+    cluster.meshgate("cluster", "up", "--name", NAME, "--state-dir", str(state),
+                     "--pod-cidr", "10.217.0.0/16", "--service-cidr", "10.218.0.0/16")
+    cluster.kubectl("run", "orphan", "--image=busybox", "--command", "--", "sleep", "4343")
+    wait_for(lambda: _running_ready(cluster, "orphan"), timeout=30, what="orphan Running")
+    pids = _pids_with("4343")
+    assert pids
+    os.kill(int((state / "run" / "apiserver.pid").read_text()), 9)
+    cluster.meshgate("cluster", "down", "--name", NAME)
+    assert not _pids_with("4343")
     assert not [n for n in netns.listnetns() if n.startswith(PREFIX)]
