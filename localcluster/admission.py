@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from localcluster import crd
+from localcluster.apiaccess import mount_api_access
 from localcluster.auth import TokenAuthority
 from localcluster.catalog import Catalog
 from localcluster.defaults import admit_pod, default_pod_spec, default_service_spec
@@ -115,6 +116,8 @@ class Admission:
         elif rt.key == ("", "pods"):
             default_pod_spec(obj.setdefault("spec", {}))
             admit_pod(obj)
+            mount_api_access(obj, self.store.get(("", "serviceaccounts"), obj["metadata"].get(
+                "namespace", ""), obj["spec"]["serviceAccountName"]))
         elif rt.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
             self._establish(obj)
         elif workload_spec.is_workload(rt):

@@ -187,9 +187,16 @@ class ClusterServer:
         self.controllers.start()
         if cfg.kubelet:
             from localcluster.kubelet.kubelet import Kubelet
+            from localcluster.reviews import token_request
 
+            async def mint(namespace: str, account: str, body: dict[str, Any]
+                           ) -> dict[str, Any]:
+                return token_request(registry, tokens, namespace, account, body)
+
+            api = cfg.also_listen[0][1:] if cfg.also_listen else (cfg.host, self.port)
             self.kubelet = Kubelet(registry, cluster=cfg.name, state_dir=cfg.state_dir,
-                                   register=register_node, clock=self.clock)
+                                   register=register_node, mint=mint, api_endpoint=api,
+                                   clock=self.clock)
             await self.kubelet.start()
             handler.kubelet = self.kubelet
 

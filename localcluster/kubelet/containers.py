@@ -42,7 +42,8 @@ def rfc3339(ts: float) -> str:
     return dt.datetime.fromtimestamp(int(ts), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _field(pod: Mapping[str, Any], path: str, host_ip: str) -> str:
+def field_value(pod: Mapping[str, Any], path: str, host_ip: str) -> str:
+    """The value a fieldRef names, as the downward API gives it."""
     meta = pod.get("metadata") or {}
     for prefix, mapping in (("metadata.labels", meta.get("labels")),
                             ("metadata.annotations", meta.get("annotations"))):
@@ -116,7 +117,7 @@ def environment(pod: Mapping[str, Any], container: Mapping[str, Any], *, lookup:
             continue
         value: str | None
         if "fieldRef" in source:
-            value = _field(pod, source["fieldRef"].get("fieldPath", ""), host_ip)
+            value = field_value(pod, source["fieldRef"].get("fieldPath", ""), host_ip)
         elif "secretKeyRef" in source:
             value = _key_ref(lookup, "Secret", namespace, source["secretKeyRef"])
         elif "configMapKeyRef" in source:

@@ -24,6 +24,7 @@ from localcluster import netns
 from localcluster.errors import ApiError
 from localcluster.events import EventRecorder
 from localcluster.kubelet.binding import Scheduler, wants_binding
+from localcluster.kubelet.volumes import TokenMinter
 from localcluster.kubelet.worker import MANAGER, PODS_KEY, Node, PodWorker
 from localcluster.registry import Registry
 from localcluster.store import Event
@@ -40,7 +41,8 @@ SHUTDOWN_GRACE = 2.0
 
 class Kubelet:
     def __init__(self, registry: Registry, *, cluster: str, state_dir: Path,
-                 register: Callable[[], Awaitable[None]],
+                 register: Callable[[], Awaitable[None]], mint: TokenMinter,
+                 api_endpoint: tuple[str, int],
                  clock: Callable[[], float] = time.time) -> None:
         """`register` creates the Node or refreshes its status (and its Lease): on start
         and every `HEARTBEAT_SECONDS`."""
@@ -53,7 +55,10 @@ class Kubelet:
                          network=self.network, root=state_dir / "kubelet" / "pods",
                          events=EventRecorder(registry, component="kubelet",
                                               host=self.node_name, clock=clock),
-                         clock=clock)
+                         clock=clock, mint=mint, service_env={
+                             "KUBERNETES_SERVICE_HOST": api_endpoint[0],
+                             "KUBERNETES_SERVICE_PORT": str(api_endpoint[1]),
+                             "KUBERNETES_SERVICE_PORT_HTTPS": str(api_endpoint[1])})
         self.scheduler = Scheduler(registry, self.node_name)
         self.workers: dict[tuple[str, str], PodWorker] = {}
         self.queue: WorkQueue[tuple[str, str]] = WorkQueue("kubelet", self._reconcile)

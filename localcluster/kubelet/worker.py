@@ -23,6 +23,7 @@ from localcluster.events import EventRecorder
 from localcluster.kubelet import containers, images
 from localcluster.kubelet.backoff import Backoff
 from localcluster.kubelet.status import ContainerView, Role, conditions, phase
+from localcluster.kubelet.volumes import TokenMinter, VolumeError, Volumes
 from localcluster.registry import Registry, WriteOptions
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,16 @@ log = logging.getLogger(__name__)
 PODS_KEY = ("", "pods")
 MANAGER = WriteOptions(field_manager="kubelet")
 _KEY_CHARS = re.compile(r"[^a-z0-9-]+")
+VOLUME_RETRY_FIRST = 1.0
+VOLUME_RETRY_MAX = 30.0
+TOKEN_CHECK_SECONDS = 30.0
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise containers.ConfigError(f"running containers needs `{name}` on PATH")
+    return found
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,9 @@ class Node:
     root: Path
     events: EventRecorder
     clock: Callable[[], float]
+    mint: TokenMinter
+    service_env: Mapping[str, str]
+    """KUBERNETES_SERVICE_HOST and _PORT: where containers reach the API server."""
 
 
 def sandbox_key(namespace: str, name: str, uid: str) -> str:
@@ -70,8 +84,14 @@ class PodWorker:
         for c in spec.get("initContainers") or []:
             role = Role.SIDECAR if c.get("restartPolicy") == "Always" else Role.INIT
             self.views[c["name"]] = ContainerView(c["name"], c.get("image", ""), role)
+        first = "PodInitializing" if self.views else "ContainerCreating"
+        for v in self.views.values():
+            v.state = {"waiting": {"reason": "PodInitializing"}}
         for c in spec["containers"]:
-            self.views[c["name"]] = ContainerView(c["name"], c.get("image", ""), Role.MAIN)
+            self.views[c["name"]] = ContainerView(c["name"], c.get("image", ""), Role.MAIN,
+                                                  state={"waiting": {"reason": first}})
+        self.volumes = Volumes(pod, self.dir / "volumes", node.registry.store.get, node.mint,
+                               node.host_ip, node.clock)
         self.instances: dict[str, containers.Instance] = {}
         self.backoffs: dict[str, Backoff] = {}
         self.ip: str | None = None
@@ -169,6 +189,36 @@ class PodWorker:
         sandbox = await asyncio.shield(self._adding)
         self.ip = str(sandbox.ip)
         self._changed.set()
+        await self._mount_volumes()
+        refresh = asyncio.create_task(self._refresh_tokens())
+        try:
+            await self._containers(spec)
+        finally:
+            refresh.cancel()
+
+    async def _mount_volumes(self) -> None:
+        """Set the volumes up, retrying (with FailedMount Events) until what they name
+        exists, as kube's volume manager does."""
+        delay = VOLUME_RETRY_FIRST
+        while True:
+            try:
+                await self.volumes.prepare()
+                return
+            except (VolumeError, containers.ConfigError) as e:
+                await self.node.events.warning(self._ref(), "FailedMount", str(e))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, VOLUME_RETRY_MAX)
+
+    async def _refresh_tokens(self) -> None:
+        while True:
+            await asyncio.sleep(TOKEN_CHECK_SECONDS)
+            try:
+                await self.volumes.refresh()
+            except ApiError as e:
+                log.warning("token not refreshed pod=%s/%s cause=%s", self.namespace,
+                            self.name, e)
+
+    async def _containers(self, spec: Mapping[str, Any]) -> None:
         sidecars: list[asyncio.Task[None]] = []
         for c in spec.get("initContainers") or []:
             if c.get("restartPolicy") == "Always":
@@ -234,8 +284,9 @@ class PodWorker:
         try:
             env = containers.environment(
                 self.pod, c, lookup=self.node.registry.store.get, host_ip=self.node.host_ip,
-                service_env={})
-        except containers.ConfigError as e:
+                service_env=self.node.service_env)
+            mounts = self.volumes.mounts(c)
+        except (containers.ConfigError, VolumeError) as e:
             return await self._not_started(view, "CreateContainerConfigError", str(e))
         run = images.runnable(c, env)
         if run is None:
@@ -248,7 +299,8 @@ class PodWorker:
         if cwd is not None and not os.path.isdir(cwd):
             return await self._not_started(view, "CreateContainerError",
                                             f"workingDir {cwd} does not exist on this machine")
-        argv = netns.pod_command(self.node.network, self.key, list(run.argv))
+        argv = netns.pod_command(self.node.network, self.key, Volumes.wrap(
+            mounts, run.argv, sh=_tool("sh"), mount=_tool("mount")))
         now = self.node.clock()
         inst = await containers.start(argv, env=env, cwd=cwd,
                                       log_path=self.log_path(name, view.restart_count),

@@ -294,6 +294,97 @@ def test_a_deployment_runs_scales_and_its_slices_follow(cluster: Cluster) -> Non
     assert not [n for n in _pod_namespaces() if "default-echo-" in n]
 
 
+VOLUME_APP = """
+import json, os, ssl, sys, urllib.request
+base = sys.argv[1]
+sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+print("greeting", open(base + "/cfg/greeting").read())
+print("password", open(base + "/sec/password").read())
+print("init", open(base + "/work/from-init").read().strip())
+print("name", open(base + "/info/name").read())
+print("namespace", open(sa + "/namespace").read())
+ctx = ssl.create_default_context(cafile=sa + "/ca.crt")
+host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"]
+req = urllib.request.Request(
+    f"https://{host}:{port}/apis/authentication.k8s.io/v1/selfsubjectreviews", method="POST",
+    data=json.dumps({"apiVersion": "authentication.k8s.io/v1",
+                     "kind": "SelfSubjectReview"}).encode(),
+    headers={"Authorization": "Bearer " + open(sa + "/token").read(),
+             "Content-Type": "application/json"})
+review = json.load(urllib.request.urlopen(req, context=ctx))
+print("user", review["status"]["userInfo"]["username"], flush=True)
+import time
+time.sleep(600)
+"""
+
+
+def test_volumes_and_the_service_account_token(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.kubectl("create", "configmap", "vol-cfg", "--from-literal=greeting=hello")
+    cluster.kubectl("create", "secret", "generic", "vol-sec", "--from-literal=password=s3cret")
+    base = str(tmp_path)
+    manifest = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "volumes"},
+        "spec": {
+            "volumes": [{"name": "cfg", "configMap": {"name": "vol-cfg"}},
+                        {"name": "sec", "secret": {"secretName": "vol-sec"}},
+                        {"name": "work", "emptyDir": {}},
+                        {"name": "info", "downwardAPI": {"items": [
+                            {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}}],
+            "initContainers": [{"name": "prepare", "image": "busybox", "command": [
+                "sh", "-c", f"echo prepared > {base}/work/from-init"],
+                "volumeMounts": [{"name": "work", "mountPath": f"{base}/work"}]}],
+            "containers": [{"name": "app", "image": "busybox",
+                            "command": [sys.executable, "-c", VOLUME_APP, base],
+                            "volumeMounts": [
+                                {"name": n, "mountPath": f"{base}/{n}"}
+                                for n in ("cfg", "sec", "work", "info")]}]}}
+    import json
+    proc = subprocess.run([KUBECTL, "--kubeconfig", str(cluster.kubeconfig), "apply", "-f",
+                           "-"], input=json.dumps(manifest), capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    pod = cluster.pod("volumes")
+    api_access = [v.name for v in pod.spec.volumes if v.name.startswith("kube-api-access-")]
+    assert len(api_access) == 1
+
+    def printed() -> dict[str, str]:
+        out = cluster.kubectl("logs", "volumes").stdout
+        lines = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+        return lines if "user" in lines else {}
+    lines = wait_for(printed, timeout=30, what="the app's report")
+    assert lines == {"greeting": "hello", "password": "s3cret", "init": "prepared",
+                     "name": "volumes", "namespace": "default",
+                     "user": "system:serviceaccount:default:default"}
+    # The mounts were the container's own: nothing of them shows on this machine.
+    assert not any((tmp_path / n).exists() and any((tmp_path / n).iterdir())
+                   for n in ("cfg", "sec", "info"))
+    sa_dir = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+    assert not (sa_dir / "token").exists()
+    cluster.kubectl("delete", "pod", "volumes", "--grace-period=1", timeout=60)
+
+
+def test_a_missing_configmap_holds_the_pod_with_failed_mount(cluster: Cluster) -> None:
+    manifest = ('{"apiVersion":"v1","kind":"Pod","metadata":{"name":"nocfg"},"spec":{'
+                '"volumes":[{"name":"c","configMap":{"name":"absent"}}],'
+                '"containers":[{"name":"a","image":"busybox","command":["sleep","60"],'
+                '"volumeMounts":[{"name":"c","mountPath":"/tmp/nocfg-test"}]}]}}')
+    proc = subprocess.run([KUBECTL, "--kubeconfig", str(cluster.kubeconfig), "apply", "-f",
+                           "-"], input=manifest, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+    def failed_mount() -> str:
+        return cluster.kubectl("get", "events", "--field-selector",
+                               "involvedObject.name=nocfg,reason=FailedMount", "-o",
+                               "jsonpath={.items[*].message}").stdout
+    message = wait_for(failed_mount, timeout=20, what="FailedMount")
+    assert 'MountVolume.SetUp failed for volume "c" : configmap "absent" not found' in message
+    row = cluster.kubectl("get", "pod", "nocfg", "--no-headers").stdout.split()
+    assert row[1:3] == ["0/1", "ContainerCreating"]
+    cluster.kubectl("create", "configmap", "absent", "--from-literal=k=v")
+    wait_for(lambda: _running_ready(cluster, "nocfg"), timeout=40, what="nocfg Running")
+    cluster.kubectl("delete", "pod", "nocfg", "--grace-period=1", timeout=60)
+
+
 def test_cluster_down_stops_every_pod(cluster: Cluster) -> None:
     cluster.kubectl("run", "lasting", "--image=busybox", "--command", "--",
                     "sleep", "4242")
