@@ -22,6 +22,7 @@ from localcluster.errors import ApiError
 from localcluster.events import EventRecorder
 from localcluster.kubelet import containers, images
 from localcluster.kubelet.backoff import Backoff
+from localcluster.kubelet.prober import Prober
 from localcluster.kubelet.status import ContainerView, Role, conditions, phase
 from localcluster.kubelet.volumes import TokenMinter, VolumeError, Volumes
 from localcluster.registry import Registry, WriteOptions
@@ -309,14 +310,22 @@ class PodWorker:
         view.container_id = inst.container_id
         view.started_at_s = now
         view.state = {"running": {"startedAt": containers.rfc3339(now)}}
-        view.started = view.ready = True
-        self._started[name].set()
+        view.started = "startupProbe" not in c
+        view.ready = view.started and "readinessProbe" not in c
+        if view.started:
+            self._started[name].set()
         self._changed.set()
         await self.node.events.normal(self._ref(), "Created", f"Created container: {name}")
         await self.node.events.normal(self._ref(), "Started", f"Started container {name}")
         log.info("container started pod=%s/%s container=%s pid=%d restart=%d", self.namespace,
                  self.name, name, inst.pid, view.restart_count)
-        code = await inst.wait()
+        prober = Prober(self, c, view, inst, env, mounts)
+        probing = asyncio.create_task(prober.run()) if prober.any() else None
+        try:
+            code = await inst.wait()
+        finally:
+            if probing is not None:
+                probing.cancel()
         log.info("container exited pod=%s/%s container=%s code=%d", self.namespace, self.name,
                  name, code)
         self._exited(view, inst, code)
@@ -375,6 +384,24 @@ class PodWorker:
         rt = self.node.registry.catalog.lookup("", "v1", "pods")
         assert rt is not None
         return rt
+
+    def container_started(self, view: ContainerView) -> None:
+        """Its startup probe succeeded."""
+        view.ready = "readinessProbe" not in self._spec_of(view.name)
+        self._started[view.name].set()
+        self._changed.set()
+
+    def set_ready(self, view: ContainerView, ready: bool) -> None:
+        view.ready = ready
+        self._changed.set()
+
+    def _spec_of(self, name: str) -> Mapping[str, Any]:
+        spec = self.pod["spec"]
+        return next(c for c in [*(spec.get("initContainers") or []), *spec["containers"]]
+                    if c["name"] == name)
+
+    def ref(self) -> dict[str, Any]:
+        return self._ref()
 
     def _ref(self) -> dict[str, Any]:
         return {"kind": "Pod", "apiVersion": "v1", "metadata": self.pod["metadata"]}

@@ -385,6 +385,59 @@ def test_a_missing_configmap_holds_the_pod_with_failed_mount(cluster: Cluster) -
     cluster.kubectl("delete", "pod", "nocfg", "--grace-period=1", timeout=60)
 
 
+def test_readiness_gates_the_endpoint_and_liveness_restarts(cluster: Cluster,
+                                                           tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (tmp_path / "alive").touch()
+    manifest = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "probed", "labels": {"app": "probed"}},
+        "spec": {"containers": [{
+            "name": "web", "image": "busybox",
+            "command": [sys.executable, "-m", "http.server", "8081", "--directory", str(site)],
+            "ports": [{"name": "http", "containerPort": 8081}],
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"},
+                               "periodSeconds": 1, "failureThreshold": 1},
+            "livenessProbe": {"exec": {"command": ["test", "-e", str(tmp_path / "alive")]},
+                              "periodSeconds": 1, "failureThreshold": 2}}]}}
+    import json
+    proc = subprocess.run([KUBECTL, "--kubeconfig", str(cluster.kubeconfig), "apply", "-f",
+                           "-"], input=json.dumps(manifest), capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    cluster.kubectl("expose", "pod", "probed", "--port=80", "--target-port=8081")
+
+    def endpoint() -> str:
+        return cluster.kubectl("get", "endpointslices", "-l",
+                               "kubernetes.io/service-name=probed", "-o",
+                               "jsonpath={.items[*].endpoints[*].conditions.ready}").stdout
+    wait_for(lambda: endpoint() == "false", timeout=30, what="a not-ready endpoint")
+    row = cluster.kubectl("get", "pod", "probed", "--no-headers").stdout.split()
+    assert row[1:3] == ["0/1", "Running"]
+    wait_for(lambda: "Readiness probe failed: HTTP probe failed with statuscode: 404" in
+             cluster.kubectl("get", "events", "--field-selector",
+                             "involvedObject.name=probed,reason=Unhealthy", "-o",
+                             "jsonpath={.items[*].message}").stdout, timeout=15,
+             what="an Unhealthy Event")
+    (site / "ready").write_text("ok")
+    wait_for(lambda: endpoint() == "true", timeout=15, what="a ready endpoint")
+    assert cluster.kubectl("get", "pod", "probed", "--no-headers").stdout.split()[1] == "1/1"
+    (site / "ready").unlink()
+    wait_for(lambda: endpoint() == "false", timeout=15, what="not ready again")
+    # Liveness: the check fails twice, the container is killed and restarted.
+    (tmp_path / "alive").unlink()
+    wait_for(lambda: cluster.status_of("probed", "web").restart_count >= 1, timeout=30,
+             what="a restart")
+    (tmp_path / "alive").touch()
+    events = cluster.kubectl("get", "events", "--field-selector",
+                             "involvedObject.name=probed", "-o",
+                             "jsonpath={.items[*].message}").stdout
+    assert "Liveness probe failed" in events
+    assert "Container web failed liveness probe, will be restarted" in events
+    cluster.kubectl("delete", "pod", "probed", "--grace-period=1", timeout=60)
+
+
 def test_cluster_down_stops_every_pod(cluster: Cluster) -> None:
     cluster.kubectl("run", "lasting", "--image=busybox", "--command", "--",
                     "sleep", "4242")
