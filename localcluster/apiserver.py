@@ -194,6 +194,8 @@ class ApiHandler:
     @staticmethod
     def _verb(request: web.Request, target: Target) -> str:
         m = request.method
+        if target.subresource in podapi.STREAMING:
+            return "create"  # as kube authorizes exec, also over a WebSocket GET
         if m == "GET":
             if target.name:
                 return "get"
@@ -324,8 +326,11 @@ class ApiHandler:
         if verb not in target.rt.verbs and not (target.subresource == "token"
                                                  and verb == "create"):
             raise ApiError.method_not_allowed(verb, target.rt.plural)
-        if target.subresource in podapi.STREAMING:
+        if target.subresource in podapi.REFUSED:
             raise podapi.streaming_refused(target.subresource)
+        if target.subresource == "exec":
+            return await podapi.serve_exec(request, self.registry.get(
+                target.rt, self._scope(target), target.name), self.kubelet)
         return await handler(request, user, target)
 
     def _scope(self, t: Target) -> str:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from localcluster.kubelet.worker import PodWorker
 
 STREAMING = frozenset({"exec", "attach", "portforward"})
+REFUSED = frozenset({"attach", "portforward"})
 SUBRESOURCES = frozenset({"binding", "log", *STREAMING})
 
 
@@ -30,10 +31,31 @@ class KubeletView(Protocol):
 
 def streaming_refused(subresource: str) -> ApiError:
     return ApiError.bad_request(
-        f"pods/{subresource} is not served: this embedded cluster's kubelet has no streaming "
-        "server for kubectl's protocol (websocket v5.channel.k8s.io or SPDY); to run a command "
-        "in the pod's network, use `ip netns exec` with the pod's namespace from "
-        "`ip netns list`")
+        f"pods/{subresource} is not served: this embedded cluster's kubelet streams only "
+        "pods/exec, over WebSocket (v5.channel.k8s.io); to reach a pod's port, use "
+        "`ip netns exec` with the pod's namespace from `ip netns list`")
+
+
+async def serve_exec(request: web.Request, pod: Mapping[str, Any],
+                     kubelet: KubeletView | None) -> web.StreamResponse:
+    from localcluster.kubelet import execstream, logs
+
+    meta = pod["metadata"]
+    container = logs.choose_container(pod, request.query.get("container", ""))
+    command = request.query.getall("command", [])
+    if not command:
+        raise ApiError.bad_request("you must specify at least 1 command")
+    if kubelet is None:
+        raise ApiError.bad_request(
+            "pods/exec is not served: this server runs no kubelet (start the cluster with "
+            "`meshgate cluster up` for one)")
+    worker = kubelet.worker(meta["namespace"], meta["name"])
+    found = worker.exec_command(container, command) if worker is not None else None
+    if found is None:
+        raise ApiError.bad_request(
+            f'unable to upgrade connection: container not found ("{container}")')
+    argv, env = found
+    return await execstream.serve(request, argv, command, env)
 
 
 def grace_query(query: Mapping[str, str]) -> int:

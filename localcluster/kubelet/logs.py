@@ -133,7 +133,13 @@ async def serve(request: web.Request, pod: Mapping[str, Any], root: Path,
                     pending = ""
                 continue
             if worker.running_log(container) != path:
-                break  # this instance has exited and its output is all read
+                # This instance has exited: what it wrote last, then the end.
+                for rest in f.readlines():
+                    pending += rest
+                    if pending.endswith("\n"):
+                        await resp.write(_line(pending.rstrip("\n"), timestamps).encode())
+                        pending = ""
+                break
             await asyncio.sleep(FOLLOW_POLL)
     await resp.write_eof()
     return resp

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,7 @@ class PodWorker:
         self.volumes = Volumes(pod, self.dir / "volumes", node.registry.store.get, node.mint,
                                node.host_ip, node.clock)
         self.instances: dict[str, containers.Instance] = {}
+        self.exec_context: dict[str, tuple[dict[str, str], list[tuple[str, str, bool]]]] = {}
         self.backoffs: dict[str, Backoff] = {}
         self.ip: str | None = None
         self._adding: asyncio.Future[netns.Pod] | None = None
@@ -132,6 +133,17 @@ class PodWorker:
 
     def log_path(self, container: str, restart: int) -> Path:
         return self.dir / container / f"{restart}.log"
+
+    def exec_command(self, container: str, command: Sequence[str]
+                     ) -> tuple[list[str], dict[str, str]] | None:
+        """argv and environment that run `command` in the running `container`'s network
+        namespace, with its volumes and environment; None if it is not running."""
+        if container not in self.instances or container not in self.exec_context:
+            return None
+        env, mounts = self.exec_context[container]
+        argv = netns.pod_command(self.node.network, self.key, Volumes.wrap(
+            mounts, command, sh=_tool("sh"), mount=_tool("mount")))
+        return argv, env
 
     def running_log(self, container: str) -> Path | None:
         inst = self.instances.get(container)
@@ -319,6 +331,7 @@ class PodWorker:
         await self.node.events.normal(self._ref(), "Started", f"Started container {name}")
         log.info("container started pod=%s/%s container=%s pid=%d restart=%d", self.namespace,
                  self.name, name, inst.pid, view.restart_count)
+        self.exec_context[name] = (dict(env), list(mounts))
         prober = Prober(self, c, view, inst, env, mounts)
         probing = asyncio.create_task(prober.run()) if prober.any() else None
         try:

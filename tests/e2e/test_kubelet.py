@@ -211,11 +211,25 @@ def test_a_foreign_image_without_a_command_waits_with_the_reason(cluster: Cluste
     cluster.kubectl("delete", "pod", "foreign", "--wait=true", timeout=60)
 
 
-def test_exec_is_refused_naming_what_is_missing(cluster: Cluster) -> None:
+def test_exec_runs_in_the_pod_over_kubectls_websocket(cluster: Cluster) -> None:
     wait_for(lambda: _running_ready(cluster, "web"), timeout=30, what="web Running")
-    proc = cluster.kubectl("exec", "web", "--", "true", check=False)
-    assert proc.returncode != 0
-    assert "pods/exec is not served" in proc.stderr, proc.stderr
+    proc = cluster.kubectl("exec", "web", "--", "sh", "-c",
+                           "echo out; echo err >&2; exit 3", check=False)
+    assert (proc.returncode, proc.stdout) == (3, "out\n")
+    assert "err" in proc.stderr
+    # stdin, closed by the client at its end (v5), reaches the command.
+    cat = subprocess.run([KUBECTL, "--kubeconfig", str(cluster.kubeconfig), "exec", "-i",
+                          "web", "--", "cat"], input="hello\nworld\n", capture_output=True,
+                         text=True, timeout=30, check=False)
+    assert (cat.returncode, cat.stdout) == (0, "hello\nworld\n"), cat.stderr
+    # The pod's network: its own server answers on localhost.
+    code = ("import urllib.request; "
+            "print(urllib.request.urlopen('http://127.0.0.1:8080/').status)")
+    proc = cluster.kubectl("exec", "web", "--", sys.executable, "-c", code)
+    assert proc.stdout == "200\n"
+    missing = cluster.kubectl("exec", "web", "-c", "nope", "--", "true", check=False)
+    assert missing.returncode == 1 and "container nope is not valid for pod web" in (
+        missing.stderr)
 
 
 def test_init_containers_sidecar_and_graceful_delete(cluster: Cluster, tmp_path: Path
@@ -232,7 +246,10 @@ def test_init_containers_sidecar_and_graceful_delete(cluster: Cluster, tmp_path:
         "spec": {"terminationGracePeriodSeconds": 10, "initContainers": [
             {"name": "first", "image": "busybox", "command": ["sh", "-c", f"echo first >> {f}"]},
             {"name": "sidecar", "image": "busybox", "restartPolicy": "Always",
-             "command": stays("sidecar")},
+             "command": stays("sidecar"),
+             # started (so the next init container runs) once it has written its line
+             "startupProbe": {"exec": {"command": ["grep", "-q", "sidecar", f]},
+                              "periodSeconds": 1}},
             {"name": "second", "image": "busybox",
              "command": ["sh", "-c", f"echo second >> {f}"]}],
             "containers": [{"name": "main", "image": "busybox", "command": stays("main"),
@@ -358,6 +375,8 @@ def test_volumes_and_the_service_account_token(cluster: Cluster, tmp_path: Path)
     # The mounts were the container's own: nothing of them shows on this machine.
     assert not any((tmp_path / n).exists() and any((tmp_path / n).iterdir())
                    for n in ("cfg", "sec", "info"))
+    shown = cluster.kubectl("exec", "volumes", "--", "cat", f"{base}/cfg/greeting").stdout
+    assert shown == "hello"
     sa_dir = Path("/var/run/secrets/kubernetes.io/serviceaccount")
     assert not (sa_dir / "token").exists()
     cluster.kubectl("delete", "pod", "volumes", "--grace-period=1", timeout=60)

@@ -76,10 +76,12 @@ def test_binding_refusals(cluster: Cluster, ns: str) -> None:
     assert "started without a kubelet" in json.loads(e.value.body)["message"]
 
 
-def test_exec_is_refused_naming_the_missing_protocol(cluster: Cluster, ns: str) -> None:
+def test_exec_and_attach_are_refused_naming_what_is_missing(cluster: Cluster, ns: str) -> None:
     core = client.CoreV1Api(cluster.api())
     _pod(core, ns, "r")
     proc = cluster.kubectl("exec", "r", "-n", ns, "--", "true", check=False)
     assert proc.returncode == 1
-    assert "pods/exec is not served" in proc.stderr
-    assert "v5.channel.k8s.io" in proc.stderr
+    assert "pods/exec is not served: this server runs no kubelet" in proc.stderr
+    attach = cluster.raw("POST", f"/api/v1/namespaces/{ns}/pods/r/attach?stdout=true")
+    assert attach[0] == 400 and isinstance(attach[1], dict)
+    assert "pods/attach is not served" in attach[1]["message"]
