@@ -5,7 +5,7 @@ same number of single-row SQLite transactions with the server's durability
 settings (WAL, synchronous=FULL): the ceiling for durable creates on this
 machine. Prints creates/s and the ratio to that ceiling, the time to list
 every Service, watch delivery latency (p50/p99) to concurrent watchers, and
-the server's resident memory.
+the server's resident memory; then the kubelet's figures (bench/kubelet.py).
 
     .venv/bin/python bench/apiserver.py [--services 5000] [--watchers 100]
 """
@@ -189,6 +189,8 @@ def main() -> None:
     parser.add_argument("--watchers", type=int, default=100)
     parser.add_argument("--updates", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--kubelet-pods", type=int, default=50,
+                        help="Pods for the kubelet's figures (bench/kubelet.py; needs root)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="meshgate-bench-") as tmp:
         state = Path(tmp) / "cluster"
@@ -201,6 +203,9 @@ def main() -> None:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    import kubelet
+
+    kubelet.run(args.kubelet_pods)
 
 
 if __name__ == "__main__":
