@@ -24,8 +24,9 @@ from localcluster import netns
 from localcluster.errors import ApiError
 from localcluster.events import EventRecorder
 from localcluster.kubelet.binding import Scheduler, wants_binding
+from localcluster.kubelet.reap import processes_in
 from localcluster.kubelet.volumes import TokenMinter
-from localcluster.kubelet.worker import MANAGER, PODS_KEY, Node, PodWorker
+from localcluster.kubelet.worker import MANAGER, PODS_KEY, Node, PodWorker, sandbox_key
 from localcluster.registry import Registry
 from localcluster.store import Event
 from localcluster.workloads.nodes import node_name
@@ -94,16 +95,17 @@ class Kubelet:
         return self.workers.get((namespace, name))
 
     async def _forget_previous(self) -> None:
-        """Sandboxes a previous kubelet left (it was killed): their processes died with
-        their namespaces' users or are stopped below; the Pods start again."""
-        ours = {p.name for p in netns.list_pods(self.network)}
+        """Sandboxes a previous kubelet left (it was killed): their processes are killed
+        and their namespaces removed; the Pods start again."""
+        ours = {p.name: p for p in netns.list_pods(self.network)}
         mine = {w.key for w in self.workers.values()}
         for pod in self.registry.store.items(PODS_KEY):
-            from localcluster.kubelet.worker import sandbox_key
-
             meta = pod["metadata"]
             key = sandbox_key(meta["namespace"], meta["name"], meta["uid"])
             if key in ours and key not in mine:
+                for pid in processes_in(ours[key].netns):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 await asyncio.to_thread(netns.remove_pod, self.network, key)
 
     def _on_event(self, ev: Event) -> None:

@@ -91,6 +91,7 @@ class PodWorker:
         for c in spec["containers"]:
             self.views[c["name"]] = ContainerView(c["name"], c.get("image", ""), Role.MAIN,
                                                   state={"waiting": {"reason": first}})
+        self._continue_from(pod)
         self.volumes = Volumes(pod, self.dir / "volumes", node.registry.store.get, node.mint,
                                node.host_ip, node.clock)
         self.instances: dict[str, containers.Instance] = {}
@@ -108,6 +109,27 @@ class PodWorker:
         self._started: dict[str, asyncio.Event] = {n: asyncio.Event() for n in self.views}
         self.task = asyncio.create_task(self._run(), name=f"pod {self.namespace}/{self.name}")
         self._writer = asyncio.create_task(self._write_status())
+
+    def _continue_from(self, pod: Mapping[str, Any]) -> None:
+        """A Pod whose containers ran under a kubelet that stopped (the API server was
+        restarted): they run again, counted as restarts, the last run's state in
+        `lastState` (``Unknown``, 255, if it was still running), as after a node reboot."""
+        status = pod.get("status") or {}
+        for key in ("initContainerStatuses", "containerStatuses"):
+            for cs in status.get(key) or []:
+                view = self.views.get(cs.get("name", ""))
+                if view is None or not cs.get("containerID"):
+                    continue
+                view.restart_count = int(cs.get("restartCount", 0)) + 1
+                state = cs.get("state") or {}
+                if "terminated" in state:
+                    view.last_state = {"terminated": state["terminated"]}
+                elif "running" in state:
+                    view.last_state = {"terminated": {
+                        "exitCode": 255, "reason": "Unknown",
+                        "startedAt": state["running"].get("startedAt"),
+                        "finishedAt": containers.rfc3339(self.node.clock()),
+                        "containerID": cs["containerID"]}}
 
     # -- from the kubelet ------------------------------------------------------------
 

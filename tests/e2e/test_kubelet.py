@@ -457,6 +457,29 @@ def test_readiness_gates_the_endpoint_and_liveness_restarts(cluster: Cluster,
     cluster.kubectl("delete", "pod", "probed", "--grace-period=1", timeout=60)
 
 
+def test_pods_run_again_after_the_api_server_restarts(cluster: Cluster) -> None:
+    cluster.kubectl("run", "survivor", "--image=busybox", "--command", "--",
+                    "sh", "-c", "echo run; exec sleep 4545")
+    wait_for(lambda: _running_ready(cluster, "survivor"), timeout=30, what="survivor Running")
+    before = _pids_with("4545")
+    assert before
+    state = cluster.base / "state"
+    os.kill(int((state / "run" / "apiserver.pid").read_text()), 9)
+    cluster.meshgate("cluster", "up", "--name", NAME, "--state-dir", str(state),
+                     "--pod-cidr", "10.217.0.0/16", "--service-cidr", "10.218.0.0/16")
+
+    def restarted() -> bool:
+        cs = cluster.status_of("survivor", "survivor")
+        return bool(cs.restart_count == 1 and cs.state.running and cs.ready)
+    wait_for(restarted, timeout=30, what="survivor running again")
+    last = cluster.status_of("survivor", "survivor").last_state.terminated
+    assert (last.reason, last.exit_code) == ("Unknown", 255)
+    after = _pids_with("4545")
+    assert after and not set(before) & set(after)
+    assert cluster.kubectl("logs", "survivor", "--previous").stdout == "run\n"
+    cluster.kubectl("delete", "pod", "survivor", timeout=60)
+
+
 def test_cluster_down_stops_every_pod(cluster: Cluster) -> None:
     cluster.kubectl("run", "lasting", "--image=busybox", "--command", "--",
                     "sleep", "4242")
