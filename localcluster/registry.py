@@ -21,8 +21,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from localcluster import crd, managedfields, patch, schema
+from localcluster import crd, managedfields, patch, schema, webhookconfig
 from localcluster.admission import Admission
+from localcluster.auth import User
 from localcluster.catalog import Catalog
 from localcluster.errors import ApiError, Cause
 from localcluster.eventsv1 import conversion_for
@@ -32,6 +33,7 @@ from localcluster.store import EventType, Store, Write
 from localcluster.strategy import tracks_generation
 from localcluster.timestamps import normalize_times
 from localcluster.validate import validate_object, validate_update
+from localcluster.webhooks import Attributes, Webhooks, options_for
 from localcluster.workloads.propagation import propagation_policy, with_propagation
 
 NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
@@ -61,6 +63,8 @@ class WriteOptions:
     """Strict, Warn or Ignore: what to do about fields the schema does not declare."""
     field_manager: str = "kube-controller-manager"
     """Who is writing: the manager `metadata.managedFields` records for this write."""
+    user: User | None = None
+    """The requester admission webhooks are told of; None for the server's own writes."""
 
 
 def _spec_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
@@ -78,6 +82,9 @@ class Registry:
         self.catalog = catalog
         self.admission = admission
         self.clock = clock
+        self.webhooks = Webhooks(store, catalog, present=self.present,
+                                 decode=lambda rt, body: self.decode(
+                                     rt, body, WriteOptions(field_validation="Ignore"))[0])
 
     # -- reading -------------------------------------------------------------------
 
@@ -179,6 +186,7 @@ class Registry:
             causes += validate_update(rt.plural, old, obj)
         if rt.key == CRD_KEY:
             causes += crd.validate_crd(obj)
+        causes += webhookconfig.validate(rt, obj)
         if causes:
             name = (obj.get("metadata") or {}).get("name", "")
             raise ApiError.invalid(rt.kind, name, causes, group=rt.group)
@@ -203,6 +211,10 @@ class Registry:
             meta["namespace"] = namespace
         else:
             meta.pop("namespace", None)
+        attrs = self._attributes(rt, "CREATE", namespace, meta.get("name", ""), opts)
+        mutated, hook_warnings = await self.webhooks.mutate(attrs, obj, None)
+        obj, warnings = mutated or obj, warnings + hook_warnings
+        meta = obj.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + "".join(
                 secrets.choice(NAME_ALPHABET) for _ in range(5))
@@ -221,6 +233,7 @@ class Registry:
                              manager=opts.field_manager, now=now_rfc3339(self.clock),
                              applied=tracked)
         self._validate(rt, obj, None)
+        warnings += await self.webhooks.validate(attrs, obj, None)
         async with self.store.lock:
             name = meta["name"]
             if self.store.get(rt.key, namespace if rt.namespaced else "", name) is not None:
@@ -234,6 +247,17 @@ class Registry:
             await self.store.commit(writes)
         self._after_commit(rt, obj, EventType.ADDED)
         return Outcome(self.present(rt, obj), warnings, created=True)
+
+    @staticmethod
+    def _attributes(rt: ResourceType, operation: str, namespace: str, name: str,
+                    opts: WriteOptions, subresource: str = "", *,
+                    delete_options: Mapping[str, Any] | None = None) -> Attributes:
+        if rt.key == NAMESPACE_KEY:
+            namespace = name  # kube's request namespace for a Namespace is its own name
+        return Attributes(rt, operation, namespace, name, subresource, opts.user, opts.dry_run,
+                          options_for(operation, dry_run=opts.dry_run,
+                                      field_manager=opts.field_manager,
+                                      delete_options=delete_options))
 
     def _check_namespace_open(self, namespace: str) -> None:
         ns = self.store.get(NAMESPACE_KEY, "", namespace)
@@ -331,10 +355,14 @@ class Registry:
         merged["apiVersion"], merged["kind"] = old.get("apiVersion", rt.api_version), rt.kind
         merged["metadata"]["resourceVersion"] = old_meta["resourceVersion"]
         self.admission.on_update(rt, old, merged)
+        attrs = self._attributes(rt, "UPDATE", ns, name, opts, subresource)
+        mutated, hook_warnings = await self.webhooks.mutate(attrs, merged, old)
+        merged, warnings = mutated or merged, warnings + hook_warnings
         managedfields.record(managedfields.scope_for(rt, subresource), old, merged,
                              new_meta.get("managedFields"), manager=opts.field_manager,
                              now=now_rfc3339(self.clock), applied=tracked)
         self._validate(rt, merged, old)
+        warnings += await self.webhooks.validate(attrs, merged, old)
         if merged["metadata"].get("deletionTimestamp") and not merged["metadata"].get("finalizers"):
             writes = [Write(rt.key, ns, name, None, EventType.DELETED)]
             writes += self.admission.on_delete(rt, merged)
@@ -409,6 +437,9 @@ class Registry:
                                         "ResourceVersion in precondition: "
                                         f"{pre['resourceVersion']}, ResourceVersion in object "
                                         f"meta: {meta['resourceVersion']}", group=rt.group)
+            attrs = self._attributes(rt, "DELETE", ns, name, opts, delete_options=options)
+            await self.webhooks.mutate(attrs, None, old)
+            await self.webhooks.validate(attrs, None, old)
             old = with_propagation(old, propagation_policy(options)) or old
             meta = old["metadata"]
             if meta.get("finalizers") or rt.key == NAMESPACE_KEY:
