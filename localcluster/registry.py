@@ -17,9 +17,9 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from localcluster import crd, managedfields, patch, schema, webhookconfig
 from localcluster.admission import Admission
@@ -36,11 +36,18 @@ from localcluster.validate import validate_object, validate_update
 from localcluster.webhooks import Attributes, Webhooks, options_for
 from localcluster.workloads.propagation import propagation_policy, with_propagation
 
+T = TypeVar("T")
+ADMISSION_ATTEMPTS = 3
 NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 CRD_KEY = ("apiextensions.k8s.io", "customresourcedefinitions")
 NAMESPACE_KEY = ("", "namespaces")
 TERMINATING_CAUSE = "NamespaceTerminating"
 CREATE_ON_UPDATE = {("", "endpoints"), ("coordination.k8s.io", "leases")}
+
+
+class ObjectChanged(ApiError):
+    """Another write changed the object while admission webhooks ran (a 409 Conflict);
+    kube retries such updates and patches on the new object, and so does `Registry`."""
 
 
 def now_rfc3339(clock: Callable[[], float]) -> str:
@@ -212,6 +219,8 @@ class Registry:
         else:
             meta.pop("namespace", None)
         attrs = self._attributes(rt, "CREATE", namespace, meta.get("name", ""), opts)
+        if rt.namespaced and self.webhooks.configured():
+            self._check_namespace_open(namespace)  # kube's NamespaceLifecycle runs first
         mutated, hook_warnings = await self.webhooks.mutate(attrs, obj, None)
         obj, warnings = mutated or obj, warnings + hook_warnings
         meta = obj.setdefault("metadata", {})
@@ -247,6 +256,28 @@ class Registry:
             await self.store.commit(writes)
         self._after_commit(rt, obj, EventType.ADDED)
         return Outcome(self.present(rt, obj), warnings, created=True)
+
+    async def _outside_lock(self, rt: ResourceType, ns: str, name: str, old: Mapping[str, Any],
+                            admit: Callable[[], Awaitable[T]]) -> T:
+        """Run `admit` (webhook calls) with the store's lock released, as kube calls webhooks
+        outside its storage transaction, so a slow webhook delays no other write. The object
+        must still be `old` afterwards; if another write changed it meanwhile, 409."""
+        if not self.webhooks.configured():
+            return await admit()
+        self.store.lock.release()
+        try:
+            result = await admit()
+        finally:
+            await self.store.lock.acquire()
+        current = self.store.get(rt.key, ns, name)
+        if current is None:
+            raise ApiError.not_found(rt.plural, name, group=rt.group)
+        if current["metadata"]["resourceVersion"] != old["metadata"]["resourceVersion"]:
+            raise ObjectChanged(409, "Conflict", f'Operation cannot be fulfilled on '
+                                f'{rt.qualified_plural} "{name}": the object has been modified; '
+                                "please apply your changes to the latest version and try again",
+                                group=rt.group, kind=rt.plural, name=name)
+        return result
 
     @staticmethod
     def _attributes(rt: ResourceType, operation: str, namespace: str, name: str,
@@ -285,31 +316,49 @@ class Registry:
             new.setdefault("metadata", {})["name"] = name
             return await self.create(rt, namespace, new, opts)
         async with self.store.lock:
-            return await self._update_locked(rt, ns, name, new, warnings, opts, subresource)
+            for attempt in range(ADMISSION_ATTEMPTS):
+                try:
+                    return await self._update_locked(rt, ns, name, copy.deepcopy(new),
+                                                     list(warnings), opts, subresource)
+                except ObjectChanged:
+                    if attempt == ADMISSION_ATTEMPTS - 1:
+                        raise
+        raise AssertionError("unreachable")
 
     async def patch(self, rt: ResourceType, namespace: str, name: str, content_type: str,
                     body: Any, opts: WriteOptions = WriteOptions(), *,
                     subresource: str = "") -> Outcome:
         ns = namespace if rt.namespaced else ""
         async with self.store.lock:
-            current = self.get(rt, ns, name)
-            if content_type == "application/merge-patch+json":
-                if not isinstance(body, dict):
-                    raise ApiError.bad_request("a merge patch must be a JSON object")
-                patched = patch.json_merge_patch(current, body)
-            elif content_type == "application/json-patch+json":
-                patched = patch.json_patch(current, body)
-            elif content_type == "application/strategic-merge-patch+json":
-                if not rt.model:
-                    raise ApiError.unsupported_media_type(content_type)
-                if not isinstance(body, dict):
-                    raise ApiError.bad_request("a strategic merge patch must be a JSON object")
-                patched = patch.strategic_merge_patch(
-                    current, body, schema.builtin_schema(rt.model))
-            else:
+            for attempt in range(ADMISSION_ATTEMPTS):
+                try:
+                    return await self._patch_locked(rt, ns, name, content_type, body, opts,
+                                                    subresource)
+                except ObjectChanged:  # changed while webhooks ran: patch what is there now
+                    if attempt == ADMISSION_ATTEMPTS - 1:
+                        raise
+        raise AssertionError("unreachable")
+
+    async def _patch_locked(self, rt: ResourceType, ns: str, name: str, content_type: str,
+                            body: Any, opts: WriteOptions, subresource: str) -> Outcome:
+        current = self.get(rt, ns, name)
+        if content_type == "application/merge-patch+json":
+            if not isinstance(body, dict):
+                raise ApiError.bad_request("a merge patch must be a JSON object")
+            patched = patch.json_merge_patch(current, body)
+        elif content_type == "application/json-patch+json":
+            patched = patch.json_patch(current, body)
+        elif content_type == "application/strategic-merge-patch+json":
+            if not rt.model:
                 raise ApiError.unsupported_media_type(content_type)
-            new, warnings = self.decode(rt, patched, opts)
-            return await self._update_locked(rt, ns, name, new, warnings, opts, subresource)
+            if not isinstance(body, dict):
+                raise ApiError.bad_request("a strategic merge patch must be a JSON object")
+            patched = patch.strategic_merge_patch(
+                current, body, schema.builtin_schema(rt.model))
+        else:
+            raise ApiError.unsupported_media_type(content_type)
+        new, warnings = self.decode(rt, patched, opts)
+        return await self._update_locked(rt, ns, name, new, warnings, opts, subresource)
 
     async def _update_locked(self, rt: ResourceType, ns: str, name: str, new: dict[str, Any],
                              warnings: list[str], opts: WriteOptions,
@@ -356,13 +405,19 @@ class Registry:
         merged["metadata"]["resourceVersion"] = old_meta["resourceVersion"]
         self.admission.on_update(rt, old, merged)
         attrs = self._attributes(rt, "UPDATE", ns, name, opts, subresource)
-        mutated, hook_warnings = await self.webhooks.mutate(attrs, merged, old)
-        merged, warnings = mutated or merged, warnings + hook_warnings
-        managedfields.record(managedfields.scope_for(rt, subresource), old, merged,
-                             new_meta.get("managedFields"), manager=opts.field_manager,
-                             now=now_rfc3339(self.clock), applied=tracked)
-        self._validate(rt, merged, old)
-        warnings += await self.webhooks.validate(attrs, merged, old)
+        sent_managed = new_meta.get("managedFields")
+
+        async def admit() -> tuple[dict[str, Any], list[str]]:
+            mutated, hook_warnings = await self.webhooks.mutate(attrs, merged, old)
+            admitted = mutated or merged
+            managedfields.record(managedfields.scope_for(rt, subresource), old, admitted,
+                                 sent_managed, manager=opts.field_manager,
+                                 now=now_rfc3339(self.clock), applied=tracked)
+            self._validate(rt, admitted, old)
+            return admitted, hook_warnings + await self.webhooks.validate(attrs, admitted, old)
+
+        merged, hook_warnings = await self._outside_lock(rt, ns, name, old, admit)
+        warnings = warnings + hook_warnings
         if merged["metadata"].get("deletionTimestamp") and not merged["metadata"].get("finalizers"):
             writes = [Write(rt.key, ns, name, None, EventType.DELETED)]
             writes += self.admission.on_delete(rt, merged)
@@ -438,8 +493,12 @@ class Registry:
                                         f"{pre['resourceVersion']}, ResourceVersion in object "
                                         f"meta: {meta['resourceVersion']}", group=rt.group)
             attrs = self._attributes(rt, "DELETE", ns, name, opts, delete_options=options)
-            await self.webhooks.mutate(attrs, None, old)
-            await self.webhooks.validate(attrs, None, old)
+
+            async def admit() -> None:
+                await self.webhooks.mutate(attrs, None, old)
+                await self.webhooks.validate(attrs, None, old)
+
+            await self._outside_lock(rt, ns, name, old, admit)
             old = with_propagation(old, propagation_policy(options)) or old
             meta = old["metadata"]
             if meta.get("finalizers") or rt.key == NAMESPACE_KEY:

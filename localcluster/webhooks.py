@@ -268,6 +268,10 @@ class Webhooks:
 
     # -- which webhooks ------------------------------------------------------------------
 
+    def configured(self) -> bool:
+        """Whether any webhook configuration exists (else admission has nothing to call)."""
+        return any(True for key in (MUTATING, VALIDATING) for _ in self.store.items(key))
+
     def _hooks(self, key: tuple[str, str]) -> list[Hook]:
         configs = sorted(self.store.items(key), key=lambda c: c["metadata"]["name"])
         return [Hook(c["metadata"]["name"], i, h)

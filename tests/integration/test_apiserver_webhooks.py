@@ -376,6 +376,7 @@ def test_timeout_refuses_under_fail_and_admits_under_ignore(
     wait_for(lambda: any("webhook failed open name=slow.example.com" in line
                          for line in cluster.output), what="the fail-open log line")
     status, metrics = cluster.raw("GET", "/metrics")
+    assert status == 200
     assert ('apiserver_admission_webhook_fail_open_count_total{name="slow.example.com",'
             'type="admit"} 1.0') in metrics
 
@@ -491,3 +492,92 @@ def test_service_webhook_reaches_a_ready_endpoint(cluster: Cluster, hooks: Webho
         "ports": [{"port": hooks.port, "protocol": "TCP"}]})
     cluster.kubectl("run", "web", "--image=app", "-n", ns)
     assert containers(cluster, ns, "web") == ["web", "proxy"]
+
+
+# -- other operations, the requester, and concurrency ---------------------------------------
+
+
+def test_delete_is_admitted_with_the_old_object(cluster: Cluster, hooks: WebhookServer,
+                                                ns: str) -> None:
+    def keep_protected(request: dict[str, Any]) -> dict[str, Any]:
+        labels = request["oldObject"]["metadata"].get("labels") or {}
+        if labels.get("protected") == "true":
+            return {"allowed": False, "status": {"message": "this pod is protected"}}
+        return {"allowed": True}
+
+    hooks.answers["/delete"] = keep_protected
+    install(cluster, "ValidatingWebhookConfiguration", f"{ns}-delete",
+            webhook(ns, "delete.example.com", url_config(hooks, "/delete"),
+                    rules=[{"operations": ["DELETE"], "apiGroups": [""], "apiVersions": ["v1"],
+                            "resources": ["pods"], "scope": "Namespaced"}]))
+    cluster.kubectl("run", "keep", "--image=app", "-n", ns, "--labels=protected=true")
+    cluster.kubectl("run", "drop", "--image=app", "-n", ns)
+    proc = cluster.kubectl("delete", "pod", "keep", "-n", ns, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ('Error from server: admission webhook "delete.example.com" '
+                                   "denied the request: this pod is protected")
+    cluster.kubectl("delete", "pod", "drop", "-n", ns)
+    request = hooks.requests("/delete")[-1]
+    assert request["operation"] == "DELETE" and request["name"] == "drop"
+    assert request["object"] is None and request["oldObject"]["metadata"]["name"] == "drop"
+    assert request["options"]["kind"] == "DeleteOptions"
+    assert cluster.kubectl("get", "pod", "keep", "-n", ns).returncode == 0
+
+
+def test_the_webhook_is_told_who_asks(cluster: Cluster, hooks: WebhookServer, ns: str) -> None:
+    hooks.answers["/who"] = allow
+    install(cluster, "ValidatingWebhookConfiguration", f"{ns}-who",
+            webhook(ns, "who.example.com", url_config(hooks, "/who"),
+                    rules=[{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                            "resources": ["configmaps"]}]))
+    cluster.kubectl("create", "configmap", "mine", "-n", ns)
+    assert hooks.requests("/who")[-1]["userInfo"]["username"] == "meshgate-admin"
+    cluster.kubectl("create", "role", "cm", "--verb=create", "--resource=configmaps", "-n", ns)
+    cluster.kubectl("create", "rolebinding", "cm", "--role=cm", "--user=alice", "-n", ns)
+    cluster.kubectl("create", "configmap", "theirs", "-n", ns, "--as=alice",
+                    "--as-group=devs")
+    user = hooks.requests("/who")[-1]["userInfo"]
+    assert user["username"] == "alice" and "devs" in user["groups"]
+
+
+def test_a_held_webhook_call_does_not_stall_other_writes(cluster: Cluster, hooks: WebhookServer,
+                                                         ns: str) -> None:
+    """kube calls webhooks outside its storage transaction: while one update waits on its
+    webhook, other writes (here to the very same Pod's status) go on, and the held update
+    then applies to the object as it now is."""
+    gate = threading.Event()
+
+    def held(request: dict[str, Any]) -> dict[str, Any]:
+        gate.wait(20)
+        return {"allowed": True}
+
+    hooks.answers["/held"] = held
+    core = client.CoreV1Api(cluster.api())
+    cluster.kubectl("run", "p", "--image=app", "-n", ns)
+    install(cluster, "ValidatingWebhookConfiguration", f"{ns}-held",
+            webhook(ns, "held.example.com", url_config(hooks, "/held"), timeoutSeconds=30,
+                    rules=[{"operations": ["UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                            "resources": ["pods"]}]))
+    result: dict[str, Any] = {}
+
+    def label() -> None:
+        try:
+            result["pod"] = core.patch_namespaced_pod("p", ns, {"metadata": {"labels": {
+                "held": "done"}}})
+        except ApiException as e:
+            result["error"] = e
+
+    worker = threading.Thread(target=label)
+    worker.start()
+    try:
+        wait_for(lambda: hooks.requests("/held"), what="the held webhook call")
+        core.patch_namespaced_pod_status("p", ns, {"status": {"phase": "Running"}})
+        core.create_namespaced_config_map(ns, {"metadata": {"name": "meanwhile"}})
+        assert worker.is_alive(), "the update should still be waiting on its webhook"
+    finally:
+        gate.set()
+        worker.join(30)
+    assert "error" not in result, result.get("error")
+    pod = core.read_namespaced_pod("p", ns)
+    assert pod.metadata.labels["held"] == "done" and pod.status.phase == "Running"
+    assert len(hooks.requests("/held")) == 2  # admitted again against the changed Pod
