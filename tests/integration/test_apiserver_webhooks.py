@@ -192,6 +192,12 @@ def test_configurations_are_served_defaulted_and_listed(cluster: Cluster, hooks:
     table = cluster.kubectl("get", "mutatingwebhookconfigurations", f"{ns}-defaults").stdout
     assert table.split("\n")[0].split() == ["NAME", "WEBHOOKS", "AGE"]
     assert table.split("\n")[1].split()[:2] == [f"{ns}-defaults", "2"]
+    explained = cluster.kubectl("explain", "mutatingwebhookconfigurations.webhooks.sideEffects")
+    assert "FIELD: sideEffects <string>" in explained.stdout
+    doc = {"apiVersion": "admissionregistration.k8s.io/v1",
+           "kind": "ValidatingWebhookConfiguration", "metadata": {"name": f"{ns}-ssa"},
+           "webhooks": [webhook(ns, "ssa.example.com", url_config(hooks, "/allow"))]}
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(doc))
     # Served to the official client too.
     adm = client.AdmissionregistrationV1Api(cluster.api())
     assert adm.read_mutating_webhook_configuration(f"{ns}-defaults").webhooks[1].name == \
