@@ -461,8 +461,13 @@ class Registry:
                 new = applied.obj
                 new["metadata"]["managedFields"] = applied.managers.encode()
                 if live is not None:
-                    return await self._update_locked(rt, ns, name, new, warnings, opts,
-                                                     subresource, tracked=True)
+                    try:
+                        return await self._update_locked(rt, ns, name, new, list(warnings),
+                                                         opts, subresource, tracked=True)
+                    except ObjectChanged:
+                        if attempt:
+                            raise
+                        continue  # changed while webhooks ran: apply to what is there now
             try:
                 created = await self.create(rt, namespace, new, opts, tracked=True)
             except ApiError as e:

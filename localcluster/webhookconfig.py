@@ -62,8 +62,13 @@ def set_defaults(obj: dict[str, Any], *, mutating: bool) -> None:
             service.setdefault("port", 443)
 
 
-def _invalid(path: str, value: Any, why: str) -> Cause:
-    return Cause(path, f"Invalid value: {json.dumps(value)}: {why}")
+def _invalid(path: str, value: Any, why: str, *, go_type: str = "[]string") -> Cause:
+    """field.Invalid's message; a list is printed as Go's %#v prints the internal type."""
+    if isinstance(value, list):
+        shown = f"{go_type}{{{', '.join(json.dumps(v) for v in value)}}}"
+    else:
+        shown = json.dumps(value)
+    return Cause(path, f"Invalid value: {shown}: {why}")
 
 
 def _required(path: str, detail: str = "") -> Cause:
@@ -120,7 +125,8 @@ def _validate_rule(rule: Mapping[str, Any], path: str) -> list[Cause]:
         causes.append(_required(f"{path}.operations"))
     if len(operations) > 1 and "*" in operations:
         causes.append(_invalid(f"{path}.operations", operations,
-                               "if '*' is present, must not specify other operations"))
+                               "if '*' is present, must not specify other operations",
+                               go_type="[]admissionregistration.OperationType"))
     for i, op in enumerate(operations):
         if op not in OPERATIONS:
             causes.append(_unsupported(f"{path}.operations[{i}]", op, OPERATIONS))

@@ -217,7 +217,8 @@ def test_configurations_are_served_defaulted_and_listed(cluster: Cluster, hooks:
      "webhooks[0].clientConfig.url: Invalid value: \"http\": 'https' is the only allowed URL "
      "scheme; desired format: https://host[/path]"),
     ({"admissionReviewVersions": ["v1beta2"]},
-     "webhooks[0].admissionReviewVersions: Invalid value:"),
+     'webhooks[0].admissionReviewVersions: Invalid value: []string{"v1beta2"}: must include '
+     "at least one of v1, v1beta1"),
     ({"timeoutSeconds": 31},
      "webhooks[0].timeoutSeconds: Invalid value: 31: the timeout value must be between 1 and "
      "30 seconds"),
@@ -587,3 +588,52 @@ def test_a_held_webhook_call_does_not_stall_other_writes(cluster: Cluster, hooks
     pod = core.read_namespaced_pod("p", ns)
     assert pod.metadata.labels["held"] == "done" and pod.status.phase == "Running"
     assert len(hooks.requests("/held")) == 2  # admitted again against the changed Pod
+
+
+def test_patches_are_checked_like_any_write(cluster: Cluster, hooks: WebhookServer,
+                                            ns: str) -> None:
+    """A patch that does not apply is the server's internal error; one that makes the object
+    invalid is refused by the object's own validation; a patch on a DELETE is refused."""
+    hooks.answers["/unappliable"] = lambda r: patch_with(
+        {"op": "replace", "path": "/spec/nothere/x", "value": 1})
+    install(cluster, "MutatingWebhookConfiguration", f"{ns}-m",
+            webhook(ns, "unappliable.example.com", url_config(hooks, "/unappliable")))
+    status, body = cluster.raw("POST", f"/api/v1/namespaces/{ns}/pods", json.dumps({
+        "metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}]}
+    }).encode())
+    assert (status, body["reason"]) == (500, "InternalError")
+    assert body["message"].startswith("Internal error occurred: ")
+
+    hooks.answers["/bad-label"] = lambda r: patch_with(
+        {"op": "add", "path": "/metadata/labels", "value": {"app": "not a valid value!"}})
+    install(cluster, "MutatingWebhookConfiguration", f"{ns}-m",
+            webhook(ns, "bad-label.example.com", url_config(hooks, "/bad-label")))
+    proc = cluster.kubectl("run", "p", "--image=app", "-n", ns, check=False)
+    assert proc.returncode == 1
+    assert 'The Pod "p" is invalid: metadata.labels[app]: Invalid value: "not a valid value!"' in \
+        proc.stderr, proc.stderr
+
+    hooks.answers["/on-delete"] = lambda r: patch_with(
+        {"op": "add", "path": "/metadata/labels", "value": {"a": "b"}})
+    install(cluster, "MutatingWebhookConfiguration", f"{ns}-m",
+            webhook(ns, "on-delete.example.com", url_config(hooks, "/on-delete"),
+                    rules=[{"operations": ["DELETE"], "apiGroups": [""], "apiVersions": ["v1"],
+                            "resources": ["configmaps"]}]))
+    cluster.kubectl("create", "configmap", "c", "-n", ns)
+    proc = cluster.kubectl("delete", "configmap", "c", "-n", ns, check=False)
+    assert proc.stderr.strip() == (
+        'Error from server (InternalError): Internal error occurred: admission webhook '
+        '"on-delete.example.com" attempted to modify the object, which is not supported for '
+        "this operation")
+
+
+def test_garbage_under_ignore_admits(cluster: Cluster, hooks: WebhookServer, ns: str) -> None:
+    hooks.answers["/junk"] = "<html>oops</html>"
+    install(cluster, "MutatingWebhookConfiguration", f"{ns}-junk",
+            webhook(ns, "junk.example.com", url_config(hooks, "/junk"), failurePolicy="Ignore"))
+    install(cluster, "ValidatingWebhookConfiguration", f"{ns}-junk",
+            webhook(ns, "junk-v.example.com", url_config(hooks, "/junk"),
+                    failurePolicy="Ignore"))
+    cluster.kubectl("run", "p", "--image=app", "-n", ns)
+    assert containers(cluster, ns, "p") == ["p"]
+    assert len(hooks.requests("/junk")) == 2

@@ -120,8 +120,9 @@ def test_configuration_validation_causes() -> None:
         'Invalid value: "x//": segment[1] may not be empty']
     assert causes["webhooks[0].rules[0].resources[1]"] == [
         "Invalid value: \"pods/status\": if 'pods/*' is present, must not specify pods/status"]
-    assert causes["webhooks[0].rules[0].operations"][0].endswith(
-        "if '*' is present, must not specify other operations")
+    assert causes["webhooks[0].rules[0].operations"] == [
+        'Invalid value: []admissionregistration.OperationType{"*", "CREATE"}: if \'*\' is '
+        "present, must not specify other operations"]
     assert causes["webhooks[1].name"] == ['Duplicate value: "a.b.c"']
 
 
