@@ -5,6 +5,7 @@ refusals shaped as kube does, configuration defaults and validation, and where a
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 import pytest
@@ -147,3 +148,83 @@ def test_a_service_webhook_dials_a_ready_endpoint_and_names_the_service() -> Non
     slices.pop(0)
     with pytest.raises(CallError, match='no endpoints available for service "hooks"'):
         hooks.target({"service": {"name": "hooks", "namespace": "mesh", "port": 443}}, 10)
+
+
+class FakeStore:
+    def __init__(self, **configs: list[dict[str, Any]]) -> None:
+        self.configs = configs
+
+    def get(self, key: tuple[str, str], ns: str, name: str) -> dict[str, Any] | None:
+        return {"metadata": {"name": name, "labels": {}}} if key == ("", "namespaces") else None
+
+    def items(self, key: tuple[str, str], ns: str | None = None) -> list[dict[str, Any]]:
+        return self.configs.get(key[1], [])
+
+
+class FakeClient(WebhookClient):
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.calls: list[dict[str, Any]] = []
+
+    async def post(self, client_config: Any, review: Any, *, timeout: int) -> Any:
+        self.calls.append({**review["request"], "url": client_config["url"]})
+        response = self.answer(self.calls[-1])
+        return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                "response": {"uid": review["request"]["uid"], **response}}
+
+
+def webhooks_with(client_: FakeClient, **configs: list[dict[str, Any]]) -> Any:
+    from localcluster.catalog import Catalog
+    from localcluster.webhooks import Webhooks
+
+    return Webhooks(FakeStore(**configs), Catalog(),  # type: ignore[arg-type]
+                    present=lambda rt, obj: dict(obj), decode=lambda rt, body: dict(body),
+                    client=client_)
+
+
+def config(name: str, *hooks: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "webhooks": list(hooks)}
+
+
+def hook(name: str, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "sideEffects": "None", "rules": [rule()],
+            "clientConfig": {"url": "https://h"}, **kw}
+
+
+def test_dry_run_is_refused_for_webhooks_with_side_effects() -> None:
+    import asyncio
+
+    fake = FakeClient(lambda r: {"allowed": True})
+    hooks = webhooks_with(fake, validatingwebhookconfigurations=[
+        config("c", hook("some.example.com", sideEffects="Some"))])
+    dry = Attributes(PODS, "CREATE", "d", "x", dry_run=True)
+    with pytest.raises(Exception, match=r'admission webhook "some\.example\.com" does not '
+                                        r"support dry run") as err:
+        asyncio.run(hooks.validate(dry, {"metadata": {"name": "x"}}, None))
+    assert getattr(err.value, "code", None) == 400 and not fake.calls
+
+
+def test_configurations_run_in_name_order_and_reinvoke_once() -> None:
+    import asyncio
+
+    def answer(request: dict[str, Any]) -> dict[str, Any]:
+        if request["url"] != "https://labeller" or request["object"]["metadata"].get("labels"):
+            return {"allowed": True}
+        ops = [{"op": "add", "path": "/metadata/labels", "value": {"b": "1"}}]
+        return {"allowed": True, "patchType": "JSONPatch",
+                "patch": base64.b64encode(json.dumps(ops).encode()).decode()}
+
+    fake = FakeClient(answer)
+    hooks = webhooks_with(fake, mutatingwebhookconfigurations=[
+        config("z-last", hook("z.example.com", clientConfig={"url": "https://labeller"})),
+        config("a-first", hook("a.example.com", reinvocationPolicy="IfNeeded",
+                               clientConfig={"url": "https://watcher"}),
+               hook("n.example.com", clientConfig={"url": "https://never"})),
+    ])
+    obj, _ = asyncio.run(hooks.mutate(attrs(), {"metadata": {"name": "x"}, "spec": {}}, None))
+    # a-first's two webhooks in order, then z-last, which changes the object: the IfNeeded
+    # webhook called before it runs once more, and sees the change; the Never one does not
+    assert [c["url"] for c in fake.calls] == [
+        "https://watcher", "https://never", "https://labeller", "https://watcher"]
+    assert fake.calls[-1]["object"]["metadata"]["labels"] == {"b": "1"}
+    assert obj["metadata"]["labels"] == {"b": "1"}
