@@ -406,7 +406,7 @@ class ApiHandler:
         if t.subresource == "scale":
             return respond(await scale.update_scale(
                 self.registry, t.rt, body, ns=self._scope(t), name=t.name,
-                opts=self._options(request)))
+                opts=self._options(request, user)))
         if t.subresource == "finalize":
             out = await self.registry.update(t.rt, "", t.name, body,
                                              self._options(request, user))
@@ -433,7 +433,7 @@ class ApiHandler:
         if t.subresource == "scale":
             return respond(await scale.patch_scale(
                 self.registry, t.rt, body, content_type=request.content_type,
-                ns=self._scope(t), name=t.name, opts=self._options(request)))
+                ns=self._scope(t), name=t.name, opts=self._options(request, user)))
         out = await self.registry.patch(t.rt, self._scope(t), t.name, request.content_type,
                                         body, self._options(request, user),
                                         subresource=t.subresource)
