@@ -637,3 +637,43 @@ def test_garbage_under_ignore_admits(cluster: Cluster, hooks: WebhookServer, ns:
     cluster.kubectl("run", "p", "--image=app", "-n", ns)
     assert containers(cluster, ns, "p") == ["p"]
     assert len(hooks.requests("/junk")) == 2
+
+
+def test_pods_a_deployment_makes_are_injected(cluster: Cluster, hooks: WebhookServer,
+                                              ns: str) -> None:
+    """The proxy injector's case: the Pods the ReplicaSet controller creates go through the
+    same admission as a user's, so each gets the proxy container."""
+    hooks.answers["/inject"] = inject
+    install(cluster, "MutatingWebhookConfiguration", f"{ns}-injector",
+            webhook(ns, "inject.meshgate.io", url_config(hooks, "/inject")))
+    cluster.kubectl("create", "deployment", "web", "--image=app", "--replicas=2", "-n", ns)
+    core = client.CoreV1Api(cluster.api())
+
+    def injected() -> list[list[str]]:
+        pods = core.list_namespaced_pod(ns, label_selector="app=web").items
+        names = [[c.name for c in p.spec.containers] for p in pods]
+        return names if len(names) == 2 else []
+
+    assert wait_for(injected, timeout=20, what="two injected Pods") == [
+        ["app", "proxy"], ["app", "proxy"]]
+    request = [r for r in hooks.requests("/inject") if r["namespace"] == ns][-1]
+    assert request["object"]["metadata"]["generateName"].startswith("web-")
+    assert "name" not in request  # generated after mutating admission, as in kube
+
+
+def test_a_refused_controller_create_is_retried(cluster: Cluster, hooks: WebhookServer,
+                                                ns: str) -> None:
+    """While a validating webhook refuses its Pods the Deployment has none; once the webhook
+    admits them, the controller's retry creates them."""
+    gate = {"open": False}
+    hooks.answers["/gate"] = lambda r: {"allowed": True} if gate["open"] else {
+        "allowed": False, "status": {"code": 403, "message": "not yet"}}
+    install(cluster, "ValidatingWebhookConfiguration", f"{ns}-gate",
+            webhook(ns, "gate.example.com", url_config(hooks, "/gate")))
+    cluster.kubectl("create", "deployment", "web", "--image=app", "-n", ns)
+    wait_for(lambda: [r for r in hooks.requests("/gate") if r["namespace"] == ns],
+             timeout=20, what="the controller's first Pod create")
+    core = client.CoreV1Api(cluster.api())
+    assert core.list_namespaced_pod(ns).items == []
+    gate["open"] = True
+    wait_for(lambda: core.list_namespaced_pod(ns).items, timeout=30, what="the Pod, admitted")
