@@ -10,6 +10,7 @@ leaves a half-written object.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import datetime as dt
@@ -48,6 +49,20 @@ CREATE_ON_UPDATE = {("", "endpoints"), ("coordination.k8s.io", "leases")}
 class ObjectChanged(ApiError):
     """Another write changed the object while admission webhooks ran (a 409 Conflict);
     kube retries such updates and patches on the new object, and so does `Registry`."""
+
+
+async def _reacquire(lock: asyncio.Lock) -> None:
+    """Take back a lock the caller's ``async with`` will release, even when the request is
+    cancelled meanwhile (releasing a lock held by another write would break the store)."""
+    cancelled = False
+    while True:
+        try:
+            await lock.acquire()
+            break
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def now_rfc3339(clock: Callable[[], float]) -> str:
@@ -268,7 +283,7 @@ class Registry:
         try:
             result = await admit()
         finally:
-            await self.store.lock.acquire()
+            await _reacquire(self.store.lock)
         current = self.store.get(rt.key, ns, name)
         if current is None:
             raise ApiError.not_found(rt.plural, name, group=rt.group)

@@ -228,3 +228,26 @@ def test_configurations_run_in_name_order_and_reinvoke_once() -> None:
         "https://watcher", "https://never", "https://labeller", "https://watcher"]
     assert fake.calls[-1]["object"]["metadata"]["labels"] == {"b": "1"}
     assert obj["metadata"]["labels"] == {"b": "1"}
+
+
+def test_the_store_lock_is_taken_back_even_when_cancelled() -> None:
+    """Webhooks run with the store's lock released; a request cancelled while waiting to take
+    it back still takes it, so its ``async with`` never releases another write's hold."""
+    import asyncio
+
+    from localcluster.registry import _reacquire
+
+    async def scenario() -> None:
+        lock = asyncio.Lock()
+        await lock.acquire()  # another write holds it
+        task = asyncio.create_task(_reacquire(lock))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.sleep(0)
+        assert not task.done()
+        lock.release()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert lock.locked()
+
+    asyncio.run(scenario())
