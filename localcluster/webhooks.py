@@ -270,7 +270,7 @@ class Webhooks:
 
     def configured(self) -> bool:
         """Whether any webhook configuration exists (else admission has nothing to call)."""
-        return any(True for key in (MUTATING, VALIDATING) for _ in self.store.items(key))
+        return any(self.store.count(key) for key in (MUTATING, VALIDATING))
 
     def _hooks(self, key: tuple[str, str]) -> list[Hook]:
         configs = sorted(self.store.items(key), key=lambda c: c["metadata"]["name"])

@@ -160,6 +160,9 @@ class FakeStore:
     def items(self, key: tuple[str, str], ns: str | None = None) -> list[dict[str, Any]]:
         return self.configs.get(key[1], [])
 
+    def count(self, key: tuple[str, str]) -> int:
+        return len(self.configs.get(key[1], []))
+
 
 class FakeClient(WebhookClient):
     def __init__(self, answer: Any) -> None:
