@@ -196,7 +196,9 @@ def status_error(name: str, result: Mapping[str, Any] | None) -> ApiError:
 
 
 def internal_error(message: str) -> ApiError:
-    return ApiError(500, "InternalError", f"Internal error occurred: {message}")
+    """kube's NewInternalError: the message once more as the only cause."""
+    return ApiError(500, "InternalError", f"Internal error occurred: {message}",
+                    causes=[Cause("", message, "")])
 
 
 def verify_answer(uid: str, answer: Any, *, mutating: bool) -> Answer:

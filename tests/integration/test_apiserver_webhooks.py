@@ -410,6 +410,8 @@ def test_garbage_answers_refuse_under_fail(cluster: Cluster, hooks: WebhookServe
     assert body["reason"] == "InternalError"
     assert body["message"].startswith(
         f'Internal error occurred: failed calling webhook "garbage.example.com": {detail}'), body
+    assert body["details"] == {"causes": [{"message": body["message"].removeprefix(
+        "Internal error occurred: ")}]}
 
 
 def test_a_bad_ca_bundle_is_a_failed_call(cluster: Cluster, hooks: WebhookServer, ns: str,
