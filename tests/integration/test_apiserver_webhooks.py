@@ -679,3 +679,37 @@ def test_a_refused_controller_create_is_retried(cluster: Cluster, hooks: Webhook
     assert core.list_namespaced_pod(ns).items == []
     gate["open"] = True
     wait_for(lambda: core.list_namespaced_pod(ns).items, timeout=30, what="the Pod, admitted")
+
+
+def test_match_policy_equivalent_sends_the_version_the_rule_names(
+        cluster: Cluster, hooks: WebhookServer, ns: str) -> None:
+    group = f"{ns}.example.com"
+    schema = {"openAPIV3Schema": {"type": "object", "properties": {"spec": {
+        "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"widgets.{group}"},
+        "spec": {"group": group, "scope": "Namespaced",
+                 "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+                 "versions": [{"name": "v1alpha1", "served": True, "storage": True,
+                               "schema": schema},
+                              {"name": "v1", "served": True, "storage": False,
+                               "schema": schema}]}}))
+    cluster.kubectl("wait", "--for=condition=Established", f"crd/widgets.{group}")
+    hooks.answers["/widgets"] = allow
+    v1_rule = {"operations": ["CREATE"], "apiGroups": [group], "apiVersions": ["v1"],
+               "resources": ["widgets"]}
+    install(cluster, "ValidatingWebhookConfiguration", f"{ns}-widgets",
+            webhook(ns, "equivalent.example.com", url_config(hooks, "/widgets"),
+                    rules=[v1_rule]),
+            webhook(ns, "exact.example.com", url_config(hooks, "/widgets-exact"),
+                    rules=[v1_rule], matchPolicy="Exact"))
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({
+        "apiVersion": f"{group}/v1alpha1", "kind": "Widget", "metadata": {"name": "w"},
+        "spec": {"size": 1}}))
+    (request,) = hooks.requests("/widgets")[-1:]
+    assert request["kind"] == {"group": group, "version": "v1", "kind": "Widget"}
+    assert request["requestKind"] == {"group": group, "version": "v1alpha1", "kind": "Widget"}
+    assert request["object"]["apiVersion"] == f"{group}/v1"
+    assert request["object"]["spec"] == {"size": 1}
+    assert not hooks.requests("/widgets-exact")
