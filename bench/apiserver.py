@@ -5,9 +5,15 @@ same number of single-row SQLite transactions with the server's durability
 settings (WAL, synchronous=FULL): the ceiling for durable creates on this
 machine. Prints creates/s and the ratio to that ceiling, the time to list
 every Service, watch delivery latency (p50/p99) to concurrent watchers, and
-the server's resident memory; then the kubelet's figures (bench/kubelet.py).
+the server's resident memory.
 
-    .venv/bin/python bench/apiserver.py [--services 5000] [--watchers 100]
+    .venv/bin/python bench/apiserver.py [--services 5000] [--watchers 100] [--kubelet]
+
+With `--kubelet` (root: Pods get network namespaces) it also runs `meshgate cluster
+up` and measures, with the pinned kubectl as a user would run it, the time from
+`kubectl apply` of a Deployment of 10 replicas to `kubectl rollout status` returning,
+and from `kubectl delete` to the last Pod gone; then the kubelet's RSS and CPU (it runs
+in the API server's process) with 50 Pods running, over an idle minute.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sqlite3
 import ssl
@@ -182,6 +189,80 @@ async def run(args: argparse.Namespace, state: Path, pid: int) -> None:
     print(f"server RSS                {rss / 1024:.0f} MiB (peak {hwm / 1024:.0f} MiB)")
 
 
+DEPLOYMENT = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: sleeper, namespace: default}
+spec:
+  replicas: 10
+  selector: {matchLabels: {app: sleeper}}
+  template:
+    metadata: {labels: {app: sleeper}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - {name: sleep, image: busybox, command: [sleep, "86400"]}
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def kubelet_bench(idle_s: float) -> None:
+    """Deployment rollout and deletion through the embedded kubelet, and its cost."""
+    kubectl = str(Path(sys.executable).parent / "kubectl")
+    with tempfile.TemporaryDirectory(prefix="meshgate-bench-kubelet-") as tmp:
+        base = Path(tmp)
+        env = {**os.environ, "MESHGATE_RUN_DIR": str(base / "run")}
+        meshgate = [sys.executable, "-m", "mesh.cli"]
+        state = base / "state"
+        subprocess.run([*meshgate, "cluster", "up", "--name", "mgbench", "--state-dir",
+                        str(state), "--pod-cidr", "10.219.0.0/16", "--service-cidr",
+                        "10.220.0.0/16"], env=env, check=True, capture_output=True)
+        try:
+            kc = ["--kubeconfig", str(state / "kubeconfig")]
+
+            def k(*argv: str, stdin: str | None = None) -> str:
+                return subprocess.run([kubectl, *kc, *argv], input=stdin, check=True,
+                                      capture_output=True, text=True, timeout=300).stdout
+
+            def pods() -> int:
+                return len(k("get", "pods", "-l", "app=sleeper", "-o", "name").split())
+
+            pid = int((state / "run" / "apiserver.pid").read_text())
+            rss0, _ = rss_kib(pid)
+            t = time.monotonic()
+            k("apply", "-f", "-", stdin=DEPLOYMENT)
+            k("rollout", "status", "deployment/sleeper", "--timeout=300s")
+            rollout_s = time.monotonic() - t
+            t = time.monotonic()
+            k("delete", "deployment", "sleeper", "--wait=false")
+            while pods():
+                time.sleep(0.1)
+            delete_s = time.monotonic() - t
+            k("apply", "-f", "-", stdin=DEPLOYMENT.replace("replicas: 10", "replicas: 50"))
+            t = time.monotonic()
+            k("rollout", "status", "deployment/sleeper", "--timeout=600s")
+            rollout50_s = time.monotonic() - t
+            cpu, t = cpu_seconds(pid), time.monotonic()
+            time.sleep(idle_s)
+            idle_cpu = (cpu_seconds(pid) - cpu) / (time.monotonic() - t)
+            rss50, _ = rss_kib(pid)
+            k("delete", "deployment", "sleeper")
+        finally:
+            subprocess.run([*meshgate, "cluster", "down", "--name", "mgbench"], env=env,
+                           capture_output=True)
+    print(f"10 replicas: apply to rollout status  {rollout_s:.1f} s")
+    print(f"10 replicas: delete to all Pods gone  {delete_s:.1f} s")
+    print(f"50 replicas: apply to rollout status  {rollout50_s:.1f} s")
+    print(f"API server + kubelet RSS              {rss0 / 1024:.0f} MiB idle, "
+          f"{rss50 / 1024:.0f} MiB with 50 Pods ({(rss50 - rss0) / 50:.0f} KiB a Pod)")
+    print(f"API server + kubelet CPU, 50 Pods     {idle_cpu * 100:.1f} % of a core over "
+          f"{idle_s:.0f} s with nothing changing")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,8 +270,10 @@ def main() -> None:
     parser.add_argument("--watchers", type=int, default=100)
     parser.add_argument("--updates", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--kubelet-pods", type=int, default=50,
-                        help="Pods for the kubelet's figures (bench/kubelet.py; needs root)")
+    parser.add_argument("--kubelet", action="store_true",
+                        help="also run Deployments through the kubelet (needs root)")
+    parser.add_argument("--idle", type=float, default=60.0,
+                        help="seconds over which the kubelet's idle CPU is measured")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="meshgate-bench-") as tmp:
         state = Path(tmp) / "cluster"
@@ -203,9 +286,8 @@ def main() -> None:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    import kubelet
-
-    kubelet.run(args.kubelet_pods)
+    if args.kubelet:
+        kubelet_bench(args.idle)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from localcluster import crd
+from localcluster import crd, webhookconfig
 from localcluster.apiaccess import mount_api_access
 from localcluster.auth import TokenAuthority
 from localcluster.catalog import Catalog
@@ -122,6 +122,8 @@ class Admission:
             self._establish(obj)
         elif workload_spec.is_workload(rt):
             workload_spec.admit(rt, obj, None)
+        elif webhookconfig.is_configuration(rt):
+            webhookconfig.set_defaults(obj, mutating=rt.key == webhookconfig.MUTATING)
         return []
 
     def on_update(self, rt: ResourceType, old: Mapping[str, Any], new: dict[str, Any]) -> None:
@@ -135,6 +137,8 @@ class Admission:
             self._establish(new)
         elif workload_spec.is_workload(rt):
             workload_spec.admit(rt, new, old)
+        elif webhookconfig.is_configuration(rt):
+            webhookconfig.set_defaults(new, mutating=rt.key == webhookconfig.MUTATING)
 
     def on_terminate(self, rt: ResourceType, obj: dict[str, Any]) -> None:
         """An object with finalizers (or a Namespace) starts its deletion."""

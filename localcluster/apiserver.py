@@ -294,7 +294,7 @@ class ApiHandler:
                                        f"{str(e).splitlines()[0]}") from e
 
     @staticmethod
-    def _options(request: web.Request) -> WriteOptions:
+    def _options(request: web.Request, user: User) -> WriteOptions:
         validation = request.query.get("fieldValidation", "Warn") or "Warn"
         if validation not in ("Strict", "Warn", "Ignore"):
             raise ApiError.bad_request(f"fieldValidation must be one of Strict, Warn or Ignore, "
@@ -306,7 +306,7 @@ class ApiHandler:
             request.headers.get("User-Agent", ""))
         managedfields.check_manager(manager)
         return WriteOptions(dry_run=bool(dry), field_validation=validation,
-                            field_manager=manager)
+                            field_manager=manager, user=user)
 
     def _selectors(self, request: web.Request, rt: ResourceType
                    ) -> tuple[LabelSelector | None, FieldSelector | None]:
@@ -401,7 +401,7 @@ class ApiHandler:
                                                  t.name, body), 201)
         if t.subresource == "binding":
             return respond(await podapi.bind(self.registry, t.namespace or "", t.name, body,
-                                             dry_run=self._options(request).dry_run), 201)
+                                             dry_run=self._options(request, user).dry_run), 201)
         if t.name:
             raise ApiError.method_not_allowed("create", t.rt.plural)
         if not t.rt.persisted:
@@ -409,7 +409,7 @@ class ApiHandler:
                 named = ((body or {}).get("metadata") or {}).get("name", "") if isinstance(
                     body, dict) else ""
                 return respond(await podapi.bind(self.registry, t.namespace, named, body,
-                                                 dry_run=self._options(request).dry_run), 201)
+                                                 dry_run=self._options(request, user).dry_run), 201)
             if t.rt.kind == "TokenReview":
                 return respond(reviews.token_review(self.tokens, body), 201)
             if t.rt.kind == "SelfSubjectReview":
@@ -419,7 +419,8 @@ class ApiHandler:
             return respond(reviews.access_review(t.rt, self.authorizer, user, body), 201)
         if t.rt.namespaced and t.namespace is None:
             raise ApiError.no_route()
-        out = await self.registry.create(t.rt, t.namespace or "", body, self._options(request))
+        out = await self.registry.create(t.rt, t.namespace or "", body,
+                                         self._options(request, user))
         return respond(out.obj, 201, out.warnings)
 
     async def _update(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
@@ -427,12 +428,14 @@ class ApiHandler:
         if t.subresource == "scale":
             return respond(await scale.update_scale(
                 self.registry, t.rt, body, ns=self._scope(t), name=t.name,
-                opts=self._options(request)))
+                opts=self._options(request, user)))
         if t.subresource == "finalize":
-            out = await self.registry.update(t.rt, "", t.name, body, self._options(request))
+            out = await self.registry.update(t.rt, "", t.name, body,
+                                             self._options(request, user))
         else:
             out = await self.registry.update(t.rt, self._scope(t), t.name, body,
-                                             self._options(request), subresource=t.subresource)
+                                             self._options(request, user),
+                                             subresource=t.subresource)
         return respond(out.obj, 201 if out.created else 200, out.warnings)
 
     async def _patch(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
@@ -443,7 +446,7 @@ class ApiHandler:
             force = managedfields.apply_options(request.query.get("fieldManager", ""),
                                                 request.query.get("force"))
             out = await self.registry.apply(t.rt, self._scope(t), t.name, body,
-                                            self._options(request), force=force,
+                                            self._options(request, user), force=force,
                                             subresource=t.subresource)
             return respond(out.obj, 201 if out.created else 200, out.warnings)
         if "force" in request.query:
@@ -452,9 +455,10 @@ class ApiHandler:
         if t.subresource == "scale":
             return respond(await scale.patch_scale(
                 self.registry, t.rt, body, content_type=request.content_type,
-                ns=self._scope(t), name=t.name, opts=self._options(request)))
+                ns=self._scope(t), name=t.name, opts=self._options(request, user)))
         out = await self.registry.patch(t.rt, self._scope(t), t.name, request.content_type,
-                                        body, self._options(request), subresource=t.subresource)
+                                        body, self._options(request, user),
+                                        subresource=t.subresource)
         return respond(out.obj, 200, out.warnings)
 
     async def _delete(self, request: web.Request, user: User, t: Target) -> web.StreamResponse:
@@ -465,7 +469,7 @@ class ApiHandler:
         if "propagationPolicy" in request.query:
             options = {**options, "propagationPolicy": request.query["propagationPolicy"]}
         obj = await self.registry.delete(t.rt, self._scope(t), t.name, options,
-                                         self._options(request))
+                                         self._options(request, user))
         return respond(delete_response(t.rt, obj))
 
     async def _delete_collection(self, request: web.Request, user: User,
@@ -473,4 +477,4 @@ class ApiHandler:
         labels, fields = self._selectors(request, t.rt)
         ns = t.namespace if t.rt.namespaced else None
         return respond(await self.registry.delete_collection(
-            t.rt, ns, labels=labels, fields=fields, opts=self._options(request)))
+            t.rt, ns, labels=labels, fields=fields, opts=self._options(request, user)))

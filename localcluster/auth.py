@@ -266,18 +266,46 @@ def forbidden_message(user: User, attrs: Attributes) -> str:
             f'"{full}" in API group "{attrs.group}" {scope}')
 
 
+AUTOUPDATE = "rbac.authorization.kubernetes.io/autoupdate"
+"""On a default role or binding: "true" (the default) lets each start add what a newer
+server's defaults hold to it; "false" leaves it as the administrator made it."""
+
+
+def reconciled(current: Mapping[str, Any], default: Mapping[str, Any]
+               ) -> dict[str, Any] | None:
+    """`current` with what the default `default` holds and it lacks (rules of a role,
+    subjects of a binding), as kube-apiserver reconciles its bootstrap policy on every
+    start: nothing is taken away, and an object annotated autoupdate "false" is left
+    alone. None when nothing is to change."""
+    annotations = (current.get("metadata") or {}).get("annotations") or {}
+    if annotations.get(AUTOUPDATE) == "false":
+        return None
+    field = "rules" if default.get("kind") == "ClusterRole" else "subjects"
+    have = list(current.get(field) or [])
+    missing = [item for item in default.get(field) or [] if item not in have]
+    if not missing and AUTOUPDATE in annotations:
+        return None
+    updated = {**current, field: have + missing}
+    meta = dict(current.get("metadata") or {})
+    meta["annotations"] = {**annotations, AUTOUPDATE: annotations.get(AUTOUPDATE, "true")}
+    updated["metadata"] = meta
+    return updated
+
+
 def bootstrap_rbac() -> list[dict[str, Any]]:
     """The default roles every cluster starts with (a subset of kube's bootstrap policy)."""
     rbac = "rbac.authorization.k8s.io/v1"
     labels = {"kubernetes.io/bootstrapping": "rbac-defaults"}
+    annotations = {AUTOUPDATE: "true"}
 
     def role(name: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
         return {"apiVersion": rbac, "kind": "ClusterRole",
-                "metadata": {"name": name, "labels": labels}, "rules": rules}
+                "metadata": {"name": name, "labels": labels, "annotations": annotations},
+                "rules": rules}
 
     def binding(name: str, group: str) -> dict[str, Any]:
         return {"apiVersion": rbac, "kind": "ClusterRoleBinding",
-                "metadata": {"name": name, "labels": labels},
+                "metadata": {"name": name, "labels": labels, "annotations": annotations},
                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                             "name": name},
                 "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",

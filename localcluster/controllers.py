@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from localcluster.admission import MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL
-from localcluster.auth import bootstrap_rbac
+from localcluster.auth import bootstrap_rbac, reconciled
 from localcluster.errors import ApiError
 from localcluster.events import EventRecorder
 from localcluster.registry import NAMESPACE_KEY, TERMINATING_CAUSE, Registry
@@ -84,7 +84,12 @@ class Controllers:
             await self._ensure(NAMESPACES, "", {"metadata": {"name": name}})
         rbac_types = {rt.kind: rt for rt in BUILTIN if rt.group == "rbac.authorization.k8s.io"}
         for obj in bootstrap_rbac():
-            await self._ensure(rbac_types[obj["kind"]], "", obj)
+            rt = rbac_types[obj["kind"]]
+            current = self.store.get(rt.key, "", obj["metadata"]["name"])
+            if current is None:
+                await self._ensure(rt, "", obj)
+            elif (updated := reconciled(current, obj)) is not None:
+                await self.registry.update(rt, "", obj["metadata"]["name"], updated)
         await self._ensure(SERVICES, "default", {
             "metadata": {"name": "kubernetes", "labels": {"component": "apiserver",
                                                           "provider": "kubernetes"}},

@@ -10,6 +10,7 @@ leaves a half-written object.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import datetime as dt
@@ -17,12 +18,13 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from localcluster import crd, managedfields, patch, podgrace, schema
+from localcluster import crd, managedfields, patch, podgrace, schema, webhookconfig
 from localcluster.admission import Admission
+from localcluster.auth import User
 from localcluster.catalog import Catalog
 from localcluster.errors import ApiError, Cause
 from localcluster.eventsv1 import conversion_for
@@ -32,13 +34,35 @@ from localcluster.store import EventType, Store, Write
 from localcluster.strategy import tracks_generation
 from localcluster.timestamps import normalize_times
 from localcluster.validate import validate_object, validate_update
+from localcluster.webhooks import Attributes, Webhooks, options_for
 from localcluster.workloads.propagation import propagation_policy, with_propagation
 
+T = TypeVar("T")
+ADMISSION_ATTEMPTS = 3
 NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 CRD_KEY = ("apiextensions.k8s.io", "customresourcedefinitions")
 NAMESPACE_KEY = ("", "namespaces")
 TERMINATING_CAUSE = "NamespaceTerminating"
 CREATE_ON_UPDATE = {("", "endpoints"), ("coordination.k8s.io", "leases")}
+
+
+class ObjectChanged(ApiError):
+    """Another write changed the object while admission webhooks ran (a 409 Conflict);
+    kube retries such updates and patches on the new object, and so does `Registry`."""
+
+
+async def _reacquire(lock: asyncio.Lock) -> None:
+    """Take back a lock the caller's ``async with`` will release, even when the request is
+    cancelled meanwhile (releasing a lock held by another write would break the store)."""
+    cancelled = False
+    while True:
+        try:
+            await lock.acquire()
+            break
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def now_rfc3339(clock: Callable[[], float]) -> str:
@@ -61,6 +85,8 @@ class WriteOptions:
     """Strict, Warn or Ignore: what to do about fields the schema does not declare."""
     field_manager: str = "kube-controller-manager"
     """Who is writing: the manager `metadata.managedFields` records for this write."""
+    user: User | None = None
+    """The requester admission webhooks are told of; None for the server's own writes."""
 
 
 def _spec_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
@@ -80,6 +106,9 @@ class Registry:
         self.clock = clock
         self.graceful_pods = graceful_pods
         """A kubelet finishes the deletes of bound Pods (localcluster.podgrace)."""
+        self.webhooks = Webhooks(store, catalog, present=self.present,
+                                 decode=lambda rt, body: self.decode(
+                                     rt, body, WriteOptions(field_validation="Ignore"))[0])
 
     # -- reading -------------------------------------------------------------------
 
@@ -181,6 +210,7 @@ class Registry:
             causes += validate_update(rt.plural, old, obj)
         if rt.key == CRD_KEY:
             causes += crd.validate_crd(obj)
+        causes += webhookconfig.validate(rt, obj)
         if causes:
             name = (obj.get("metadata") or {}).get("name", "")
             raise ApiError.invalid(rt.kind, name, causes, group=rt.group)
@@ -205,6 +235,12 @@ class Registry:
             meta["namespace"] = namespace
         else:
             meta.pop("namespace", None)
+        attrs = self._attributes(rt, "CREATE", namespace, meta.get("name", ""), opts)
+        if rt.namespaced and self.webhooks.configured():
+            self._check_namespace_open(namespace)  # kube's NamespaceLifecycle runs first
+        mutated, hook_warnings = await self.webhooks.mutate(attrs, obj, None)
+        obj, warnings = mutated or obj, warnings + hook_warnings
+        meta = obj.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + "".join(
                 secrets.choice(NAME_ALPHABET) for _ in range(5))
@@ -223,6 +259,7 @@ class Registry:
                              manager=opts.field_manager, now=now_rfc3339(self.clock),
                              applied=tracked)
         self._validate(rt, obj, None)
+        warnings += await self.webhooks.validate(attrs, obj, None)
         async with self.store.lock:
             name = meta["name"]
             if self.store.get(rt.key, namespace if rt.namespaced else "", name) is not None:
@@ -236,6 +273,39 @@ class Registry:
             await self.store.commit(writes)
         self._after_commit(rt, obj, EventType.ADDED)
         return Outcome(self.present(rt, obj), warnings, created=True)
+
+    async def _outside_lock(self, rt: ResourceType, ns: str, name: str, old: Mapping[str, Any],
+                            admit: Callable[[], Awaitable[T]]) -> T:
+        """Run `admit` (webhook calls) with the store's lock released, as kube calls webhooks
+        outside its storage transaction, so a slow webhook delays no other write. The object
+        must still be `old` afterwards; if another write changed it meanwhile, 409."""
+        if not self.webhooks.configured():
+            return await admit()
+        self.store.lock.release()
+        try:
+            result = await admit()
+        finally:
+            await _reacquire(self.store.lock)
+        current = self.store.get(rt.key, ns, name)
+        if current is None:
+            raise ApiError.not_found(rt.plural, name, group=rt.group)
+        if current["metadata"]["resourceVersion"] != old["metadata"]["resourceVersion"]:
+            raise ObjectChanged(409, "Conflict", f'Operation cannot be fulfilled on '
+                                f'{rt.qualified_plural} "{name}": the object has been modified; '
+                                "please apply your changes to the latest version and try again",
+                                group=rt.group, kind=rt.plural, name=name)
+        return result
+
+    @staticmethod
+    def _attributes(rt: ResourceType, operation: str, namespace: str, name: str,
+                    opts: WriteOptions, subresource: str = "", *,
+                    delete_options: Mapping[str, Any] | None = None) -> Attributes:
+        if rt.key == NAMESPACE_KEY:
+            namespace = name  # kube's request namespace for a Namespace is its own name
+        return Attributes(rt, operation, namespace, name, subresource, opts.user, opts.dry_run,
+                          options_for(operation, dry_run=opts.dry_run,
+                                      field_manager=opts.field_manager,
+                                      delete_options=delete_options))
 
     def _check_namespace_open(self, namespace: str) -> None:
         ns = self.store.get(NAMESPACE_KEY, "", namespace)
@@ -263,31 +333,49 @@ class Registry:
             new.setdefault("metadata", {})["name"] = name
             return await self.create(rt, namespace, new, opts)
         async with self.store.lock:
-            return await self._update_locked(rt, ns, name, new, warnings, opts, subresource)
+            for attempt in range(ADMISSION_ATTEMPTS):
+                try:
+                    return await self._update_locked(rt, ns, name, copy.deepcopy(new),
+                                                     list(warnings), opts, subresource)
+                except ObjectChanged:
+                    if attempt == ADMISSION_ATTEMPTS - 1:
+                        raise
+        raise AssertionError("unreachable")
 
     async def patch(self, rt: ResourceType, namespace: str, name: str, content_type: str,
                     body: Any, opts: WriteOptions = WriteOptions(), *,
                     subresource: str = "") -> Outcome:
         ns = namespace if rt.namespaced else ""
         async with self.store.lock:
-            current = self.get(rt, ns, name)
-            if content_type == "application/merge-patch+json":
-                if not isinstance(body, dict):
-                    raise ApiError.bad_request("a merge patch must be a JSON object")
-                patched = patch.json_merge_patch(current, body)
-            elif content_type == "application/json-patch+json":
-                patched = patch.json_patch(current, body)
-            elif content_type == "application/strategic-merge-patch+json":
-                if not rt.model:
-                    raise ApiError.unsupported_media_type(content_type)
-                if not isinstance(body, dict):
-                    raise ApiError.bad_request("a strategic merge patch must be a JSON object")
-                patched = patch.strategic_merge_patch(
-                    current, body, schema.builtin_schema(rt.model))
-            else:
+            for attempt in range(ADMISSION_ATTEMPTS):
+                try:
+                    return await self._patch_locked(rt, ns, name, content_type, body, opts,
+                                                    subresource)
+                except ObjectChanged:  # changed while webhooks ran: patch what is there now
+                    if attempt == ADMISSION_ATTEMPTS - 1:
+                        raise
+        raise AssertionError("unreachable")
+
+    async def _patch_locked(self, rt: ResourceType, ns: str, name: str, content_type: str,
+                            body: Any, opts: WriteOptions, subresource: str) -> Outcome:
+        current = self.get(rt, ns, name)
+        if content_type == "application/merge-patch+json":
+            if not isinstance(body, dict):
+                raise ApiError.bad_request("a merge patch must be a JSON object")
+            patched = patch.json_merge_patch(current, body)
+        elif content_type == "application/json-patch+json":
+            patched = patch.json_patch(current, body)
+        elif content_type == "application/strategic-merge-patch+json":
+            if not rt.model:
                 raise ApiError.unsupported_media_type(content_type)
-            new, warnings = self.decode(rt, patched, opts)
-            return await self._update_locked(rt, ns, name, new, warnings, opts, subresource)
+            if not isinstance(body, dict):
+                raise ApiError.bad_request("a strategic merge patch must be a JSON object")
+            patched = patch.strategic_merge_patch(
+                current, body, schema.builtin_schema(rt.model))
+        else:
+            raise ApiError.unsupported_media_type(content_type)
+        new, warnings = self.decode(rt, patched, opts)
+        return await self._update_locked(rt, ns, name, new, warnings, opts, subresource)
 
     async def _update_locked(self, rt: ResourceType, ns: str, name: str, new: dict[str, Any],
                              warnings: list[str], opts: WriteOptions,
@@ -333,10 +421,20 @@ class Registry:
         merged["apiVersion"], merged["kind"] = old.get("apiVersion", rt.api_version), rt.kind
         merged["metadata"]["resourceVersion"] = old_meta["resourceVersion"]
         self.admission.on_update(rt, old, merged)
-        managedfields.record(managedfields.scope_for(rt, subresource), old, merged,
-                             new_meta.get("managedFields"), manager=opts.field_manager,
-                             now=now_rfc3339(self.clock), applied=tracked)
-        self._validate(rt, merged, old)
+        attrs = self._attributes(rt, "UPDATE", ns, name, opts, subresource)
+        sent_managed = new_meta.get("managedFields")
+
+        async def admit() -> tuple[dict[str, Any], list[str]]:
+            mutated, hook_warnings = await self.webhooks.mutate(attrs, merged, old)
+            admitted = mutated or merged
+            managedfields.record(managedfields.scope_for(rt, subresource), old, admitted,
+                                 sent_managed, manager=opts.field_manager,
+                                 now=now_rfc3339(self.clock), applied=tracked)
+            self._validate(rt, admitted, old)
+            return admitted, hook_warnings + await self.webhooks.validate(attrs, admitted, old)
+
+        merged, hook_warnings = await self._outside_lock(rt, ns, name, old, admit)
+        warnings = warnings + hook_warnings
         if merged["metadata"].get("deletionTimestamp") and not merged["metadata"].get(
                 "finalizers") and not merged["metadata"].get("deletionGracePeriodSeconds"):
             writes = [Write(rt.key, ns, name, None, EventType.DELETED)]
@@ -381,8 +479,13 @@ class Registry:
                 new = applied.obj
                 new["metadata"]["managedFields"] = applied.managers.encode()
                 if live is not None:
-                    return await self._update_locked(rt, ns, name, new, warnings, opts,
-                                                     subresource, tracked=True)
+                    try:
+                        return await self._update_locked(rt, ns, name, new, list(warnings),
+                                                         opts, subresource, tracked=True)
+                    except ObjectChanged:
+                        if attempt:
+                            raise
+                        continue  # changed while webhooks ran: apply to what is there now
             try:
                 created = await self.create(rt, namespace, new, opts, tracked=True)
             except ApiError as e:
@@ -412,6 +515,13 @@ class Registry:
                                         "ResourceVersion in precondition: "
                                         f"{pre['resourceVersion']}, ResourceVersion in object "
                                         f"meta: {meta['resourceVersion']}", group=rt.group)
+            attrs = self._attributes(rt, "DELETE", ns, name, opts, delete_options=options)
+
+            async def admit() -> None:
+                await self.webhooks.mutate(attrs, None, old)
+                await self.webhooks.validate(attrs, None, old)
+
+            await self._outside_lock(rt, ns, name, old, admit)
             old = with_propagation(old, propagation_policy(options)) or old
             meta = old["metadata"]
             if self.graceful_pods and rt.key == podgrace.PODS_KEY:

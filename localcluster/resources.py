@@ -141,6 +141,12 @@ BUILTIN: tuple[ResourceType, ...] = (
                  "customresourcedefinitions", namespaced=False,
                  model="V1CustomResourceDefinition", short_names=("crd", "crds"),
                  status_subresource=True),
+    ResourceType("admissionregistration.k8s.io", "v1", "MutatingWebhookConfiguration",
+                 "mutatingwebhookconfigurations", namespaced=False,
+                 model="V1MutatingWebhookConfiguration", categories=("api-extensions",)),
+    ResourceType("admissionregistration.k8s.io", "v1", "ValidatingWebhookConfiguration",
+                 "validatingwebhookconfigurations", namespaced=False,
+                 model="V1ValidatingWebhookConfiguration", categories=("api-extensions",)),
 )
 
 TOKEN_REQUEST_MODEL = "AuthenticationV1TokenRequest"

@@ -173,6 +173,7 @@ class ClusterServer:
         handler = ApiHandler(registry, tokens, authorizer,
                              server_address=lambda: f"{cfg.host}:{self.port}",
                              max_body=MAX_BODY, bookmark_interval=cfg.bookmark_interval)
+        registry.webhooks.attach_metrics(handler.metrics)
         self.controllers = Controllers(registry, ca_pem=pki.ca_cert_pem)
         await self.controllers.bootstrap(api_ip, cfg.host, self.port)
         workloads = self.controllers.workloads

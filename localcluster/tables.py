@@ -286,6 +286,10 @@ COLUMNS: dict[tuple[str, str], list[tuple[dict[str, Any], Cell]]] = {
         _NAME, _col("Role", lambda o: f"{_dig(o, 'roleRef.kind')}/{_dig(o, 'roleRef.name')}"),
         _AGE],
     ("apiextensions.k8s.io", "customresourcedefinitions"): [_NAME, _CREATED],
+    ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"): [
+        _NAME, _col("Webhooks", lambda o: len(o.get("webhooks") or []), kind="integer"), _AGE],
+    ("admissionregistration.k8s.io", "validatingwebhookconfigurations"): [
+        _NAME, _col("Webhooks", lambda o: len(o.get("webhooks") or []), kind="integer"), _AGE],
     ("", "events"): [  # core/v1 and events.k8s.io/v1 field names alike
         _col("Last Seen", lambda o: _since(_dig(o, "series.lastObservedTime") or _ev(
             o, "lastTimestamp") or _ev(o, "firstTimestamp") or o.get("eventTime"))),

@@ -313,12 +313,17 @@ def test_failover_status_shows_the_serving_group_of_each_phase(moves: Scenario) 
 
 
 FLAPS = 5
-FLAP_S = 1.0
-"""West is partitioned for a second, then healed for a second, FLAPS times."""
+PARTITION_S = 2.0
+"""How long each partition lasts: longer than the 1 s connect timeout plus TCP's first
+SYN retransmission (1 s), so that a probe sent just after the partition began fails
+rather than connecting late, once healed (a partition of one second let such a probe
+succeed, and west's recovery went on through it)."""
+HEAL_S = 1.0
+"""How long west is healed in between: less than its shortest hold-down (2 s)."""
 
 
 def test_a_flapping_group_does_not_take_traffic_back(mesh: Clusters) -> None:
-    """With east down and central up, west is partitioned and healed every second:
+    """With east down and central up, west is partitioned and healed over and over:
     traffic leaves west once and stays on central, whose hold-down keeps growing."""
     c = mesh
     load = Load.begin(c, seconds=60, post_every=0)
@@ -330,10 +335,10 @@ def test_a_flapping_group_does_not_take_traffic_back(mesh: Clusters) -> None:
         flapping = load.now()
         pace = time.monotonic()
         for _ in range(FLAPS):
-            for change in (c.partition, c.heal):
+            for change, lasts in ((c.partition, PARTITION_S), (c.heal, HEAL_S)):
                 change(WEST)
                 # The flap's period: a pace the test sets, not a wait for a condition.
-                pace += FLAP_S
+                pace += lasts
                 time.sleep(max(0.0, pace - time.monotonic()))
         flapped = load.now()
         after = c.metrics(EAST, "client")

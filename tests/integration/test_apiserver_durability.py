@@ -51,3 +51,35 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
         assert int(fresh.metadata.resource_version) > newest
     finally:
         c.stop()
+
+
+def test_default_roles_are_reconciled_on_start_unless_told_not_to(tmp_path: Path) -> None:
+    """As kube-apiserver does with its bootstrap policy: a start adds back what a default
+    role lacks (a cluster made by an older server gets the newer defaults), takes nothing
+    away, and leaves alone a role annotated autoupdate "false"."""
+    state = tmp_path / "state"
+    c = start_cluster(state)
+    try:
+        rbac = client.RbacAuthorizationV1Api(c.api())
+        basic = rbac.read_cluster_role("system:basic-user")
+        assert basic.metadata.annotations["rbac.authorization.kubernetes.io/autoupdate"] == \
+            "true"
+        extra = client.V1PolicyRule(api_groups=[""], resources=["configmaps"], verbs=["get"])
+        rbac.patch_cluster_role("system:basic-user", {"rules": [extra]})
+        rbac.patch_cluster_role("system:public-info-viewer", {
+            "metadata": {"annotations": {
+                "rbac.authorization.kubernetes.io/autoupdate": "false"}},
+            "rules": [{"nonResourceURLs": ["/version"], "verbs": ["get"]}]})
+    finally:
+        c.stop()
+    c = start_cluster(state)
+    try:
+        rbac = client.RbacAuthorizationV1Api(c.api())
+        rules = rbac.read_cluster_role("system:basic-user").rules
+        resources = {r for rule in rules for r in rule.resources or []}
+        assert {"configmaps", "selfsubjectaccessreviews", "selfsubjectrulesreviews",
+                "selfsubjectreviews"} <= resources
+        kept = rbac.read_cluster_role("system:public-info-viewer").rules
+        assert [r.non_resource_urls for r in kept] == [["/version"]]
+    finally:
+        c.stop()

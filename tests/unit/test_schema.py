@@ -249,6 +249,35 @@ SAMPLES: dict[str, dict[str, Any]] = {
                  "template": {"spec": {"restartPolicy": "Never",
                                        "containers": [{"name": "c", "image": "c:1"}]}}},
         "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}},
+    "MutatingWebhookConfiguration": {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "injector"},
+        "webhooks": [{
+            "name": "inject.meshgate.io", "admissionReviewVersions": ["v1"],
+            "sideEffects": "None", "failurePolicy": "Fail", "matchPolicy": "Equivalent",
+            "reinvocationPolicy": "IfNeeded", "timeoutSeconds": 10,
+            "clientConfig": {"service": {"name": "injector", "namespace": "mesh",
+                                         "path": "/inject", "port": 443},
+                             "caBundle": "Y2E="},
+            "namespaceSelector": {"matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                 "values": ["kube-system"]}]},
+            "objectSelector": {"matchLabels": {"inject": "true"}},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                       "resources": ["pods"], "scope": "Namespaced"}]}]},
+    "ValidatingWebhookConfiguration": {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": "policy"},
+        "webhooks": [{
+            "name": "policy.meshgate.io", "admissionReviewVersions": ["v1", "v1beta1"],
+            "sideEffects": "NoneOnDryRun", "failurePolicy": "Ignore", "matchPolicy": "Exact",
+            "timeoutSeconds": 5,
+            "clientConfig": {"url": "https://127.0.0.1:8443/validate"},
+            "namespaceSelector": {}, "objectSelector": {},
+            "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": ["*"],
+                       "apiVersions": ["*"], "resources": ["pods", "pods/status"],
+                       "scope": "*"}]}]},
 }
 
 
