@@ -75,6 +75,8 @@ def _pod_namespaces() -> list[str]:
 
 
 def _pids_with(marker: str) -> list[int]:
+    """Processes whose command line holds `marker` (a pod command is wrapped, then
+    becomes the command itself: both count)."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -82,7 +84,7 @@ def _pids_with(marker: str) -> list[int]:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if marker.encode() in cmdline and b"pytest" not in cmdline:
+            if marker.encode() in cmdline and int(entry) != os.getpid():
                 out.append(int(entry))
     return out
 
@@ -459,9 +461,9 @@ def test_readiness_gates_the_endpoint_and_liveness_restarts(cluster: Cluster,
 
 def test_pods_run_again_after_the_api_server_restarts(cluster: Cluster) -> None:
     cluster.kubectl("run", "survivor", "--image=busybox", "--command", "--",
-                    "sh", "-c", "echo run; exec sleep 4545")
+                    "sh", "-c", "echo run; exec sleep 7424203")
     wait_for(lambda: _running_ready(cluster, "survivor"), timeout=30, what="survivor Running")
-    before = _pids_with("4545")
+    before = _pids_with("7424203")
     assert before
     state = cluster.base / "state"
     os.kill(int((state / "run" / "apiserver.pid").read_text()), 9)
@@ -474,7 +476,7 @@ def test_pods_run_again_after_the_api_server_restarts(cluster: Cluster) -> None:
     wait_for(restarted, timeout=30, what="survivor running again")
     last = cluster.status_of("survivor", "survivor").last_state.terminated
     assert (last.reason, last.exit_code) == ("Unknown", 255)
-    after = _pids_with("4545")
+    after = _pids_with("7424203")
     assert after and not set(before) & set(after)
     assert cluster.kubectl("logs", "survivor", "--previous").stdout == "run\n"
     cluster.kubectl("delete", "pod", "survivor", timeout=60)
@@ -482,11 +484,11 @@ def test_pods_run_again_after_the_api_server_restarts(cluster: Cluster) -> None:
 
 def test_cluster_down_stops_every_pod(cluster: Cluster) -> None:
     cluster.kubectl("run", "lasting", "--image=busybox", "--command", "--",
-                    "sleep", "4242")
+                    "sleep", "7424201")
     wait_for(lambda: _running_ready(cluster, "lasting"), timeout=30, what="lasting Running")
-    assert _pids_with("4242")
+    assert _pids_with("7424201")
     cluster.meshgate("cluster", "down", "--name", NAME)
-    assert not _pids_with("4242")
+    assert not _pids_with("7424201")
     assert not [n for n in netns.listnetns() if n.startswith(PREFIX)]
 
 
@@ -494,11 +496,11 @@ def test_cluster_down_after_the_kubelet_was_killed(cluster: Cluster) -> None:
     state = cluster.base / "state"
     cluster.meshgate("cluster", "up", "--name", NAME, "--state-dir", str(state),
                      "--pod-cidr", "10.217.0.0/16", "--service-cidr", "10.218.0.0/16")
-    cluster.kubectl("run", "orphan", "--image=busybox", "--command", "--", "sleep", "4343")
+    cluster.kubectl("run", "orphan", "--image=busybox", "--command", "--", "sleep", "7424202")
     wait_for(lambda: _running_ready(cluster, "orphan"), timeout=30, what="orphan Running")
-    pids = _pids_with("4343")
+    pids = _pids_with("7424202")
     assert pids
     os.kill(int((state / "run" / "apiserver.pid").read_text()), 9)
     cluster.meshgate("cluster", "down", "--name", NAME)
-    assert not _pids_with("4343")
+    assert not _pids_with("7424202")
     assert not [n for n in netns.listnetns() if n.startswith(PREFIX)]
