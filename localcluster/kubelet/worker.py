@@ -26,6 +26,7 @@ from localcluster.kubelet.prober import Prober
 from localcluster.kubelet.status import ContainerView, Role, conditions, phase
 from localcluster.kubelet.volumes import TokenMinter, VolumeError, Volumes
 from localcluster.registry import Registry, WriteOptions
+from mesh.errors import MeshError
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class PodWorker:
                         "startedAt": state["running"].get("startedAt"),
                         "finishedAt": containers.rfc3339(self.node.clock()),
                         "containerID": cs["containerID"]}}
+                elif (cs.get("lastState") or {}).get("terminated"):
+                    view.last_state = {"terminated": cs["lastState"]["terminated"]}
 
     # -- from the kubelet ------------------------------------------------------------
 
@@ -219,9 +222,19 @@ class PodWorker:
     async def _lifecycle(self) -> None:
         spec = self.pod["spec"]
         self.start_time = containers.rfc3339(self.node.clock())
-        self._adding = asyncio.ensure_future(asyncio.to_thread(
-            netns.add_pod, self.node.network, self.key))
-        sandbox = await asyncio.shield(self._adding)
+        delay = VOLUME_RETRY_FIRST
+        while True:
+            self._adding = asyncio.ensure_future(asyncio.to_thread(
+                netns.add_pod, self.node.network, self.key))
+            try:
+                sandbox = await asyncio.shield(self._adding)
+                break
+            except MeshError as e:  # the network is full or not up: say so, try again
+                await self.node.events.warning(
+                    self._ref(), "FailedCreatePodSandBox",
+                    f"Failed to create pod sandbox: {e}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, VOLUME_RETRY_MAX)
         self.ip = str(sandbox.ip)
         self._changed.set()
         await self._mount_volumes()

@@ -504,3 +504,29 @@ def test_cluster_down_after_the_kubelet_was_killed(cluster: Cluster) -> None:
     cluster.meshgate("cluster", "down", "--name", NAME)
     assert not _pids_with("7424202")
     assert not [n for n in netns.listnetns() if n.startswith(PREFIX)]
+
+
+def test_a_full_pod_network_is_reported_and_retried(tmp_path: Path) -> None:
+    """A /30 pod CIDR holds one Pod: the second waits with FailedCreatePodSandBox
+    naming the cause, and starts once the first is gone."""
+    env = {**os.environ, "MESHGATE_RUN_DIR": str(tmp_path / "run")}
+    small = Cluster(tmp_path, env)
+    name = f"{NAME}2"
+    small.meshgate("cluster", "up", "--name", name, "--state-dir", str(tmp_path / "state"),
+                   "--pod-cidr", "10.221.0.0/30", "--service-cidr", "10.222.0.0/16")
+    try:
+        small.kubectl("run", "one", "--image=busybox", "--command", "--", "sleep", "600")
+        wait_for(lambda: _running_ready(small, "one"), timeout=30, what="one Running")
+        small.kubectl("run", "two", "--image=busybox", "--command", "--", "sleep", "600")
+
+        def sandbox_failures() -> str:
+            return small.kubectl("get", "events", "--field-selector",
+                                 "involvedObject.name=two,reason=FailedCreatePodSandBox",
+                                 "-o", "jsonpath={.items[*].message}").stdout
+        message = wait_for(sandbox_failures, timeout=20, what="FailedCreatePodSandBox")
+        assert "pod CIDR 10.221.0.0/30 has no free address" in message
+        small.kubectl("delete", "pod", "one", timeout=60)
+        wait_for(lambda: _running_ready(small, "two"), timeout=60, what="two Running")
+    finally:
+        small.meshgate("cluster", "down", "--name", name, check=False)
+    assert not [n for n in netns.listnetns() if n.startswith(f"mg-{name}-")]
