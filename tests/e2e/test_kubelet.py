@@ -21,7 +21,11 @@ from kubernetes import client
 from pyroute2 import netns
 
 from localcluster import namespaces
-from localcluster.kubelet.images import NOT_RUNNABLE_MESSAGE, NOT_RUNNABLE_REASON
+from localcluster.kubelet.images import (
+    MESHGATE_IMAGE,
+    NOT_RUNNABLE_MESSAGE,
+    NOT_RUNNABLE_REASON,
+)
 from localcluster.kubelet.reap import processes_in
 from localcluster.workloads.nodes import node_name
 from mesh.kube import api_client
@@ -197,6 +201,15 @@ def test_a_crashing_container_backs_off(cluster: Cluster) -> None:
     assert "Back-off restarting failed container crasher in pod crasher_default(" in events
 
 
+def test_meshgates_own_image_runs_the_local_installation(cluster: Cluster) -> None:
+    cluster.kubectl("run", "mg", f"--image={MESHGATE_IMAGE}:dev", "--restart=Never", "--",
+                    "--help")
+    wait_for(lambda: cluster.pod("mg").status.phase == "Succeeded", timeout=30,
+             what="mg Succeeded")
+    assert cluster.kubectl("logs", "mg").stdout.startswith("usage: meshgate")
+    assert cluster.kubectl("get", "pod", "mg", "--no-headers").stdout.split()[2] == "Completed"
+
+
 def test_a_foreign_image_without_a_command_waits_with_the_reason(cluster: Cluster) -> None:
     cluster.kubectl("run", "foreign", "--image=nginx:1.27")
     wait_for(lambda: cluster.status_of("foreign", "foreign") is not None
@@ -265,7 +278,8 @@ def test_init_containers_sidecar_and_graceful_delete(cluster: Cluster, tmp_path:
     assert proc.returncode == 0, proc.stderr
     wait_for(lambda: cluster.kubectl("get", "pod", "ordered", "--no-headers").stdout.split()[
         1:3] == ["2/2", "Running"], timeout=30, what="ordered Running 2/2")
-    assert order.read_text().split() == ["first", "sidecar", "second", "main"]
+    wait_for(lambda: order.read_text().split() == ["first", "sidecar", "second", "main"],
+             timeout=10, what="the order file")
     inits = {s.name: s for s in cluster.pod("ordered").status.init_container_statuses}
     assert inits["first"].state.terminated.reason == "Completed"
     assert inits["sidecar"].state.running and inits["sidecar"].ready
