@@ -496,6 +496,31 @@ def test_pods_run_again_after_the_api_server_restarts(cluster: Cluster) -> None:
     cluster.kubectl("delete", "pod", "survivor", timeout=60)
 
 
+def test_a_job_completes_and_a_daemonset_runs_one_pod(cluster: Cluster) -> None:
+    cluster.kubectl("create", "job", "once", "--image=busybox", "--", "sh", "-c",
+                    "echo job done")
+    cluster.kubectl("wait", "--for=condition=complete", "job/once", "--timeout=60s",
+                    timeout=90)
+    assert cluster.kubectl("logs", "job/once").stdout == "job done\n"
+    daemonset = {
+        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "agent"},
+        "spec": {"selector": {"matchLabels": {"app": "agent"}}, "template": {
+            "metadata": {"labels": {"app": "agent"}},
+            "spec": {"containers": [{"name": "a", "image": "busybox",
+                                     "command": ["sleep", "600"]}]}}}}
+    import json
+    proc = subprocess.run([KUBECTL, "--kubeconfig", str(cluster.kubeconfig), "apply", "-f",
+                           "-"], input=json.dumps(daemonset), capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    cluster.kubectl("rollout", "status", "daemonset/agent", "--timeout=60s", timeout=90)
+    pods = cluster.core().list_namespaced_pod("default", label_selector="app=agent").items
+    assert len(pods) == 1 and pods[0].spec.node_name == node_name(NAME)
+    assert pods[0].status.phase == "Running"
+    cluster.kubectl("delete", "daemonset", "agent", timeout=60)
+    cluster.kubectl("delete", "job", "once", timeout=60)
+
+
 def test_cluster_down_stops_every_pod(cluster: Cluster) -> None:
     cluster.kubectl("run", "lasting", "--image=busybox", "--command", "--",
                     "sleep", "7424201")

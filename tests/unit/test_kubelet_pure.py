@@ -101,3 +101,48 @@ def test_grace_period_of_a_pod_delete() -> None:
     assert obj["metadata"]["deletionGracePeriodSeconds"] == 30
     assert not podgrace.mark(obj, 40, 1001.0)  # never lengthened
     assert podgrace.mark(obj, 0, 1002.0) and obj["metadata"]["deletionGracePeriodSeconds"] == 0
+
+
+def test_cri_log_lines_as_kubectl_shows_them() -> None:
+    from localcluster.kubelet.logs import _line
+
+    raw = "2026-12-06T06:00:00.123456789Z stdout F hello world"
+    assert _line(raw, False) == "hello world\n"
+    assert _line(raw, True) == "2026-12-06T06:00:00.123456789Z hello world\n"
+    assert _line("2026-12-06T06:00:00.1Z stderr P part", False) == "part"
+
+
+def test_which_container_logs_and_exec_name() -> None:
+    from localcluster.errors import ApiError
+    from localcluster.kubelet.logs import choose_container
+
+    pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}, {"name": "b"}],
+                                               "initContainers": [{"name": "i"}]}}
+    assert choose_container(pod, "i") == "i"
+    with pytest.raises(ApiError) as e:
+        choose_container(pod, "")
+    assert e.value.message == ("a container name must be specified for pod p, choose one of: "
+                               "[a b] or one of the init containers: [i]")
+    with pytest.raises(ApiError) as e:
+        choose_container(pod, "z")
+    assert e.value.code == 400 and e.value.message == "container z is not valid for pod p"
+
+
+def test_exec_status_carries_the_exit_code() -> None:
+    from localcluster.kubelet.execstream import status
+
+    assert status(0, ["true"]) == {"metadata": {}, "status": "Success"}
+    failed = status(3, ["sh", "-c", "exit 3"])
+    assert failed["reason"] == "NonZeroExitCode"
+    assert failed["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}]
+
+
+def test_volume_mounts_wrap_the_command() -> None:
+    from localcluster.kubelet.volumes import Volumes
+
+    assert Volumes.wrap([], ["sleep", "1"], sh="/bin/sh", mount="/bin/mount") == ["sleep", "1"]
+    argv = Volumes.wrap([("/src", "/dst", True), ("/a", "/b", False)], ["sleep", "1"],
+                        sh="/bin/sh", mount="/bin/mount")
+    assert argv[:2] == ["/bin/sh", "-c"]
+    assert argv[3:] == ["meshgate-volumes", "/bin/mount", "/src", "/dst", "ro", "/a", "/b",
+                        "rw", "--", "sleep", "1"]
