@@ -405,10 +405,10 @@ class ApiHandler:
         if t.name:
             raise ApiError.method_not_allowed("create", t.rt.plural)
         if not t.rt.persisted:
-            if t.rt.kind == "Binding" and t.namespace is not None:
-                named = ((body or {}).get("metadata") or {}).get("name", "") if isinstance(
-                    body, dict) else ""
-                return respond(await podapi.bind(self.registry, t.namespace, named, body,
+            if t.rt.kind == "Binding":
+                if t.namespace is None:
+                    raise ApiError.no_route()
+                return respond(await podapi.bind(self.registry, t.namespace, "", body,
                                                  dry_run=self._options(request, user).dry_run), 201)
             if t.rt.kind == "TokenReview":
                 return respond(reviews.token_review(self.tokens, body), 201)

@@ -69,8 +69,14 @@ def grace_query(query: Mapping[str, str]) -> int:
 
 async def bind(registry: Registry, namespace: str, name: str, body: Any, *,
                dry_run: bool) -> dict[str, Any]:
+    """A Binding posted to pods/NAME/binding, or to bindings (`name` empty: the Pod the
+    Binding names)."""
     from localcluster.kubelet.binding import bind as assign
 
+    if not name and isinstance(body, dict):
+        name = str((body.get("metadata") or {}).get("name") or "")
+    if not name:
+        raise ApiError.bad_request("a Binding must name the Pod in metadata.name")
     return await assign(registry, namespace, name, body, dry_run=dry_run)
 
 

@@ -70,6 +70,10 @@ def test_binding_refusals(cluster: Cluster, ns: str) -> None:
     assert status["message"] == "name in URL does not match name in Binding object"
     code, status = _binding(cluster, ns, "missing", {"target": {"name": "n"}})
     assert code == 404
+    code, status = cluster.raw("POST", f"/api/v1/namespaces/{ns}/bindings",
+                               json.dumps({"target": {"name": "n"}}).encode())
+    assert code == 400 and isinstance(status, dict)
+    assert status["message"] == "a Binding must name the Pod in metadata.name"
     with pytest.raises(ApiException) as e:
         core.read_namespaced_pod_log("q", ns)
     assert e.value.status == 400
