@@ -1,6 +1,6 @@
 """``pods/exec`` over kubectl's WebSocket protocol (``v5.channel.k8s.io``, and
-v4): the command runs in the container's network namespace and a mount namespace
-with the container's volumes, its environment, and, with ``tty``, a terminal.
+v4): the command runs inside the container's network and mount namespaces, with
+its environment, and, with ``tty``, a terminal.
 
 Each binary message starts with its channel: 0 stdin, 1 stdout, 2 stderr, 3 the
 final ``Status`` (JSON; a non-zero exit is ``NonZeroExitCode`` with the code in

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from localcluster import netns
 from localcluster.kubelet import probes
 from localcluster.kubelet.containers import Instance
 from localcluster.kubelet.status import ContainerView
-from localcluster.kubelet.volumes import Volumes
 
 if TYPE_CHECKING:
     from localcluster.kubelet.worker import PodWorker
@@ -28,14 +25,11 @@ NAMES = {"startupProbe": "Startup", "livenessProbe": "Liveness", "readinessProbe
 
 class Prober:
     def __init__(self, worker: PodWorker, container: Mapping[str, Any], view: ContainerView,
-                 inst: Instance, env: Mapping[str, str],
-                 mounts: Sequence[tuple[str, str, bool]]) -> None:
+                 inst: Instance) -> None:
         self.worker = worker
         self.container = container
         self.view = view
         self.inst = inst
-        self.env = env
-        self.mounts = mounts
 
     def any(self) -> bool:
         return any(k in self.container for k in KINDS)
@@ -67,11 +61,12 @@ class Prober:
                                                node_netns=node.network.node_netns,
                                                pod_ip=pod_ip, timeout=timeout)
             if "exec" in spec:
-                argv = netns.pod_command(node.network, self.worker.key, Volumes.wrap(
-                    self.mounts, spec["exec"].get("command") or [],
-                    sh=shutil.which("sh") or "/bin/sh",
-                    mount=shutil.which("mount") or "/bin/mount"))
-                return await probes.run_exec(argv, self.env, timeout)
+                found = self.worker.exec_command(self.container["name"],
+                                                 spec["exec"].get("command") or [])
+                if found is None:
+                    return probes.Result(False, "the container is not running")
+                argv, env = found
+                return await probes.run_exec(argv, env, timeout)
         except ValueError as e:
             return probes.Result(False, str(e))
         return probes.Result(False, "only httpGet, tcpSocket and exec probes are supported")

@@ -96,7 +96,8 @@ class PodWorker:
         self.volumes = Volumes(pod, self.dir / "volumes", node.registry.store.get, node.mint,
                                node.host_ip, node.clock)
         self.instances: dict[str, containers.Instance] = {}
-        self.exec_context: dict[str, tuple[dict[str, str], list[tuple[str, str, bool]]]] = {}
+        self.exec_env: dict[str, dict[str, str]] = {}
+        """Each running container's environment, for the commands exec runs in it."""
         self.backoffs: dict[str, Backoff] = {}
         self.ip: str | None = None
         self._adding: asyncio.Future[netns.Pod] | None = None
@@ -161,13 +162,15 @@ class PodWorker:
 
     def exec_command(self, container: str, command: Sequence[str]
                      ) -> tuple[list[str], dict[str, str]] | None:
-        """argv and environment that run `command` in the running `container`'s network
-        namespace, with its volumes and environment; None if it is not running."""
-        if container not in self.instances or container not in self.exec_context:
+        """argv and environment that run `command` inside the running `container`: in
+        its own network and mount namespaces (so with its volumes and resolv.conf), with
+        its environment; None if it is not running."""
+        inst = self.instances.get(container)
+        env = self.exec_env.get(container)
+        if inst is None or env is None:
             return None
-        env, mounts = self.exec_context[container]
-        argv = netns.pod_command(self.node.network, self.key, Volumes.wrap(
-            mounts, command, sh=_tool("sh"), mount=_tool("mount")))
+        argv = [_tool("nsenter"), f"--target={inst.pid}", "--mount", "--net", "--",
+                *command]
         return argv, env
 
     def running_log(self, container: str) -> Path | None:
@@ -366,8 +369,8 @@ class PodWorker:
         await self.node.events.normal(self._ref(), "Started", f"Started container {name}")
         log.info("container started pod=%s/%s container=%s pid=%d restart=%d", self.namespace,
                  self.name, name, inst.pid, view.restart_count)
-        self.exec_context[name] = (dict(env), list(mounts))
-        prober = Prober(self, c, view, inst, env, mounts)
+        self.exec_env[name] = dict(env)
+        prober = Prober(self, c, view, inst)
         probing = asyncio.create_task(prober.run()) if prober.any() else None
         try:
             code = await inst.wait()
