@@ -6,7 +6,7 @@ sidecars counted among the containers."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,14 @@ class PodRow:
     ready: str
     status: str
     restarts: int
+    last_restart: str = ""
+    """RFC 3339: when a container last stopped before a restart (``lastState``)."""
+
+    def restarts_text(self, ago: Callable[[str], str]) -> str:
+        """kube's RESTARTS cell: ``3 (12s ago)``; `ago` turns a time into its age."""
+        if self.restarts and self.last_restart:
+            return f"{self.restarts} ({ago(self.last_restart)} ago)"
+        return str(self.restarts)
 
 
 def _terminated_reason(term: Mapping[str, Any], prefix: str = "") -> str:
@@ -33,6 +41,10 @@ def pod_row(pod: Mapping[str, Any]) -> PodRow:
     sidecars = [n for n, c in inits.items() if c.get("restartPolicy") == "Always"]
     total = len(spec.get("containers") or []) + len(sidecars)
     ready = restarts = sidecar_restarts = 0
+    finished = [str(((cs.get("lastState") or {}).get("terminated") or {}).get("finishedAt") or "")
+                for key in ("initContainerStatuses", "containerStatuses")
+                for cs in status.get(key) or []]
+    last_restart = max(finished, default="")
     reason = str(status.get("reason") or status.get("phase") or "")
     initializing = False
     init_statuses = status.get("initContainerStatuses") or []
@@ -77,4 +89,4 @@ def pod_row(pod: Mapping[str, Any]) -> PodRow:
     if (pod.get("metadata") or {}).get("deletionTimestamp") and status.get("phase") not in (
             "Succeeded", "Failed"):
         reason = "Terminating"
-    return PodRow(f"{ready}/{total}", reason, restarts)
+    return PodRow(f"{ready}/{total}", reason, restarts, last_restart)

@@ -214,7 +214,7 @@ COLUMNS: dict[tuple[str, str], list[tuple[dict[str, Any], Cell]]] = {
     ("", "pods"): [
         _NAME, _col("Ready", lambda o: pod_row(o).ready),
         _col("Status", lambda o: pod_row(o).status),
-        _col("Restarts", lambda o: pod_row(o).restarts, kind="integer"),
+        _col("Restarts", lambda o: pod_row(o).restarts_text(_since)),
         _AGE, _col("IP", lambda o: _dig(o, "status.podIP") or "<none>", priority=1),
         _col("Node", lambda o: _dig(o, "spec.nodeName") or "<none>", priority=1)],
     ("", "endpoints"): [_NAME, _col("Endpoints", _endpoints), _AGE],

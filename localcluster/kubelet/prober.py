@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from localcluster.kubelet import probes
 from localcluster.kubelet.containers import Instance
 from localcluster.kubelet.status import ContainerView
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from localcluster.kubelet.worker import PodWorker
@@ -35,6 +38,14 @@ class Prober:
         return any(k in self.container for k in KINDS)
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except Exception as e:
+            log.error("probes stopped pod=%s/%s container=%s cause=%r", self.worker.namespace,
+                      self.worker.name, self.container["name"], e)
+            raise
+
+    async def _run(self) -> None:
         c = self.container
         if "startupProbe" in c:
             if not await self._until_success("startupProbe"):

@@ -20,7 +20,7 @@ from typing import Any
 from localcluster import netns
 from localcluster.errors import ApiError
 from localcluster.events import EventRecorder
-from localcluster.kubelet import containers, images
+from localcluster.kubelet import containers, garp, images
 from localcluster.kubelet.backoff import Backoff
 from localcluster.kubelet.prober import Prober
 from localcluster.kubelet.status import ContainerView, Role, conditions, phase
@@ -239,6 +239,7 @@ class PodWorker:
             await asyncio.sleep(delay)
             delay = min(delay * 2, VOLUME_RETRY_MAX)
         self.ip = str(sandbox.ip)
+        await asyncio.to_thread(garp.announce, sandbox.netns, netns.POD_IFNAME, sandbox.ip)
         self._changed.set()
         await self._mount_volumes()
         refresh = asyncio.create_task(self._refresh_tokens())

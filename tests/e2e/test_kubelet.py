@@ -450,11 +450,16 @@ def test_readiness_gates_the_endpoint_and_liveness_restarts(cluster: Cluster,
     wait_for(lambda: endpoint() == "false", timeout=30, what="a not-ready endpoint")
     row = cluster.kubectl("get", "pod", "probed", "--no-headers").stdout.split()
     assert row[1:3] == ["0/1", "Running"]
-    wait_for(lambda: "Readiness probe failed: HTTP probe failed with statuscode: 404" in
-             cluster.kubectl("get", "events", "--field-selector",
-                             "involvedObject.name=probed,reason=Unhealthy", "-o",
-                             "jsonpath={.items[*].message}").stdout, timeout=15,
-             what="an Unhealthy Event")
+    def unhealthy() -> str:
+        return cluster.kubectl("get", "events", "--field-selector",
+                               "involvedObject.name=probed,reason=Unhealthy", "-o",
+                               "jsonpath={.items[*].message}").stdout
+    def saw_404() -> bool:
+        seen = unhealthy()
+        if "Readiness probe failed: HTTP probe failed with statuscode: 404" not in seen:
+            raise AssertionError(f"Unhealthy Events so far: {seen!r}")
+        return True
+    wait_for(saw_404, timeout=20, what="the readiness probe's 404")
     (site / "ready").write_text("ok")
     wait_for(lambda: endpoint() == "true", timeout=15, what="a ready endpoint")
     assert cluster.kubectl("get", "pod", "probed", "--no-headers").stdout.split()[1] == "1/1"
@@ -479,6 +484,8 @@ def test_pods_run_again_after_the_api_server_restarts(cluster: Cluster) -> None:
     wait_for(lambda: _running_ready(cluster, "survivor"), timeout=30, what="survivor Running")
     before = _pids_with("7424203")
     assert before
+    wait_for(lambda: cluster.kubectl("logs", "survivor").stdout == "run\n", timeout=10,
+             what="survivor's line logged")
     state = cluster.base / "state"
     os.kill(int((state / "run" / "apiserver.pid").read_text()), 9)
     cluster.meshgate("cluster", "up", "--name", NAME, "--state-dir", str(state),
@@ -519,6 +526,32 @@ def test_a_job_completes_and_a_daemonset_runs_one_pod(cluster: Cluster) -> None:
     assert pods[0].status.phase == "Running"
     cluster.kubectl("delete", "daemonset", "agent", timeout=60)
     cluster.kubectl("delete", "job", "once", timeout=60)
+
+
+def _connects(ip: str, port: int) -> bool:
+    sock = namespaces.socket_in_namespace(f"{PREFIX}node")
+    try:
+        sock.settimeout(0.5)
+        return sock.connect_ex((ip, port)) == 0
+    finally:
+        sock.close()
+
+
+def test_a_reused_pod_address_is_reachable_at_once(cluster: Cluster) -> None:
+    """The next Pod gets a freed address at once, and the node, which reached the old
+    Pod there a moment before, reaches the new one straight away (the new Pod's
+    gratuitous ARP)."""
+    serve = ["--command", "--", sys.executable, "-m", "http.server", "8082"]
+    cluster.kubectl("run", "first", "--image=busybox", *serve)
+    wait_for(lambda: _running_ready(cluster, "first"), timeout=30, what="first Running")
+    ip = cluster.pod("first").status.pod_ip
+    wait_for(lambda: _connects(ip, 8082), timeout=10, what="first answering")
+    cluster.kubectl("delete", "pod", "first", timeout=60)
+    cluster.kubectl("run", "second", "--image=busybox", *serve)
+    wait_for(lambda: _running_ready(cluster, "second"), timeout=30, what="second Running")
+    assert cluster.pod("second").status.pod_ip == ip
+    wait_for(lambda: _connects(ip, 8082), timeout=4, what="second answering at once")
+    cluster.kubectl("delete", "pod", "second", timeout=60)
 
 
 def test_cluster_down_stops_every_pod(cluster: Cluster) -> None:

@@ -77,6 +77,11 @@ def test_kubectl_columns() -> None:
         "name": "c", "restartCount": 4, "ready": False,
         "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]})
     assert pod_row(crash) == pod_row(crash).__class__("0/1", "CrashLoopBackOff", 4)
+    assert pod_row(crash).restarts_text(lambda at: "x") == "4"
+    crash["status"]["containerStatuses"][0]["lastState"] = {
+        "terminated": {"finishedAt": "2026-12-06T06:00:00Z"}}
+    assert pod_row(crash).restarts_text(lambda at: f"<{at}>") == (
+        "4 (<2026-12-06T06:00:00Z> ago)")
     init = _pod({"phase": "Pending", "initContainerStatuses": [
         {"name": "i0", "state": {"terminated": {"exitCode": 0}}},
         {"name": "i1", "state": {"running": {}}}]}, inits=2)
@@ -146,3 +151,18 @@ def test_volume_mounts_wrap_the_command() -> None:
     assert argv[:2] == ["/bin/sh", "-c"]
     assert argv[3:] == ["meshgate-volumes", "/bin/mount", "/src", "/dst", "ro", "/a", "/b",
                         "rw", "--", "sleep", "1"]
+
+
+
+def test_gratuitous_arp_frame() -> None:
+    from ipaddress import IPv4Address
+
+    from localcluster.kubelet.garp import frame
+
+    mac = bytes.fromhex("02aabbccddee")
+    f = frame(mac, IPv4Address("10.244.0.7"))
+    assert f[:6] == b"\xff" * 6 and f[6:12] == mac and f[12:14] == b"\x08\x06"
+    assert len(f) == 42
+    arp = f[14:]
+    assert arp[6:8] == b"\x00\x01"  # a request
+    assert arp[8:14] == mac and arp[14:18] == arp[24:28] == bytes([10, 244, 0, 7])
