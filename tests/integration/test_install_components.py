@@ -181,3 +181,42 @@ def test_the_gateway_gets_its_certificate_and_is_ready_with_its_service_account(
     finally:
         stop_process(proc)
     assert "Forbidden" not in "".join(output), output
+
+
+def test_the_mirror_controller_serves_a_link_with_its_service_account(
+        cluster: Cluster, rendered: list[Obj], tmp_path_factory: pytest.TempPathFactory) -> None:
+    api = cluster.api()
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        "multicluster.meshgate.io", "v1alpha1", "meshgate", "links", {
+            "apiVersion": "multicluster.meshgate.io/v1alpha1", "kind": "Link",
+            "metadata": {"name": "west"},
+            "spec": {"targetClusterName": "west", "clusterCredentialsSecret": "west-creds",
+                     "gatewayAddress": "192.0.2.1", "gatewayPort": 4143,
+                     "gatewayIdentity": "meshgate-gateway.meshgate.serviceaccount.identity."
+                                        "meshgate.cluster.local",
+                     "selector": {"matchLabels": {"mirror.meshgate.io/exported": "true"}}}})
+    pod = Pod(cluster, rendered, "meshgate-mirror", tmp_path_factory.mktemp("mirror"))
+    pod.kubeconfig_for(cluster.server)
+    argv = [sys.executable, *pod.container["command"][1:],
+            *(pod.local(arg) for arg in pod.container["args"])]
+    proc, output, _, _ = spawn(argv, lambda line: True, what="mirror controller")
+    coordination = client.CoordinationV1Api(api)
+    custom = client.CustomObjectsApi(api)
+
+    def link_status() -> str:
+        link = custom.get_namespaced_custom_object("multicluster.meshgate.io", "v1alpha1",
+                                                   "meshgate", "links", "west")
+        return yaml.safe_dump((link.get("status") or {}).get("conditions") or [])
+
+    try:
+        # Its child holds the Link's Lease (leases get/create/update) and says in the
+        # Link's status (links/status patch) that the credentials are missing.
+        lease = wait_for(lambda: coordination.read_namespaced_lease("mirror-west", "meshgate"),
+                         timeout=30, what="the Link's Lease")
+        assert lease.spec.holder_identity == "mirrorset-west"
+        wait_for(lambda: "west-creds" in link_status(), timeout=30,
+                 what="the Link's status naming its missing credentials")
+    finally:
+        stop_process(proc)
+    log = (Path(pod.local("/var/run/meshgate/mirrors")) / "logs" / "mirror-west.log").read_text()
+    assert "Forbidden" not in "".join(output) + log, "".join(output) + log
