@@ -24,7 +24,6 @@ from mesh.errors import ConfigError
 from mesh.identity import ca
 from mesh.identity.ca import IssuerDir
 from mesh.identity.names import DEFAULT_CONTROL_NS
-from mesh.identity.trustroots import TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY
 from mesh.image import IMAGE, reference
 from mesh.manifests import Obj
 
@@ -171,6 +170,9 @@ def _issuer_secret(cert: bytes, key: bytes, anchor: bytes) -> Obj:
 
 def _trust_roots(pem: str) -> Obj:
     # As mesh.identity.trustroots.publish writes it, so the control plane finds it equal.
+    # (Imported here: it loads the kubernetes client, which `meshgate proxy` must not.)
+    from mesh.identity.trustroots import TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY
+
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": TRUST_ROOTS_CONFIGMAP, "namespace": DEFAULT_CONTROL_NS,
                          "labels": {"app.kubernetes.io/part-of": "meshgate"}},
