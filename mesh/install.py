@@ -39,7 +39,7 @@ LOGGED = ("meshgate-control", "meshgate-gateway")
 """The Deployments whose ``meshgate --log-level`` ``logLevel`` sets."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:@-]*$")
+_IMAGE = re.compile(r"^[a-z0-9][A-Za-z0-9._/:@-]*$")
 SET_KEYS = ("image", "replicas", "logLevel",
             *(f"{c}.resources.{kind}.{res}" for c in COMPONENTS
               for kind in ("requests", "limits") for res in ("cpu", "memory")))

@@ -218,6 +218,7 @@ def test_set_changes_the_documented_fields(identity: Path) -> None:
     ("replicas=0", "replicas='0' must be a whole number of at least 1"),
     ("logLevel=loud", "logLevel='loud' must be one of debug, info, warning, error"),
     ("gateway.resources.limits.memory=lots", "'lots' is not a quantity"),
+    ("image=my image", "image='my image' is not an image reference"),
 ])
 def test_set_refuses_bad_input_naming_it(identity: Path, value: str, message: str) -> None:
     proc = meshgate("install", "--identity-dir", str(identity), "--set", value)
