@@ -119,6 +119,8 @@ class Admission:
             self._establish(obj)
         elif workload_spec.is_workload(rt):
             workload_spec.admit(rt, obj, None)
+        elif rt.key == workload_spec.BUDGETS:
+            workload_spec.admit_budget(obj)
         elif webhookconfig.is_configuration(rt):
             webhookconfig.set_defaults(obj, mutating=rt.key == webhookconfig.MUTATING)
         return []
@@ -134,6 +136,8 @@ class Admission:
             self._establish(new)
         elif workload_spec.is_workload(rt):
             workload_spec.admit(rt, new, old)
+        elif rt.key == workload_spec.BUDGETS:
+            workload_spec.admit_budget(new)
         elif webhookconfig.is_configuration(rt):
             webhookconfig.set_defaults(new, mutating=rt.key == webhookconfig.MUTATING)
 

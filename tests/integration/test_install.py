@@ -77,17 +77,19 @@ def test_kubectl_apply_k_finds_the_same_objects(cluster: Cluster, installed: str
         assert proc.stdout and all(" unchanged" in line for line in lines(proc)), proc.stdout
 
 
-def test_ha_is_accepted_but_for_its_disruption_budgets(cluster: Cluster, identity: Path,
-                                                       installed: str) -> None:
-    # policy/v1 PodDisruptionBudget is not served by the embedded cluster.
+def test_ha_is_accepted_with_its_disruption_budgets(cluster: Cluster, identity: Path,
+                                                    installed: str) -> None:
     docs = [d for d in yaml.safe_load_all(meshgate("install", "--identity-dir", str(identity),
                                                    "--ha")) if d]
-    served = [d for d in docs if d["kind"] != "PodDisruptionBudget"]
+    assert [d["kind"] for d in docs].count("PodDisruptionBudget") == 2
     proc = cluster.kubectl("apply", "--dry-run=server", "-f", "-",
-                           input=yaml.safe_dump_all(served))
-    configured = [line for line in lines(proc) if " configured" in line]
-    assert configured == ["deployment.apps/meshgate-control configured (server dry run)",
-                          "deployment.apps/meshgate-gateway configured (server dry run)"]
+                           input=yaml.safe_dump_all(docs))
+    changed = [line for line in lines(proc) if " configured" in line or " created" in line]
+    assert sorted(changed) == [
+        "deployment.apps/meshgate-control configured (server dry run)",
+        "deployment.apps/meshgate-gateway configured (server dry run)",
+        "poddisruptionbudget.policy/meshgate-control created (server dry run)",
+        "poddisruptionbudget.policy/meshgate-gateway created (server dry run)"]
 
 
 def can_i(cluster: Cluster, who: str, *request: str) -> bool:
