@@ -122,6 +122,8 @@ class Admission:
             self._establish(obj)
         elif workload_spec.is_workload(rt):
             workload_spec.admit(rt, obj, None)
+        elif rt.key == workload_spec.BUDGETS:
+            workload_spec.admit_budget(obj)
         elif webhookconfig.is_configuration(rt):
             webhookconfig.set_defaults(obj, mutating=rt.key == webhookconfig.MUTATING)
         return []
@@ -137,6 +139,8 @@ class Admission:
             self._establish(new)
         elif workload_spec.is_workload(rt):
             workload_spec.admit(rt, new, old)
+        elif rt.key == workload_spec.BUDGETS:
+            workload_spec.admit_budget(new)
         elif webhookconfig.is_configuration(rt):
             webhookconfig.set_defaults(new, mutating=rt.key == webhookconfig.MUTATING)
 

@@ -151,6 +151,12 @@ SCHEMA: dict[str, dict[int, tuple[str, str]]] = {
     "DeploymentStrategy": {1: ("type", "str"), 2: ("rollingUpdate", "RollingUpdateDeployment")},
     "RollingUpdateDeployment": {1: ("maxUnavailable", "IntOrString"),
                                 2: ("maxSurge", "IntOrString")},
+    # k8s.io/api/policy/v1/generated.proto
+    "PodDisruptionBudget": {_META[0]: _META[1:], 2: ("spec", "PodDisruptionBudgetSpec")},
+    "PodDisruptionBudgetSpec": {1: ("minAvailable", "IntOrString"),
+                                2: ("selector", "LabelSelector"),
+                                3: ("maxUnavailable", "IntOrString"),
+                                4: ("unhealthyPodEvictionPolicy", "str")},
     # k8s.io/api/batch/v1/generated.proto
     "Job": {_META[0]: _META[1:], 2: ("spec", "JobSpec")},
     "JobSpec": {
@@ -216,6 +222,7 @@ SUPPORTED: dict[tuple[str, str], str] = {
     **{(_RBAC, k): k for k in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")},
     ("apps/v1", "Deployment"): "Deployment",
     ("batch/v1", "Job"): "Job",
+    ("policy/v1", "PodDisruptionBudget"): "PodDisruptionBudget",
 }
 ANY_VERSION: frozenset[str] = frozenset({"DeleteOptions"})
 

@@ -261,6 +261,13 @@ COLUMNS: dict[tuple[str, str], list[tuple[dict[str, Any], Cell]]] = {
         _NAME, _col("Ready", lambda o: f"{_count(o, 'status.readyReplicas')}/"
                                        f"{_count(o, 'spec.replicas')}"),
         _AGE, *_WORKLOAD_WIDE[:2]],
+    ("policy", "poddisruptionbudgets"): [
+        _NAME, _col("Min Available", lambda o: str(_dig(o, "spec.minAvailable"))
+                    if _dig(o, "spec.minAvailable") is not None else "N/A"),
+        _col("Max Unavailable", lambda o: str(_dig(o, "spec.maxUnavailable"))
+             if _dig(o, "spec.maxUnavailable") is not None else "N/A"),
+        _col("Allowed Disruptions", lambda o: _count(o, "status.disruptionsAllowed"),
+             kind="integer"), _AGE],
     ("batch", "jobs"): [
         _NAME, _col("Status", _job_status), _col("Completions", _job_completions),
         _col("Duration", _job_duration), _AGE, *_WORKLOAD_WIDE],

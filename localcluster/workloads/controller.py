@@ -24,6 +24,7 @@ from localcluster.workloads.common import (
 )
 from localcluster.workloads.daemonsets import DaemonSetController
 from localcluster.workloads.deployments import DeploymentController
+from localcluster.workloads.disruption import PDBS, DisruptionController
 from localcluster.workloads.gc import GarbageCollector
 from localcluster.workloads.jobs import JobController
 from localcluster.workloads.nodes import register_node
@@ -70,6 +71,8 @@ class Workloads:
         self.statefulsets: WorkQueue[NsName] = _queue(
             "statefulsets", StatefulSetController(self.writer).reconcile)
         self.jobs: WorkQueue[NsName] = _queue("jobs", JobController(self.writer).reconcile)
+        self.disruption = DisruptionController(self.writer)
+        self.budgets: WorkQueue[NsName] = _queue("disruption", self.disruption.reconcile)
         self.collector: WorkQueue[str] = WorkQueue("garbage-collector", self.gc.reconcile)
         self._by_kind: dict[str, WorkQueue[NsName]] = {
             "Deployment": self.deployments, "ReplicaSet": self.replicasets,
@@ -83,14 +86,14 @@ class Workloads:
         """Queue every object once (what changed while stopped), then follow events."""
         for rt, queue in ((DEPLOYMENTS, self.deployments), (REPLICASETS, self.replicasets),
                           (DAEMONSETS, self.daemonsets), (STATEFULSETS, self.statefulsets),
-                          (JOBS, self.jobs)):
+                          (JOBS, self.jobs), (PDBS, self.budgets)):
             for obj in self.store.items(rt.key):
                 queue.add((obj["metadata"]["namespace"], obj["metadata"]["name"]))
         for uid in self.gc.start():
             self.collector.add(uid)
         self._tasks = [asyncio.create_task(q.run()) for q in (
             self.deployments, self.replicasets, self.daemonsets, self.statefulsets, self.jobs,
-            self.collector)]
+            self.budgets, self.collector)]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -106,9 +109,12 @@ class Workloads:
             return
         kinds = {DEPLOYMENTS.key: self.deployments, REPLICASETS.key: self.replicasets,
                  DAEMONSETS.key: self.daemonsets, STATEFULSETS.key: self.statefulsets,
-                 JOBS.key: self.jobs}
+                 JOBS.key: self.jobs, PDBS.key: self.budgets}
         if ev.key in kinds:
             kinds[ev.key].add((ev.namespace, ev.name))
+        if ev.key in (PODS.key, REPLICASETS.key, STATEFULSETS.key):
+            for budget in self.disruption.budgets_for(ev.namespace):
+                self.budgets.add(budget)
         if ev.key in (PODS.key, REPLICASETS.key):
             for obj in (ev.obj, ev.prev):
                 ref = _controller_ref(obj)

@@ -282,3 +282,46 @@ def admit(rt: ResourceType, obj: dict[str, Any], old: Mapping[str, Any] | None) 
     if causes:
         raise ApiError.invalid(rt.kind, obj["metadata"].get("name", ""), causes,
                                group=rt.group)
+
+
+# -- policy/v1 PodDisruptionBudget ------------------------------------------------------
+
+BUDGETS = ("policy", "poddisruptionbudgets")
+
+
+def _budget_count(path: str, value: Any) -> list[Cause]:
+    if isinstance(value, int):
+        return [] if value >= 0 else [Cause(path, f"Invalid value: {value}: must be greater "
+                                            "than or equal to 0")]
+    text = str(value)
+    if not text.endswith("%") or not text[:-1].isdigit() or int(text[:-1]) > 100:
+        return [Cause(path, f"Invalid value: {json.dumps(text)}: must be an integer or a "
+                      "percentage between 0% and 100%")]
+    return []
+
+
+def admit_budget(obj: Mapping[str, Any]) -> None:
+    """kube's ValidatePodDisruptionBudget (policy/v1); raises its 422."""
+    spec = obj.get("spec") or {}
+    causes: list[Cause] = []
+    if "minAvailable" in spec and "maxUnavailable" in spec:
+        causes.append(Cause("spec", "Invalid value: policy.PodDisruptionBudgetSpec{...}: "
+                            "minAvailable and maxUnavailable cannot be both set"))
+    for field in ("minAvailable", "maxUnavailable"):
+        if field in spec:
+            causes += _budget_count(f"spec.{field}", spec[field])
+    selector = spec.get("selector")
+    if selector is not None:
+        try:
+            LabelSelector.from_label_selector(selector)
+        except (ApiError, ValueError) as e:
+            causes.append(Cause("spec.selector", f"Invalid value: "
+                                f"{go_label_selector(selector)}: invalid label selector: {e}"))
+    policy = spec.get("unhealthyPodEvictionPolicy")
+    if policy not in (None, "IfHealthyBudget", "AlwaysAllow"):
+        causes.append(Cause("spec.unhealthyPodEvictionPolicy", f"Unsupported value: "
+                            f"{json.dumps(policy)}: supported values: \"AlwaysAllow\", "
+                            "\"IfHealthyBudget\"", "FieldValueNotSupported"))
+    if causes:
+        raise ApiError.invalid("PodDisruptionBudget", obj["metadata"].get("name", ""), causes,
+                               group="policy")

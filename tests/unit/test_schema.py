@@ -237,6 +237,17 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "spec": {"replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
                  "template": {"spec": {"containers": [{"name": "db", "image": "db:1"}]}}},
         "status": {"replicas": 1}},
+    "PodDisruptionBudget": {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "web", "generation": 1},
+        "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "web"}},
+                 "unhealthyPodEvictionPolicy": "AlwaysAllow"},
+        "status": {"observedGeneration": 1, "disruptionsAllowed": 1, "currentHealthy": 3,
+                   "desiredHealthy": 2, "expectedPods": 3,
+                   "conditions": [{"type": "DisruptionAllowed", "status": "True",
+                                   "reason": "SufficientPods", "message": "",
+                                   "lastTransitionTime": "2024-05-01T10:00:00Z",
+                                   "observedGeneration": 1}]}},
     "ControllerRevision": {
         "apiVersion": "apps/v1", "kind": "ControllerRevision",
         "metadata": {"name": "agent-5d4f8", "labels": {"controller-revision-hash": "5d4f8"}},
