@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from localcluster.rootless import meshgate_argv
+from mesh.image import IMAGE
 
-MESHGATE_IMAGE = "ghcr.io/meshgate/meshgate"
-"""meshgate's own image, under any tag or digest: runs the local installation."""
+MESHGATE_IMAGE = IMAGE
+"""meshgate's own image (mesh.image), under any tag or digest: runs the local
+installation."""
 
 NOT_RUNNABLE_REASON = "ImageNotRunnable"
 NOT_RUNNABLE_MESSAGE = ("this embedded cluster does not pull images; give the container a "
