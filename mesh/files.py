@@ -27,6 +27,14 @@ def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
     fsync_dir(path.parent)
 
 
+def discard_partial_writes(directory: Path) -> None:
+    """Remove the temporary files a `write_atomic` killed before its rename left in
+    ``directory`` (``.NAME.*.tmp``); only for a directory no one else writes to now."""
+    for tmp in directory.glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 def fsync_dir(path: Path) -> None:
     dir_fd = os.open(path, os.O_RDONLY)
     try:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from mesh.files import write_atomic
+from mesh.files import discard_partial_writes, write_atomic
 from mesh.identity.names import GATEWAY_SERVICE_ACCOUNT, Identity
 from mesh.proxy.listeners import bind_failure
 from vm_agent import routes, systemd
@@ -298,6 +298,7 @@ def undo(sd: StateDir, state: VmState) -> list[str]:
     if not problems:
         for path in (sd.record, sd.status, sd.path / "proxy.log"):
             path.unlink(missing_ok=True)
+        discard_partial_writes(sd.path)  # a join killed in the middle of writing one
     return problems
 
 

@@ -58,7 +58,7 @@ from typing import Protocol
 
 from mesh.dns import Address, format_address
 from mesh.errors import ResolverError
-from mesh.files import fsync_dir, write_atomic
+from mesh.files import discard_partial_writes, fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -523,8 +523,10 @@ def _save_record(state: Path, record: Record) -> None:
 
 
 def _forget(state: Path) -> None:
-    """The record goes first: without it the backup is only a leftover."""
+    """The record goes first: without it the backup is only a leftover. A write the
+    agent was killed in the middle of leaves a temporary file: it goes too."""
     for name in (RECORD, BACKUP):
         with contextlib.suppress(FileNotFoundError):
             (state / name).unlink()
         fsync_dir(state)
+    discard_partial_writes(state)

@@ -238,3 +238,14 @@ def test_take_over_again_after_a_crash_and_with_another_namespace(conf: Path,
 def test_a_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ResolverError, match="does not exist"):
         take_over(tmp_path / "resolv.conf", tmp_path / "state")
+
+
+def test_restore_also_removes_what_a_killed_write_left(conf: Path, tmp_path: Path) -> None:
+    """A join killed between write_atomic's temporary file and its rename leaves
+    `.NAME.*.tmp` behind; undoing the take-over leaves the state directory empty."""
+    state = tmp_path / "state"
+    take_over(conf, state)
+    (state / f".{RECORD}.x1y2.tmp").write_bytes(b"half a record")
+    assert resolver.restore(conf, state) is True
+    assert conf.read_bytes() == ORIGINAL
+    assert list(state.iterdir()) == []
