@@ -128,15 +128,9 @@ class Volumes:
             return
         mode = int(next((volume[k].get("defaultMode", 420) for k in (
             "secret", "configMap", "downwardAPI", "projected") if k in volume), 420))
-        if "secret" in volume:
-            src = volume["secret"]
-            self._keys(target, "Secret", ns, src.get("secretName", ""), src, mode)
-        elif "configMap" in volume:
-            src = volume["configMap"]
-            self._keys(target, "ConfigMap", ns, src.get("name", ""), src, mode)
-        elif "downwardAPI" in volume:
-            self._downward(target, volume["downwardAPI"].get("items") or [], mode)
-        elif "projected" in volume:
+        if self._source(target, ns, volume, mode, secret_name="secretName"):
+            return
+        if "projected" in volume:
             for source in volume["projected"].get("sources") or []:
                 await self._projected(target, source, mode)
         else:
@@ -158,14 +152,24 @@ class Volumes:
             token = _Token(target / sat.get("path", "token"), {"spec": spec}, 0.0, 0.0)
             await self._mint(token, mode)
             self.tokens.append(token)
+        else:
+            self._source(target, ns, source, mode, secret_name="name")
+
+    def _source(self, target: Path, ns: str, source: Mapping[str, Any], mode: int, *,
+                secret_name: str) -> bool:
+        """Write a secret, configMap or downwardAPI source; False for any other kind. A
+        volume names its Secret in `secretName`, a projected source in `name`."""
+        if "secret" in source:
+            src = source["secret"]
+            self._keys(target, "Secret", ns, src.get(secret_name, ""), src, mode)
         elif "configMap" in source:
             src = source["configMap"]
             self._keys(target, "ConfigMap", ns, src.get("name", ""), src, mode)
-        elif "secret" in source:
-            src = source["secret"]
-            self._keys(target, "Secret", ns, src.get("name", ""), src, mode)
         elif "downwardAPI" in source:
             self._downward(target, source["downwardAPI"].get("items") or [], mode)
+        else:
+            return False
+        return True
 
     async def _mint(self, token: _Token, mode: int = 0o644) -> None:
         sa = (self.pod.get("spec") or {}).get("serviceAccountName") or "default"
