@@ -289,17 +289,6 @@ def admit(rt: ResourceType, obj: dict[str, Any], old: Mapping[str, Any] | None) 
 BUDGETS = ("policy", "poddisruptionbudgets")
 
 
-def _budget_count(path: str, value: Any) -> list[Cause]:
-    if isinstance(value, int):
-        return [] if value >= 0 else [Cause(path, f"Invalid value: {value}: must be greater "
-                                            "than or equal to 0")]
-    text = str(value)
-    if not text.endswith("%") or not text[:-1].isdigit() or int(text[:-1]) > 100:
-        return [Cause(path, f"Invalid value: {json.dumps(text)}: must be an integer or a "
-                      "percentage between 0% and 100%")]
-    return []
-
-
 def admit_budget(obj: Mapping[str, Any]) -> None:
     """kube's ValidatePodDisruptionBudget (policy/v1); raises its 422."""
     spec = obj.get("spec") or {}
@@ -309,7 +298,7 @@ def admit_budget(obj: Mapping[str, Any]) -> None:
                             "minAvailable and maxUnavailable cannot be both set"))
     for field in ("minAvailable", "maxUnavailable"):
         if field in spec:
-            causes += _budget_count(f"spec.{field}", spec[field])
+            causes += _percent_or_int(f"spec.{field}", spec[field])  # kube's IntOrPercent checks
     selector = spec.get("selector")
     if selector is not None:
         try:
