@@ -130,7 +130,6 @@ class Exports:
         self._services: dict[ObjKey, Obj] = {}
         self._pods: dict[ObjKey, Obj] = {}
         self._workloads: dict[ObjKey, Obj] = {}
-        self._workload_identities: dict[ObjKey, str] = {}
         """ExternalWorkload -> its spec.meshTLS.identity: this cluster's VMs."""
         self._balancers: dict[tuple[str, int], Balancer] = {}
         """(service name, service port) -> a balancer over its meshed endpoints."""
@@ -163,13 +162,6 @@ class Exports:
 
     def workload_event(self, event: str, obj: Obj) -> None:
         """An ExternalWorkload (a VM of this cluster) was added, changed or deleted."""
-        meta = obj.get("metadata") or {}
-        key = (str(meta.get("namespace") or ""), str(meta.get("name")))
-        identity = workload_identity(obj)
-        if event == DELETED or not identity:
-            self._workload_identities.pop(key, None)
-        else:
-            self._workload_identities[key] = identity
         _remember(self._workloads, event, obj)
         # Its endpoints become meshed ones once its identity is known: VMs reach each other.
         self._apply(self.index.workload_event(event, obj))
@@ -177,7 +169,7 @@ class Exports:
 
     def is_local_workload(self, identity: str) -> bool:
         """Whether `identity` is that of an ExternalWorkload of this cluster (a VM)."""
-        return identity in self._workload_identities.values()
+        return any(workload_identity(vm) == identity for vm in self._workloads.values())
 
     def policy_event(self, kind: str, event: str, obj: Obj) -> None:
         self.policy.apply(kind, event, obj)  # logs the resources it must ignore
