@@ -239,8 +239,11 @@ def kubelet_bench(idle_s: float) -> None:
             rollout_s = time.monotonic() - t
             t = time.monotonic()
             k("delete", "deployment", "sleeper", "--wait=false")
+            deadline = t + 300
             while pods():
-                time.sleep(0.1)
+                if time.monotonic() > deadline:
+                    raise SystemExit("the Deployment's Pods were not gone 300 s after delete")
+                time.sleep(0.1)  # a poll: each round is a kubectl call
             delete_s = time.monotonic() - t
             k("apply", "-f", "-", stdin=DEPLOYMENT.replace("replicas: 10", "replicas: 50"))
             t = time.monotonic()
