@@ -49,7 +49,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -58,7 +57,7 @@ from typing import IO, Any
 
 from dataplane import BenchError
 from failoverrig import CENTRAL, CLIENT, EAST, WAN, WEB_HOST, WEB_PODS, WEST, Rig, ours
-from vmrig import sigterm_as_interrupt, uninterrupted, wait_until
+from vmrig import loadavg, preflight, run_dir, sigterm_as_interrupt, uninterrupted, wait_until
 
 from localcluster import netns, wanlink
 from localcluster.pods import in_pod
@@ -445,30 +444,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/failover.py makes network namespaces: run it as root", file=sys.stderr)
+    if not preflight("bench/failover.py", ours(), "NAME"):
         return 2
-    if left := ours():
-        print(f"namespaces of an earlier run are in the way: {' '.join(left)}; remove them "
-              f"(`meshgate cluster down --name NAME`, `ip netns delete NAME`)",
-              file=sys.stderr)
-        return 2
-    base = Path(tempfile.mkdtemp(prefix="meshgate-fobench-"))
-    # Every meshgate command and localcluster call below keeps its state under here.
-    os.environ["MESHGATE_RUN_DIR"] = str(base / "run")
-    os.environ["PYTHONUNBUFFERED"] = "1"
-    os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    base = run_dir("meshgate-fobench-")
     rig = Rig(base, args.failback)
     owner = os.getpid()
     print(f"failover bench: clusters {EAST}, {WEST}, {CENTRAL} on WAN {WAN}; temp dir {base}",
           flush=True)
-    load_start = _loadavg()
+    load_start = loadavg()
     print(f"load average at start: {load_start} (other work on the machine skews the "
           "figures)", flush=True)
     requests = Requests(base / "load.jsonl")
@@ -499,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {base} (load.jsonl: every request; client-proxy.log)")
         else:
             shutil.rmtree(base, ignore_errors=True)
-    load_end = _loadavg()
+    load_end = loadavg()
     print(f"\nload average at start: {load_start}, at end: {load_end}")
     report(results, args)
     if outside:

@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -34,7 +33,7 @@ from dataplane import BenchError
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from pyroute2 import netns as pyroute_netns
-from vmrig import stop, wait_until
+from vmrig import Teardown, stop, wait_until
 
 from localcluster import netns, wanlink
 from localcluster.pods import run_pod_argv
@@ -265,23 +264,15 @@ class Rig:
 
     def down(self) -> list[str]:
         """Remove everything; what could not be removed, in words."""
-        failures: list[str] = []
-
-        def step(what: str, action: Callable[[], object]) -> None:
-            try:
-                action()
-            except Exception as e:  # go on: every later step still has to run
-                failures.append(f"{what}: {e}")
-
+        teardown = Teardown()
+        step = teardown.step
         if self.load is not None:
             step("stop the load", functools.partial(stop, self.load, 10))
         for (cluster, name), proc in self.pods.items():
             step(f"stop pod {name} in {cluster}", functools.partial(stop, proc, 30))
         for cluster in reversed(self.started):
             step(f"cluster down {cluster}", functools.partial(cluster_down, cluster))
-        if left := ours():
-            failures.append(f"namespaces left behind: {' '.join(left)}")
-        return failures
+        return teardown.done(ours())
 
 
 def cluster_down(cluster: str, attempts: int = 2) -> None:

@@ -47,7 +47,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,7 +62,10 @@ from vmrig import (
     WAN,
     WEB,
     Rig,
+    loadavg,
     ours,
+    preflight,
+    run_dir,
     sigterm_as_interrupt,
     uninterrupted,
     wait_until,
@@ -455,35 +457,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/vm.py makes network namespaces: run it as root", file=sys.stderr)
-        return 2
-    if left := ours():
-        print(f"namespaces of an earlier run are in the way: {' '.join(left)}; remove them "
-              f"(`meshgate cluster down --name {CLUSTER}`, `ip netns delete NAME`)",
-              file=sys.stderr)
+    if not preflight("bench/vm.py", ours(), CLUSTER):
         return 2
     if shutil.which("curl") is None:
         print("bench/vm.py calls with curl: install it (apt-get install curl)", file=sys.stderr)
         return 2
     ensure_packages(("wrk", "nginx"))
-    base = Path(tempfile.mkdtemp(prefix="meshgate-vmbench-"))
-    # Every meshgate command and localcluster call below keeps its state under here.
-    os.environ["MESHGATE_RUN_DIR"] = str(base / "run")
-    os.environ["PYTHONUNBUFFERED"] = "1"
-    os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    base = run_dir("meshgate-vmbench-")
     rig = Rig(base)
     owner = os.getpid()
     print(f"vm bench: cluster {CLUSTER} + VM {VM} on WAN {WAN}; {args.joins} joins, wrk "
           f"-c{args.connections} {args.duration:g} s, {args.rate:g} req/s for "
           f"{args.load_seconds:g} s; temp dir {base}", flush=True)
-    load_start = _loadavg()
+    load_start = loadavg()
     print(f"load average at start: {load_start} (other work on the machine skews the "
           "figures)", flush=True)
     try:
@@ -517,10 +505,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(base, ignore_errors=True)
     found = figures(joins, paths, costs, after_wrk)
     found |= {"joins": joins, "load_average_start": load_start,
-              "load_average_end": _loadavg(), "connections": args.connections,
+              "load_average_end": loadavg(), "connections": args.connections,
               "duration_s": args.duration, "rate": args.rate, "load_seconds": args.load_seconds,
               "idle_s": args.idle, "heartbeat": args.heartbeat or "vm join's default"}
-    print(f"\nload average at end: {_loadavg()}")
+    print(f"\nload average at end: {loadavg()}")
     report(found, args, paths, costs)
     if args.json:
         args.json.write_text(json.dumps(found, indent=2) + "\n")

@@ -13,6 +13,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -190,14 +191,8 @@ class Rig:
 
     def down(self) -> list[str]:
         """Remove everything; what could not be removed, in words."""
-        failures: list[str] = []
-
-        def step(what: str, action: Callable[[], object]) -> None:
-            try:
-                action()
-            except Exception as e:  # go on: every later step still has to run
-                failures.append(f"{what}: {e}")
-
+        teardown = Teardown()
+        step = teardown.step
         if self.agent is not None:
             step("stop the agent", functools.partial(stop, self.agent, 30))
         if vms.netns_name(VM) in netns.listnetns():
@@ -208,9 +203,54 @@ class Rig:
         step("delete the VM", lambda: vms.delete(VM))
         step("cluster down", lambda: self.meshgate("cluster", "down", "--name", CLUSTER,
                                                    check=False))
-        if left := ours():
-            failures.append(f"namespaces left behind: {' '.join(left)}")
-        return failures
+        return teardown.done(ours())
+
+
+class Teardown:
+    """Taking a rig down: each step runs even if one before it failed, and what failed
+    is kept, in words."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def step(self, what: str, action: Callable[[], object]) -> None:
+        try:
+            action()
+        except Exception as e:  # go on: every later step still has to run
+            self.failures.append(f"{what}: {e}")
+
+    def done(self, left: list[str]) -> list[str]:
+        """The failures, with the rig's namespaces still there (`left`) as one more."""
+        if left:
+            self.failures.append(f"namespaces left behind: {' '.join(left)}")
+        return self.failures
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def preflight(script: str, left: list[str], cluster: str) -> bool:
+    """Root, and no namespaces of an earlier run (`left`); else say so and False."""
+    if os.geteuid() != 0:
+        print(f"{script} makes network namespaces: run it as root", file=sys.stderr)
+        return False
+    if left:
+        print(f"namespaces of an earlier run are in the way: {' '.join(left)}; remove them "
+              f"(`meshgate cluster down --name {cluster}`, `ip netns delete NAME`)",
+              file=sys.stderr)
+        return False
+    return True
+
+
+def run_dir(prefix: str) -> Path:
+    """A temporary directory under which every meshgate command and localcluster call
+    below keeps its state (through the environment they inherit)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ["MESHGATE_RUN_DIR"] = str(base / "run")
+    os.environ["PYTHONUNBUFFERED"] = "1"
+    os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    return base
 
 
 def ours() -> list[str]:
