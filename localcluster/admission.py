@@ -9,12 +9,13 @@ Hooks return the extra writes that must commit in the same transaction.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import ipaddress
 import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from localcluster import crd, webhookconfig
+from localcluster import crd, servicecidrs, webhookconfig
 from localcluster.apiaccess import mount_api_access
 from localcluster.auth import TokenAuthority
 from localcluster.catalog import Catalog
@@ -97,6 +98,7 @@ class Admission:
                  clock: Callable[[], float]) -> None:
         self.store = store
         self.catalog = catalog
+        self.service_cidr = service_cidr
         self.ips = ClusterIPAllocator(service_cidr, store)
         self.node_ports = NodePortAllocator(store)
         self.tokens = tokens
@@ -126,6 +128,10 @@ class Admission:
             workload_spec.admit_budget(obj)
         elif webhookconfig.is_configuration(rt):
             webhookconfig.set_defaults(obj, mutating=rt.key == webhookconfig.MUTATING)
+        elif rt.key == servicecidrs.KEY:
+            servicecidrs.admit(obj, None, served=self.service_cidr)
+            servicecidrs.set_ready(obj, dt.datetime.fromtimestamp(
+                int(self.clock()), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
         return []
 
     def on_update(self, rt: ResourceType, old: Mapping[str, Any], new: dict[str, Any]) -> None:
@@ -143,6 +149,8 @@ class Admission:
             workload_spec.admit_budget(new)
         elif webhookconfig.is_configuration(rt):
             webhookconfig.set_defaults(new, mutating=rt.key == webhookconfig.MUTATING)
+        elif rt.key == servicecidrs.KEY:
+            servicecidrs.admit(new, old, served=self.service_cidr)
 
     def on_terminate(self, rt: ResourceType, obj: dict[str, Any]) -> None:
         """An object with finalizers (or a Namespace) starts its deletion."""

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from localcluster import servicecidrs
 from localcluster.admission import MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL
 from localcluster.auth import bootstrap_rbac, reconciled
 from localcluster.errors import ApiError
@@ -95,6 +96,8 @@ class Controllers:
                                                           "provider": "kubernetes"}},
             "spec": {"clusterIP": api_ip, "ports": [
                 {"name": "https", "port": 443, "protocol": "TCP", "targetPort": api_port}]}})
+        await self._ensure(servicecidrs.SERVICE_CIDRS, "", servicecidrs.default_object(
+            self.registry.admission.service_cidr))
         want = {"metadata": {"name": "kubernetes", "namespace": "default"},
                 "subsets": [{"addresses": [{"ip": api_host}],
                              "ports": [{"name": "https", "port": api_port,

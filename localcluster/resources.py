@@ -116,6 +116,8 @@ BUILTIN: tuple[ResourceType, ...] = (
     ResourceType("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", namespaced=True,
                  model="V1EndpointSlice", field_labels=("addressType",)),
     ResourceType("coordination.k8s.io", "v1", "Lease", "leases", namespaced=True, model="V1Lease"),
+    ResourceType("networking.k8s.io", "v1", "ServiceCIDR", "servicecidrs", namespaced=False,
+                 model="V1ServiceCIDR", status_subresource=True),
     ResourceType("", "v1", "Binding", "bindings", namespaced=True, model="V1Binding",
                  verbs=CREATE_ONLY, persisted=False),
     ResourceType("authentication.k8s.io", "v1", "TokenReview", "tokenreviews", namespaced=False,

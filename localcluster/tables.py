@@ -218,6 +218,8 @@ COLUMNS: dict[tuple[str, str], list[tuple[dict[str, Any], Cell]]] = {
         _AGE, _col("IP", lambda o: _dig(o, "status.podIP") or "<none>", priority=1),
         _col("Node", lambda o: _dig(o, "spec.nodeName") or "<none>", priority=1)],
     ("", "endpoints"): [_NAME, _col("Endpoints", _endpoints), _AGE],
+    ("networking.k8s.io", "servicecidrs"): [
+        _NAME, _col("CIDRs", lambda o: ",".join(_dig(o, "spec.cidrs") or [])), _AGE],
     ("", "nodes"): [
         _NAME, _col("Status", _node_status), _col("Roles", _node_roles), _AGE,
         _col("Version", lambda o: _dig(o, "status.nodeInfo.kubeletVersion") or ""),

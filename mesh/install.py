@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import ipaddress
 import re
 import sys
 from collections.abc import Callable
@@ -28,6 +29,10 @@ from mesh.image import IMAGE, reference
 from mesh.manifests import Obj
 
 ISSUER_SECRET = "meshgate-identity-issuer"
+CONFIG_MAP = "meshgate-config"
+SERVICE_CIDRS_KEY = "serviceCIDRs"
+"""meshgate-config's key for the service range(s), comma-separated; empty: read the
+cluster's networking.k8s.io/v1 ServiceCIDR objects."""
 BASE_TRUST_DOMAIN = "cluster.local"
 """The trust domain deploy/'s files name; install renders the identity directory's."""
 COMPONENTS = {"control": "meshgate-control", "gateway": "meshgate-gateway",
@@ -66,6 +71,10 @@ def add_install_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     install.add_argument("--ha", action="store_true",
                          help="two replicas of the control plane and the gateway, with "
                          "PodDisruptionBudgets")
+    install.add_argument("--service-cidr", type=_service_cidrs, default=(),
+                         metavar="CIDR[,CIDR]",
+                         help="the cluster's service range(s), for clusters that serve no "
+                         "networking.k8s.io/v1 ServiceCIDR (kube before 1.33)")
     install.add_argument("--set", dest="values", action="append", default=[],
                          metavar="KEY=VALUE", type=_key_value,
                          help=f"change a field; keys: {', '.join(SET_KEYS[:3])}, "
@@ -81,6 +90,19 @@ def add_install_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     uninstall.set_defaults(func=_uninstall)
 
 
+def _service_cidrs(value: str) -> tuple[str, ...]:
+    out = []
+    for part in value.split(","):
+        try:
+            out.append(str(ipaddress.ip_network(part.strip())))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} is not a CIDR such as "
+                                             f"10.96.0.0/12: {e}") from None
+    if len(out) > 2 or len({ipaddress.ip_network(c).version for c in out}) != len(out):
+        raise argparse.ArgumentTypeError(f"{value!r}: at most one IPv4 and one IPv6 range")
+    return tuple(out)
+
+
 def _key_value(value: str) -> tuple[str, str]:
     key, sep, val = value.partition("=")
     if not sep or not key:
@@ -90,9 +112,10 @@ def _key_value(value: str) -> tuple[str, str]:
 
 def _install(args: argparse.Namespace) -> int:
     if args.crds:
-        if args.identity_dir or args.ha or args.values:
+        if args.identity_dir or args.ha or args.values or args.service_cidr:
             raise ConfigError("--crds prints only the CustomResourceDefinitions; give "
-                              "--identity-dir, --ha and --set to the second install")
+                              "--identity-dir, --ha, --service-cidr and --set to the second "
+                              "install")
         docs = manifests.build(manifests.CRDS)
     else:
         if args.identity_dir is None:
@@ -102,7 +125,8 @@ def _install(args: argparse.Namespace) -> int:
                 "ConfigMap. Create one with `meshgate identity init --trust-domain "
                 "cluster.local --out DIR` (then keep DIR/anchor.key offline), or render "
                 "the CRDs alone with --crds")
-        docs = render(IssuerDir(args.identity_dir), ha=args.ha, values=args.values)
+        docs = render(IssuerDir(args.identity_dir), ha=args.ha, values=args.values,
+                      service_cidrs=args.service_cidr)
     sys.stdout.write(manifests.dump(docs))
     return 0
 
@@ -123,9 +147,11 @@ def _reference(doc: Obj) -> Obj:
 
 
 def render(identity: IssuerDir, *, ha: bool = False,
-           values: list[tuple[str, str]] | None = None) -> list[Obj]:
+           values: list[tuple[str, str]] | None = None,
+           service_cidrs: tuple[str, ...] = ()) -> list[Obj]:
     """Every object but the CRDs: deploy/ (and deploy/ha), for the identity directory's
-    trust domain, with its issuer Secret and trust roots ConfigMap after the Namespace."""
+    trust domain, with its issuer Secret and trust roots ConfigMap after the Namespace,
+    and ``service_cidrs`` (if any) in the ConfigMap meshgate-config."""
     trust_domain, secret, roots = _identity_objects(identity)
     docs = manifests.build(manifests.BASE, components=(manifests.HA,) if ha else ())
     for doc in docs:  # this release's image (deploy/kustomization.yaml names the same)
@@ -135,6 +161,10 @@ def render(identity: IssuerDir, *, ha: bool = False,
     _set_trust_domain(docs, trust_domain)
     namespace = next(i for i, doc in enumerate(docs) if doc["kind"] == "Namespace")
     docs[namespace + 1:namespace + 1] = [secret, roots]
+    for doc in docs:
+        if service_cidrs and doc["kind"] == "ConfigMap" and \
+                doc["metadata"]["name"] == CONFIG_MAP:
+            doc["data"][SERVICE_CIDRS_KEY] = ",".join(service_cidrs)
     for key, value in values or []:
         _setter(key)(docs, value)
     return docs

@@ -233,6 +233,29 @@ def test_set_without_a_value_is_a_usage_error(identity: Path) -> None:
     assert "'replicas' is not KEY=VALUE" in proc.stderr
 
 
+def test_the_service_range_goes_into_meshgate_config(identity: Path,
+                                                    installed: list[dict[str, Any]]) -> None:
+    def config(docs: list[dict[str, Any]]) -> dict[str, str]:
+        return next(d for d in docs if d["kind"] == "ConfigMap"
+                    and d["metadata"]["name"] == "meshgate-config")["data"]
+
+    assert config(installed) == {"serviceCIDRs": ""}  # read from ServiceCIDR objects
+    docs = render("--identity-dir", str(identity), "--service-cidr", "10.43.0.0/16,fd00::/108")
+    assert config(docs) == {"serviceCIDRs": "10.43.0.0/16,fd00::/108"}
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("10.43.0.0/33", "'10.43.0.0/33' is not a CIDR such as 10.96.0.0/12"),
+    ("10.43.0.0/16,10.44.0.0/16", "at most one IPv4 and one IPv6 range"),
+])
+def test_a_bad_service_range_is_refused_naming_it(identity: Path, value: str,
+                                                  message: str) -> None:
+    proc = meshgate("install", "--identity-dir", str(identity), "--service-cidr", value)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert message in proc.stderr
+
+
 def test_install_without_an_identity_dir_says_how_to_make_one() -> None:
     proc = meshgate("install")
     assert proc.returncode == 2
