@@ -50,6 +50,16 @@ test: lint typecheck pytest
 demo: $(STAMP) $(NATIVE) tools
 	$(PY) -m localcluster.demo --state-dir demo-state
 
+# Two kind clusters with meshgate, linked (kind-configs/demo.sh); needs kind and docker,
+# so it is not part of `make test`, which runs the same meshgate commands on the
+# embedded clusters.
+kind-demo: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" kind-configs/demo.sh
+
+kind-demo-down:
+	kind delete cluster --name east
+	kind delete cluster --name west
+
 bench: $(STAMP) tools $(NATIVE)
 	$(PY) bench/apiserver.py
 	$(PY) bench/identity.py
