@@ -11,7 +11,7 @@ DEB_TOOLS := openssl:openssl dig:dnsutils nft:nftables curl:curl ip:iproute2 nse
 NATIVE_SOURCES := $(wildcard mesh/proxy/*.py)
 NATIVE  := build/native/.built
 
-.PHONY: test demo bench lint typecheck pytest tools venv native clean
+.PHONY: test demo bench lint typecheck pytest tools venv native clean kind-demo kind-demo-down
 
 venv: $(STAMP)
 
