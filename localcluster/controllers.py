@@ -17,10 +17,13 @@ whatever events it missed; store events only enqueue keys.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
 from collections.abc import Mapping
 from typing import Any
+
+import yaml
 
 from localcluster import servicecidrs
 from localcluster.admission import MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL
@@ -41,6 +44,7 @@ SERVICES, PODS = _T[("", "services")], _T[("", "pods")]
 ENDPOINTS, SLICES = _T[("", "endpoints")], _T[("discovery.k8s.io", "endpointslices")]
 NAMESPACES, SERVICE_ACCOUNTS = _T[("", "namespaces")], _T[("", "serviceaccounts")]
 CONFIGMAPS = _T[("", "configmaps")]
+CLUSTER_INFO = "cluster-info"
 ROOT_CA = "kube-root-ca.crt"
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
@@ -109,6 +113,25 @@ class Controllers:
             self.namespaces.add(ns["metadata"]["name"])
         for svc in self.store.items(SERVICES.key):
             self.endpoints.add((svc["metadata"]["namespace"], svc["metadata"]["name"]))
+
+    async def publish_cluster_info(self, server: str) -> None:
+        """kube-public/cluster-info, as kubeadm publishes it: a kubeconfig naming the API
+        server's address for other machines (the advertised one, not the host's loopback)
+        and its CA, no credentials. `multicluster link` reads it when the kubeconfig it is
+        given names a loopback address another cluster could not reach."""
+        want = {"kubeconfig": yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "preferences": {},
+            "clusters": [{"name": "", "cluster": {
+                "certificate-authority-data": base64.b64encode(self.ca_pem).decode(),
+                "server": server}}],
+            "contexts": None, "current-context": "", "users": None})}
+        current = self.store.get(CONFIGMAPS.key, "kube-public", CLUSTER_INFO)
+        if current is None:
+            await self._ensure(CONFIGMAPS, "kube-public", {
+                "metadata": {"name": CLUSTER_INFO}, "data": want})
+        elif current.get("data") != want:
+            await self.registry.update(CONFIGMAPS, "kube-public", CLUSTER_INFO,
+                                       {**current, "data": want})
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self.endpoints.run()),

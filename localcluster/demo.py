@@ -105,8 +105,7 @@ class Demo:
         spec = self.specs[exporting]
         docs = run_step(meshgate_argv([
             "multicluster", "link", "--kubeconfig", str(spec.kubeconfig), "--cluster-name",
-            exporting, "--api-server",
-            f"https://{spec.wan_address}:6443", "--trust-domain", spec.trust_domain]),
+            exporting, "--trust-domain", spec.trust_domain]),
             f"linking {exporting} to {importing}")
         self.kubectl("apply", "-f", "-", input=docs, cluster=importing)
         print(f"  {importing} imports {exporting}'s exported Services (Link {exporting})",

@@ -54,6 +54,10 @@ class ClusterConfig:
     also_listen: tuple[tuple[str, str, int], ...] = ()
     """(network namespace, host, port): more listeners, each in its own namespace, such
     as a cluster node's, so that workloads there reach the same server."""
+    advertise: str | None = None
+    """The address other machines reach the API server at, published in
+    kube-public/cluster-info as kubeadm does (default: the first also_listen host, else
+    host); the port is that listener's."""
     kubelet: bool = False
     """Run the node's kubelet (localcluster.kubelet): needs the network `cluster up` built
     in the state directory."""
@@ -176,6 +180,9 @@ class ClusterServer:
         registry.webhooks.attach_metrics(handler.metrics)
         self.controllers = Controllers(registry, ca_pem=pki.ca_cert_pem)
         await self.controllers.bootstrap(api_ip, cfg.host, self.port)
+        advertised = cfg.advertise or (cfg.also_listen[0][1] if cfg.also_listen else cfg.host)
+        port = next((p for _, h, p in cfg.also_listen if h == advertised), self.port)
+        await self.controllers.publish_cluster_info(f"https://{advertised}:{port}")
         workloads = self.controllers.workloads
 
         async def register_node() -> None:

@@ -412,6 +412,7 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
         _start_daemon(d, "apiserver", meshgate_argv((
             "cluster", "serve", "--name", spec.name, "--state-dir", str(d),
             "--service-cidr", spec.service_cidr, "--kubelet",
+            "--advertise-address", spec.wan_address or node,
             *(arg for a in also for arg in ("--also-listen", a)))), ready="kubeconfig:")
     node_kubeconfig = _node_kubeconfig(spec)
     if spec.wan_address is not None:

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--also-listen", type=_netns_listen, action="append", default=[],
                        metavar="NETNS=HOST:PORT",
                        help="also listen in that network namespace (repeatable)")
+    serve.add_argument("--advertise-address", metavar="HOST",
+                       help="the address other machines reach the API server at, published "
+                       "in kube-public/cluster-info (default: the first --also-listen host)")
     serve.add_argument("--kubelet", action="store_true",
                        help="also run the node's kubelet, which runs Pods bound to it (needs "
                        "the network `cluster up` builds in the state directory)")
@@ -245,7 +248,8 @@ def _cluster_serve(args: argparse.Namespace) -> int:
     config = ClusterConfig(name=args.name, state_dir=args.state_dir, host=host, port=port,
                            service_cidr=args.service_cidr, watch_history=args.watch_history,
                            bookmark_interval=args.bookmark_interval,
-                           also_listen=tuple(args.also_listen), kubelet=args.kubelet)
+                           also_listen=tuple(args.also_listen), kubelet=args.kubelet,
+                           advertise=args.advertise_address)
 
     async def run() -> None:
         server = ClusterServer(config)

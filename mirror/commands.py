@@ -31,6 +31,7 @@ import yaml
 
 from mesh.errors import ConfigError, MeshError
 from mesh.identity.names import GATEWAY_SERVICE_ACCOUNT, Identity
+from mirror.apiaddress import ApiServer
 from mirror.gatewayservice import GatewayAddress
 
 # mirror.link and mirror.mirrors are imported where they are used: `meshgate` builds
@@ -146,7 +147,8 @@ def _link(args: argparse.Namespace) -> int:
     with api_client(args.kubeconfig) as api:
         gateway = _gateway(args, client.CoreV1Api(api))
         token = _reader_token(client.CoreV1Api(api), client.RbacAuthorizationV1Api(api))
-        server = args.api_server or api.configuration.host
+        server = args.api_server or _api_server(api.configuration.host,
+                                                client.CoreV1Api(api)).url
         ca_path = api.configuration.ssl_ca_cert
     ca = Path(ca_path).read_bytes() if ca_path else None
     secret_name = f"cluster-credentials-{args.cluster_name}"
@@ -169,6 +171,22 @@ def _link(args: argparse.Namespace) -> int:
     ]
     print(yaml.safe_dump_all(docs, sort_keys=False), end="")
     return 0
+
+
+def _api_server(kubeconfig_server: str, core: Any) -> ApiServer:
+    """The kubeconfig's server, or kube-public/cluster-info's when that is loopback."""
+    from kubernetes.client.rest import ApiException
+
+    from mirror.apiaddress import api_server, is_loopback
+
+    info = None
+    if is_loopback(kubeconfig_server):
+        with contextlib.suppress(ApiException):  # none, or not readable: say so below
+            info = core.read_namespaced_config_map("cluster-info", "kube-public").data
+    chosen = api_server(kubeconfig_server, info)
+    if chosen.warning:
+        print(f"warning: {chosen.warning}", file=sys.stderr)
+    return chosen
 
 
 def _gateway(args: argparse.Namespace, core: Any) -> GatewayAddress:

@@ -104,10 +104,11 @@ class Clusters:
     def link(self, importing: str, exporting: str, *, probe_period: str = "") -> None:
         """`importing` imports from `exporting`; `probe_period` replaces the Link's
         gateway probe period (3 s) for tests that wait on the control plane's view."""
-        address = self.wan_address(exporting)
+        # No address flags: the gateway's from its Service, the API server's from
+        # kube-public/cluster-info (the kubeconfig names the host's loopback listener).
         docs = self.meshgate("multicluster", "link", "--kubeconfig",
-                             str(self.kubeconfig(exporting)), "--cluster-name", exporting,
-                             "--api-server", f"https://{address}:6443").stdout
+                             str(self.kubeconfig(exporting)), "--cluster-name",
+                             exporting).stdout
         if probe_period:
             parsed = list(yaml.safe_load_all(docs))
             for doc in parsed:

@@ -1,11 +1,15 @@
-"""networking.k8s.io/v1 ServiceCIDR: the default `kubernetes` range, as kube-apiserver
-1.33+ keeps it for its service range, read through kubectl and the official client."""
+"""What a cluster publishes about its own network: networking.k8s.io/v1 ServiceCIDR
+(the default `kubernetes` range, as kube-apiserver 1.33+ keeps it) and
+kube-public/cluster-info (as kubeadm publishes it), read through kubectl and the
+official client."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
+import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -61,3 +65,17 @@ def test_a_second_range_is_refused_saying_it_would_never_be_used(cluster: Cluste
     with pytest.raises(ApiException) as gone:
         net.read_service_cidr("more")
     assert gone.value.status == 404
+
+
+def test_cluster_info_publishes_the_advertised_address_and_ca(cluster: Cluster) -> None:
+    """kube-public/cluster-info as kubeadm writes it; with no --also-listen or
+    --advertise-address the server advertises its own listener."""
+    info = client.CoreV1Api(cluster.api()).read_namespaced_config_map("cluster-info",
+                                                                      "kube-public")
+    config = yaml.safe_load(info.data["kubeconfig"])
+    assert config["users"] is None and config["contexts"] is None
+    entry = config["clusters"][0]["cluster"]
+    kubeconfig = yaml.safe_load(cluster.kubeconfig.read_text())
+    assert entry["server"] == kubeconfig["clusters"][0]["cluster"]["server"]
+    assert base64.b64decode(entry["certificate-authority-data"]) == \
+        (cluster.state_dir / "ca.crt").read_bytes()
