@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localcluster.commands import add_cluster_commands
+from mesh.check.commands import add_check_command
 from mesh.errors import ConfigError, MeshError
 from mesh.identity.commands import add_identity_commands
 from mesh.install import add_install_commands
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_multicluster_commands(commands)
     add_failover_commands(commands)
     add_install_commands(commands)
+    add_check_command(commands)
 
     proxy = commands.add_parser("proxy", help="the data-plane proxy")
     proxy_cmds = proxy.add_subparsers(dest="proxy_command", required=True)

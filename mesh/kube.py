@@ -4,6 +4,7 @@ choose by itself."""
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import yaml
@@ -26,3 +27,23 @@ def api_client(kubeconfig: Path | str) -> client.ApiClient:
         return config.new_client_from_config(config_file=str(path))
     except (ConfigException, ValueError, TypeError, KeyError, yaml.YAMLError) as e:
         raise ConfigError(f"kubeconfig {path} cannot be used: {e}") from e
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The socket or TLS error under urllib3's wrappers, whose text is stable."""
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError) or (isinstance(current, OSError)
+                                                 and current.strerror):
+            return current
+        reason = getattr(current, "reason", None)
+        current = reason if isinstance(reason, BaseException) else (
+            current.__cause__ or current.__context__)
+    return e
+
+
+def first_line(e: object) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

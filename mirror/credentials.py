@@ -26,6 +26,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.config.config_exception import ConfigException
 
+from mesh.kube import first_line, root_cause
 from mesh.workqueue import TemporaryError
 from mirror.errors import CredentialsError, RemoteUnreachable
 from mirror.link import CREDENTIALS_SECRET_KEY, CREDENTIALS_SECRET_TYPE
@@ -140,23 +141,3 @@ def classify(e: Exception, *, server: str, secret: str) -> CredentialsError | Re
             f"trusts ({first_line(cause)}); {SECRET_FIX}", reason="RemoteCertificateInvalid")
     return RemoteUnreachable(f"the remote API at {server} cannot be reached: "
                              f"{first_line(cause)}")
-
-
-def root_cause(e: BaseException) -> BaseException:
-    """The socket or TLS error under urllib3's wrappers, whose text is stable."""
-    seen: set[int] = set()
-    current: BaseException | None = e
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ssl.SSLError) or (isinstance(current, OSError)
-                                                 and current.strerror):
-            return current
-        reason = getattr(current, "reason", None)
-        current = reason if isinstance(reason, BaseException) else (
-            current.__cause__ or current.__context__)
-    return e
-
-
-def first_line(e: object) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

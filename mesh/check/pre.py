@@ -1,0 +1,187 @@
+"""``meshgate check --pre``: whether ``meshgate install`` can succeed on a cluster,
+decided from what the API server answered (`PreState`).
+
+The objects install renders (`rendered`) say what the caller must be allowed:
+one ``create`` SelfSubjectAccessReview per resource and namespace (`Access`), and
+the API group versions the cluster must serve. Kubernetes older than
+`MIN_VERSION` is refused: meshgate's proxy is a native sidecar (an init container
+with ``restartPolicy: Always``), on by default from 1.29."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from mesh import manifests
+from mesh.check.results import Category, Got, Obj, Result
+from mesh.identity.names import DEFAULT_CONTROL_NS
+
+MIN_VERSION = (1, 29)
+"""The oldest Kubernetes meshgate supports."""
+REQUIRED_APIS = ("apps/v1", "admissionregistration.k8s.io/v1")
+"""Served group versions meshgate needs besides those its manifests name: the
+injector is a MutatingWebhookConfiguration."""
+INJECTOR_WEBHOOK = {"apiVersion": "admissionregistration.k8s.io/v1",
+                    "kind": "MutatingWebhookConfiguration",
+                    "metadata": {"name": "meshgate-proxy-injector"}}
+IDENTITY_OBJECTS = ({"apiVersion": "v1", "kind": "Secret",
+                     "metadata": {"name": "meshgate-identity-issuer",
+                                  "namespace": DEFAULT_CONTROL_NS}},
+                    {"apiVersion": "v1", "kind": "ConfigMap",
+                     "metadata": {"name": "meshgate-identity-trust-roots",
+                                  "namespace": DEFAULT_CONTROL_NS}})
+"""What ``install --identity-dir`` adds to deploy/'s files (their kinds matter here)."""
+INSTALL_FIX = "meshgate install --crds | kubectl apply -f -, then meshgate install " \
+              "--identity-dir DIR | kubectl apply -f -"
+
+KUBE_API = Category("kubernetes-api")
+KUBE_VERSION = Category("kubernetes-version")
+SETUP = Category("pre-kubernetes-setup")
+
+
+@dataclass(frozen=True, order=True)
+class Access:
+    """One SelfSubjectAccessReview's resourceAttributes."""
+
+    verb: str
+    group: str
+    resource: str
+    namespace: str = ""
+
+    def describe(self) -> str:
+        resource = f"{self.resource}.{self.group}" if self.group else self.resource
+        where = f"in namespace {self.namespace}" if self.namespace else "cluster-wide"
+        return f"{self.verb} {resource} {where}"
+
+
+def rendered() -> list[Obj]:
+    """Everything `meshgate install` renders, with --crds and --ha, and the injector."""
+    docs = manifests.build(manifests.CRDS)
+    docs += manifests.build(manifests.BASE, components=(manifests.HA,))
+    docs += [*IDENTITY_OBJECTS]
+    if not any(d["kind"] == INJECTOR_WEBHOOK["kind"] for d in docs):
+        docs.append(INJECTOR_WEBHOOK)
+    return docs
+
+
+def resource_of(kind: str) -> str:
+    """The resource of a kind, guessed as kubectl and Linkerd do for known kinds
+    (``UnsafeGuessKindToResource``): lower case, plural."""
+    lower = kind.lower()
+    if lower.endswith("s"):
+        return lower + "es"
+    if lower.endswith("y") and lower[-2:-1] not in tuple("aeiou"):
+        return lower[:-1] + "ies"
+    return lower + "s"
+
+
+def required_access(docs: Iterable[Obj]) -> list[tuple[str, Access]]:
+    """(kind, access) for each resource and namespace of `docs`, in their order."""
+    seen: dict[Access, str] = {}
+    for doc in docs:
+        group = doc["apiVersion"].rpartition("/")[0]
+        access = Access("create", group, resource_of(doc["kind"]),
+                        doc["metadata"].get("namespace", ""))
+        seen.setdefault(access, doc["kind"])
+    return [(kind, access) for access, kind in seen.items()]
+
+
+def required_apis(docs: Iterable[Obj]) -> list[str]:
+    names = dict.fromkeys(doc["apiVersion"] for doc in docs)
+    names.update(dict.fromkeys(REQUIRED_APIS))
+    return list(names)
+
+
+@dataclass(frozen=True)
+class PreState:
+    """What the API server answered."""
+
+    version: Obj
+    """``/version``."""
+    served: frozenset[str]
+    """The group versions of discovery (``v1``, ``apps/v1``, ...)."""
+    apis: Sequence[str]
+    """The group versions meshgate needs (`required_apis`)."""
+    access: Sequence[tuple[str, Access]]
+    """What the caller must be allowed (`required_access`), with the kind it is for."""
+    allowed: Mapping[Access, bool | str]
+    """Each review's answer: allowed or not, or why there was no answer."""
+    namespace: Got
+    """The control plane's Namespace."""
+
+
+def checks(state: PreState) -> Iterator[Result]:
+    yield from version_checks(state.version, state.served, state.apis)
+    yield from setup_checks(state)
+
+
+def parse_version(doc: Obj) -> tuple[int, int] | None:
+    """(major, minor) of ``/version``; providers write minor as ``29+``."""
+    try:
+        major = int(re.sub(r"\D", "", str(doc.get("major", ""))))
+        minor = int(re.sub(r"\D", "", str(doc.get("minor", ""))))
+    except ValueError:
+        match = re.match(r"v?(\d+)\.(\d+)", str(doc.get("gitVersion", "")))
+        if not match:
+            return None
+        return int(match[1]), int(match[2])
+    return major, minor
+
+
+def version_checks(version: Obj, served: frozenset[str], apis: Sequence[str]
+                   ) -> Iterator[Result]:
+    floor = ".".join(map(str, MIN_VERSION))
+    title = "is running the minimum Kubernetes API version"
+    have = parse_version(version)
+    shown = version.get("gitVersion") or f"{version.get('major')}.{version.get('minor')}"
+    if have is None:
+        yield KUBE_VERSION.fail(title, f"the API server's /version ({version}) names no "
+                                "version", f"meshgate needs Kubernetes {floor} or newer")
+    elif have < MIN_VERSION:
+        yield KUBE_VERSION.fail(title, f"the cluster runs Kubernetes {shown}; meshgate needs "
+                                f"{floor} or newer (its proxy is a native sidecar)",
+                                f"upgrade the cluster to Kubernetes {floor} or newer")
+    else:
+        yield KUBE_VERSION.ok(title)
+    title = "serves the APIs meshgate uses"
+    missing = [name for name in apis if name not in served]
+    if missing:
+        yield KUBE_VERSION.fail(title, "the API server does not serve " + ", ".join(missing),
+                                f"meshgate needs Kubernetes {floor} or newer with these API "
+                                "groups enabled")
+    else:
+        yield KUBE_VERSION.ok(title)
+
+
+def setup_checks(state: PreState) -> Iterator[Result]:
+    title = "control plane namespace does not already exist"
+    if state.namespace.error:  # a warning, as the check is: install may still succeed
+        yield SETUP.warn(title, f"cannot read Namespace {DEFAULT_CONTROL_NS}: "
+                         f"{state.namespace.error}", "kubectl get namespace "
+                         f"{DEFAULT_CONTROL_NS} as someone who may")
+    elif state.namespace.obj is not None:
+        yield SETUP.warn(title, f"the Namespace {DEFAULT_CONTROL_NS} already exists",
+                         "install applies over what is there; if it is an old install, "
+                         "`meshgate uninstall | kubectl delete -f -` first")
+    else:
+        yield SETUP.ok(title)
+    by_kind: dict[str, list[Access]] = {}
+    for kind, access in state.access:
+        by_kind.setdefault(kind, []).append(access)
+    for kind, accesses in by_kind.items():
+        yield _may_create(kind, accesses, state.allowed)
+
+
+def _may_create(kind: str, accesses: list[Access],
+                allowed: Mapping[Access, bool | str]) -> Result:
+    title = f"can create {kind}s"
+    denied = [a for a in accesses if allowed.get(a) is False]
+    unknown = [(a, answer) for a in accesses
+               if not isinstance(answer := allowed.get(a, "not asked"), bool)]
+    if not denied and not unknown:
+        return SETUP.ok(title)
+    lines = [f"not allowed to {a.describe()}" for a in denied]
+    lines += [f"no answer to whether you may {a.describe()}: {why}" for a, why in unknown]
+    return SETUP.fail(title, "\n".join(lines), "install as a cluster administrator, or "
+                      "have one grant you these rights (a Role or ClusterRole and its binding)")
