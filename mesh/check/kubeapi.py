@@ -84,10 +84,24 @@ def connect(kubeconfig: Path | None, context: str | None, *, as_user: str | None
 
 def read_pre(conn: Connection, docs: Sequence[Obj]) -> pre.PreState:
     access = pre.required_access(docs)
+    allowed: dict[Access, bool | str] = {}
+
+    def ask(asked: Access) -> bool | str:
+        if asked not in allowed:
+            allowed[asked] = may(conn, asked)
+        return allowed[asked]
+
+    for _, asked in access:
+        ask(asked)
+    roles = pre.roles(docs)
+    for role in roles:  # each right a role grants only when the caller may not escalate
+        if ask(pre.escalate_access(role)) is not True:
+            for asked in pre.role_access(role):
+                ask(asked)
     return pre.PreState(version=conn.version, served=served(conn),
-                        apis=pre.required_apis(docs), access=access,
-                        allowed={a: may(conn, a) for _, a in access},
-                        namespace=read(lambda: _core(conn).read_namespace(NS, **_opts())))
+                        apis=pre.required_apis(docs), access=access, allowed=allowed,
+                        namespace=read(lambda: _core(conn).read_namespace(NS, **_opts())),
+                        roles=roles)
 
 
 def read_control(conn: Connection, expected: control.Expected) -> control.ControlState:
@@ -144,12 +158,8 @@ def served(conn: Connection) -> frozenset[str]:
 
 def may(conn: Connection, access: Access) -> bool | str:
     """A SelfSubjectAccessReview: allowed or not, or why there was no answer."""
-    attributes: dict[str, Any] = {"verb": access.verb, "group": access.group,
-                                  "resource": access.resource}
-    if access.namespace:
-        attributes["namespace"] = access.namespace
     body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
-            "spec": {"resourceAttributes": attributes}}
+            "spec": {"resourceAttributes": access.attributes()}}
     api: Any = client.AuthorizationV1Api(conn.api)
     try:
         review = _json(api.create_self_subject_access_review(body, **_opts()))

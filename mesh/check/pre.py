@@ -5,7 +5,12 @@ The objects install renders (`rendered`) say what the caller must be allowed:
 one ``create`` SelfSubjectAccessReview per resource and namespace (`Access`), and
 the API group versions the cluster must serve. Kubernetes older than
 `MIN_VERSION` is refused: meshgate's proxy is a native sidecar (an init container
-with ``restartPolicy: Always``), on by default from 1.29."""
+with ``restartPolicy: Always``), on by default from 1.29.
+
+Creating a Role or ClusterRole is refused by RBAC unless the caller holds every
+right it grants, or may ``escalate`` roles (kube's privilege escalation
+prevention), so the rights of each role install renders are asked for too
+(`role_access`), unless the caller may escalate."""
 
 from __future__ import annotations
 
@@ -48,11 +53,26 @@ class Access:
     group: str
     resource: str
     namespace: str = ""
+    subresource: str = ""
+    name: str = ""
 
     def describe(self) -> str:
-        resource = f"{self.resource}.{self.group}" if self.group else self.resource
         where = f"in namespace {self.namespace}" if self.namespace else "cluster-wide"
-        return f"{self.verb} {resource} {where}"
+        return f"{self.verb} {self.target()} {where}"
+
+    def target(self) -> str:
+        """``resource.group[/subresource][ name]``, as kubectl names it."""
+        resource = f"{self.resource}.{self.group}" if self.group else self.resource
+        if self.subresource:
+            resource += f"/{self.subresource}"
+        return f"{resource} {self.name}" if self.name else resource
+
+    def attributes(self) -> Obj:
+        """The SelfSubjectAccessReview's ``spec.resourceAttributes``."""
+        attributes = {"verb": self.verb, "group": self.group, "resource": self.resource,
+                      "namespace": self.namespace, "subresource": self.subresource,
+                      "name": self.name}
+        return {k: v for k, v in attributes.items() if v or k in ("verb", "group")}
 
 
 def rendered() -> list[Obj]:
@@ -87,6 +107,36 @@ def required_access(docs: Iterable[Obj]) -> list[tuple[str, Access]]:
     return [(kind, access) for access, kind in seen.items()]
 
 
+ROLE_KINDS = {"ClusterRole": "clusterroles", "Role": "roles"}
+RBAC = "rbac.authorization.k8s.io"
+
+
+def roles(docs: Iterable[Obj]) -> list[Obj]:
+    """The Roles and ClusterRoles among `docs`."""
+    return [doc for doc in docs if doc["kind"] in ROLE_KINDS and doc["apiVersion"].startswith(
+        RBAC + "/")]
+
+
+def escalate_access(role: Obj) -> Access:
+    """The right to create `role` without holding what it grants."""
+    return Access("escalate", RBAC, ROLE_KINDS[role["kind"]],
+                  role["metadata"].get("namespace", ""))
+
+
+def role_access(role: Obj) -> list[Access]:
+    """Each right `role` grants, at its scope (a ClusterRole's: cluster-wide)."""
+    namespace = role["metadata"].get("namespace", "")
+    found: list[Access] = []
+    for rule in role.get("rules") or []:
+        for group in rule.get("apiGroups") or []:
+            for resource in rule.get("resources") or []:
+                base, _, subresource = resource.partition("/")
+                for verb in rule.get("verbs") or []:
+                    for name in rule.get("resourceNames") or [""]:
+                        found.append(Access(verb, group, base, namespace, subresource, name))
+    return list(dict.fromkeys(found))
+
+
 def required_apis(docs: Iterable[Obj]) -> list[str]:
     names = dict.fromkeys(doc["apiVersion"] for doc in docs)
     names.update(dict.fromkeys(REQUIRED_APIS))
@@ -109,6 +159,9 @@ class PreState:
     """Each review's answer: allowed or not, or why there was no answer."""
     namespace: Got
     """The control plane's Namespace."""
+    roles: Sequence[Obj] = ()
+    """The roles install renders; `allowed` answers `escalate_access` for each and,
+    where that is refused, each of `role_access`."""
 
 
 def checks(state: PreState) -> Iterator[Result]:
@@ -171,6 +224,32 @@ def setup_checks(state: PreState) -> Iterator[Result]:
         by_kind.setdefault(kind, []).append(access)
     for kind, accesses in by_kind.items():
         yield _may_create(kind, accesses, state.allowed)
+    if state.roles:
+        yield grant_check(state.roles, state.allowed)
+
+
+def grant_check(rendered_roles: Sequence[Obj], allowed: Mapping[Access, bool | str]) -> Result:
+    """Whether the caller holds every right the roles grant, or may escalate."""
+    title = "can grant the rights of meshgate's roles"
+    lines: list[str] = []
+    for role in rendered_roles:
+        if allowed.get(escalate_access(role)) is True:
+            continue
+        verbs: dict[str, list[str]] = {}
+        for access in role_access(role):
+            if allowed.get(access) is not True:
+                verbs.setdefault(access.target(), []).append(access.verb)
+        if verbs:
+            namespace = role["metadata"].get("namespace")
+            lines.append(f"{role['kind']} {role['metadata']['name']}"
+                         + (f" in namespace {namespace}" if namespace else "")
+                         + " grants what you do not hold: "
+                         + "; ".join(f"{t} ({', '.join(v)})" for t, v in verbs.items()))
+    if not lines:
+        return SETUP.ok(title)
+    return SETUP.fail(title, "\n".join(lines), "RBAC lets you create a role only with rights "
+                      "you hold: install as a cluster administrator, or be granted these "
+                      "rights (or the escalate verb on roles and clusterroles)")
 
 
 def _may_create(kind: str, accesses: list[Access],

@@ -89,6 +89,12 @@ def test_pre_names_each_permission_a_user_lacks(cluster: Cluster) -> None:
                         "cluster-wide"):
             assert f"    not allowed to create {missing}" in lines, proc.stdout
         assert "\u00d7 can create Deployments" in lines
+        # RBAC refuses a role granting what its creator does not hold (no escalate verb)
+        assert "\u00d7 can grant the rights of meshgate's roles" in lines
+        assert ("    ClusterRole meshgate-injector grants what you do not hold: namespaces "
+                "(get)") in lines
+        assert ("    Role meshgate-control in namespace meshgate grants what you do not hold: "
+                "configmaps meshgate-identity-trust-roots (get, update)") in lines
         assert lines[-1] == "Status check results are \u00d7"
         # the Namespace is there (a warning: it does not fail the run), and unreadable
         # to the installer, which is no failure either

@@ -96,6 +96,40 @@ def test_pre_names_each_missing_permission() -> None:
     assert results["can create Secrets"].status is Status.OK
 
 
+def test_the_rights_each_role_grants() -> None:
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "r", "namespace": "meshgate"},
+            "rules": [{"apiGroups": ["", "apps"], "resources": ["pods", "pods/status"],
+                       "verbs": ["get"]},
+                      {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["update"],
+                       "resourceNames": ["a", "b"]}]}
+    assert [a.describe() for a in pre.role_access(role)] == [
+        "get pods in namespace meshgate", "get pods/status in namespace meshgate",
+        "get pods.apps in namespace meshgate", "get pods.apps/status in namespace meshgate",
+        "update configmaps a in namespace meshgate", "update configmaps b in namespace meshgate"]
+    assert pre.escalate_access(role) == Access("escalate", "rbac.authorization.k8s.io", "roles",
+                                               "meshgate")
+    assert pre.role_access(role)[1].attributes() == {
+        "verb": "get", "group": "", "resource": "pods", "namespace": "meshgate",
+        "subresource": "status"}
+
+
+def test_granting_a_roles_rights_needs_holding_them_or_escalate() -> None:
+    roles = pre.roles(pre.rendered())
+    assert {r["kind"] for r in roles} == {"Role", "ClusterRole"}
+    everything = {a: True for r in roles for a in pre.role_access(r)}
+    assert pre.grant_check(roles, everything).status is Status.OK
+    escalate = {pre.escalate_access(r): True for r in roles}
+    assert pre.grant_check(roles, escalate).status is Status.OK
+    injector = next(r for r in roles if r["metadata"]["name"] == "meshgate-injector")
+    lacking = {**everything, **{a: False for a in pre.role_access(injector)}}
+    result = pre.grant_check(roles, lacking)
+    assert result.status is Status.FAIL
+    assert result.error == ("ClusterRole meshgate-injector grants what you do not hold: "
+                            "namespaces (get)")
+    assert "escalate" in result.hint
+
+
 def test_pre_says_which_review_got_no_answer() -> None:
     results = by_description(list(pre.checks(state(unanswered="503 Service Unavailable"))))
     assert results["can create Secrets"].error == (
