@@ -50,9 +50,16 @@ def _check(args: argparse.Namespace) -> int:
         raise ConfigError("--namespace narrows the checks of --proxy; give --proxy too")
     if args.as_group is not None and args.as_user is None:
         raise ConfigError("--as-group needs --as USER: a group is impersonated with a user")
-    results = list(run_checks(args))
-    sys.stdout.write((render.as_json if args.output == "json" else render.table)(results))
-    return 0 if succeeded(results) else 1
+    if args.output == "json":
+        results = list(run_checks(args))
+        sys.stdout.write(render.as_json(results))
+        return 0 if succeeded(results) else 1
+    table = render.Table()
+    for result in run_checks(args):
+        sys.stdout.write(table.add(result))
+        sys.stdout.flush()
+    sys.stdout.write(table.end())
+    return 0 if succeeded(table.done) else 1
 
 
 def run_checks(args: argparse.Namespace) -> Iterator[Result]:

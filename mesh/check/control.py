@@ -78,7 +78,8 @@ def checks(state: ControlState, expected: Expected, *, now: datetime) -> Iterato
     yield from existence_checks(state, expected.deployments)
     yield from version_checks(state.deployments)
     yield from identity_checks(state.issuer, state.roots, now=now)
-    yield from injector_checks(state.webhook, state.injector_service, state.injector_slices)
+    yield from injector_checks(state.webhook, state.injector_service, state.injector_slices,
+                               now=now)
 
 
 def crd_checks(read: Mapping[str, Got], shipped: Sequence[Obj]) -> Iterator[Result]:
@@ -191,7 +192,7 @@ def identity_checks(secret: Got, roots: Got, *, now: datetime) -> Iterator[Resul
         yield IDENTITY.fail(title, str(e), IDENTITY_FIX)
         return
     yield IDENTITY.ok(title)
-    yield from _validity("trust roots", bundle.anchors, now, fix=(
+    yield from _validity(IDENTITY, "trust roots", bundle.anchors, now, fix=(
         "add a new anchor and move the issuer to it: `meshgate identity rotate`"))
     title = "issuer certificate is issued by the trust roots"
     if _chains(chain, bundle):
@@ -201,30 +202,30 @@ def identity_checks(secret: Got, roots: Got, *, now: datetime) -> Iterator[Resul
                             f"{chain[0].issuer.rfc4514_string()}) does not chain to the trust "
                             f"roots, which hold {', '.join(map(describe, bundle.anchors))}",
                             IDENTITY_FIX)
-    yield from _validity("issuer certificate", chain[:1], now, fix=IDENTITY_FIX)
+    yield from _validity(IDENTITY, "issuer certificate", chain[:1], now, fix=IDENTITY_FIX)
 
 
-def _validity(what: str, certs: Sequence[x509.Certificate], now: datetime, *,
-              fix: str) -> Iterator[Result]:
+def _validity(category: Category, what: str, certs: Sequence[x509.Certificate],
+              now: datetime, *, fix: str) -> Iterator[Result]:
     title = f"{what} {'are' if what.endswith('s') else 'is'} within the validity period"
     outside = [c for c in certs if not c.not_valid_before_utc <= now <= c.not_valid_after_utc]
     if outside:
-        yield IDENTITY.fail(title, "\n".join(
+        yield category.fail(title, "\n".join(
             f"{describe(c)} " + (f"expired: notAfter {rfc3339(c.not_valid_after_utc)}"
                                  if now > c.not_valid_after_utc else
                                  f"is not valid before {rfc3339(c.not_valid_before_utc)}")
             + f" (now {rfc3339(now)})" for c in outside), fix)
         return
-    yield IDENTITY.ok(title)
+    yield category.ok(title)
     days = EXPIRY_WARNING.days
     title = f"{what} {'are' if what.endswith('s') else 'is'} valid for at least {days} days"
     soon = [c for c in certs if c.not_valid_after_utc - now < EXPIRY_WARNING]
     if soon:
-        yield IDENTITY.warn(title, "\n".join(
+        yield category.warn(title, "\n".join(
             f"{describe(c)} expires soon: notAfter {rfc3339(c.not_valid_after_utc)}"
             for c in soon), fix)
     else:
-        yield IDENTITY.ok(title)
+        yield category.ok(title)
 
 
 def _issuer_chain(secret: Obj) -> list[x509.Certificate]:
@@ -256,7 +257,8 @@ def _chains(chain: Sequence[x509.Certificate], bundle: TrustBundle) -> bool:
     return bundle.contains(chain[-1]) or bundle.signer_of(chain[-1]) is not None
 
 
-def injector_checks(webhook: Got, service: Got, slices: Got) -> Iterator[Result]:
+def injector_checks(webhook: Got, service: Got, slices: Got, *, now: datetime
+                    ) -> Iterator[Result]:
     title = f"proxy injector MutatingWebhookConfiguration {INJECTOR_WEBHOOK} exists"
     fix = ("install a meshgate that ships the proxy injector: meshgate install "
            "--identity-dir DIR | kubectl apply -f -")
@@ -277,6 +279,7 @@ def injector_checks(webhook: Got, service: Got, slices: Got) -> Iterator[Result]
                                                             "it has no webhooks"), fix)
         return
     yield INJECTOR.ok(title)
+    yield from _ca_bundle_checks(hooks, now)
     title = f"proxy injector Service {INJECTOR_SERVICE} has ready endpoints"
     policies = sorted({h.get("failurePolicy") or "Fail" for h in hooks})
     down = ("so the webhook cannot answer: " + " and ".join(
@@ -300,6 +303,28 @@ def injector_checks(webhook: Got, service: Got, slices: Got) -> Iterator[Result]
                             f"{CONTROL_DEPLOYMENT} (the control plane serves the injector)")
         return
     yield INJECTOR.ok(title)
+
+
+def _ca_bundle_checks(hooks: Sequence[Obj], now: datetime) -> Iterator[Result]:
+    """The CA the API server verifies the injector's serving certificate with."""
+    title = "proxy injector webhook has a CA bundle"
+    fix = (f"kubectl get mutatingwebhookconfiguration {INJECTOR_WEBHOOK} -o yaml: each "
+           "webhook's clientConfig.caBundle must hold the CA of the injector's serving "
+           "certificate")
+    certs: list[x509.Certificate] = []
+    for hook in hooks:
+        data = (hook.get("clientConfig") or {}).get("caBundle")
+        try:
+            certs += x509.load_pem_x509_certificates(base64.b64decode(data or "",
+                                                                      validate=True))
+        except (ValueError, binascii.Error):
+            yield INJECTOR.fail(title, f"webhook {hook.get('name')} has "
+                                + ("a caBundle holding no PEM certificate" if data else
+                                   "no caBundle") + ", so the API server cannot verify the "
+                                "injector", fix)
+            return
+    yield INJECTOR.ok(title)
+    yield from _validity(INJECTOR, "proxy injector CA bundle", certs, now, fix=fix)
 
 
 def _target(hook: Obj) -> str:

@@ -17,12 +17,16 @@ MARKS = {Status.OK: "\u221a", Status.WARN: "\u203c", Status.FAIL: "\u00d7"}
 INDENT = "    "
 
 
-def table(results: Iterable[Result]) -> str:
-    lines: list[str] = []
-    done: list[Result] = []
-    for result in results:
-        if not done or done[-1].category != result.category:
-            if done:
+class Table:
+    """The table, a result at a time, so that each line shows as its check ends."""
+
+    def __init__(self) -> None:
+        self.done: list[Result] = []
+
+    def add(self, result: Result) -> str:
+        lines: list[str] = []
+        if not self.done or self.done[-1].category != result.category:
+            if self.done:
                 lines.append("")
             lines += [result.category, "-" * len(result.category)]
         lines.append(f"{MARKS[result.status]} {result.description}")
@@ -30,10 +34,17 @@ def table(results: Iterable[Result]) -> str:
             lines += [INDENT + line for line in result.error.splitlines()]
             if result.hint:
                 lines.append(f"{INDENT}fix: {result.hint}")
-        done.append(result)
-    mark = MARKS[Status.OK if succeeded(done) else Status.FAIL]
-    lines += ["", f"Status check results are {mark}"]
-    return "\n".join(lines) + "\n"
+        self.done.append(result)
+        return "\n".join(lines) + "\n"
+
+    def end(self) -> str:
+        mark = MARKS[Status.OK if succeeded(self.done) else Status.FAIL]
+        return f"\nStatus check results are {mark}\n"
+
+
+def table(results: Iterable[Result]) -> str:
+    out = Table()
+    return "".join(out.add(result) for result in results) + out.end()
 
 
 def as_json(results: Iterable[Result]) -> str:

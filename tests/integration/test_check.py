@@ -5,6 +5,7 @@ issuer; and `--proxy` over meshed pods."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from mesh.identity import ca
 from mesh.identity.bundle import rfc3339
 from mesh.identity.ca import IssuerDir
 from mesh.image import VERSION, reference
@@ -22,6 +24,9 @@ from tests.cluster import Cluster, wait_for
 
 Obj = dict[str, Any]
 MESHED_NS = "shop"
+CA_BUNDLE = base64.b64encode(ca.cert_pem(ca.new_anchor(
+    "cluster.local", lifetime=timedelta(days=365), now=datetime.now(UTC)).cert)).decode()
+"""The CA of the injector's serving certificate, as the webhook carries it."""
 
 
 def meshgate(*args: str) -> subprocess.CompletedProcess[str]:
@@ -234,7 +239,8 @@ def injector(cluster: Cluster, *, failure_policy: str = "Ignore") -> None:
                        "sideEffects": "None", "failurePolicy": failure_policy,
                        "clientConfig": {"service": {"name": "meshgate-injector",
                                                     "namespace": "meshgate",
-                                                    "path": "/inject", "port": 443}},
+                                                    "path": "/inject", "port": 443},
+                                        "caBundle": CA_BUNDLE},
                        "namespaceSelector": {"matchLabels": {"meshgate.io/inject": "enabled"}},
                        "rules": [{"operations": ["CREATE"], "apiGroups": [""],
                                   "apiVersions": ["v1"], "resources": ["pods"]}]}]}]}))

@@ -188,11 +188,21 @@ def identity(*, issuer_lifetime: timedelta = timedelta(days=365),
     return secret, roots
 
 
+def ca_bundle(*, lifetime: timedelta = timedelta(days=365), issued: datetime = NOW) -> str:
+    cert = ca.new_anchor("cluster.local", lifetime=lifetime, now=issued).cert
+    return base64.b64encode(ca.cert_pem(cert)).decode()
+
+
+CA_BUNDLE = ca_bundle()
+
+
 def injector(*, policy: str = "Ignore", ready: bool | None = True,
-             service: str = "meshgate-injector") -> tuple[Got, Got, Got]:
+             service: str = "meshgate-injector", bundle: str = CA_BUNDLE
+             ) -> tuple[Got, Got, Got]:
     webhook = Got({"webhooks": [{"name": "proxy-injector.meshgate.io", "failurePolicy": policy,
                                  "clientConfig": {"service": {"namespace": "meshgate",
-                                                              "name": service}}}]})
+                                                              "name": service},
+                                                  "caBundle": bundle}}]})
     endpoints = [] if ready is None else [{"addresses": ["10.0.0.1"],
                                            "conditions": {"ready": ready}}]
     return webhook, Got({"metadata": {"name": "meshgate-injector"}}), Got(
@@ -324,6 +334,19 @@ def test_an_absent_injector_fails_with_the_fix() -> None:
     assert result.error == ("there is no MutatingWebhookConfiguration meshgate-proxy-injector: "
                             "pods are not injected with a proxy")
     assert "meshgate install" in result.hint
+
+
+def test_the_webhook_needs_a_ca_bundle_valid_now() -> None:
+    webhook, _, _ = injector(bundle="")
+    result = control_results(webhook=webhook)["proxy injector webhook has a CA bundle"]
+    assert result.error == ("webhook proxy-injector.meshgate.io has no caBundle, so the API "
+                            "server cannot verify the injector")
+    webhook, _, _ = injector(bundle=ca_bundle(lifetime=timedelta(days=1),
+                                              issued=NOW - timedelta(days=2)))
+    result = control_results(webhook=webhook)[
+        "proxy injector CA bundle is within the validity period"]
+    assert result.status is Status.FAIL
+    assert "expired: notAfter 2026-12-05T12:00:00Z" in result.error
 
 
 def test_a_webhook_calling_elsewhere_fails() -> None:
