@@ -129,6 +129,21 @@ def test_flags_that_do_not_go_together(cluster: Cluster, tmp_path: Path) -> None
     assert proc.stdout.splitlines()[2:5] == [
         "\u00d7 can initialize the client", f"    kubeconfig {tmp_path / 'nope'} does not exist",
         "    fix: give --kubeconfig the file of your cluster"]
+    proc = check(cluster, "--context", "elsewhere")
+    assert proc.returncode == 1
+    assert "\u00d7 can initialize the client\n" in proc.stdout
+    assert "Expected object with name elsewhere" in proc.stdout
+    # an API server that is not there: nothing more is asked
+    dead = tmp_path / "dead"
+    dead.write_text(cluster.kubeconfig.read_text().replace(cluster.server,
+                                                           "https://127.0.0.1:1"))
+    proc = meshgate("check", "--kubeconfig", str(dead))
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines()[2:] == [
+        "\u221a can initialize the client", "\u00d7 can query the Kubernetes API",
+        "    https://127.0.0.1:1: [Errno 111] Connection refused",
+        "    fix: check that the API server is up and reachable from here (kubectl get --raw "
+        "/version)", "", "Status check results are \u00d7"]
 
 
 def test_an_empty_cluster_fails_naming_the_fixes(cluster: Cluster) -> None:
