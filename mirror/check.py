@@ -29,6 +29,7 @@ from mesh.identity.bundle import TrustBundle, describe
 from mesh.identity.errors import TrustSetupError
 from mesh.identity.names import DEFAULT_CONTROL_NS
 from mesh.identity.trustroots import TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY
+from mesh.kube import first_line, root_cause
 from mesh.workqueue import TemporaryError
 from mirror.audit import LocalView, collisions, missing_endpoints, orphans, unlinked
 from mirror.crds import crd_documents
@@ -36,9 +37,7 @@ from mirror.credentials import (
     SECRET_FIX,
     RemoteCredentials,
     credentials_from_secret,
-    first_line,
     read_secret,
-    root_cause,
     verify,
 )
 from mirror.errors import CredentialsError, LinkSpecError, RemoteUnreachable

@@ -22,8 +22,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from mesh.errors import ConfigError
-from mesh.kube import api_client
-from mirror.credentials import first_line, root_cause
+from mesh.kube import api_client, first_line, root_cause
 from mirror.lease import lease_name
 from mirror.link import GROUP, PLURAL, VERSION
 from mirror.mirrors import MANAGED_BY, MANAGED_BY_LABEL, MIRRORED_LABEL, SERVICE_NAME_LABEL
