@@ -18,20 +18,22 @@ from datetime import datetime, timedelta
 from cryptography import x509
 
 from mesh import manifests
-from mesh.check.pre import INSTALL_FIX
+from mesh.check.names import (
+    CONTROL_DEPLOYMENT,
+    INJECTOR_SERVICE,
+    INJECTOR_WEBHOOK,
+    INSTALL_FIX,
+    ISSUER_SECRET,
+    NS,
+    TRUST_ROOTS_CONFIGMAP,
+    TRUST_ROOTS_KEY,
+)
 from mesh.check.results import Category, Got, Obj, Result
 from mesh.control import crds as crd_state
 from mesh.identity.bundle import TrustBundle, describe, issued_by, rfc3339
 from mesh.identity.errors import TrustSetupError
-from mesh.identity.names import DEFAULT_CONTROL_NS
-from mesh.identity.trustroots import TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY
 from mesh.image import VERSION
 
-NS = DEFAULT_CONTROL_NS
-ISSUER_SECRET = "meshgate-identity-issuer"
-INJECTOR_WEBHOOK = "meshgate-proxy-injector"
-INJECTOR_SERVICE = "meshgate-injector"
-CONTROL_DEPLOYMENT = "meshgate-control"
 EXPIRY_WARNING = timedelta(days=30)
 IDENTITY_FIX = ("issue a new issuer under an anchor of the trust roots (`meshgate identity "
                 "rotate`), then re-apply `meshgate install --identity-dir DIR | kubectl "

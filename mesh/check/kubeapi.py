@@ -17,14 +17,14 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from mesh.check import control, pre
+from mesh.check import control, names, pre
+from mesh.check.names import NS
 from mesh.check.pre import KUBE_API, Access
 from mesh.check.results import Got, Obj, Result
 from mesh.kube import first_line, root_cause
 
 TIMEOUT = 10.0
 """Seconds for each request."""
-NS = control.NS
 
 
 class Connection:
@@ -121,15 +121,15 @@ def read_control(conn: Connection, expected: control.Expected) -> control.Contro
         namespace=read(lambda: core.read_namespace(NS, **_opts())),
         deployments={d["metadata"]["name"]: deployment(d["metadata"]["name"])
                      for d in expected.deployments},
-        issuer=read(lambda: core.read_namespaced_secret(control.ISSUER_SECRET, NS, **_opts())),
-        roots=read(lambda: core.read_namespaced_config_map(control.TRUST_ROOTS_CONFIGMAP, NS,
+        issuer=read(lambda: core.read_namespaced_secret(names.ISSUER_SECRET, NS, **_opts())),
+        roots=read(lambda: core.read_namespaced_config_map(names.TRUST_ROOTS_CONFIGMAP, NS,
                                                            **_opts())),
         webhook=read(lambda: admission.read_mutating_webhook_configuration(
-            control.INJECTOR_WEBHOOK, **_opts())),
+            names.INJECTOR_WEBHOOK, **_opts())),
         injector_service=read(lambda: core.read_namespaced_service(
-            control.INJECTOR_SERVICE, NS, **_opts())),
+            names.INJECTOR_SERVICE, NS, **_opts())),
         injector_slices=read(lambda: discovery.list_namespaced_endpoint_slice(
-            NS, label_selector=f"kubernetes.io/service-name={control.INJECTOR_SERVICE}",
+            NS, label_selector=f"kubernetes.io/service-name={names.INJECTOR_SERVICE}",
             **_opts())))
 
 

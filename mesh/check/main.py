@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from mesh.check import control, dataplane, kubeapi, pre, render
+from mesh.check.names import CONTROL_DEPLOYMENT
 from mesh.check.results import Got, Result, Step, run, succeeded
+from mesh.image import VERSION
 
 
 def check(args: argparse.Namespace) -> int:
@@ -53,8 +55,8 @@ def _steps(conn: kubeapi.Connection, args: argparse.Namespace) -> list[Step]:
     def data_plane() -> Iterator[Result]:
         pods, namespace = kubeapi.read_pods(conn, args.namespace)
         deployed = control.deployment_version(
-            state[0].deployments.get(control.CONTROL_DEPLOYMENT, Got())) if state else None
-        yield from dataplane.checks(pods, control_version=deployed or control.VERSION,
+            state[0].deployments.get(CONTROL_DEPLOYMENT, Got())) if state else None
+        yield from dataplane.checks(pods, control_version=deployed or VERSION,
                                     namespace=args.namespace, namespace_got=namespace)
 
     return [control_plane, *([data_plane] if args.proxy else [])]

@@ -19,26 +19,26 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from mesh import manifests
+from mesh.check.names import (
+    INJECTOR_WEBHOOK,
+    ISSUER_SECRET,
+    NS,
+    TRUST_ROOTS_CONFIGMAP,
+)
 from mesh.check.results import Category, Got, Obj, Result
-from mesh.identity.names import DEFAULT_CONTROL_NS
 
 MIN_VERSION = (1, 29)
 """The oldest Kubernetes meshgate supports."""
 REQUIRED_APIS = ("apps/v1", "admissionregistration.k8s.io/v1")
 """Served group versions meshgate needs besides those its manifests name: the
 injector is a MutatingWebhookConfiguration."""
-INJECTOR_WEBHOOK = {"apiVersion": "admissionregistration.k8s.io/v1",
-                    "kind": "MutatingWebhookConfiguration",
-                    "metadata": {"name": "meshgate-proxy-injector"}}
+WEBHOOK = {"apiVersion": "admissionregistration.k8s.io/v1",
+           "kind": "MutatingWebhookConfiguration", "metadata": {"name": INJECTOR_WEBHOOK}}
 IDENTITY_OBJECTS = ({"apiVersion": "v1", "kind": "Secret",
-                     "metadata": {"name": "meshgate-identity-issuer",
-                                  "namespace": DEFAULT_CONTROL_NS}},
+                     "metadata": {"name": ISSUER_SECRET, "namespace": NS}},
                     {"apiVersion": "v1", "kind": "ConfigMap",
-                     "metadata": {"name": "meshgate-identity-trust-roots",
-                                  "namespace": DEFAULT_CONTROL_NS}})
+                     "metadata": {"name": TRUST_ROOTS_CONFIGMAP, "namespace": NS}})
 """What ``install --identity-dir`` adds to deploy/'s files (their kinds matter here)."""
-INSTALL_FIX = "meshgate install --crds | kubectl apply -f -, then meshgate install " \
-              "--identity-dir DIR | kubectl apply -f -"
 
 KUBE_API = Category("kubernetes-api")
 KUBE_VERSION = Category("kubernetes-version")
@@ -80,8 +80,8 @@ def rendered() -> list[Obj]:
     docs = manifests.build(manifests.CRDS)
     docs += manifests.build(manifests.BASE, components=(manifests.HA,))
     docs += [*IDENTITY_OBJECTS]
-    if not any(d["kind"] == INJECTOR_WEBHOOK["kind"] for d in docs):
-        docs.append(INJECTOR_WEBHOOK)
+    if not any(d["kind"] == WEBHOOK["kind"] for d in docs):
+        docs.append(WEBHOOK)
     return docs
 
 
@@ -210,11 +210,11 @@ def version_checks(version: Obj, served: frozenset[str], apis: Sequence[str]
 def setup_checks(state: PreState) -> Iterator[Result]:
     title = "control plane namespace does not already exist"
     if state.namespace.error:  # a warning, as the check is: install may still succeed
-        yield SETUP.warn(title, f"cannot read Namespace {DEFAULT_CONTROL_NS}: "
+        yield SETUP.warn(title, f"cannot read Namespace {NS}: "
                          f"{state.namespace.error}", "kubectl get namespace "
-                         f"{DEFAULT_CONTROL_NS} as someone who may")
+                         f"{NS} as someone who may")
     elif state.namespace.obj is not None:
-        yield SETUP.warn(title, f"the Namespace {DEFAULT_CONTROL_NS} already exists",
+        yield SETUP.warn(title, f"the Namespace {NS} already exists",
                          "install applies over what is there; if it is an old install, "
                          "`meshgate uninstall | kubectl delete -f -` first")
     else:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from mesh.check import control, dataplane, pre, render
+from mesh.check.names import INSTALL_FIX
 from mesh.check.pre import Access
 from mesh.check.results import Category, Got, Result, Status, run, succeeded
 from mesh.identity import ca
@@ -254,7 +255,7 @@ def test_no_namespace_is_fatal() -> None:
     results = control_results(namespace=Got(None))
     ns = results["control plane Namespace exists"]
     assert ns.status is Status.FAIL and ns.fatal
-    assert ns.hint == pre.INSTALL_FIX
+    assert ns.hint == INSTALL_FIX
     assert not any(d.startswith("Deployment") for d in results)
 
 
