@@ -136,13 +136,14 @@ def _available(rendered: Obj, got: Got) -> Result:
     want = int(spec.get("replicas", 1))
     have = int(status.get("availableReplicas") or 0)
     condition: Obj = next((c for c in status.get("conditions") or []
-                      if c.get("type") == "Available"), {})
+                           if c.get("type") == "Available"), {})
     if have >= want and condition.get("status") != "False":
         return EXISTENCE.ok(title)
     cause = f"{have} of {want} replicas available"
     if condition.get("status") == "False":
         cause += f" (Available: {condition.get('reason', 'False')}"
-        cause += f", {condition['message']})" if condition.get("message") else ")"
+        message = str(condition.get("message") or "").rstrip(".")
+        cause += f", {message})" if message else ")"
     label = f"app.kubernetes.io/name={name}"
     return EXISTENCE.fail(title, cause, f"kubectl -n {NS} describe deployment {name}; "
                           f"kubectl -n {NS} get pods -l {label}")
