@@ -55,11 +55,12 @@ def as_json(results: Iterable[Result]) -> str:
         if not done or done[-1].category != result.category:
             checks = []
             categories.append({"categoryName": result.category, "checks": checks})
-        check = {"description": result.description, "result": result.status.value}
+        check = {"description": result.description}  # in the order of Linkerd's fields
         if result.status is not Status.OK:
-            check["error"] = result.error
             if result.hint:
                 check["hint"] = result.hint
+            check["error"] = result.error
+        check["result"] = result.status.value
         checks.append(check)
         done.append(result)
     return json.dumps({"success": succeeded(done), "categories": categories}, indent=2) + "\n"
