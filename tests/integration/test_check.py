@@ -115,6 +115,18 @@ def test_pre_names_each_permission_a_user_lacks(cluster: Cluster) -> None:
         cluster.kubectl("delete", "clusterrolebinding,clusterrole", "half-installer")
 
 
+def test_pre_as_a_member_of_a_group_of_administrators(cluster: Cluster) -> None:
+    cluster.kubectl("create", "clusterrolebinding", "mesh-admins", "--clusterrole=cluster-admin",
+                    "--group=mesh-admins")
+    try:
+        assert results(cluster, "--pre", "--as", "bob")[0] == 1
+        code, checks = results(cluster, "--pre", "--as", "bob", "--as-group", "mesh-admins")
+        assert code == 0, failed(checks)
+        assert checks["can grant the rights of meshgate's roles"]["result"] == "success"
+    finally:
+        cluster.kubectl("delete", "clusterrolebinding", "mesh-admins")
+
+
 def test_flags_that_do_not_go_together(cluster: Cluster, tmp_path: Path) -> None:
     for args, message in ((("--pre", "--proxy"), "--pre and --proxy go apart"),
                           (("--namespace", "x"), "give --proxy too"),
