@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from localcluster.commands import add_cluster_commands
 from mesh.errors import ConfigError, MeshError
 from mesh.identity.commands import add_identity_commands
+from mesh.injectcmd import add_inject_commands
 from mesh.install import add_install_commands
 from mirror.commands import add_failover_commands, add_multicluster_commands
 from vm_agent.commands import add_vm_commands
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_multicluster_commands(commands)
     add_failover_commands(commands)
     add_install_commands(commands)
+    add_inject_commands(commands)
 
     proxy = commands.add_parser("proxy", help="the data-plane proxy")
     proxy_cmds = proxy.add_subparsers(dest="proxy_command", required=True)
