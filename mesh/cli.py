@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from mesh.errors import ConfigError, MeshError
 from mesh.identity.commands import add_identity_commands
 from mesh.injectcmd import add_inject_commands
 from mesh.install import add_install_commands
+from mesh.proxyinit import add_proxy_init_command
 from mirror.commands import add_failover_commands, add_multicluster_commands
 from vm_agent.commands import add_vm_commands
 
@@ -125,13 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     proxy = commands.add_parser("proxy", help="the data-plane proxy")
     proxy_cmds = proxy.add_subparsers(dest="proxy_command", required=True)
     run = proxy_cmds.add_parser("run", help="run a proxy in the foreground")
-    run.add_argument("--config", required=True, type=Path, help="YAML or JSON proxy config")
+    run.add_argument("--config", type=Path, help="YAML or JSON proxy config (default: the "
+                     "MESHGATE_PROXY_* environment `meshgate inject` sets)")
     run.add_argument("--workers", type=_positive(int), default=1,
                      help="processes sharing the listeners (SO_REUSEPORT)")
     run.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
                      help="event loop: uvloop (measured about half the CPU per request) "
                      "or the standard library's")
     run.set_defaults(func=_proxy_run)
+    add_proxy_init_command(proxy_cmds)
 
     control = commands.add_parser("control", help="the per-cluster control plane")
     control_cmds = control.add_subparsers(dest="control_command", required=True)
@@ -194,7 +198,13 @@ def _proxy_run(args: argparse.Namespace) -> int:
     from mesh.config import ProxyConfig, load_model
     from mesh.proxy.main import run
 
-    config = load_model(args.config, ProxyConfig, what="proxy config")
+    if args.config is None:
+        from mesh.proxy.envconfig import proxy_config, write_trust_bundle
+
+        config, anchors = proxy_config(os.environ)
+        write_trust_bundle(config, anchors)
+    else:
+        config = load_model(args.config, ProxyConfig, what="proxy config")
     run(config, workers=int(args.workers), loop=args.loop)
     return 0
 
