@@ -13,8 +13,10 @@ CronJob's job template; every item of a ``List``):
   variables (mesh.proxy.envconfig), its identity proven with a projected
   ServiceAccount token of audience ``identity.meshgate.io``, probed on its admin
   port, with a startup probe so the app starts once the proxy is ready;
-- their two volumes, and the annotations ``meshgate.io/proxy-version`` and
-  ``meshgate.io/inbound-port`` (which tells the control plane the pod is meshed).
+- their two volumes, the annotations ``meshgate.io/proxy-version`` and
+  ``meshgate.io/inbound-port`` (which tells the control plane the pod is meshed), and
+  the pod sysctl ``net.ipv4.ip_unprivileged_port_start=0``, so that the proxy binds
+  Service ports such as 80 without being root.
 
 ``config.meshgate.io/*`` annotations of the pod template tune the proxy (`ANNOTATIONS`).
 `uninject` removes exactly that. Both are pure: dicts in, dicts and a `Report` per
@@ -57,6 +59,9 @@ ADMIN_PORT = 4191
 PROXY_UID = 2102
 """The proxy's user, as the control plane's (deploy/control.yaml)."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
+UNPRIVILEGED_PORTS = "net.ipv4.ip_unprivileged_port_start"
+"""Set to 0 in the pod (a safe, namespaced sysctl, as containerd 2 and Docker set it):
+the proxy, non-root without capabilities, binds Service ports below 1024 (80, 443)."""
 
 ANNOTATIONS = {
     "proxy-log-level": "the proxy's log level: debug, info, warning or error",
@@ -213,6 +218,10 @@ def _inject_template(template: Obj, settings: InjectSettings) -> str:
     spec["initContainers"] = [_init_container(settings, config), _proxy_container(
         settings, config), *(spec.get("initContainers") or [])]
     spec["volumes"] = [*(spec.get("volumes") or []), *_volumes()]
+    security = spec.setdefault("securityContext", {})
+    sysctls = security.setdefault("sysctls", [])
+    if not any(s.get("name") == UNPRIVILEGED_PORTS for s in sysctls):
+        sysctls.append({"name": UNPRIVILEGED_PORTS, "value": "0"})
     return ""
 
 
@@ -376,6 +385,17 @@ def _uninject_template(template: Obj) -> str:
         return "not injected"
     _drop(spec, "initContainers", (INIT_CONTAINER, PROXY_CONTAINER))
     _drop(spec, "volumes", (IDENTITY_VOLUME, TOKEN_VOLUME))
+    # The sysctl goes too (inject added it unless the workload had it already: one
+    # that set it to 0 itself loses it here, harmlessly without a proxy).
+    security = spec.get("securityContext") or {}
+    sysctls = [s for s in security.get("sysctls") or []
+               if (s.get("name"), str(s.get("value"))) != (UNPRIVILEGED_PORTS, "0")]
+    if sysctls:
+        security["sysctls"] = sysctls
+    else:
+        security.pop("sysctls", None)
+    if "securityContext" in spec and not security:
+        del spec["securityContext"]
     meta = template.get("metadata") or {}
     annotations = meta.get("annotations") or {}
     for key in (VERSION_ANNOTATION, INBOUND_PORT_ANNOTATION):

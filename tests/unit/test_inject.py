@@ -282,3 +282,17 @@ def test_a_bad_config_annotation_is_refused_naming_it(annotation: str, value: st
     with pytest.raises(ConfigError, match=f"deployment/web: annotation config.meshgate.io/"
                        f"{annotation}={value!r}.*{message}"):
         inject(doc, SETTINGS)
+
+
+def test_the_pod_lets_the_proxy_bind_service_ports_below_1024() -> None:
+    out, _ = inject(WORKLOADS["Deployment"], SETTINGS)
+    assert pod_spec(out)["securityContext"] == {
+        "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]}
+    doc = copy.deepcopy(WORKLOADS["Deployment"])
+    doc["spec"]["template"]["spec"]["securityContext"] = {
+        "runAsNonRoot": True, "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start",
+                                           "value": "80"}]}
+    out, _ = inject(doc, SETTINGS)
+    assert pod_spec(out)["securityContext"] == doc["spec"]["template"]["spec"][
+        "securityContext"], "the workload's own setting stands"
+    assert uninject(out)[0] == doc
