@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     crun.add_argument("--workload-missed-heartbeats", type=_positive(int), default=3,
                       help="heartbeats an ExternalWorkload may miss before its endpoints "
                       "are not ready (default 3)")
+    crun.add_argument("--injector-listen", type=_listen,
+                      help="HOST:PORT where to serve the proxy injector webhook (HTTPS, "
+                      "/inject), e.g. 0.0.0.0:8443")
+    crun.add_argument("--service-cidr", action="append", default=[], metavar="CIDR[,CIDR]",
+                      help="the service CIDRs the injector makes local in pods (default: "
+                      "the cluster's ServiceCIDRs or meshgate-config)")
     crun.set_defaults(func=_control_run)
 
     gateway = commands.add_parser("gateway", help="the multicluster gateway")
@@ -226,7 +232,10 @@ def control_settings(args: argparse.Namespace) -> ControlSettings:
                            cluster_domain=args.cluster_domain, cluster_name=args.cluster_name,
                            control_ns=args.control_namespace, heartbeat=args.heartbeat,
                            workload_heartbeat=args.workload_heartbeat,
-                           workload_missed_heartbeats=int(args.workload_missed_heartbeats))
+                           workload_missed_heartbeats=int(args.workload_missed_heartbeats),
+                           injector_listen=args.injector_listen,
+                           service_cidrs=tuple(c.strip() for v in args.service_cidr
+                                               for c in v.split(",") if c.strip()))
 
 
 def _gateway_run(args: argparse.Namespace) -> int:

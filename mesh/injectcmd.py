@@ -166,7 +166,7 @@ def settings_from(args: argparse.Namespace) -> InjectSettings:
         bundle_pem = _identity_dir_bundle(args.identity_dir)
     cluster_domain = args.cluster_domain
     if not cidrs or bundle_pem is None:
-        cluster = _ClusterSettings(args.kubeconfig)
+        cluster = ClusterSettings.from_kubeconfig(args.kubeconfig)
         if bundle_pem is None:
             bundle_pem = cluster.trust_bundle()
         if not cidrs:
@@ -212,26 +212,34 @@ def _trust_domain(pem: str) -> str:
                       "--trust-domain")
 
 
-class _ClusterSettings:
-    """The mesh's settings as the cluster holds them (read through the kubernetes client)."""
+class ClusterSettings:
+    """The mesh's settings as the cluster holds them (read through the kubernetes client;
+    calls block)."""
 
-    def __init__(self, kubeconfig: Path | None) -> None:
-        from kubernetes import client, config
+    def __init__(self, api: Any, *, hint: str = "") -> None:
+        from kubernetes import client
+
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.hint = hint
+
+    @classmethod
+    def from_kubeconfig(cls, kubeconfig: Path | None) -> ClusterSettings:
+        from kubernetes import config
         from kubernetes.config.config_exception import ConfigException
 
-        hint = ("give --service-cidr and --identity-dir to inject without a cluster")
+        hint = "give --service-cidr and --identity-dir to inject without a cluster"
         try:
             if kubeconfig is not None:
                 from mesh.kube import api_client
 
-                self.api = api_client(kubeconfig)
+                api = api_client(kubeconfig)
             else:
-                self.api = config.new_client_from_config()
+                api = config.new_client_from_config()
         except (ConfigException, OSError, ConfigError) as e:
             raise ConfigError(f"no cluster to read the mesh's settings from ({e}); "
                               f"{hint}") from None
-        self.core = client.CoreV1Api(self.api)
-        self.hint = hint
+        return cls(api, hint=f"; {hint}")
 
     def _call(self, what: str, call: Callable[[], Any]) -> Any:
         """`call`'s answer; None for 404; a ConfigError when the cluster is away."""
@@ -245,7 +253,7 @@ class _ClusterSettings:
                 return None
             raise ConfigError(f"cannot read {what}: {e.status} {e.reason}") from None
         except (HTTPError, OSError) as e:
-            raise ConfigError(f"cannot reach the cluster to read {what} ({e}); "
+            raise ConfigError(f"cannot reach the cluster to read {what} ({e})"
                               f"{self.hint}") from None
 
     def trust_bundle(self) -> str:

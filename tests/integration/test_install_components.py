@@ -143,7 +143,9 @@ def control(cluster: Cluster, rendered: list[Obj],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pod = Pod(cluster, rendered, "meshgate-control", tmp_path_factory.mktemp("control"))
     pod.kubeconfig_for(cluster.server)
-    proc, output, _, line = spawn(pod.argv(**{"--listen=0.0.0.0:8086": "--listen=127.0.0.1:0"}),
+    proc, output, _, line = spawn(pod.argv(**{"--listen=0.0.0.0:8086": "--listen=127.0.0.1:0",
+                                              "--injector-listen=0.0.0.0:8443":
+                                                  "--injector-listen=127.0.0.1:0"}),
                                   lambda line: "serving at https://" in line,
                                   what="control plane")
     url = re.search(r"serving at (https://\S+)", line)
