@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import netns
 
@@ -191,3 +192,42 @@ def test_uninjected_workloads_run_without_the_proxy(cluster: Cluster) -> None:
     assert "meshgate.io/proxy-version" not in annotations
     volumes = [v["name"] for v in pod["spec"].get("volumes") or []]
     assert not [v for v in volumes if v.startswith("meshgate-")]
+
+
+def test_a_deployment_of_an_annotated_namespace_comes_up_injected(cluster: Cluster) -> None:
+    """The control plane serves the injector on the node (`cluster up` runs it with
+    --injector-listen); its webhook configuration and Service are install's, their
+    endpoint the node's address (here the control plane is not a Deployment)."""
+    rendered = cluster.meshgate("install", "--identity-dir",
+                                str(cluster.base / "state" / "identity")).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    hooks = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"
+             or (d["kind"] == "Service" and d["metadata"]["name"] == "meshgate-injector")]
+    spec = json.loads((cluster.base / "state" / "cluster.json").read_text())
+    hooks.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                  "metadata": {"name": "meshgate-injector-node", "namespace": "meshgate",
+                               "labels": {"kubernetes.io/service-name": "meshgate-injector"}},
+                  "addressType": "IPv4", "endpoints": [{"addresses": [spec["nodeAddress"]]}],
+                  "ports": [{"name": "injector", "port": 8443}]})
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(hooks))
+    cluster.kubectl("create", "namespace", "shop")
+    cluster.kubectl("annotate", "namespace", "shop", "meshgate.io/inject=enabled")
+    plain = "".join(f"---\n{line}\n" for line in manifests().split("---\n")[1:3])
+    shop = plain.replace('"namespace": "default"', '"namespace": "shop"')
+    cluster.kubectl("apply", "-f", "-", input=shop)
+
+    def injected_ready() -> dict[str, Any] | None:
+        out = cluster.kubectl("get", "pods", "-n", "shop", "-l", "app=web", "-o",
+                              "json").stdout
+        for pod in json.loads(out)["items"]:
+            conditions = {c["type"]: c["status"]
+                          for c in (pod.get("status") or {}).get("conditions") or []}
+            if conditions.get("Ready") == "True":
+                return pod  # type: ignore[no-any-return]
+        return None
+
+    pod = wait_for(injected_ready, timeout=90, what="shop's web pod Ready")
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == ["meshgate-init",
+                                                                   "meshgate-proxy"]
+    assert pod["metadata"]["annotations"]["meshgate.io/inbound-port"] == "4143"
+    assert [s["ready"] for s in pod["status"]["initContainerStatuses"]] == [False, True]
