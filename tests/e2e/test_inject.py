@@ -231,3 +231,42 @@ def test_a_deployment_of_an_annotated_namespace_comes_up_injected(cluster: Clust
                                                                    "meshgate-proxy"]
     assert pod["metadata"]["annotations"]["meshgate.io/inbound-port"] == "4143"
     assert [s["ready"] for s in pod["status"]["initContainerStatuses"]] == [False, True]
+
+
+def test_the_kubelet_gives_containers_only_their_capabilities_and_the_pods_sysctls(
+        cluster: Cluster) -> None:
+    """What the injected containers rely on: meshgate-init gets NET_ADMIN and nothing
+    else, the proxy none; the pod's ip_unprivileged_port_start lets it bind port 80."""
+    script = ("import socket; caps = [l for l in open('/proc/self/status') "
+              "if l.startswith('CapEff')][0].split()[1]; s = socket.socket()\n"
+              "try:\n    s.bind(('0.0.0.0', 80)); bound = 'bound 80'\n"
+              "except OSError as e:\n    bound = f'cannot bind 80: {e.strerror}'\n"
+              "print(caps, bound, flush=True)\nimport time; time.sleep(1e9)")
+
+    def container(name: str, caps: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "image": "python", "command": [sys.executable, "-c", script],
+                "securityContext": {"capabilities": caps}}
+
+    pods = [{"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"name": name, "namespace": "default"},
+             "spec": {"terminationGracePeriodSeconds": 1, "securityContext": context,
+                      "containers": [container("net-admin", {"drop": ["ALL"],
+                                                             "add": ["NET_ADMIN"]}),
+                                     container("none", {"drop": ["ALL"]})]}}
+            for name, context in (
+                ("caps", {}),
+                ("caps-sysctl", {"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start",
+                                              "value": "0"}]}))]
+    cluster.kubectl("apply", "-f", "-", input="".join(f"---\n{json.dumps(p)}\n" for p in pods))
+
+    def logs(pod: str, name: str) -> str:
+        return cluster.kubectl("logs", pod, "-c", name, check=False).stdout.strip()
+
+    assert wait_for(lambda: logs("caps", "net-admin"), timeout=30,
+                    what="the first pod's output") == "0000000000001000 cannot bind 80: " \
+        "Permission denied"
+    assert wait_for(lambda: logs("caps", "none"), timeout=30, what="its second container"
+                    ) == "0000000000000000 cannot bind 80: Permission denied"
+    assert wait_for(lambda: logs("caps-sysctl", "none"), timeout=30,
+                    what="the second pod's output") == "0000000000000000 bound 80"
+    cluster.kubectl("delete", "pod", "caps", "caps-sysctl", "--wait=false")
