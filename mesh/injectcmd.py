@@ -123,7 +123,9 @@ def dump(documents: Documents) -> str:
     if documents.json:
         if len(documents.docs) == 1:
             return json.dumps(documents.docs[0], indent=2) + "\n"
-        return json.dumps(documents.docs, indent=2) + "\n"
+        # Several JSON objects (a directory's, an array's) as one List kubectl applies.
+        return json.dumps({"apiVersion": "v1", "kind": "List", "items": documents.docs},
+                          indent=2) + "\n"
     return yaml.safe_dump_all(documents.docs, sort_keys=False, explicit_start=True)
 
 

@@ -208,3 +208,14 @@ def test_settings_come_from_the_cluster_and_the_api_server_takes_the_result(
     names = [c.name for c in stored.spec.template.spec.init_containers]
     assert names == ["meshgate-init", "meshgate-proxy"]
     assert stored.spec.template.spec.init_containers[1].restart_policy == "Always"
+
+
+def test_several_json_objects_come_out_as_one_list(offline: tuple[str, ...]) -> None:
+    pods = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+             "spec": {"containers": [{"name": "app", "image": "busybox"}]}}
+            for name in ("a", "b")]
+    proc = meshgate("inject", "-", *offline, stdin=json.dumps(pods))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["kind"] == "List" and [p["metadata"]["name"] for p in out["items"]] == ["a", "b"]
+    assert proc.stderr.splitlines() == ["pod/a injected", "pod/b injected"]
