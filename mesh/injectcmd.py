@@ -21,15 +21,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from mesh.errors import ConfigError, MeshError
-from mesh.identity import ca
-from mesh.identity.bundle import TrustBundle
 from mesh.identity.names import DEFAULT_CONTROL_NS, check_trust_domain
-from mesh.inject import InjectSettings, Obj, Report, inject, uninject
+
+if TYPE_CHECKING:  # loaded by the commands, not by every `meshgate`
+    from mesh.inject import InjectSettings, Obj, Report
 
 SUFFIXES = (".yaml", ".yml", ".json")
 CONFIG_MAP = "meshgate-config"
@@ -148,12 +148,16 @@ def _write(documents: Documents, change: Callable[[Obj], tuple[Obj, list[Report]
 
 
 def _inject(args: argparse.Namespace) -> int:
+    from mesh.inject import inject
+
     documents = read_input(args.input)  # a bad input fails before the cluster is asked
     settings = settings_from(args)
     return _write(documents, lambda doc: inject(doc, settings))
 
 
 def _uninject(args: argparse.Namespace) -> int:
+    from mesh.inject import uninject
+
     return _write(read_input(args.input), uninject)
 
 
@@ -162,6 +166,8 @@ def _uninject(args: argparse.Namespace) -> int:
 
 def settings_from(args: argparse.Namespace) -> InjectSettings:
     """The flags' settings, completed from the cluster when some are missing."""
+    from mesh.inject import InjectSettings
+
     cidrs = [c.strip() for flag in args.service_cidr for c in flag.split(",") if c.strip()]
     bundle_pem: str | None = None
     if args.identity_dir is not None:
@@ -207,6 +213,9 @@ def _identity_dir_bundle(path: Path) -> str:
 
 
 def _trust_domain(pem: str) -> str:
+    from mesh.identity import ca
+    from mesh.identity.bundle import TrustBundle
+
     for anchor in TrustBundle.from_pem(pem.encode()).anchors:
         if domain := ca.anchor_trust_domain(anchor):
             return domain

@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
+from typing import TYPE_CHECKING
 
 from mesh.errors import NetlinkError
-from mesh.redirect import Network, ensure_local_route, ensure_port_bypass
+
+if TYPE_CHECKING:  # pyroute2 is loaded by the command only, not by every `meshgate`
+    from mesh.redirect import Network
 
 NO_CAPABILITY = ("the meshgate-init container needs the NET_ADMIN capability "
                  "(securityContext.capabilities.add: [NET_ADMIN]); a policy may have "
@@ -70,6 +73,8 @@ def parse_ports(value: str) -> list[tuple[int, int]]:
 
 
 def _init(args: argparse.Namespace) -> int:
+    from mesh.redirect import ensure_local_route, ensure_port_bypass
+
     try:
         cidrs = parse_cidrs(args.service_cidr)
         skipped = parse_ports(args.skip_outbound_ports)
