@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mesh import portlist
 from mesh.errors import ConfigError
 from mesh.identity.names import DEFAULT_CONTROL_NS, SERVICE_AUDIENCE
 from mesh.image import VERSION, reference
@@ -74,6 +75,8 @@ ANNOTATIONS = {
                     "default list (25,587,3306,...): comma-separated numbers or ranges",
     "skip-outbound-ports": "service ports whose traffic does not go through the proxy "
                            "(meshgate-init routes them past the AnyIP route)",
+    "skip-inbound-ports": "the pod's ports that callers reach directly, not through its "
+                          "proxy (the control plane reads it from the pod)",
 }
 """The ``config.meshgate.io/<key>`` annotations a pod template may carry."""
 
@@ -83,7 +86,6 @@ INIT_RESOURCES = {"requests": {"cpu": "10m", "memory": "32Mi"},
                   "limits": {"cpu": "100m", "memory": "128Mi"}}
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _IMAGE = re.compile(r"^[a-z0-9][A-Za-z0-9._/:@-]*$")
-_PORTS = re.compile(r"^\d+(-\d+)?$")
 
 # Where each kind keeps its pod template.
 _TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
@@ -257,6 +259,7 @@ def _read_config(annotations: dict[str, Any]) -> _Config:
     if image is not None and not _IMAGE.match(image):
         raise ConfigError(f"annotation {CONFIG_PREFIX}proxy-image={image!r} is not an image "
                           f"reference such as {reference()}")
+    _ports(values, "skip-inbound-ports")  # checked here; mesh.discovery.index reads it
     return _Config(log_level=level, resources=tuple(resources), image=image,
                    opaque_ports=_ports(values, "opaque-ports"),
                    skip_outbound_ports=_ports(values, "skip-outbound-ports"))
@@ -266,13 +269,10 @@ def _ports(values: dict[str, str], key: str) -> str | None:
     """A comma-separated list of ports and ranges, checked and spelled without spaces."""
     if key not in values:
         return None
-    parts = [p.strip() for p in values[key].split(",") if p.strip()]
-    for part in parts:
-        low, _, high = part.partition("-")
-        if not _PORTS.match(part) or not 0 < int(low) <= int(high or low) < 65536:
-            raise ConfigError(f"annotation {CONFIG_PREFIX}{key}={values[key]!r}: {part!r} is "
-                              "not a port (1-65535) or a range such as 8000-8099")
-    return ",".join(parts)
+    try:
+        return portlist.spelled(portlist.port_ranges(values[key]))
+    except ValueError as e:
+        raise ConfigError(f"annotation {CONFIG_PREFIX}{key}={values[key]!r}: {e}") from None
 
 
 def _image(settings: InjectSettings, config: _Config) -> str:
@@ -354,16 +354,8 @@ def _proxy_env(settings: InjectSettings, config: _Config) -> list[Obj]:
     ]
     if config.opaque_ports is not None:
         out.append({"name": env.OUTBOUND_OPAQUE_PORTS,
-                    "value": ",".join(str(p) for p in expand_ports(config.opaque_ports))})
-    return out
-
-
-def expand_ports(spec: str) -> list[int]:
-    """``25,8000-8002`` -> [25, 8000, 8001, 8002]."""
-    out: list[int] = []
-    for part in (p for p in spec.split(",") if p):
-        low, _, high = part.partition("-")
-        out += range(int(low), int(high or low) + 1)
+                    "value": ",".join(map(str, portlist.ports(portlist.port_ranges(
+                        config.opaque_ports))))})
     return out
 
 

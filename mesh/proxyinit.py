@@ -18,6 +18,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from mesh.errors import NetlinkError
+from mesh.portlist import port_ranges
 
 if TYPE_CHECKING:  # pyroute2 is loaded by the command only, not by every `meshgate`
     from mesh.redirect import Network
@@ -59,17 +60,10 @@ def parse_cidrs(values: list[str]) -> list[Network]:
 
 def parse_ports(value: str) -> list[tuple[int, int]]:
     """``6379,8000-8099`` -> [(6379, 6379), (8000, 8099)]."""
-    out = []
-    for part in (p.strip() for p in value.split(",")):
-        if not part:
-            continue
-        low, _, high = part.partition("-")
-        if not (low.isdigit() and (high or low).isdigit()
-                and 0 < int(low) <= int(high or low) < 65536):
-            raise NetlinkError(f"--skip-outbound-ports: {part!r} is not a port (1-65535) or "
-                               "a range such as 8000-8099")
-        out.append((int(low), int(high or low)))
-    return out
+    try:
+        return port_ranges(value)
+    except ValueError as e:
+        raise NetlinkError(f"--skip-outbound-ports: {e}") from None
 
 
 def _init(args: argparse.Namespace) -> int:

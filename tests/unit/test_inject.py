@@ -273,6 +273,7 @@ def test_config_annotations_tune_the_proxy() -> None:
     ("proxy-image", "Not An Image", "is not an image reference"),
     ("opaque-ports", "5432,http", "'http' is not a port"),
     ("skip-outbound-ports", "70000", "is not a port"),
+    ("skip-inbound-ports", "admin", "is not a port"),
 ])
 def test_a_bad_config_annotation_is_refused_naming_it(annotation: str, value: str,
                                                       message: str) -> None:
