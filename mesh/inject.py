@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh import portlist
+from mesh.discovery.index import INBOUND_PORT_ANNOTATION
 from mesh.errors import ConfigError
 from mesh.identity.names import DEFAULT_CONTROL_NS, SERVICE_AUDIENCE
 from mesh.image import VERSION, reference
@@ -46,7 +47,6 @@ INIT_CONTAINER = "meshgate-init"
 PROXY_CONTAINER = "meshgate-proxy"
 INJECT_ANNOTATION = "meshgate.io/inject"
 VERSION_ANNOTATION = "meshgate.io/proxy-version"
-INBOUND_PORT_ANNOTATION = "meshgate.io/inbound-port"  # mesh.discovery.index reads it
 CONFIG_PREFIX = "config.meshgate.io/"
 IDENTITY_VOLUME = "meshgate-identity-end-entity"
 TOKEN_VOLUME = "meshgate-identity-token"
