@@ -239,20 +239,22 @@ def test_the_kubelet_gives_containers_only_their_capabilities_and_the_pods_sysct
     else, the proxy none; the pod's ip_unprivileged_port_start lets it bind port 80."""
     script = ("import socket; caps = [l for l in open('/proc/self/status') "
               "if l.startswith('CapEff')][0].split()[1]; s = socket.socket()\n"
-              "try:\n    s.bind(('0.0.0.0', 80)); bound = 'bound 80'\n"
-              "except OSError as e:\n    bound = f'cannot bind 80: {e.strerror}'\n"
+              "import sys; port = int(sys.argv[1])\n"
+              "try:\n    s.bind(('0.0.0.0', port)); bound = f'bound {port}'\n"
+              "except OSError as e:\n    bound = f'cannot bind {port}: {e.strerror}'\n"
               "print(caps, bound, flush=True)\nimport time; time.sleep(1e9)")
 
-    def container(name: str, caps: dict[str, Any]) -> dict[str, Any]:
-        return {"name": name, "image": "python", "command": [sys.executable, "-c", script],
+    def container(name: str, caps: dict[str, Any], port: int) -> dict[str, Any]:
+        return {"name": name, "image": "python",
+                "command": [sys.executable, "-c", script, str(port)],
                 "securityContext": {"capabilities": caps}}
 
     pods = [{"apiVersion": "v1", "kind": "Pod",
              "metadata": {"name": name, "namespace": "default"},
              "spec": {"terminationGracePeriodSeconds": 1, "securityContext": context,
                       "containers": [container("net-admin", {"drop": ["ALL"],
-                                                             "add": ["NET_ADMIN"]}),
-                                     container("none", {"drop": ["ALL"]})]}}
+                                                             "add": ["NET_ADMIN"]}, 81),
+                                     container("none", {"drop": ["ALL"]}, 80)]}}
             for name, context in (
                 ("caps", {}),
                 ("caps-sysctl", {"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start",
@@ -263,7 +265,7 @@ def test_the_kubelet_gives_containers_only_their_capabilities_and_the_pods_sysct
         return cluster.kubectl("logs", pod, "-c", name, check=False).stdout.strip()
 
     assert wait_for(lambda: logs("caps", "net-admin"), timeout=30,
-                    what="the first pod's output") == "0000000000001000 cannot bind 80: " \
+                    what="the first pod's output") == "0000000000001000 cannot bind 81: " \
         "Permission denied"
     assert wait_for(lambda: logs("caps", "none"), timeout=30, what="its second container"
                     ) == "0000000000000000 cannot bind 80: Permission denied"
