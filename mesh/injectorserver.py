@@ -150,7 +150,10 @@ class Injector:
             body = await request.json()
         except ValueError:
             return web.Response(status=400, text="the body is not JSON\n")
-        namespace = str(((body or {}).get("request") or {}).get("namespace") or "")
+        if not isinstance(body, dict) or not isinstance(body.get("request"), dict):
+            return web.Response(status=400, text="the body is not an AdmissionReview with a "
+                                "request\n")
+        namespace = str(body["request"].get("namespace") or "")
         try:
             settings, ns_annotations = await asyncio.to_thread(self._settings, namespace)
             answer, decision = review(body, settings, ns_annotations)

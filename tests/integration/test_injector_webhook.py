@@ -7,7 +7,10 @@ the injector is down (failurePolicy Ignore)."""
 
 from __future__ import annotations
 
+import http.client
 import re
+import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -102,6 +105,24 @@ def test_a_bad_annotation_refuses_the_pod_with_the_reason(cluster: Cluster,
     assert ("meshgate-proxy-injector: pod/loud: annotation config.meshgate.io/"
             "proxy-log-level='loud' must be one of debug, info, warning, error"
             in proc.stderr), proc.stderr
+
+
+def test_the_injector_names_itself_for_its_service_and_refuses_what_is_no_review(
+        injector: ControlProcess, trust: Trust) -> None:
+    line = next(x for x in injector.output if "injector serving at" in x)
+    url = line.split("injector serving at ", 1)[1].strip()
+    host, port = url.removeprefix("https://").split("/", 1)[0].rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=str(trust.bundle))
+    for body, status in ((b"[]", 400), (b"not json", 400), (b'{"request": 1}', 400)):
+        conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=10)
+        conn.sock = ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=10),
+                                    server_hostname="meshgate-injector.meshgate.svc")
+        conn.request("POST", "/inject", body=body,
+                     headers={"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        assert answer.status == status
+        assert answer.read().decode().startswith("the body is not")
+        conn.close()
 
 
 def test_with_the_injector_down_pods_are_admitted_without_a_proxy(
