@@ -44,7 +44,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from localcluster import multicluster, namespaces, netns, wan, wanlink
+from localcluster import controlservice, multicluster, namespaces, netns, wan, wanlink
 from localcluster.kubelet.reap import kill_pod_processes
 from localcluster.rootless import meshgate_argv, run_dir
 from mesh.errors import ConfigError, MeshError
@@ -430,7 +430,7 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
         if spec.wan is not None:
             install_multicluster_crds(api)
         _ensure_namespace(k8s.CoreV1Api(api), "meshgate")
-        publish_control_headless(api, spec.node_address)
+        controlservice.publish_headless(api, spec.node_address)
     if not _daemon_alive(d, "control"):
         listen = [f"{node}:{CONTROL_PORT}"]
         if spec.wan_address is not None:
@@ -513,43 +513,6 @@ def _ensure_namespace(core: Any, name: str) -> None:
     except ApiException as e:
         if e.status != 409:
             raise
-
-
-def publish_control_headless(api: Any, node_address: str) -> None:
-    """The headless Service ``meshgate/meshgate-control-headless`` (port 8086) and an
-    EndpointSlice naming the node's address, where the control plane listens: injected
-    proxies find the control plane by that name, as Linkerd's proxies find
-    linkerd-dst-headless (a meshed pod's service range is local to its proxy, so a
-    ClusterIP would loop back). Idempotent."""
-    from kubernetes import client as k8s
-    from kubernetes.client.rest import ApiException
-
-    from mesh.inject import CONTROL_PORT, CONTROL_SERVICE
-
-    service: Any = {"apiVersion": "v1", "kind": "Service",
-               "metadata": {"name": CONTROL_SERVICE, "namespace": "meshgate"},
-               "spec": {"clusterIP": "None", "ports": [
-                   {"name": "control", "port": CONTROL_PORT, "protocol": "TCP"}]}}
-    endpoints: Any = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                 "metadata": {"name": f"{CONTROL_SERVICE}-node", "namespace": "meshgate",
-                              "labels": {"kubernetes.io/service-name": CONTROL_SERVICE,
-                                         "endpointslice.kubernetes.io/managed-by":
-                                             "cluster-up.meshgate.io"}},
-                 "addressType": "IPv4",
-                 "endpoints": [{"addresses": [node_address], "conditions": {"ready": True}}],
-                 "ports": [{"name": "control", "port": CONTROL_PORT, "protocol": "TCP"}]}
-    calls: Any = (
-            (k8s.CoreV1Api(api).create_namespaced_service,
-             k8s.CoreV1Api(api).patch_namespaced_service, service),
-            (k8s.DiscoveryV1Api(api).create_namespaced_endpoint_slice,
-             k8s.DiscoveryV1Api(api).replace_namespaced_endpoint_slice, endpoints))
-    for create, replace, body in calls:
-        try:
-            create("meshgate", body)
-        except ApiException as e:
-            if e.status != 409:
-                raise
-            replace(body["metadata"]["name"], "meshgate", body)
 
 
 def _prepare_identity(directory: Path, req: UpRequest) -> str:
