@@ -84,6 +84,8 @@ _PATCH: dict[tuple[str, str], tuple[str, str | None]] = {
     ("V1PodStatus", "podIPs"): ("merge", "ip"),
     ("V1ServiceAccount", "secrets"): ("merge", "name"),
     ("V1NamespaceStatus", "conditions"): ("merge", "type"),
+    ("V1MutatingWebhookConfiguration", "webhooks"): ("merge", "name"),
+    ("V1ValidatingWebhookConfiguration", "webhooks"): ("merge", "name"),
     **{(container, name): ("merge", key)
        for container in ("V1Container", "V1EphemeralContainer")
        for name, key in (("ports", "containerPort"), ("env", "name"),

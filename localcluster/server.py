@@ -207,6 +207,8 @@ class ClusterServer:
                                    clock=self.clock)
             await self.kubelet.start()
             handler.kubelet = self.kubelet
+            network = self.kubelet.network
+            registry.webhooks.client.reach_pods(network.pod_cidr, network.node_netns)
 
         app = web.Application(client_max_size=MAX_BODY * 2)
         app.router.add_route("*", "/{tail:.*}", handler)

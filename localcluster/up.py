@@ -7,8 +7,9 @@ the state directory:
 - the API server, on the host (for kubectl, at the address in ``DIR/kubeconfig``)
   and on the node's address (for the cluster), from one process: a socket keeps
   the namespace it was created in;
-- the control plane (identity, destination, policy) and the cluster DNS, inside
-  the node namespace, where pods reach them across the bridge;
+- the control plane (identity, destination, policy; the proxy injector webhook on
+  8443) and the cluster DNS, inside the node namespace, where pods reach them across
+  the bridge;
 - with ``--multicluster``: the node joins the shared WAN (localcluster.wan), the
   API server and the control plane also listen on the node's WAN address (for
   VMs and other clusters, which reach the API server with ``DIR/kubeconfig.wan``),
@@ -43,7 +44,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from localcluster import multicluster, namespaces, netns, wan, wanlink
+from localcluster import controlservice, multicluster, namespaces, netns, wan, wanlink
 from localcluster.kubelet.reap import kill_pod_processes
 from localcluster.rootless import meshgate_argv, run_dir
 from mesh.errors import ConfigError, MeshError
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 
 API_PORT = 6443
 CONTROL_PORT = 8086
+INJECTOR_PORT = 8443
+"""The proxy injector webhook, served by the control plane (mesh.injectorserver)."""
 DNS_PORT = 53
 START_TIMEOUT = 30.0
 
@@ -428,6 +431,7 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
         if spec.wan is not None:
             install_multicluster_crds(api)
         _ensure_namespace(k8s.CoreV1Api(api), "meshgate")
+        controlservice.publish_headless(api, spec.node_address)
     if not _daemon_alive(d, "control"):
         listen = [f"{node}:{CONTROL_PORT}"]
         if spec.wan_address is not None:
@@ -437,7 +441,9 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
             "--identity-dir", str(spec.identity_dir), "--trust-domain", spec.trust_domain,
             *(arg for a in listen for arg in ("--listen", a)),
             "--cluster-domain", spec.cluster_domain, "--cluster-name", spec.name,
-            "--workload-heartbeat", spec.workload_heartbeat))),
+            "--workload-heartbeat", spec.workload_heartbeat,
+            "--injector-listen", f"{node}:{INJECTOR_PORT}", "--service-cidr",
+            spec.service_cidr))),
             ready="serving at")
     if not _daemon_alive(d, "dns"):
         _start_daemon(d, "dns", _in_netns(spec.node_netns, [

@@ -12,10 +12,12 @@ does with ``--enable-aggregator-routing``: the Service port named by
 EndpointSlices (label ``kubernetes.io/service-name``) give the ready endpoint
 addresses for that port, and the first ready address, in the slices' name
 order, is dialled directly. The address must therefore be reachable from the
-host: a Pod of the embedded kubelet (its network namespace is routed from the
-host), a host-network Pod, or an address given in a hand-made EndpointSlice
-such as ``127.0.0.1``. A Service with no ready endpoint answers ``no endpoints
-available for service "<name>"``, which the failure policy then handles.
+host, or, once `reach_pods` names the kubelet's pod CIDR and node namespace, an
+address of the cluster network (a Pod, the node), dialled from a socket made in
+the node's namespace, as kube-apiserver reaches pod IPs by its node's routes; or
+an address given in a hand-made EndpointSlice such as ``127.0.0.1``. A Service
+with no ready endpoint answers ``no endpoints available for service "<name>"``,
+which the failure policy then handles.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
 import json
+import socket
 import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -53,6 +57,8 @@ class Target:
     dial_url: str
     server_name: str | None = None
     host_header: str | None = None
+    address: str | None = None
+    """The endpoint address a service webhook resolved to."""
 
 
 def _go_json_error(body: bytes, e: ValueError) -> str:
@@ -66,6 +72,39 @@ class WebhookClient:
     def __init__(self, lookup: Lookup, items: Items) -> None:
         self.lookup = lookup
         self.items = items
+        self.cluster_network: tuple[ipaddress.IPv4Network, str] | None = None
+        """(pod CIDR, node network namespace): endpoints in the CIDR are dialled from the
+        node's namespace, as kube-apiserver reaches pod IPs through its node's routes."""
+
+    def reach_pods(self, pod_cidr: ipaddress.IPv4Network, node_netns: str) -> None:
+        """Dial endpoints in `pod_cidr` (the kubelet's pods, the node's own address) from
+        `node_netns` instead of the host, where they are not routed."""
+        self.cluster_network = (pod_cidr, node_netns)
+
+    def _connector(self, target: Target) -> aiohttp.TCPConnector:
+        netns = self._netns_for(target)
+        if netns is None:
+            return aiohttp.TCPConnector()
+
+        def in_node(addr_info: Any) -> socket.socket:
+            from localcluster.namespaces import socket_in_namespace
+
+            family, type_, proto, _, _ = addr_info
+            sock = socket_in_namespace(netns, family, type_, proto)
+            sock.setblocking(False)
+            return sock
+
+        return aiohttp.TCPConnector(socket_factory=in_node)
+
+    def _netns_for(self, target: Target) -> str | None:
+        if self.cluster_network is None or target.address is None:
+            return None
+        cidr, netns = self.cluster_network
+        try:
+            inside = ipaddress.ip_address(target.address) in cidr
+        except ValueError:
+            return None
+        return netns if inside else None
 
     def target(self, client_config: Mapping[str, Any], timeout: int) -> Target:
         query = f"?timeout={timeout}s"
@@ -81,7 +120,7 @@ class WebhookClient:
         address, target_port = self._resolve(url, namespace, name, port)
         dial_host = f"[{address}]" if ":" in address else address
         return Target(url, f"https://{dial_host}:{target_port}{path}{query}", server_name=host,
-                      host_header=f"{host}:{port}")
+                      host_header=f"{host}:{port}", address=address)
 
     def _resolve(self, url: str, namespace: str, name: str, port: int) -> tuple[str, int]:
         svc = self.lookup(SERVICES, namespace, name)
@@ -132,7 +171,7 @@ class WebhookClient:
         try:
             async with (
                 asyncio.timeout(timeout),
-                aiohttp.ClientSession() as session,
+                aiohttp.ClientSession(connector=self._connector(target)) as session,
                 session.post(target.dial_url, data=json.dumps(review).encode(), headers=headers,
                              ssl=ctx, server_hostname=target.server_name) as resp,
             ):

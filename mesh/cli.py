@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -20,7 +21,9 @@ from localcluster.commands import add_cluster_commands
 from mesh.check.commands import add_check_command
 from mesh.errors import ConfigError, MeshError
 from mesh.identity.commands import add_identity_commands
+from mesh.injectcmd import add_inject_commands
 from mesh.install import add_install_commands
+from mesh.proxyinit import add_proxy_init_command
 from mirror.commands import add_failover_commands, add_multicluster_commands
 from vm_agent.commands import add_vm_commands
 
@@ -124,17 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_failover_commands(commands)
     add_install_commands(commands)
     add_check_command(commands)
+    add_inject_commands(commands)
 
     proxy = commands.add_parser("proxy", help="the data-plane proxy")
     proxy_cmds = proxy.add_subparsers(dest="proxy_command", required=True)
     run = proxy_cmds.add_parser("run", help="run a proxy in the foreground")
-    run.add_argument("--config", required=True, type=Path, help="YAML or JSON proxy config")
+    run.add_argument("--config", type=Path, help="YAML or JSON proxy config (default: the "
+                     "MESHGATE_PROXY_* environment `meshgate inject` sets)")
     run.add_argument("--workers", type=_positive(int), default=1,
                      help="processes sharing the listeners (SO_REUSEPORT)")
     run.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
                      help="event loop: uvloop (measured about half the CPU per request) "
                      "or the standard library's")
     run.set_defaults(func=_proxy_run)
+    add_proxy_init_command(proxy_cmds)
 
     control = commands.add_parser("control", help="the per-cluster control plane")
     control_cmds = control.add_subparsers(dest="control_command", required=True)
@@ -160,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     crun.add_argument("--workload-missed-heartbeats", type=_positive(int), default=3,
                       help="heartbeats an ExternalWorkload may miss before its endpoints "
                       "are not ready (default 3)")
+    crun.add_argument("--injector-listen", type=_listen,
+                      help="HOST:PORT where to serve the proxy injector webhook (HTTPS, "
+                      "/inject), e.g. 0.0.0.0:8443")
+    crun.add_argument("--service-cidr", action="append", default=[], metavar="CIDR[,CIDR]",
+                      help="the service CIDRs the injector makes local in pods (default: "
+                      "the cluster's ServiceCIDRs or meshgate-config)")
     crun.set_defaults(func=_control_run)
 
     gateway = commands.add_parser("gateway", help="the multicluster gateway")
@@ -197,7 +209,13 @@ def _proxy_run(args: argparse.Namespace) -> int:
     from mesh.config import ProxyConfig, load_model
     from mesh.proxy.main import run
 
-    config = load_model(args.config, ProxyConfig, what="proxy config")
+    if args.config is None:
+        from mesh.proxy.envconfig import proxy_config, write_trust_bundle
+
+        config, anchors = proxy_config(os.environ)
+        write_trust_bundle(config, anchors)
+    else:
+        config = load_model(args.config, ProxyConfig, what="proxy config")
     run(config, workers=int(args.workers), loop=args.loop)
     return 0
 
@@ -219,7 +237,10 @@ def control_settings(args: argparse.Namespace) -> ControlSettings:
                            cluster_domain=args.cluster_domain, cluster_name=args.cluster_name,
                            control_ns=args.control_namespace, heartbeat=args.heartbeat,
                            workload_heartbeat=args.workload_heartbeat,
-                           workload_missed_heartbeats=int(args.workload_missed_heartbeats))
+                           workload_missed_heartbeats=int(args.workload_missed_heartbeats),
+                           injector_listen=args.injector_listen,
+                           service_cidrs=tuple(c.strip() for v in args.service_cidr
+                                               for c in v.split(",") if c.strip()))
 
 
 def _gateway_run(args: argparse.Namespace) -> int:

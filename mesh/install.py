@@ -159,6 +159,11 @@ def render(identity: IssuerDir, *, ha: bool = False,
             if container["image"].partition(":")[0] == IMAGE:
                 container["image"] = reference()
     _set_trust_domain(docs, trust_domain)
+    for doc in docs:  # the injector's certificate chains to the trust bundle
+        if doc["kind"] == "MutatingWebhookConfiguration":
+            for hook in doc["webhooks"]:
+                hook["clientConfig"]["caBundle"] = base64.b64encode(
+                    roots["data"]["ca-bundle.crt"].encode()).decode("ascii")
     namespace = next(i for i, doc in enumerate(docs) if doc["kind"] == "Namespace")
     docs[namespace + 1:namespace + 1] = [secret, roots]
     for doc in docs:

@@ -96,6 +96,40 @@ def local_routes(*, netns: str | None = None, proto: int | None = None) -> list[
     return found
 
 
+BYPASS_PRIORITY = 100
+"""Rules sending a skipped port's traffic to the `main` table, ahead of `local`."""
+LOCAL_RULE_PRIORITY = 200
+"""Where `ensure_port_bypass` moves the `lookup local` rule (the kernel's is at 0, which
+no rule can precede)."""
+MAIN_TABLE = 254
+
+
+def ensure_port_bypass(cidr: Network | str, ports: list[tuple[int, int]], *,
+                       netns: str | None = None) -> None:
+    """Let TCP connections to `cidr` on `ports` (inclusive ranges) leave by the `main`
+    table instead of the AnyIP route: one rule per range at `BYPASS_PRIORITY`, the
+    `local` lookup moved behind them (added at `LOCAL_RULE_PRIORITY` before the one at
+    0 goes, so no moment lacks it). Listeners may still bind the addresses: binding
+    consults the local table itself, not the rules. Idempotent."""
+    net = _network(cidr)
+    family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+    with _iproute(netns, f"route ports of {net} past the proxy {_where(netns)}") as ipr:
+        rules = [(r.get("priority") or 0, r["table"], r.get("dst"), r["dst_len"],
+                  r.get("ip_proto"), r.get("dport_range"))
+                 for r in ipr.rule("dump", family=family)]
+        whole = (None, 0, None, None)
+        if (LOCAL_RULE_PRIORITY, LOCAL_TABLE, *whole) not in rules:
+            ipr.rule("add", family=family, priority=LOCAL_RULE_PRIORITY, table=LOCAL_TABLE)
+        if (0, LOCAL_TABLE, *whole) in rules:
+            ipr.rule("delete", family=family, priority=0, table=LOCAL_TABLE)
+        for low, high in ports:
+            spec = {"priority": BYPASS_PRIORITY, "table": MAIN_TABLE,
+                    "dst": str(net.network_address), "dst_len": net.prefixlen,
+                    "ip_proto": socket.IPPROTO_TCP, "dport_range": f"{low}:{high}"}
+            if tuple(spec.values()) not in rules:
+                ipr.rule("add", family=family, **spec)
+
+
 def _network(cidr: Network | str) -> Network:
     try:
         return ipaddress.ip_network(cidr)

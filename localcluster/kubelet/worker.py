@@ -1,6 +1,7 @@
-"""One Pod on the node, from sandbox to removal: its network namespace, its init
-containers in order (native sidecars started and left running), its main
-containers supervised under the Pod's restartPolicy with kube's back-off, its
+"""One Pod on the node, from sandbox to removal: its network namespace (with the
+Pod's net.* sysctls), its init containers in order (native sidecars started and left
+running), each container with its capabilities (localcluster.kubelet.security), its
+main containers supervised under the Pod's restartPolicy with kube's back-off, its
 status and Events, and its graceful termination."""
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localcluster import netns
+from localcluster import namespaces, netns
 from localcluster.errors import ApiError
 from localcluster.events import EventRecorder
-from localcluster.kubelet import containers, garp, images
+from localcluster.kubelet import containers, garp, images, security
 from localcluster.kubelet.backoff import Backoff
 from localcluster.kubelet.prober import Prober
 from localcluster.kubelet.status import ContainerView, Role, conditions, phase
@@ -240,6 +241,7 @@ class PodWorker:
             delay = min(delay * 2, VOLUME_RETRY_MAX)
         self.ip = str(sandbox.ip)
         await asyncio.to_thread(garp.announce, sandbox.netns, netns.POD_IFNAME, sandbox.ip)
+        await self._sysctls(sandbox.netns)
         self._changed.set()
         await self._mount_volumes()
         refresh = asyncio.create_task(self._refresh_tokens())
@@ -247,6 +249,19 @@ class PodWorker:
             await self._containers(spec)
         finally:
             refresh.cancel()
+
+    async def _sysctls(self, pod_netns: str) -> None:
+        """The Pod's net.* sysctls, in its network namespace; one that cannot be set is
+        reported (kube refuses such a Pod: SysctlForbidden) and the Pod goes on."""
+        sysctls = security.net_sysctls(self.pod)
+        if not sysctls:
+            return
+        try:
+            await asyncio.to_thread(namespaces.run_in_namespace, pod_netns,
+                                    lambda: security.write_sysctls(sysctls))
+        except OSError as e:
+            await self.node.events.warning(self._ref(), "SysctlForbidden",
+                                           f"cannot set sysctls {sysctls}: {e.strerror or e}")
 
     async def _mount_volumes(self) -> None:
         """Set the volumes up, retrying (with FailedMount Events) until what they name
@@ -351,8 +366,9 @@ class PodWorker:
         if cwd is not None and not os.path.isdir(cwd):
             return await self._not_started(view, "CreateContainerError",
                                             f"workingDir {cwd} does not exist on this machine")
+        confined = security.confine(c, run.argv, setpriv=_tool("setpriv"))
         argv = netns.pod_command(self.node.network, self.key, Volumes.wrap(
-            mounts, run.argv, sh=_tool("sh"), mount=_tool("mount")))
+            mounts, confined, sh=_tool("sh"), mount=_tool("mount")))
         now = self.node.clock()
         inst = await containers.start(argv, env=env, cwd=cwd,
                                       log_path=self.log_path(name, view.restart_count),

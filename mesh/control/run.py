@@ -42,6 +42,8 @@ from mesh.identity.commands import _trust_domain
 from mesh.identity.names import DEFAULT_CONTROL_NS
 from mesh.identity.service import MAX_BODY, IdentityService
 from mesh.identity.trustroots import keep_published
+from mesh.injectorserver import PATH as INJECT_PATH
+from mesh.injectorserver import Injector, InjectorConfig
 from mesh.kube import api_client
 from mesh.memory import return_freed_memory
 
@@ -63,6 +65,10 @@ class ControlSettings:
     """Seconds between an ExternalWorkload's heartbeats."""
     workload_missed_heartbeats: int = DEFAULT_MISSED
     """Heartbeats missed after which an ExternalWorkload's endpoints are not ready."""
+    injector_listen: tuple[str, int] | None = None
+    """Where to serve the proxy injector webhook (mesh.injectorserver); None: not."""
+    service_cidrs: tuple[str, ...] = ()
+    """The service CIDRs the injector makes local in pods; empty: the cluster's."""
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -102,6 +108,15 @@ class ControlPlane:
         self._maintain: asyncio.Task[None] | None = None
         self._trimmer: asyncio.Task[None] | None = None
         self._publisher: asyncio.Task[None] | None = None
+        self.injector: Injector | None = None
+        if settings.injector_listen is not None:
+            self.injector = Injector(
+                InjectorConfig(trust_domain=settings.trust_domain,
+                               cluster_domain=settings.cluster_domain,
+                               control_ns=settings.control_ns,
+                               service_cidrs=settings.service_cidrs),
+                self.kube, lambda: (self.identity.issuer().key, self.identity.issuer().bundle))
+        self._injector_renewal: asyncio.Task[None] | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY * 2)
@@ -148,6 +163,9 @@ class ControlPlane:
                     s.close()
                 raise ConfigError(f"cannot listen on {_hostport(address)}: "
                                   f"{e.strerror or e}") from e
+        if self.injector is not None and self.settings.injector_listen is not None:
+            await self.injector.start(*self.settings.injector_listen)
+            self._injector_renewal = asyncio.create_task(self.injector.maintain())
         loop = asyncio.get_running_loop()
         self.destinations.watch_cluster(self.kube, loop)
         self.policies.watch_cluster(self.kube, loop)
@@ -159,9 +177,11 @@ class ControlPlane:
             self.kube, self.settings.control_ns, lambda: self.identity.issuer().bundle))
 
     async def stop(self) -> None:
-        for task in (self._maintain, self._trimmer, self._publisher):
+        for task in (self._maintain, self._trimmer, self._publisher, self._injector_renewal):
             if task is not None:
                 task.cancel()
+        if self.injector is not None:
+            await self.injector.stop()
         self.destinations.stop()
         self.policies.stop()
         await self.workloads.stop()
@@ -226,6 +246,10 @@ def run(settings: ControlSettings) -> None:
             cluster = f" of cluster {settings.cluster_name}" if settings.cluster_name else ""
             print(f"control plane{cluster} for {settings.trust_domain} serving at "
                   f"{' '.join(plane.urls)} as {plane.identity.identity}", flush=True)
+            if plane.injector is not None and plane.injector.address is not None:
+                host, port = plane.injector.address
+                print(f"injector serving at https://{_hostport((host, port))}{INJECT_PATH}",
+                      flush=True)
             await stop.wait()
         finally:
             await plane.stop()

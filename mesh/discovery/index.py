@@ -18,7 +18,9 @@ the Service's ``config.meshgate.io/opaque-ports`` annotation lists the port
 (by number, range or name). Its endpoints are the ready endpoints of the
 Service's slices, on the slice port of the same name. A meshed Pod (annotation
 ``meshgate.io/inbound-port``) is reached on that port with the identity of its
-ServiceAccount; an unmeshed one directly on the target port, without identity.
+ServiceAccount, but for the ports its ``config.meshgate.io/skip-inbound-ports``
+lists; an unmeshed one (or a skipped port) directly on the target port, without
+identity.
 An endpoint whose Pod the index has not seen (yet, or any more) is left out
 until the Pod shows up: reaching a meshed Pod in plain text would fail. An
 endpoint whose targetRef is an ExternalWorkload (a VM) is reached on the VM
@@ -48,6 +50,7 @@ from mesh.discovery.failover import CLUSTER_LABEL, REMOTE_NAME_ANNOTATION, Mirro
 from mesh.errors import IdentityError
 from mesh.identity.names import DEFAULT_CONTROL_NS, Identity
 from mesh.informer import DELETED
+from mesh.portlist import port_ranges, ports
 from mesh.proxy.discovery import EndpointSpec, ServiceSpec, canonical_address
 from mesh.structs import FieldError
 
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 INBOUND_PORT_ANNOTATION = "meshgate.io/inbound-port"
 OPAQUE_PORTS_ANNOTATION = "config.meshgate.io/opaque-ports"
+SKIP_INBOUND_ANNOTATION = "config.meshgate.io/skip-inbound-ports"
 # What the mirror controller (mirror/) puts on the EndpointSlices of a mirror Service,
 # whose endpoints are a linked cluster's gateway.
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
@@ -95,6 +99,9 @@ class _PodView:
 
     inbound_port: int | None
     service_account: str
+    skip_inbound: frozenset[int] = frozenset()
+    """Ports reached directly, not through the pod's proxy (annotation
+    ``config.meshgate.io/skip-inbound-ports``)."""
 
 
 @dataclass(frozen=True)
@@ -226,7 +233,7 @@ class DestinationIndex:
         if self._pods.get(key) == view:
             return []
         if problem:
-            log.warning("pod treated as not meshed pod=%s/%s cause=%s", key[0], key[1], problem)
+            log.warning("pod annotation unusable pod=%s/%s cause=%s", key[0], key[1], problem)
         if view is None:
             self._pods.pop(key, None)
         else:
@@ -441,7 +448,7 @@ class DestinationIndex:
             pod = self._pods.get(pod_key)
             if pod is None:
                 return None  # not seen yet, or gone: its slice will follow
-            if pod.inbound_port is not None:
+            if pod.inbound_port is not None and target not in pod.skip_inbound:
                 try:
                     identity = Identity(pod_key[0], pod.service_account, self.trust_domain,
                                         self.control_ns).dns_name
@@ -516,10 +523,17 @@ def _pod_view(pod: Obj) -> tuple[_PodView, str | None]:
     raw = annotations.get(INBOUND_PORT_ANNOTATION)
     if raw is None:
         return _PodView(None, sa), None
+    skip: frozenset[int] = frozenset()
+    problem = None
+    try:
+        skip = frozenset(ports(port_ranges(str(annotations.get(SKIP_INBOUND_ANNOTATION, "")))))
+    except ValueError as e:  # every port through the proxy, as without the annotation
+        problem = f"annotation {SKIP_INBOUND_ANNOTATION}: {e}"
     text = str(raw).strip()
     if text.isascii() and text.isdigit() and 1 <= int(text) <= 65535:
-        return _PodView(int(text), sa), None
-    return _PodView(None, sa), f"annotation {INBOUND_PORT_ANNOTATION}={raw!r} is not a port number"
+        return _PodView(int(text), sa, skip), problem
+    return _PodView(None, sa), (f"annotation {INBOUND_PORT_ANNOTATION}={raw!r} is not a port "
+                                "number: the pod is treated as not meshed")
 
 
 def _key(obj: Obj) -> ObjKey:

@@ -15,6 +15,7 @@ from mesh.discovery.client import WatchDiscovery
 from mesh.discovery.index import (
     INBOUND_PORT_ANNOTATION,
     OPAQUE_PORTS_ANNOTATION,
+    SKIP_INBOUND_ANNOTATION,
     Change,
     DestinationIndex,
     ServiceRemoved,
@@ -124,6 +125,21 @@ def test_meshed_pods_are_reached_through_their_proxy_others_directly(
         ("10.244.0.3:8080", 8080, None),  # an unreadable annotation: not meshed
         ("203.0.113.9:8080", 8080, None),  # no Pod behind it (a mirror's gateway)
     ]
+
+
+def test_ports_a_meshed_pod_skips_are_reached_directly(index: DestinationIndex) -> None:
+    index.service_event(ADDED, service())
+    skipping = pod("web-1")
+    skipping["metadata"]["annotations"][SKIP_INBOUND_ANNOTATION] = "9000-9099, 7"
+    index.pod_event(ADDED, skipping)
+    index.slice_event(ADDED, endpoint_slice("web-a", endpoint("10.244.0.1", "web-1"),
+                                            ports={"http": 8080, "admin": 9091}))
+    assert eps(index.by_address(VIP, 80)) == [("10.244.0.1:4143", 8080, ident("web"))]
+    assert eps(index.by_address(VIP, 9090)) == [("10.244.0.1:9091", 9091, None)]
+    garbled = pod("web-1")
+    garbled["metadata"]["annotations"][SKIP_INBOUND_ANNOTATION] = "admin"
+    index.pod_event(MODIFIED, garbled)  # unreadable: every port through the proxy
+    assert eps(index.by_address(VIP, 9090)) == [("10.244.0.1:4143", 9091, ident("web"))]
 
 
 def test_not_ready_endpoints_are_left_out(index: DestinationIndex) -> None:

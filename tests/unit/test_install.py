@@ -6,6 +6,7 @@ input, and the identity directory's anchor key kept out."""
 from __future__ import annotations
 
 import base64
+import copy
 import shutil
 import subprocess
 import sys
@@ -103,8 +104,32 @@ def test_install_renders_what_kubectl_kustomize_builds(
                      ("v1", "ConfigMap", "meshgate", "meshgate-identity-trust-roots")}
     assert {key(d) for d in installed} - {key(d) for d in kustomize(DEPLOY_DIR)} == \
         from_identity
-    assert [d for d in installed if key(d) not in from_identity] == kustomize(DEPLOY_DIR)
+    assert [without_ca_bundle(d) for d in installed if key(d) not in from_identity] == \
+        kustomize(DEPLOY_DIR)
     assert render("--crds") == kustomize(CRDS)
+
+
+def without_ca_bundle(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` less the injector's caBundle, which install renders from the identity."""
+    if doc["kind"] != "MutatingWebhookConfiguration":
+        return doc
+    doc = copy.deepcopy(doc)
+    for hook in doc["webhooks"]:
+        hook["clientConfig"].pop("caBundle", None)
+    return doc
+
+
+def test_the_injector_trusts_the_mesh_trust_bundle(installed: list[dict[str, Any]]) -> None:
+    hook = next(d for d in installed if d["kind"] == "MutatingWebhookConfiguration")
+    roots = next(d for d in installed if d["metadata"]["name"] ==
+                 "meshgate-identity-trust-roots")
+    assert hook["metadata"]["name"] == "meshgate-proxy-injector"
+    (webhook,) = hook["webhooks"]
+    assert base64.b64decode(webhook["clientConfig"]["caBundle"]).decode() == \
+        roots["data"]["ca-bundle.crt"]
+    assert webhook["clientConfig"]["service"] == {
+        "name": "meshgate-injector", "namespace": "meshgate", "path": "/inject", "port": 443}
+    assert webhook["failurePolicy"] == "Ignore" and webhook["sideEffects"] == "None"
 
 
 def test_ha_renders_what_an_overlay_of_the_ha_component_builds(
@@ -117,7 +142,8 @@ def test_ha_renders_what_an_overlay_of_the_ha_component_builds(
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
         "resources": ["../deploy"], "components": ["../deploy/ha"]}))
     built = {key(d): d for d in kustomize(overlay)}
-    rendered = {key(d): d for d in installed_ha if d["kind"] not in ("Secret",)
+    rendered = {key(d): without_ca_bundle(d) for d in installed_ha
+                if d["kind"] not in ("Secret",)
                 and d["metadata"]["name"] != "meshgate-identity-trust-roots"}
     assert rendered == built
     replicas = {d["metadata"]["name"]: d["spec"]["replicas"] for d in installed_ha
