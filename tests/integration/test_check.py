@@ -97,7 +97,7 @@ def test_pre_names_each_permission_a_user_lacks(cluster: Cluster) -> None:
         # RBAC refuses a role granting what its creator does not hold (no escalate verb)
         assert "\u00d7 can grant the rights of meshgate's roles" in lines
         assert ("    ClusterRole meshgate-injector grants what you do not hold: namespaces "
-                "(get)") in lines
+                "(get); servicecidrs.networking.k8s.io (list)") in lines, proc.stdout
         assert ("    Role meshgate-control in namespace meshgate grants what you do not hold: "
                 "configmaps meshgate-identity-trust-roots (get, update)") in lines
         assert lines[-1] == "Status check results are \u00d7"
