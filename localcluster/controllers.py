@@ -111,7 +111,7 @@ class Controllers:
             await self.registry.update(ENDPOINTS, "default", "kubernetes", want)
         # kube-apiserver writes the same endpoint as a slice too (no managed-by label:
         # the endpoints controller leaves it alone), which service proxies read.
-        want_slice = {
+        want_slice: dict[str, Any] = {
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": "kubernetes", "namespace": "default",
                          "labels": {SERVICE_NAME_LABEL: "kubernetes"}},
