@@ -1,0 +1,134 @@
+"""`cluster up --control-plane=manifests`: meshgate installed into the embedded
+cluster with the objects `meshgate install` renders, as on a real cluster, and run
+by the node's kubelet instead of as daemons of `cluster up`.
+
+In Linkerd's order: the CustomResourceDefinitions (``meshgate install --crds``)
+first, until each is Established; then the rest (``meshgate install
+--identity-dir DIR``, DIR the cluster's own identity directory); then every
+Deployment until it is Available. Objects are written with server-side apply
+(field manager ``meshgate-install``), so `up` again converges them and changes
+nothing that is already so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from mesh import install, manifests
+from mesh.errors import MeshError
+from mesh.identity.ca import IssuerDir
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "meshgate-install"
+ESTABLISH_TIMEOUT = 30.0
+AVAILABLE_TIMEOUT = 180.0
+POLL = 0.2
+
+
+class InstallError(MeshError):
+    """meshgate's manifests could not be applied, or did not come up in time."""
+
+
+def install_manifests(kubeconfig: Path, identity_dir: Path, *,
+                      available_timeout: float = AVAILABLE_TIMEOUT,
+                      clock: Callable[[], float] = time.monotonic,
+                      sleep: Callable[[float], None] = time.sleep) -> list[str]:
+    """Apply the CRDs, then the rest, and wait for the Deployments; their names."""
+    from kubernetes.dynamic import DynamicClient
+
+    from mesh.kube import api_client
+
+    crds = manifests.build(manifests.CRDS)
+    docs = install.render(IssuerDir(identity_dir))
+    with api_client(kubeconfig) as api:
+        _apply(DynamicClient(api), crds)
+        _wait(lambda: _unestablished(DynamicClient(api), crds), ESTABLISH_TIMEOUT,
+              "CustomResourceDefinitions to be Established", clock, sleep)
+        # A fresh client: discovery must see the kinds the CRDs just added.
+        client = DynamicClient(api)
+        _apply(client, docs)
+        deployments = [d for d in docs if d["kind"] == "Deployment"]
+        _wait(lambda: _unavailable(client, deployments), available_timeout,
+              "meshgate's Deployments to be Available", clock, sleep)
+    names = [d["metadata"]["name"] for d in deployments]
+    log.info("meshgate installed from manifests deployments=%s", ",".join(names))
+    return names
+
+
+def _apply(client: Any, docs: Iterable[dict[str, Any]]) -> None:
+    from kubernetes.client.rest import ApiException
+
+    for doc in docs:
+        meta = doc["metadata"]
+        what = f"{doc['kind']} {meta.get('namespace', '')}/{meta['name']}".replace(" /", " ")
+        try:
+            resource = client.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
+            client.server_side_apply(resource, body=doc, name=meta["name"],
+                                     namespace=meta.get("namespace"),
+                                     field_manager=FIELD_MANAGER, force_conflicts=True)
+        except ApiException as e:
+            raise InstallError(f"applying {what} failed: {e.status} {e.reason}: "
+                               f"{_message(e)}") from e
+        except Exception as e:
+            if type(e).__name__ == "ResourceNotFoundError":
+                raise InstallError(f"applying {what}: the cluster does not serve "
+                                   f"{doc['apiVersion']} {doc['kind']}") from e
+            raise
+
+
+def _message(e: Any) -> str:
+    import json
+
+    try:
+        return str(json.loads(e.body).get("message", e.body))
+    except (TypeError, ValueError, AttributeError):
+        return str(e.body)
+
+
+def _unestablished(client: Any, crds: list[dict[str, Any]]) -> list[str]:
+    resource = client.resources.get(api_version="apiextensions.k8s.io/v1",
+                                    kind="CustomResourceDefinition")
+    waiting = []
+    for crd in crds:
+        obj = resource.get(name=crd["metadata"]["name"]).to_dict()
+        if not _condition(obj, "Established"):
+            waiting.append(crd["metadata"]["name"])
+    return waiting
+
+
+def _unavailable(client: Any, deployments: list[dict[str, Any]]) -> list[str]:
+    resource = client.resources.get(api_version="apps/v1", kind="Deployment")
+    waiting = []
+    for d in deployments:
+        meta = d["metadata"]
+        obj = resource.get(name=meta["name"], namespace=meta["namespace"]).to_dict()
+        want = (obj.get("spec") or {}).get("replicas", 1)
+        status = obj.get("status") or {}
+        if not (_condition(obj, "Available") and status.get("availableReplicas", 0) >= want
+                and status.get("updatedReplicas", 0) >= want):
+            waiting.append(meta["name"])
+    return waiting
+
+
+def _condition(obj: dict[str, Any], kind: str) -> bool:
+    return any(c.get("type") == kind and c.get("status") == "True"
+               for c in (obj.get("status") or {}).get("conditions") or [])
+
+
+def _wait(pending: Callable[[], list[str]], timeout: float, what: str,
+          clock: Callable[[], float], sleep: Callable[[float], None]) -> None:
+    deadline = clock() + timeout
+    while True:
+        left = pending()
+        if not left:
+            return
+        if clock() >= deadline:
+            raise InstallError(f"timed out after {timeout:.0f}s waiting for {what}: "
+                               f"{', '.join(left)} not yet; see `kubectl -n meshgate get "
+                               "pods,events`")
+        sleep(POLL)
