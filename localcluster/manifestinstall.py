@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mesh import install, manifests
 from mesh.errors import MeshError
 from mesh.identity.ca import IssuerDir
+from mesh.identity.names import DEFAULT_CONTROL_NS
 
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "meshgate-install"
+NODE_FIELD_MANAGER = "meshgate-cluster-up"
+"""Who writes what the embedded cluster adds to the manifests (the control plane
+Service's externalIPs)."""
+CONTROL_SERVICE = "meshgate-control"
 ESTABLISH_TIMEOUT = 30.0
 AVAILABLE_TIMEOUT = 180.0
 POLL = 0.2
@@ -35,10 +40,16 @@ class InstallError(MeshError):
 
 
 def install_manifests(kubeconfig: Path, identity_dir: Path, *,
+                      control_addresses: Sequence[str] = (),
                       available_timeout: float = AVAILABLE_TIMEOUT,
                       clock: Callable[[], float] = time.monotonic,
                       sleep: Callable[[float], None] = time.sleep) -> list[str]:
-    """Apply the CRDs, then the rest, and wait for the Deployments; their names."""
+    """Apply the CRDs, then the rest, and wait for the Deployments; their names.
+
+    `control_addresses` become the control plane Service's ``externalIPs``: the
+    node's addresses, where `cluster run-pod`'s proxies (which take the whole service
+    CIDR, so cannot use a ClusterIP) and VMs on the WAN reach the control plane, as
+    they reach the daemon of ``--control-plane=daemons``."""
     from kubernetes.dynamic import DynamicClient
 
     from mesh.kube import api_client
@@ -52,6 +63,11 @@ def install_manifests(kubeconfig: Path, identity_dir: Path, *,
         # A fresh client: discovery must see the kinds the CRDs just added.
         client = DynamicClient(api)
         _apply(client, docs)
+        if control_addresses:
+            _apply(client, [{"apiVersion": "v1", "kind": "Service", "metadata": {
+                "name": CONTROL_SERVICE, "namespace": DEFAULT_CONTROL_NS},
+                "spec": {"externalIPs": list(control_addresses)}}],
+                   manager=NODE_FIELD_MANAGER)
         deployments = [d for d in docs if d["kind"] == "Deployment"]
         _wait(lambda: _unavailable(client, deployments), available_timeout,
               "meshgate's Deployments to be Available", clock, sleep)
@@ -60,7 +76,8 @@ def install_manifests(kubeconfig: Path, identity_dir: Path, *,
     return names
 
 
-def _apply(client: Any, docs: Iterable[dict[str, Any]]) -> None:
+def _apply(client: Any, docs: Iterable[dict[str, Any]], *,
+           manager: str = FIELD_MANAGER) -> None:
     from kubernetes.client.rest import ApiException
 
     for doc in docs:
@@ -70,7 +87,7 @@ def _apply(client: Any, docs: Iterable[dict[str, Any]]) -> None:
             resource = client.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
             client.server_side_apply(resource, body=doc, name=meta["name"],
                                      namespace=meta.get("namespace"),
-                                     field_manager=FIELD_MANAGER, force_conflicts=True)
+                                     field_manager=manager, force_conflicts=True)
         except ApiException as e:
             raise InstallError(f"applying {what} failed: {e.status} {e.reason}: "
                                f"{_message(e)}") from e

@@ -14,7 +14,8 @@ other table of the node, ``ip meshgate``):
   (``fib daddr type local``; the bridge address, and the WAN address with
   --multicluster);
 - a LoadBalancer ingress IP:port (the embedded cluster writes the ingress itself:
-  the node's WAN address with --multicluster, else its bridge address) likewise;
+  the node's WAN address with --multicluster, else its bridge address) likewise,
+  and so does each of the Service's ``externalIPs``;
 - pods on the bridge reach each other by ClusterIP only if the answer comes back
   through the node, so a pod's connection to a Service is masqueraded to the
   node's bridge address on its way out to the endpoint (kube-proxy's
@@ -59,6 +60,8 @@ class ServicePort:
     port: int
     node_port: int | None
     ingress_ips: tuple[str, ...]
+    """A LoadBalancer's ingress and the Service's ``externalIPs``: DNATed as the
+    ClusterIP is."""
     backends: tuple[Backend, ...]
 
     @property
@@ -111,9 +114,10 @@ def service_ports(services: Iterable[Mapping[str, Any]],
         if kind == "ExternalName" or cluster_ip is None:
             continue
         ns, name = meta.get("namespace", ""), meta.get("name", "")
-        ingress = tuple(ip for ip in (
-            _ipv4(i.get("ip")) for i in ((svc.get("status") or {}).get("loadBalancer") or {})
-            .get("ingress") or []) if ip is not None) if kind == "LoadBalancer" else ()
+        lb = ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+        ingress = tuple(dict.fromkeys(ip for ip in (
+            *(_ipv4(i.get("ip")) for i in (lb if kind == "LoadBalancer" else [])),
+            *(_ipv4(a) for a in spec.get("externalIPs") or [])) if ip is not None))
         for sp in spec.get("ports") or []:
             protocol = str(sp.get("protocol", "TCP"))
             if protocol not in PROTOCOLS:

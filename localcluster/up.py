@@ -435,7 +435,8 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
         _start_dns(spec, node_kubeconfig)
         from localcluster.manifestinstall import install_manifests
 
-        install_manifests(spec.kubeconfig, spec.identity_dir)
+        install_manifests(spec.kubeconfig, spec.identity_dir, control_addresses=[
+            a for a in (spec.node_address, spec.wan_address) if a is not None])
         return
     from kubernetes import client as k8s
 

@@ -3,7 +3,7 @@
 run by its kubelet as Deployments, as on a real cluster: each comes up Available,
 the control plane answers a pod's identity request at its Service, and the
 gateway's LoadBalancer Service gets the node's WAN address, where the gateway
-answers from the WAN.
+answers from the WAN, as does the control plane.
 """
 
 from __future__ import annotations
@@ -27,11 +27,14 @@ CONTROL_ID = "default.meshgate.serviceaccount.identity.meshgate.cluster.local"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 PROBE = """
-import socket, sys, urllib.request
+import socket, ssl, sys, urllib.request
 host = sys.argv[1]
 print(urllib.request.urlopen(f"http://{host}:4191/ready", timeout=5).read().decode().strip())
 socket.create_connection((host, 4143), timeout=5).close()
 print("4143 open")
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+ctx.check_hostname = False  # the control plane is named by its identity, not its address
+print(urllib.request.urlopen(f"https://{host}:8086/ready", timeout=5, context=ctx).status)
 """
 
 
@@ -103,15 +106,22 @@ def test_the_control_plane_answers_a_pods_identity_request(mc: Clusters) -> None
     assert f"certificate issued identity={CONTROL_ID} proof=service-account-token" in control
 
 
-def test_the_gateway_answers_at_the_wan_address(mc: Clusters) -> None:
+def test_the_gateway_and_the_control_plane_answer_at_the_wan_address(mc: Clusters
+                                                                       ) -> None:
     wan = mc.wan_address(NAME)
     ingress = mc.kubectl(NAME, "-n", "meshgate", "get", "service", "meshgate-gateway", "-o",
                          "jsonpath={.status.loadBalancer.ingress[0].ip}")
     assert ingress == wan
     mc.meshgate("cluster", "vm", "create", "--name", VM, "--wan", mc.wan)
+    # The control plane Service's externalIPs are the node's addresses, as VMs and
+    # `run-pod`'s proxies reach the daemon of --control-plane=daemons.
+    external = mc.kubectl(NAME, "-n", "meshgate", "get", "service", "meshgate-control", "-o",
+                          "jsonpath={.spec.externalIPs}")
+    assert wan in external and "10.240.0.1" in external
+    bundle = str(mc.state(NAME) / "identity" / "trust-bundle.pem")
     out = mc.meshgate("cluster", "vm", "exec", "--name", VM, "--", sys.executable, "-c",
-                      PROBE, wan).stdout
-    assert out.splitlines() == ["ready", "4143 open"]
+                      PROBE, wan, bundle).stdout
+    assert out.splitlines() == ["ready", "4143 open", "200"]
 
 
 def test_up_again_in_the_other_mode_is_refused(mc: Clusters) -> None:

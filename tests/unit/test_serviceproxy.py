@@ -147,3 +147,15 @@ def test_load_balancer_status_is_written_once_with_the_node_address() -> None:
     assert load_balancer_status(svc("gw", kind="LoadBalancer", ingress=["10.0.0.1"]),
                                 "172.30.0.2") is not None
     assert load_balancer_status(svc("web"), "172.30.0.2") is None
+
+
+def test_external_ips_are_dnated_as_the_cluster_ip() -> None:
+    control = svc("control", ports=[{"name": "grpc", "port": 8086, "protocol": "TCP"}])
+    control["spec"]["externalIPs"] = ["10.244.0.1", "172.30.0.2", "not-an-ip"]
+    text = rules_for([control], [eps("control", ("10.244.0.7", True), port=8086,
+                                     port_name="grpc")])
+    assert "ip daddr 10.244.0.1 tcp dport 8086 goto svc-" in text
+    assert "ip daddr 172.30.0.2 tcp dport 8086 goto svc-" in text
+    # Not a LoadBalancer: a stale ingress in its status is no address of it.
+    web = svc("web", ingress=("172.30.0.9",))
+    assert "172.30.0.9" not in rules_for([web], [eps("web", ("10.244.0.2", True))])
