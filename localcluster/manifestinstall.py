@@ -57,9 +57,11 @@ def install_manifests(kubeconfig: Path, identity_dir: Path, *,
     crds = manifests.build(manifests.CRDS)
     docs = install.render(IssuerDir(identity_dir))
     with api_client(kubeconfig) as api:
-        _apply(DynamicClient(api), crds)
-        _wait(lambda: _unestablished(DynamicClient(api), crds), ESTABLISH_TIMEOUT,
-              "CustomResourceDefinitions to be Established", clock, sleep)
+        first = DynamicClient(api)
+        _apply(first, crds)
+        wait_until_none(lambda: _unestablished(first, crds), ESTABLISH_TIMEOUT,
+                        "CustomResourceDefinitions to be Established", clock=clock,
+                        sleep=sleep)
         # A fresh client: discovery must see the kinds the CRDs just added.
         client = DynamicClient(api)
         _apply(client, docs)
@@ -69,8 +71,8 @@ def install_manifests(kubeconfig: Path, identity_dir: Path, *,
                 "spec": {"externalIPs": list(control_addresses)}}],
                    manager=NODE_FIELD_MANAGER)
         deployments = [d for d in docs if d["kind"] == "Deployment"]
-        _wait(lambda: _unavailable(client, deployments), available_timeout,
-              "meshgate's Deployments to be Available", clock, sleep)
+        wait_until_none(lambda: _unavailable(client, deployments), available_timeout,
+                        "meshgate's Deployments to be Available", clock=clock, sleep=sleep)
     names = [d["metadata"]["name"] for d in deployments]
     log.info("meshgate installed from manifests deployments=%s", ",".join(names))
     return names
@@ -110,26 +112,27 @@ def _message(e: Any) -> str:
 def _unestablished(client: Any, crds: list[dict[str, Any]]) -> list[str]:
     resource = client.resources.get(api_version="apiextensions.k8s.io/v1",
                                     kind="CustomResourceDefinition")
-    waiting = []
-    for crd in crds:
-        obj = resource.get(name=crd["metadata"]["name"]).to_dict()
-        if not _condition(obj, "Established"):
-            waiting.append(crd["metadata"]["name"])
-    return waiting
+    return [crd["metadata"]["name"] for crd in crds if not established(
+        resource.get(name=crd["metadata"]["name"]).to_dict())]
 
 
 def _unavailable(client: Any, deployments: list[dict[str, Any]]) -> list[str]:
     resource = client.resources.get(api_version="apps/v1", kind="Deployment")
-    waiting = []
-    for d in deployments:
-        meta = d["metadata"]
-        obj = resource.get(name=meta["name"], namespace=meta["namespace"]).to_dict()
-        want = (obj.get("spec") or {}).get("replicas", 1)
-        status = obj.get("status") or {}
-        if not (_condition(obj, "Available") and status.get("availableReplicas", 0) >= want
-                and status.get("updatedReplicas", 0) >= want):
-            waiting.append(meta["name"])
-    return waiting
+    return [d["metadata"]["name"] for d in deployments if not available(resource.get(
+        name=d["metadata"]["name"], namespace=d["metadata"]["namespace"]).to_dict())]
+
+
+def established(crd: dict[str, Any]) -> bool:
+    return _condition(crd, "Established")
+
+
+def available(deployment: dict[str, Any]) -> bool:
+    """As `kubectl rollout status` sees it done: Available, and every wanted replica
+    updated and available."""
+    want = (deployment.get("spec") or {}).get("replicas", 1)
+    status = deployment.get("status") or {}
+    return (_condition(deployment, "Available") and status.get("availableReplicas", 0) >= want
+            and status.get("updatedReplicas", 0) >= want)
 
 
 def _condition(obj: dict[str, Any], kind: str) -> bool:
@@ -137,8 +140,10 @@ def _condition(obj: dict[str, Any], kind: str) -> bool:
                for c in (obj.get("status") or {}).get("conditions") or [])
 
 
-def _wait(pending: Callable[[], list[str]], timeout: float, what: str,
-          clock: Callable[[], float], sleep: Callable[[float], None]) -> None:
+def wait_until_none(pending: Callable[[], list[str]], timeout: float, what: str, *,
+                    clock: Callable[[], float], sleep: Callable[[float], None]) -> None:
+    """Until `pending()` names nothing; InstallError naming what is left after
+    `timeout` seconds."""
     deadline = clock() + timeout
     while True:
         left = pending()

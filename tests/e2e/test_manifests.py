@@ -124,6 +124,17 @@ def test_the_gateway_and_the_control_plane_answer_at_the_wan_address(mc: Cluster
     assert out.splitlines() == ["ready", "4143 open", "200"]
 
 
+def test_up_again_converges_and_changes_nothing(mc: Clusters) -> None:
+    def generations() -> str:
+        return mc.kubectl(NAME, "-n", "meshgate", "get", "deploy", "-o",
+                          "jsonpath={.items[*].metadata.generation}")
+    before = generations()
+    mc.up(NAME, "--control-plane=manifests")
+    assert generations() == before
+    assert len(mc.kubectl(NAME, "-n", "meshgate", "get", "pods", "-l",
+                          "app.kubernetes.io/part-of=meshgate", "--no-headers").splitlines()) == 3
+
+
 def test_up_again_in_the_other_mode_is_refused(mc: Clusters) -> None:
     proc = mc.meshgate("cluster", "up", "--name", NAME, "--state-dir", str(mc.state(NAME)),
                        "--control-plane=daemons", check=False)
