@@ -20,6 +20,8 @@ other table of the node, ``ip meshgate``):
   through the node, so a pod's connection to a Service is masqueraded to the
   node's bridge address on its way out to the endpoint (kube-proxy's
   mark-for-masquerade; it covers hairpin traffic, a pod reaching itself, too).
+  br_netfilter would also catch answers that cross the bridge directly, but it
+  is a kernel module not every machine loads, and it does not help hairpin.
   Traffic from outside the pod network keeps its source: the endpoint answers
   through its default route, the node.
 
