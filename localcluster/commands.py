@@ -172,6 +172,9 @@ def _up(args: argparse.Namespace) -> int:
           f"{spec.node_netns}, trust domain {spec.trust_domain}")
     print(f"kubeconfig: {spec.kubeconfig}")
     print(f"  kubectl --kubeconfig {spec.kubeconfig} get pods -A")
+    if spec.control_plane == "manifests":
+        print(f"control plane: meshgate's manifests, as Deployments: kubectl --kubeconfig "
+              f"{spec.kubeconfig} -n meshgate get deploy")
     if spec.wan_address is not None:
         print(f"WAN {spec.wan}: {spec.wan_address} (API server :6443, control plane :8086, "
               "gateway :4143, probe :4191)")

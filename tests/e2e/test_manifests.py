@@ -38,17 +38,23 @@ print(urllib.request.urlopen(f"https://{host}:8086/ready", timeout=5, context=ct
 """
 
 
+UP: list[str] = []
+"""What `cluster up` printed."""
+
+
 @pytest.fixture(scope="module")
 def mc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clusters]:
     with clusters(tmp_path_factory.mktemp("manifests"), TOPOLOGY) as c:
         try:
-            c.up(NAME, "--control-plane=manifests")
+            UP.append(c.up(NAME, "--control-plane=manifests").stdout)
             yield c
         finally:
             c.meshgate("cluster", "vm", "delete", "--name", VM, check=False)
 
 
 def test_the_deployments_come_up_available_through_the_kubelet(mc: Clusters) -> None:
+    assert (f"control plane: meshgate's manifests, as Deployments: kubectl --kubeconfig "
+            f"{mc.kubeconfig(NAME)} -n meshgate get deploy") in UP[0]
     out = mc.kubectl(NAME, "-n", "meshgate", "get", "deploy", "--no-headers")
     rows = {line.split()[0]: line.split()[1:4] for line in out.splitlines()}
     assert rows == {name: ["1/1", "1", "1"] for name in (
