@@ -5,7 +5,8 @@ This module owns, for one cluster:
 - the node namespace `<prefix><cluster>-node`, holding lo and the bridge
   `mgbr0`, whose address is the first host of the pod CIDR;
 - one namespace per pod, `<prefix><cluster>-pod-<pod>`, linked to the bridge by
-  a veth pair (node side `veth<offset of the pod IP, hex>`, pod side `eth0`),
+  a veth pair (node side `veth<offset of the pod IP, hex>`, a bridge port in
+  hairpin mode; pod side `eth0`),
   with an address from the pod CIDR, a default route via the bridge, and, for a
   pod with a proxy of its own, the service CIDR made local (`mesh.redirect`);
   the node forwards between pods (its service proxy DNATs through it);
@@ -377,6 +378,11 @@ def _build_pod(net: ClusterNetwork, pod: str, record: _PodRecord, *,
             os.close(target)
         node.link("set", index=link_index(node, record.veth),
                   master=link_index(node, BRIDGE), state="up")
+        # Hairpin, as kube's kubelet sets it (hairpin-veth) and the CNI bridge plugin's
+        # hairpinMode: a pod's connection to its own Service is DNATed back to it, and
+        # where bridged traffic passes netfilter (br_netfilter) the frame leaves by
+        # the port it came in on.
+        node.brport("set", index=link_index(node, record.veth), mode=1)
     with iproute(record.netns, f"configure the network of pod {pod!r}") as ipr:
         ipr.link("set", index=link_index(ipr, "lo"), state="up")
         eth0 = link_index(ipr, POD_IFNAME)

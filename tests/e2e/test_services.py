@@ -161,6 +161,11 @@ def test_a_cluster_ip_and_its_dns_name_follow_the_endpoints(cluster: Cluster) ->
     left = cluster.pods("echo")
     wait_for(lambda: cluster.fetch("http://echo.default.svc.cluster.local/", 10) == left,
              timeout=20, what="only the pod left answering")
+    # Hairpin: the pod reaches itself through its own Service.
+    (pod,) = left
+    out = cluster.kubectl("exec", pod, "--", sys.executable, "-c", FETCH, f"http://{ip}/",
+                          "3").stdout
+    assert set(out.split()) == left
 
 
 def test_node_port_and_load_balancer_answer_at_the_node_address(cluster: Cluster) -> None:
