@@ -14,6 +14,12 @@ up` and measures, with the pinned kubectl as a user would run it, the time from
 `kubectl apply` of a Deployment of 10 replicas to `kubectl rollout status` returning,
 and from `kubectl delete` to the last Pod gone; then the kubelet's RSS and CPU (it runs
 in the API server's process) with 50 Pods running, over an idle minute.
+
+With `--control-planes` (root) it times `meshgate cluster up --multicluster` in both
+control-plane modes: daemons (the default) and manifests (meshgate's manifests run by
+the kubelet as Deployments): from the command's start to its return, and to the
+control plane's /ready answering; then the resident memory of the control plane and
+the gateway, as daemons and as Deployments' Pods.
 """
 
 from __future__ import annotations
@@ -266,6 +272,103 @@ def kubelet_bench(idle_s: float) -> None:
           f"{idle_s:.0f} s with nothing changing")
 
 
+READY = """
+import ssl, sys, time, urllib.request
+ctx = ssl.create_default_context()
+ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+deadline = time.monotonic() + 300
+while time.monotonic() < deadline:
+    try:
+        if urllib.request.urlopen(sys.argv[1], context=ctx, timeout=2).status == 200:
+            sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.05)
+sys.exit(1)
+"""
+
+
+def tree_rss_kib(pids: list[int]) -> int:
+    """VmRSS of `pids` and of their descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo, seen = 0, list(pids), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            total += rss_kib(pid)[0]
+        except (OSError, KeyError):
+            continue
+        todo += children.get(pid, [])
+    return total
+
+
+def pod_pids(cluster: str, deployment: str) -> list[int]:
+    """The processes in the network namespace of `deployment`'s Pod."""
+    from pyroute2 import netns
+
+    from localcluster.kubelet.reap import processes_in
+
+    prefix = f"mg-{cluster}-pod-meshgate-{deployment}-"
+    return [pid for n in netns.listnetns() if n.startswith(prefix) for pid in processes_in(n)]
+
+
+def control_plane_bench() -> None:
+    """`cluster up --multicluster` to a ready control plane, daemons against manifests."""
+    rows = []
+    for mode, cluster, wan in (("daemons", "mgbenchd", "mg-benchdwan"),
+                               ("manifests", "mgbenchm", "mg-benchmwan")):
+        with tempfile.TemporaryDirectory(prefix="meshgate-bench-cp-") as tmp:
+            base = Path(tmp)
+            env = {**os.environ, "MESHGATE_RUN_DIR": str(base / "run")}
+            meshgate = [sys.executable, "-m", "mesh.cli"]
+            state = base / "state"
+            t = time.monotonic()
+            subprocess.run([*meshgate, "cluster", "up", "--name", cluster, "--state-dir",
+                            str(state), "--pod-cidr", "10.219.0.0/16", "--service-cidr",
+                            "10.220.0.0/16", "--multicluster", "--wan", wan, "--wan-cidr",
+                            "172.31.237.0/24", f"--control-plane={mode}"], env=env,
+                           check=True, capture_output=True, timeout=600)
+            up_s = time.monotonic() - t
+            try:
+                if mode == "daemons":
+                    address = "10.219.0.1"
+                    control = [int((state / "run" / "control.pid").read_text())]
+                    gateway = [int((state / "run" / "gateway.pid").read_text())]
+                else:
+                    kubectl = str(Path(sys.executable).parent / "kubectl")
+                    address = subprocess.run(
+                        [kubectl, "--kubeconfig", str(state / "kubeconfig"), "-n", "meshgate",
+                         "get", "pods", "-l", "app.kubernetes.io/name=meshgate-control", "-o",
+                         "jsonpath={.items[0].status.podIP}"], check=True, text=True,
+                        capture_output=True).stdout
+                    control = pod_pids(cluster, "meshgate-control")
+                    gateway = pod_pids(cluster, "meshgate-gateway")
+                subprocess.run([*meshgate, "cluster", "exec", "--name", cluster, "--",
+                                sys.executable, "-c", READY, f"https://{address}:8086/ready"],
+                               env=env, check=True, capture_output=True, timeout=600)
+                ready_s = time.monotonic() - t
+                time.sleep(5)  # settled: certificates issued, informers synced
+                rows.append((mode, up_s, ready_s, tree_rss_kib(control),
+                             tree_rss_kib(gateway)))
+            finally:
+                subprocess.run([*meshgate, "cluster", "down", "--name", cluster], env=env,
+                               capture_output=True)
+    print("control plane   cluster up returns   /ready answers   control RSS   gateway RSS")
+    for mode, up_s, ready_s, control_kib, gateway_kib in rows:
+        print(f"{mode:<15} {up_s:>14.1f} s {ready_s:>14.1f} s {control_kib / 1024:>9.0f} MiB "
+              f"{gateway_kib / 1024:>9.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,7 +380,12 @@ def main() -> None:
                         help="also run Deployments through the kubelet (needs root)")
     parser.add_argument("--idle", type=float, default=60.0,
                         help="seconds over which the kubelet's idle CPU is measured")
+    parser.add_argument("--control-planes", action="store_true",
+                        help="only time `cluster up` in both control-plane modes (needs root)")
     args = parser.parse_args()
+    if args.control_planes:
+        control_plane_bench()
+        return
     with tempfile.TemporaryDirectory(prefix="meshgate-bench-") as tmp:
         state = Path(tmp) / "cluster"
         proc = start_server(state)

@@ -109,6 +109,21 @@ class Controllers:
         current = self.store.get(ENDPOINTS.key, "default", "kubernetes")
         if current is None or current.get("subsets") != want["subsets"]:
             await self.registry.update(ENDPOINTS, "default", "kubernetes", want)
+        # kube-apiserver writes the same endpoint as a slice too (no managed-by label:
+        # the endpoints controller leaves it alone), which service proxies read.
+        want_slice: dict[str, Any] = {
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {SERVICE_NAME_LABEL: "kubernetes"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [api_host], "conditions": {"ready": True}}],
+            "ports": [{"name": "https", "port": api_port, "protocol": "TCP"}]}
+        current = self.store.get(SLICES.key, "default", "kubernetes")
+        if current is None:
+            await self.registry.create(SLICES, "default", want_slice)
+        elif any(current.get(k) != want_slice[k] for k in ("endpoints", "ports")):
+            want_slice["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            await self.registry.update(SLICES, "default", "kubernetes", want_slice)
         for ns in self.store.items(NAMESPACE_KEY):
             self.namespaces.add(ns["metadata"]["name"])
         for svc in self.store.items(SERVICES.key):

@@ -5,9 +5,11 @@ This module owns, for one cluster:
 - the node namespace `<prefix><cluster>-node`, holding lo and the bridge
   `mgbr0`, whose address is the first host of the pod CIDR;
 - one namespace per pod, `<prefix><cluster>-pod-<pod>`, linked to the bridge by
-  a veth pair (node side `veth<offset of the pod IP, hex>`, pod side `eth0`),
-  with an address from the pod CIDR, a default route via the bridge, and the
-  service CIDR made local (`mesh.redirect`);
+  a veth pair (node side `veth<offset of the pod IP, hex>`, a bridge port in
+  hairpin mode; pod side `eth0`),
+  with an address from the pod CIDR, a default route via the bridge, and, for a
+  pod with a proxy of its own, the service CIDR made local (`mesh.redirect`);
+  the node forwards between pods (its service proxy DNATs through it);
 - the state directory `<state_dir>/network/`: a JSON record of everything
   created (written before it is created, atomically, under an fcntl lock), so
   that any process can add pods or tear the topology down, even after a crash;
@@ -52,6 +54,7 @@ from localcluster.namespaces import (
     namespace_path,
     require_off_event_loop,
     require_privileges,
+    run_in_namespace,
     taken,
 )
 from mesh import redirect
@@ -348,9 +351,18 @@ def _build_node(net: ClusterNetwork) -> None:
             ipr.addr("add", index=bridge, address=str(gateway.ip),
                      prefixlen=net.pod_cidr.prefixlen)
         ipr.link("set", index=bridge, state="up")
+    # Service traffic is DNATed on the node, then routed back onto the bridge.
+    run_in_namespace(net.node_netns, _enable_forwarding)
 
 
-def _build_pod(net: ClusterNetwork, pod: str, record: _PodRecord) -> None:
+def _enable_forwarding() -> None:
+    # /proc/sys/net shows the network namespace of the thread that opens it.
+    with open("/proc/sys/net/ipv4/ip_forward", "w", encoding="ascii") as f:
+        f.write("1\n")
+
+
+def _build_pod(net: ClusterNetwork, pod: str, record: _PodRecord, *,
+               services_local: bool) -> None:
     with iproute(net.node_netns, f"link pod {pod!r} to the bridge") as node:
         stale = link_index(node, record.veth)
         if stale is not None:
@@ -366,13 +378,19 @@ def _build_pod(net: ClusterNetwork, pod: str, record: _PodRecord) -> None:
             os.close(target)
         node.link("set", index=link_index(node, record.veth),
                   master=link_index(node, BRIDGE), state="up")
+        # Hairpin, as kube's kubelet sets it (hairpin-veth) and the CNI bridge plugin's
+        # hairpinMode: a pod's connection to its own Service is DNATed back to it, and
+        # where bridged traffic passes netfilter (br_netfilter) the frame leaves by
+        # the port it came in on.
+        node.brport("set", index=link_index(node, record.veth), mode=1)
     with iproute(record.netns, f"configure the network of pod {pod!r}") as ipr:
         ipr.link("set", index=link_index(ipr, "lo"), state="up")
         eth0 = link_index(ipr, POD_IFNAME)
         ipr.addr("add", index=eth0, address=str(record.ip), prefixlen=net.pod_cidr.prefixlen)
         ipr.link("set", index=eth0, state="up")
         ipr.route("replace", dst="0.0.0.0/0", gateway=str(net.gateway.ip))
-    redirect.ensure_local_route(net.service_cidr, netns=record.netns)
+    if services_local:
+        redirect.ensure_local_route(net.service_cidr, netns=record.netns)
 
 
 def _veth_present(node_netns: str | None, veth: str) -> bool:
@@ -473,7 +491,8 @@ def _converge_pods(net: ClusterNetwork, paths: _Paths, state: _State) -> None:
             _save(paths, state)
             log.info("stale pod dropped cluster=%s pod=%s", net.name, pod)
         elif not _veth_present(state.node_netns, record.veth):
-            _build_pod(net, pod, record)
+            # The pod's loopback, and a local service route on it, outlived the link.
+            _build_pod(net, pod, record, services_local=False)
             log.info("pod relinked cluster=%s pod=%s ip=%s", net.name, pod, record.ip)
 
 
@@ -484,9 +503,13 @@ def _teardown_after(paths: _Paths, state: _State, cause: BaseException) -> None:
         cause.add_note(f"cleaning up after the failure also failed: {e}")
 
 
-def add_pod(net: ClusterNetwork, pod: str) -> Pod:
+def add_pod(net: ClusterNetwork, pod: str, *, services_local: bool = True) -> Pod:
     """Create pod `pod`: its namespace, link, address, routes and resolv.conf. Adding a
-    pod that is fully there returns it; on failure nothing of the pod is left."""
+    pod that is fully there returns it; on failure nothing of the pod is left.
+
+    `services_local`: the service CIDR is made local in the pod, for a proxy in it to
+    take (``cluster run-pod``); without, the pod reaches Services through the node's
+    service proxy (localcluster.serviceproxy), as the kubelet's pods do."""
     if not _LABEL.fullmatch(pod):
         raise ConfigError(f"pod name {pod!r} must be a DNS label (lower-case letters, "
                           "digits and '-', at most 63)")
@@ -514,7 +537,7 @@ def add_pod(net: ClusterNetwork, pod: str) -> Pod:
                 _remove_pod_parts(state.node_netns, pod, record, paths.resolv(pod))
             _write_atomic(paths.resolv(pod), resolv_conf_text(net))
             create(record.netns, owner)
-            _build_pod(net, pod, record)
+            _build_pod(net, pod, record, services_local=services_local)
         except NamespaceTakenError:
             del state.pods[pod]
             _save(paths, state)

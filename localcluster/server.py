@@ -32,6 +32,7 @@ from localcluster.workloads.nodes import node_name
 
 if TYPE_CHECKING:
     from localcluster.kubelet.kubelet import Kubelet
+    from localcluster.kubeproxy import KubeProxy
 from mesh.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,19 @@ class ClusterConfig:
     advertise: str | None = None
     """The address other machines reach the API server at, published in
     kube-public/cluster-info as kubeadm does (default: the first also_listen host, else
-    host); the port is that listener's."""
+    host); the port is that listener's. With `kubelet`, also the ingress of LoadBalancer
+    Services (if an IPv4 address; else the node's)."""
     kubelet: bool = False
-    """Run the node's kubelet (localcluster.kubelet): needs the network `cluster up` built
-    in the state directory."""
+    """Run the node's kubelet (localcluster.kubelet) and service proxy
+    (localcluster.kubeproxy): needs the network `cluster up` built in the state
+    directory."""
+
+
+def _ipv4_or(address: str, fallback: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(address))
+    except ValueError:
+        return fallback
 
 
 def _free_port(host: str, preferred: int) -> int:
@@ -130,6 +140,7 @@ class ClusterServer:
         self.store: Store | None = None
         self.controllers: Controllers | None = None
         self.kubelet: Kubelet | None = None
+        self.proxy: KubeProxy | None = None
 
     @property
     def url(self) -> str:
@@ -179,7 +190,9 @@ class ClusterServer:
                              max_body=MAX_BODY, bookmark_interval=cfg.bookmark_interval)
         registry.webhooks.attach_metrics(handler.metrics)
         self.controllers = Controllers(registry, ca_pem=pki.ca_cert_pem)
-        await self.controllers.bootstrap(api_ip, cfg.host, self.port)
+        # The `kubernetes` Service's endpoint is the listener pods reach: on the node.
+        in_cluster = cfg.also_listen[0][1:] if cfg.also_listen else (cfg.host, self.port)
+        await self.controllers.bootstrap(api_ip, *in_cluster)
         advertised = cfg.advertise or (cfg.also_listen[0][1] if cfg.also_listen else cfg.host)
         port = next((p for _, h, p in cfg.also_listen if h == advertised), self.port)
         await self.controllers.publish_cluster_info(f"https://{advertised}:{port}")
@@ -201,10 +214,20 @@ class ClusterServer:
                            ) -> dict[str, Any]:
                 return token_request(registry, tokens, namespace, account, body)
 
-            api = cfg.also_listen[0][1:] if cfg.also_listen else (cfg.host, self.port)
+            from localcluster.kubeproxy import KubeProxy
+            from localcluster.netns import BRIDGE
+
+            # Pods reach the API server as on kube: the `kubernetes` Service's ClusterIP
+            # and port, which the node's service proxy DNATs to the node's listener.
             self.kubelet = Kubelet(registry, cluster=cfg.name, state_dir=cfg.state_dir,
-                                   register=register_node, mint=mint, api_endpoint=api,
-                                   clock=self.clock)
+                                   register=register_node, mint=mint,
+                                   api_endpoint=(api_ip, 443), clock=self.clock)
+            network = self.kubelet.network
+            self.proxy = KubeProxy(registry, node_netns=network.node_netns,
+                                   pod_cidr=network.pod_cidr, bridge=BRIDGE,
+                                   load_balancer_address=_ipv4_or(advertised,
+                                                                  self.kubelet.host_ip))
+            self.proxy.start()
             await self.kubelet.start()
             handler.kubelet = self.kubelet
             network = self.kubelet.network
@@ -235,6 +258,8 @@ class ClusterServer:
     async def stop(self) -> None:
         if self.kubelet is not None:
             await self.kubelet.stop()
+        if self.proxy is not None:
+            await self.proxy.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.controllers is not None:

@@ -193,6 +193,21 @@ def _job_duration(o: Mapping[str, Any]) -> str:
     return human_duration(until - begun.timestamp())
 
 
+def _external_ips(svc: Mapping[str, Any]) -> str:
+    """kubectl's EXTERNAL-IP: a LoadBalancer's ingress (then its externalIPs), or
+    <pending> until it has one; an ExternalName's name; else the externalIPs."""
+    external = list(_dig(svc, "spec.externalIPs") or [])
+    kind = _dig(svc, "spec.type") or "ClusterIP"
+    if kind == "ExternalName":
+        return str(_dig(svc, "spec.externalName") or "<none>")
+    if kind == "LoadBalancer":
+        ingress = [i.get("ip") or i.get("hostname") or ""
+                   for i in _dig(svc, "status.loadBalancer.ingress") or []]
+        ingress = [i for i in ingress if i]
+        return ",".join([*ingress, *external]) if ingress else "<pending>"
+    return ",".join(external) or "<none>"
+
+
 _NAME = _col("Name", lambda o: o["metadata"]["name"], fmt="name")
 _AGE = _col("Age", _age)
 _WORKLOAD_WIDE = [_col("Containers", lambda o: _images(o, "name"), priority=1),
@@ -206,8 +221,7 @@ COLUMNS: dict[tuple[str, str], list[tuple[dict[str, Any], Cell]]] = {
     ("", "services"): [
         _NAME, _col("Type", lambda o: _dig(o, "spec.type") or "ClusterIP"),
         _col("Cluster-IP", lambda o: _dig(o, "spec.clusterIP") or "<none>"),
-        _col("External-IP", lambda o: ",".join(_dig(o, "spec.externalIPs") or []) or "<none>"),
-        _col("Port(s)", _ports), _AGE,
+        _col("External-IP", _external_ips), _col("Port(s)", _ports), _AGE,
         _col("Selector", lambda o: ",".join(
             f"{k}={v}" for k, v in (_dig(o, "spec.selector") or {}).items()) or "<none>",
             priority=1)],

@@ -82,6 +82,9 @@ class ClusterSpec(BaseModel):
     wan: str | None = None
     """The WAN namespace the cluster is attached to; None: not multicluster."""
     wan_address: str | None = Field(None, alias="wanAddress")
+    control_plane: str = Field("daemons", alias="controlPlane")
+    """"daemons": control plane, gateway and mirrors run as processes of `up`;
+    "manifests": as Deployments of meshgate's manifests (localcluster.manifestinstall)."""
 
     @property
     def network(self) -> netns.ClusterNetwork:
@@ -281,8 +284,10 @@ class UpRequest:
     wan_loss: str | None = None
     """"0.5%"."""
     workload_heartbeat: str = "10s"
+    control_plane: str = "daemons"
 
 
+CONTROL_PLANES = ("daemons", "manifests")
 DAEMONS = ("apiserver", "control", "dns", "gateway", "mirrors")
 """In start order; `down` stops them in reverse. The last two run only with --multicluster."""
 
@@ -299,6 +304,11 @@ def up(req: UpRequest) -> ClusterSpec:
         other = Path(entry.read_text().strip())
         if other == state_dir and (state_dir / "cluster.json").exists():
             spec = load_spec(state_dir)
+            if spec.control_plane != req.control_plane:
+                raise ClusterError(f"cluster {req.name!r} runs its control plane as "
+                                   f"{spec.control_plane}; `meshgate cluster down --name "
+                                   f"{req.name}` to start it with --control-plane="
+                                   f"{req.control_plane}")
             if req.multicluster and spec.wan is None:
                 raise ClusterError(f"cluster {req.name!r} was started without --multicluster; "
                                    f"`meshgate cluster down --name {req.name}` and start it "
@@ -322,6 +332,9 @@ def up(req: UpRequest) -> ClusterSpec:
             cluster_domain=req.cluster_domain, netns_prefix=req.netns_prefix)
     except ValueError as e:
         raise ConfigError(f"--pod-cidr/--service-cidr: {e}") from e
+    if req.control_plane not in CONTROL_PLANES:
+        raise ConfigError(f"--control-plane {req.control_plane!r}: choose "
+                          f"{' or '.join(CONTROL_PLANES)}")
     wan_cidr, wan_address = _wan_request(req)
     netem = _wan_netem(req)
     trust_domain = _prepare_identity(state_dir / "identity", req)
@@ -330,7 +343,8 @@ def up(req: UpRequest) -> ClusterSpec:
                        trust_domain=trust_domain, node_netns=net.node_netns,
                        node_address=str(net.gateway.ip), netns_prefix=req.netns_prefix,
                        wan=req.wan if req.multicluster else None,
-                       workload_heartbeat=req.workload_heartbeat)
+                       workload_heartbeat=req.workload_heartbeat,
+                       control_plane=req.control_plane)
     entry.parent.mkdir(parents=True, exist_ok=True)
     entry.write_text(f"{state_dir}\n")
     (state_dir / "cluster.json").write_text(spec.model_dump_json(by_alias=True, indent=2))
@@ -420,6 +434,13 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
     node_kubeconfig = _node_kubeconfig(spec)
     if spec.wan_address is not None:
         write_wan_kubeconfig(spec)
+    if spec.control_plane == "manifests":
+        _start_dns(spec, node_kubeconfig)
+        from localcluster.manifestinstall import install_manifests
+
+        install_manifests(spec.kubeconfig, spec.identity_dir, control_addresses=[
+            a for a in (spec.node_address, spec.wan_address) if a is not None])
+        return
     from kubernetes import client as k8s
 
     from mesh.control.crds import install_crds
@@ -445,13 +466,17 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
             "--injector-listen", f"{node}:{INJECTOR_PORT}", "--service-cidr",
             spec.service_cidr))),
             ready="serving at")
-    if not _daemon_alive(d, "dns"):
-        _start_daemon(d, "dns", _in_netns(spec.node_netns, [
-            sys.executable, "-m", "localcluster.dns", "--kubeconfig", str(node_kubeconfig),
-            "--listen", f"{node}:{DNS_PORT}", "--cluster-domain", spec.cluster_domain]),
-            ready="dns: serving")
+    _start_dns(spec, node_kubeconfig)
     if spec.wan_address is not None:
         _start_multicluster_processes(spec, node_kubeconfig)
+
+
+def _start_dns(spec: ClusterSpec, node_kubeconfig: Path) -> None:
+    if not _daemon_alive(spec.state_dir, "dns"):
+        _start_daemon(spec.state_dir, "dns", _in_netns(spec.node_netns, [
+            sys.executable, "-m", "localcluster.dns", "--kubeconfig", str(node_kubeconfig),
+            "--listen", f"{spec.node_address}:{DNS_PORT}", "--cluster-domain",
+            spec.cluster_domain]), ready="dns: serving")
 
 
 def _start_multicluster_processes(spec: ClusterSpec, node_kubeconfig: Path) -> None:

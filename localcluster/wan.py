@@ -10,8 +10,10 @@ Pod networks are not routed on the WAN. A pod reaches another cluster's
 gateway through its node, which forwards to the WAN and masquerades the pod's
 address to its own WAN address (the WAN has no route back to any pod CIDR).
 Traffic from the WAN into pods is dropped unless it answers a connection a
-pod opened. Both rules are one nftables table, ``ip meshgate``, in the node
-namespace, loaded atomically with ``nft -f``.
+pod opened, or the node's service proxy (localcluster.kubeproxy) DNATed it to a
+LoadBalancer's or NodePort's endpoint. Both rules are one nftables table,
+``ip meshgate``, in the node namespace, loaded atomically with ``nft -f``; the
+service proxy writes its own table beside it.
 
 VMs (localcluster.vms) join the same bridge with a veth whose VM side is
 ``eth0``; they get an address from the same range and no other route, so they
@@ -176,6 +178,8 @@ def nft_ruleset(pod_cidr: IPv4Network) -> str:
             "  chain forward {\n"
             "    type filter hook forward priority filter; policy accept;\n"
             f"    iifname \"{NODE_IFNAME}\" ct state established,related accept\n"
+            # A LoadBalancer's ingress: the node's service proxy DNATed it to a pod.
+            f"    iifname \"{NODE_IFNAME}\" ct status dnat accept\n"
             f"    iifname \"{NODE_IFNAME}\" drop\n"
             "  }\n"
             "}\n")

@@ -1,4 +1,5 @@
-"""Container probes as kube's kubelet runs them: httpGet and tcpSocket from the
+"""Container probes as kube's kubelet runs them: httpGet (HTTP, or HTTPS without
+verifying the certificate, as kube) and tcpSocket from the
 node's network namespace to the Pod's address, exec inside the container's
 namespaces; each answers success or failure with kube's message."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +34,8 @@ def _port(container: Mapping[str, Any], port: Any) -> int:
     raise ValueError(f"port {port!r} is not one of the container's named ports")
 
 
-async def _connect(node_netns: str, host: str, port: int, timeout: float
-                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _connect(node_netns: str, host: str, port: int, timeout: float, *,
+                   tls: bool = False) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     sock = await asyncio.to_thread(socket_in_namespace, node_netns)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
@@ -42,7 +44,19 @@ async def _connect(node_netns: str, host: str, port: int, timeout: float
     except BaseException:
         sock.close()
         raise
-    return await asyncio.open_connection(sock=sock)
+    if not tls:
+        return await asyncio.open_connection(sock=sock)
+    return await asyncio.wait_for(asyncio.open_connection(
+        sock=sock, ssl=_probe_tls(), server_hostname=host), timeout)
+
+
+def _probe_tls() -> ssl.SSLContext:
+    """kube's HTTPS probes: TLS without verifying the server's certificate
+    (InsecureSkipVerify) and without a client certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def _dial_error(host: str, port: int, e: BaseException) -> str:
@@ -57,16 +71,18 @@ async def http_get(spec: Mapping[str, Any], container: Mapping[str, Any], *, nod
     host = spec.get("host") or pod_ip
     port = _port(container, spec.get("port"))
     path = spec.get("path", "/") or "/"
-    url = f"http://{host}:{port}{path}"
-    if spec.get("scheme", "HTTP") != "HTTP":
-        return Result(False, f"Get \"{url}\": only HTTP probes are supported here")
+    scheme = str(spec.get("scheme", "HTTP"))
+    url = f"{scheme.lower()}://{host}:{port}{path}"
+    if scheme not in ("HTTP", "HTTPS"):
+        return Result(False, f"Get \"{url}\": unsupported protocol scheme {scheme!r}")
     headers = {"Host": f"{host}:{port}", "User-Agent": "kube-probe/1.32",
                "Accept": "*/*", "Connection": "close"}
     for h in spec.get("httpHeaders") or []:
         headers[h["name"]] = h["value"]
     try:
-        reader, writer = await _connect(node_netns, host, port, timeout)
-    except (OSError, TimeoutError) as e:
+        reader, writer = await _connect(node_netns, host, port, timeout,
+                                        tls=scheme == "HTTPS")
+    except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
         return Result(False, f"Get \"{url}\": {_dial_error(host, port, e)}")
     try:
         request = f"GET {path} HTTP/1.1\r\n" + "".join(

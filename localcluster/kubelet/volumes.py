@@ -36,6 +36,24 @@ _MOUNT_SCRIPT = (
     '{ echo "$0: cannot mount $s on $d" >&2; exit 125; }; done; shift; exec "$@"')
 
 
+def _under(path: str, root: str) -> bool:
+    root = root.rstrip("/") or "/"
+    return path == root or path.startswith(root if root == "/" else root + "/")
+
+
+def mount_order(mounts: list[tuple[str, str, bool]]) -> list[tuple[str, str, bool]]:
+    """The mounts in an order where none hides the source of a later one: a pod's
+    volumes live under the state directory on this machine's filesystem, and a
+    mountPath such as /tmp may cover it. Such mounts go last (with the mounts inside
+    their mountPath after them, so that they are not hidden either); the rest keep
+    their order."""
+    covering = [m for m in mounts if any(_under(o[0], m[1]) for o in mounts if o is not m)]
+    inside = [m for m in mounts if m not in covering
+              and any(_under(m[1], c[1]) for c in covering)]
+    rest = [m for m in mounts if m not in covering and m not in inside]
+    return [*rest, *covering, *inside]
+
+
 class VolumeError(MeshError):
     """A volume cannot be set up (yet): what is missing, in kube's words."""
 
@@ -97,7 +115,7 @@ class Volumes:
             ro = bool(m.get("readOnly")) or any(k in volume for k in (
                 "secret", "configMap", "downwardAPI", "projected"))
             out.append((str(source), str(m["mountPath"]), ro))
-        return out
+        return mount_order(out)
 
     @staticmethod
     def wrap(mounts: Sequence[tuple[str, str, bool]], argv: Sequence[str], *, sh: str,

@@ -228,8 +228,10 @@ class PodWorker:
         self.start_time = containers.rfc3339(self.node.clock())
         delay = VOLUME_RETRY_FIRST
         while True:
+            # Services are reached through the node's service proxy (a proxy in the
+            # pod, if any, makes the service CIDR local itself).
             self._adding = asyncio.ensure_future(asyncio.to_thread(
-                netns.add_pod, self.node.network, self.key))
+                netns.add_pod, self.node.network, self.key, services_local=False))
             try:
                 sandbox = await asyncio.shield(self._adding)
                 break

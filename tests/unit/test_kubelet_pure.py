@@ -3,6 +3,7 @@ phase, the kubectl columns, and the grace period of a Pod's delete."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -39,6 +40,13 @@ def test_what_a_container_runs() -> None:
     assert ours is not None and ours.meshgate and ours.argv[-2:] == ("control", "run")
     assert runnable({"image": "nginx"}, env) is None
     assert expand("a$(X)b", {"X": "1"}) == "a1b"
+    # meshgate's image naming its own Python (deploy/mirror.yaml): the local interpreter.
+    mirror = runnable({"image": MESHGATE_IMAGE, "command": ["python", "-m", "x"],
+                       "args": ["--port=$(PORT)"]}, env)
+    assert mirror is not None and mirror.meshgate
+    assert mirror.argv == (sys.executable, "-m", "x", "--port=8080")
+    other = runnable({"image": "python:3.11", "command": ["python", "-m", "x"]}, env)
+    assert other is not None and other.argv == ("python", "-m", "x") and not other.meshgate
 
 
 def _view(state: dict[str, Any], last: dict[str, Any] | None = None) -> ContainerView:
@@ -151,6 +159,22 @@ def test_volume_mounts_wrap_the_command() -> None:
     assert argv[:2] == ["/bin/sh", "-c"]
     assert argv[3:] == ["meshgate-volumes", "/bin/mount", "/src", "/dst", "ro", "/a", "/b",
                         "rw", "--", "sleep", "1"]
+
+
+def test_a_mount_that_would_hide_another_mounts_source_goes_last() -> None:
+    from localcluster.kubelet.volumes import mount_order
+
+    state = "/tmp/state/pods/p/volumes"
+    token = (f"{state}/kube-api-access", "/var/run/secrets/kubernetes.io/serviceaccount", True)
+    tmp = (f"{state}/tmp", "/tmp", False)
+    inside = (f"{state}/cache", "/tmp/cache", False)
+    config = (f"{state}/config", "/etc/app", True)
+    # /tmp would cover the state directory, and so the token's source: it goes after
+    # it, and what is mounted inside /tmp after /tmp.
+    assert mount_order([tmp, inside, token, config]) == [token, config, tmp, inside]
+    assert mount_order([token, config]) == [token, config]
+    assert mount_order([(f"{state}/x", "/tmpx", False), token]) == [
+        (f"{state}/x", "/tmpx", False), token]
 
 
 

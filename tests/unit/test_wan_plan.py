@@ -68,6 +68,10 @@ def test_the_rules_masquerade_pods_and_keep_the_wan_out() -> None:
     assert 'ip saddr 10.244.0.0/16 oifname "wan0" masquerade' in rules
     assert 'iifname "wan0" ct state established,related accept' in rules
     assert rules.index("delete table ip meshgate") < rules.index("chain postrouting")
+    # What the node's service proxy DNATed (a LoadBalancer's ingress on the WAN
+    # address) may come in; anything else new from the WAN is dropped.
+    assert rules.index('iifname "wan0" ct status dnat accept') < rules.index(
+        'iifname "wan0" drop')
 
 
 @pytest.mark.parametrize("name", ["../etc", "Mg-Wan", "", "a" * 33])
