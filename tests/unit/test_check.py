@@ -36,8 +36,8 @@ def test_every_rendered_kind_is_asked_for_once_per_namespace() -> None:
     kinds = [kind for kind, _ in asked]
     assert kinds == ["CustomResourceDefinition", "Namespace", "ServiceAccount", "ClusterRole",
                      "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap", "Deployment",
-                     "Service", "PodDisruptionBudget", "Secret",
-                     "MutatingWebhookConfiguration"]
+                     "Service", "MutatingWebhookConfiguration", "PodDisruptionBudget",
+                     "Secret"]
     access = dict(asked)
     assert access["CustomResourceDefinition"] == Access(
         "create", "apiextensions.k8s.io", "customresourcedefinitions")
@@ -127,7 +127,7 @@ def test_granting_a_roles_rights_needs_holding_them_or_escalate() -> None:
     result = pre.grant_check(roles, lacking)
     assert result.status is Status.FAIL
     assert result.error == ("ClusterRole meshgate-injector grants what you do not hold: "
-                            "namespaces (get)")
+                            "namespaces (get); servicecidrs.networking.k8s.io (list)")
     assert "escalate" in result.hint
 
 

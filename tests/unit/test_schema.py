@@ -114,6 +114,12 @@ SAMPLES: dict[str, dict[str, Any]] = {
                        "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "default"}}],
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP", "appProtocol": "http"}],
     },
+    "ServiceCIDR": {"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+                    "metadata": {"name": "kubernetes"},
+                    "spec": {"cidrs": ["10.96.0.0/16"]},
+                    "status": {"conditions": [{
+                        "type": "Ready", "status": "True", "reason": "", "message": "",
+                        "lastTransitionTime": "2024-05-01T10:00:00Z"}]}},
     "Lease": {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
               "metadata": {"name": "mirror"},
               "spec": {"holderIdentity": "mirror-0", "leaseDurationSeconds": 15,
