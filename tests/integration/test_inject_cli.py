@@ -180,18 +180,15 @@ def test_settings_come_from_the_cluster_and_the_api_server_takes_the_result(
     pem = IssuerDir(identity).load_bundle().to_pem().decode()
     core.create_namespaced_config_map("meshgate", {
         "metadata": {"name": "meshgate-identity-trust-roots"}, "data": {"ca-bundle.crt": pem}})
-    proc = meshgate("inject", "-", *kubeconfig, stdin=DEPLOYMENT)
-    assert proc.returncode == 2
-    assert "give --service-cidr" in proc.stderr and len(proc.stderr.splitlines()) == 1
-
+    # the service range from the cluster's ServiceCIDR (kube 1.33+, and the embedded
+    # one), which wins over meshgate-config's (install --service-cidr, for older kube)
     core.create_namespaced_config_map("meshgate", {
-        "metadata": {"name": "meshgate-config"},
-        "data": {"serviceCIDRs": "10.96.0.0/16,fd00:10:96::/108"}})
+        "metadata": {"name": "meshgate-config"}, "data": {"serviceCIDRs": "10.0.0.0/8"}})
     proc = meshgate("inject", "-", *kubeconfig, stdin=DEPLOYMENT)
     assert proc.returncode == 0, proc.stderr
     deployment = docs(proc.stdout)[0]
     init = deployment["spec"]["template"]["spec"]["initContainers"][0]
-    assert init["args"][-1] == "10.96.0.0/16,fd00:10:96::/108"
+    assert init["args"][-1] == "10.96.0.0/16"
     env = {e["name"]: e.get("value") for e in proxy_of(deployment)["env"]}
     assert env["MESHGATE_PROXY_IDENTITY_TRUST_ANCHORS"] == pem
     assert env["MESHGATE_PROXY_DESTINATION_SVC_ADDR"] == (
@@ -201,6 +198,18 @@ def test_settings_come_from_the_cluster_and_the_api_server_takes_the_result(
                           stdin=DEPLOYMENT)
     assert docs(overridden.stdout)[0]["spec"]["template"]["spec"]["initContainers"][0][
         "args"][-1] == "10.0.0.0/24"
+
+    # a cluster serving no ServiceCIDR (kube before 1.33): meshgate-config's range
+    net = client.NetworkingV1Api(cluster.api())
+    net.delete_service_cidr("kubernetes")
+    try:
+        older = meshgate("inject", "-", *kubeconfig, stdin=DEPLOYMENT)
+        assert older.returncode == 0, older.stderr
+        assert docs(older.stdout)[0]["spec"]["template"]["spec"]["initContainers"][0][
+            "args"][-1] == "10.0.0.0/8"
+    finally:
+        net.create_service_cidr({"metadata": {"name": "kubernetes"},
+                                 "spec": {"cidrs": ["10.96.0.0/16"]}})
 
     applied = cluster.kubectl("apply", "-f", "-", input=proc.stdout)
     assert "deployment.apps/web created" in applied.stdout
