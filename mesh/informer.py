@@ -281,7 +281,20 @@ def _describe(e: Exception) -> str:
     if isinstance(e, ApiException):
         if e.status == 404:
             return "the API has no such resource (404); is its CRD installed?"
-        if e.status in (401, 403):
-            return f"the credential may not list or watch it ({e.status} {e.reason})"
+        if e.status == 403:
+            said = _status_message(e)
+            return (f"the credential may not list or watch it ({e.status} {e.reason}"
+                    f"{': ' + said if said else ''}); its role must allow list and watch "
+                    "(meshgate's roles: deploy/rbac-*.yaml)")
+        if e.status == 401:
+            return f"the credential is not accepted ({e.status} {e.reason})"
         return f"API error {e.status} {e.reason}"
     return f"{type(e).__name__}: {e}"
+
+
+def _status_message(e: ApiException) -> str:
+    """The API server's Status message, which names the user and the verb refused."""
+    try:
+        return str(json.loads(e.body or "{}").get("message") or "")
+    except (ValueError, AttributeError):
+        return ""

@@ -224,3 +224,46 @@ def test_the_mirror_controller_serves_a_link_with_its_service_account(
         stop_process(proc)
     log = (Path(pod.local("/var/run/meshgate/mirrors")) / "logs" / "mirror-west.log").read_text()
     assert "Forbidden" not in "".join(output) + log, "".join(output) + log
+
+
+def test_without_its_cluster_role_the_gateway_says_which_right_it_lacks(
+        cluster: Cluster, rendered: list[Obj], control: str,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The gateway with its ClusterRoleBinding gone: not ready, and its log names the
+    ServiceAccount and the right it lacks rather than failing somewhere later."""
+    binding = find(rendered, "ClusterRoleBinding", "meshgate-gateway")
+    rbac = client.RbacAuthorizationV1Api(cluster.api())
+    rbac.delete_cluster_role_binding("meshgate-gateway")
+    pod = Pod(cluster, rendered, "meshgate-gateway", tmp_path_factory.mktemp("unbound"))
+    pod.kubeconfig_for(cluster.server)
+    config_path = Path(pod.local("/etc/meshgate/gateway/gateway.yaml"))
+    config = yaml.safe_load(pod.local(config_path.read_text()))
+    admin = free_port()
+    config["identity"]["server"] = control
+    config.update(listen=f"127.0.0.1:{free_port()}", admin=f"127.0.0.1:{admin}")
+    config_path.write_text(yaml.safe_dump(config))
+    proc, output, _, _ = spawn([*pod.argv(), "--loop", "asyncio"],
+                               lambda line: "listening on" in line, what="gateway")
+    try:
+        wait_for(lambda: "informer servers" in "".join(output), timeout=30,
+                 what="the gateway's informers refused")
+        assert not ready_or_false(f"http://127.0.0.1:{admin}/ready")
+    finally:
+        stop_process(proc)
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(binding))
+    lines = [line for line in output if "WARNING mesh.informer" in line]
+    user = 'User "system:serviceaccount:meshgate:meshgate-gateway"'
+    for resource in ("pods", "services", "endpointslices"):
+        said = next(line for line in lines if f"informer {resource}:" in line)
+        assert f"{user} cannot list resource \"{resource}\"" in said, said
+        assert "its role must allow list and watch (meshgate's roles: deploy/rbac-*.yaml)" in said
+    informers = [re.search(r"informer (\S+):", line).group(1)  # type: ignore[union-attr]
+                 for line in lines]
+    assert len(informers) == len(set(informers)), "one line per informer, not per retry"
+
+
+def ready_or_false(url: str) -> bool:
+    try:
+        return ready(url)
+    except OSError:
+        return False
