@@ -4,7 +4,8 @@ kubeconfig as the kubelet would give them (ConfigMaps, the issuer Secret and
 projected tokens written under a directory per mount; the ServiceAccount's own
 token from a TokenRequest), against the embedded cluster. Both become ready, which
 needs every informer's list and watch, and the gateway's certificate, which needs
-the control plane's TokenReview."""
+the control plane's TokenReview. Without its role, a component is not ready and says
+in one line per refused resource which ServiceAccount lacks which right."""
 
 from __future__ import annotations
 
