@@ -28,7 +28,7 @@ from mesh.errors import ConfigError, CrdError
 from mesh.identity.bundle import TrustBundle, describe
 from mesh.identity.errors import TrustSetupError
 from mesh.identity.names import DEFAULT_CONTROL_NS
-from mesh.identity.trustroots import TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY
+from mesh.identity.trustroots import TRUST_ROOTS_CONFIGMAP, bundle_of
 from mesh.kube import first_line, root_cause
 from mesh.workqueue import TemporaryError
 from mirror.audit import LocalView, collisions, missing_endpoints, orphans, unlinked
@@ -293,8 +293,8 @@ class LinkCheck:
                          f"{first_line(root_cause(e))}", "run the check again")
             return
         try:
-            mine = _bundle(local_map, "this cluster")
-            theirs = _bundle(remote_map, f"cluster {self.target}")
+            mine = bundle_of(local_map, "the trust bundle of this cluster")
+            theirs = bundle_of(remote_map, f"the trust bundle of cluster {self.target}")
         except TrustSetupError as e:
             yield failed(title, str(e), "publish a valid bundle: restart that cluster's "
                          "control plane")
@@ -384,16 +384,6 @@ def _may(creds: RemoteCredentials, verb: str, group: str, resource: str,
     except (ApiException, urllib3.exceptions.HTTPError, OSError):
         return None
     return bool((json.loads(resp.data).get("status") or {}).get("allowed"))
-
-
-def _bundle(config_map: Obj, whose: str) -> TrustBundle:
-    pem = (config_map.get("data") or {}).get(TRUST_ROOTS_KEY)
-    if not pem:
-        raise TrustSetupError(f"the trust bundle of {whose} has no {TRUST_ROOTS_KEY!r} key")
-    try:
-        return TrustBundle.from_pem(str(pem).encode())
-    except TrustSetupError as e:
-        raise TrustSetupError(f"the trust bundle of {whose}: {e}") from e
 
 
 def _anchors(bundle: TrustBundle) -> str:

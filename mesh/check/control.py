@@ -26,12 +26,12 @@ from mesh.check.names import (
     ISSUER_SECRET,
     NS,
     TRUST_ROOTS_CONFIGMAP,
-    TRUST_ROOTS_KEY,
 )
 from mesh.check.results import Category, Got, Obj, Result
 from mesh.control import crds as crd_state
 from mesh.identity.bundle import TrustBundle, describe, issued_by, rfc3339
 from mesh.identity.errors import TrustSetupError
+from mesh.identity.trustroots import bundle_of
 from mesh.image import VERSION
 
 EXPIRY_WARNING = timedelta(days=30)
@@ -190,7 +190,7 @@ def identity_checks(secret: Got, roots: Got, *, now: datetime) -> Iterator[Resul
     assert secret.obj is not None and roots.obj is not None
     try:
         chain = _issuer_chain(secret.obj)
-        bundle = _bundle(roots.obj)
+        bundle = bundle_of(roots.obj, f"the ConfigMap {NS}/{TRUST_ROOTS_CONFIGMAP}")
     except TrustSetupError as e:
         yield IDENTITY.fail(title, str(e), IDENTITY_FIX)
         return
@@ -240,17 +240,6 @@ def _issuer_chain(secret: Obj) -> list[x509.Certificate]:
         return x509.load_pem_x509_certificates(base64.b64decode(data, validate=True))
     except (ValueError, binascii.Error) as e:
         raise TrustSetupError(f"the {where}'s tls.crt holds no PEM certificate ({e})") from e
-
-
-def _bundle(config_map: Obj) -> TrustBundle:
-    where = f"ConfigMap {NS}/{TRUST_ROOTS_CONFIGMAP}"
-    pem = (config_map.get("data") or {}).get(TRUST_ROOTS_KEY)
-    if not pem:
-        raise TrustSetupError(f"the {where} has no {TRUST_ROOTS_KEY}")
-    try:
-        return TrustBundle.from_pem(str(pem).encode())
-    except TrustSetupError as e:
-        raise TrustSetupError(f"the {where}: {e}") from e
 
 
 def _chains(chain: Sequence[x509.Certificate], bundle: TrustBundle) -> bool:

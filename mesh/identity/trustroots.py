@@ -20,6 +20,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from mesh.identity.bundle import TrustBundle
+from mesh.identity.errors import TrustSetupError
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +73,15 @@ async def keep_published(api: client.ApiClient, namespace: str,
                                 type(e).__name__)
                 failing = True
         await asyncio.sleep(interval)
+
+
+def bundle_of(config_map: dict[str, Any], where: str) -> TrustBundle:
+    """The trust bundle a trust roots ConfigMap holds (as read from the API); ``where``
+    names it in the error when it holds none."""
+    pem = (config_map.get("data") or {}).get(TRUST_ROOTS_KEY)
+    if not pem:
+        raise TrustSetupError(f"{where} has no {TRUST_ROOTS_KEY}")
+    try:
+        return TrustBundle.from_pem(str(pem).encode())
+    except TrustSetupError as e:
+        raise TrustSetupError(f"{where}: {e}") from e
