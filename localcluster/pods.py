@@ -1,11 +1,13 @@
 """`cluster run-pod`: what a kubelet and Linkerd's injector do together for one pod.
 
-A network namespace with an address on the cluster's bridge, the service range
-made local (so the sidecar's redirected listeners receive service traffic), a
-resolv.conf naming the cluster DNS, the ServiceAccount, a Pod object and a token
-bound to it, the sidecar proxy, then the command. The Pod turns Ready once the
-proxy and the app's ports answer, and everything is removed when the command
-ends.
+On a cluster whose control plane is meshgate's manifests, the Pod goes through the
+API, injected, and the node's kubelet runs it (localcluster.kubepod). With the
+daemons control plane, run-pod plays both parts itself: a network namespace with
+an address on the cluster's bridge, the service range made local (so the sidecar's
+redirected listeners receive service traffic), a resolv.conf naming the cluster
+DNS, the ServiceAccount, a Pod object and a token bound to it, the sidecar proxy,
+then the command. The Pod turns Ready once the proxy and the app's ports answer,
+and everything is removed when the command ends.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 from localcluster import namespaces, netns
 from localcluster.kubelet.kubelet import MIRROR_ANNOTATION
+from localcluster.kubepod import KubePod
 from localcluster.rootless import meshgate_argv
 from localcluster.up import ClusterError, ClusterSpec, find, launch
 from mesh.errors import ConfigError
@@ -65,11 +68,39 @@ def run_pod(req: PodRequest) -> int:
     pod_dir = spec.state_dir / "pods" / key
     with api_client(spec.kubeconfig) as api:
         core = k8s.CoreV1Api(api)
+        _require_namespace(core, req.namespace)
+        _ensure_service_account(core, req)
+        if spec.control_plane == "manifests":  # the kubelet runs it, injected
+            return KubePod(spec, req, core, pod_dir / "run-pod.pid").run()
         pod = _PodRun(spec, req, key, pod_dir, core)
         try:
             return pod.run()
         finally:
             pod.cleanup()
+
+
+def _require_namespace(core: Any, namespace: str) -> None:
+    from kubernetes.client.rest import ApiException
+
+    try:
+        core.read_namespace(namespace)
+    except ApiException as e:
+        if e.status == 404:
+            raise ClusterError(f"namespace {namespace!r} does not exist; create it "
+                               f"with `kubectl create namespace {namespace}`") from None
+        raise
+
+
+def _ensure_service_account(core: Any, req: PodRequest) -> None:
+    from kubernetes import client as k8s
+    from kubernetes.client.rest import ApiException
+
+    try:
+        core.create_namespaced_service_account(req.namespace, k8s.V1ServiceAccount(
+            metadata=k8s.V1ObjectMeta(name=req.service_account)))
+    except ApiException as e:
+        if e.status != 409:
+            raise
 
 
 def _pod_key(namespace: str, pod: str) -> str:
@@ -89,19 +120,9 @@ class _PodRun:
         self.stop = threading.Event()
 
     def run(self) -> int:
-        from kubernetes.client.rest import ApiException
-
         req = self.req
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "run-pod.pid").write_text(f"{os.getpid()}\n")
-        try:
-            self.core.read_namespace(req.namespace)
-        except ApiException as e:
-            if e.status == 404:
-                raise ClusterError(f"namespace {req.namespace!r} does not exist; create it "
-                                   f"with `kubectl create namespace {req.namespace}`") from None
-            raise
-        self._ensure_service_account()
         pod = netns.add_pod(self.net, self.key)
         self.added_netns = True
         uid = self._create_pod(str(pod.ip))
@@ -143,18 +164,6 @@ class _PodRun:
     def _forward(self, signum: int, frame: object) -> None:
         if self.app is not None and self.app.poll() is None:
             self.app.send_signal(signal.SIGTERM)
-
-    def _ensure_service_account(self) -> None:
-        from kubernetes import client as k8s
-        from kubernetes.client.rest import ApiException
-
-        try:
-            self.core.create_namespaced_service_account(
-                self.req.namespace, k8s.V1ServiceAccount(
-                    metadata=k8s.V1ObjectMeta(name=self.req.service_account)))
-        except ApiException as e:
-            if e.status != 409:
-                raise
 
     def _create_pod(self, ip: str) -> str:
         from kubernetes import client as k8s
@@ -309,7 +318,30 @@ def in_pod(spec: ClusterSpec, namespace: str, pod: str, argv: Sequence[str], *,
 def in_pod_argv(spec: ClusterSpec, namespace: str, pod: str, argv: Sequence[str]
                 ) -> list[str]:
     """The command line that runs `argv` inside a running pod, to `Popen` one that lasts."""
-    return netns.pod_command(spec.network, _pod_key(namespace, pod), list(argv))
+    return netns.pod_command(spec.network, _sandbox(spec, namespace, pod), list(argv))
+
+
+def _sandbox(spec: ClusterSpec, namespace: str, pod: str) -> str:
+    """The pod's name in the cluster network: the kubelet's sandbox of the Pod (named
+    after its uid), or run-pod's own for a pod it runs itself."""
+    if spec.control_plane != "manifests":
+        return _pod_key(namespace, pod)
+    from kubernetes import client as k8s
+    from kubernetes.client.rest import ApiException
+
+    from localcluster.kubelet.worker import sandbox_key
+    from mesh.kube import api_client
+
+    with api_client(spec.kubeconfig) as api:
+        try:
+            found = k8s.CoreV1Api(api).read_namespaced_pod(pod, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                raise ClusterError(f"cluster {spec.name!r} has no pod {namespace}/{pod}"
+                                   ) from None
+            raise
+    assert found.metadata is not None
+    return sandbox_key(namespace, pod, str(found.metadata.uid))
 
 
 @contextlib.contextmanager
