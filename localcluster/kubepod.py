@@ -2,7 +2,7 @@
 pod goes through the API as any user's would. Its manifest (restartPolicy Never, the
 command in a container of meshgate's image, so the kubelet runs it as this machine's
 installation, POD_NAME, POD_NAMESPACE, POD_IP and SERVICE_ACCOUNT from the downward
-API, a tcpSocket readiness probe on the first ``--port``) is injected by
+API, a readiness probe that each ``--port`` accepts connections) is injected by
 mesh.inject with the settings `meshgate inject` reads from the cluster, created, and
 run by the node's kubelet; run-pod follows the command's output, waits for it to
 end, returns its exit code and deletes the Pod, which the kubelet stops and removes
@@ -44,6 +44,13 @@ POLL = 0.2
 GONE_TIMEOUT = 60.0
 """How long the kubelet may take to stop the containers and remove the sandbox."""
 LOG_TRIES = 10
+PORTS_OPEN = """import socket, sys
+for port in sys.argv[1:]:
+    try:
+        socket.create_connection(("127.0.0.1", int(port)), 1).close()
+    except OSError as e:
+        sys.exit(f"port {port}: {e.strerror or e}")
+"""
 STARTING = (None, "ContainerCreating", "PodInitializing")
 """Reasons a container waits that are not a failure."""
 TRUSTED_GATEWAYS = CONFIG_PREFIX + "trusted-gateways"
@@ -64,8 +71,12 @@ def manifest(req: PodRequest, *, trusted_gateways: tuple[str, ...] = (),
                                  "command": list(req.command), "env": env}
     if req.ports:
         container["ports"] = [{"containerPort": p} for p in req.ports]
-        container["readinessProbe"] = {"tcpSocket": {"port": req.ports[0]},
-                                       "periodSeconds": 1, "failureThreshold": 1}
+        # Ready once every port accepts a connection on the pod's loopback, where the
+        # proxy forwards (a tcpSocket probe would dial the pod's IP, which an app
+        # bound to 127.0.0.1 never answers).
+        container["readinessProbe"] = {"exec": {"command": [
+            sys.executable, "-c", PORTS_OPEN, *map(str, req.ports)]},
+            "periodSeconds": 1, "failureThreshold": 1}
     meta: dict[str, Any] = {"name": req.name, "namespace": req.namespace}
     if req.labels:
         meta["labels"] = dict(req.labels)
