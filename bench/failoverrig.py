@@ -215,15 +215,15 @@ class Rig:
         return min(ready.values())
 
     def stop_web(self, cluster: str) -> None:
-        """SIGTERM each web pod of `cluster` (app, proxy and run-pod at once, as a kubelet
-        stops a pod) and wait until run-pod has removed it."""
+        """SIGTERM each web pod's run-pod, which deletes its Pod (the kubelet stops the
+        app and the proxy, as for `kubectl delete pod`), and wait until it is gone."""
         procs = [self.pods.pop((cluster, name)) for name in WEB_PODS[cluster]]
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-        # One SIGTERM each: run-pod forwards the first to its app, then cleans up (deletes
-        # the Pod, removes its namespace) with the default handler back, so a second one
-        # would end it half way, leaving a Pod object that still says Ready.
+        # One SIGTERM each: run-pod deletes the Pod and waits until the kubelet has
+        # removed it, with the default handler back only then, so a second one would end
+        # it half way.
         for proc in procs:
             try:
                 proc.wait(30)
