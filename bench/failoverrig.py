@@ -35,9 +35,10 @@ from kubernetes.client.rest import ApiException
 from pyroute2 import netns as pyroute_netns
 from vmrig import Teardown, stop, wait_until
 
-from localcluster import netns, wanlink
-from localcluster.pods import run_pod_argv
+from localcluster import wanlink
+from localcluster.pods import container_log, in_pod_argv, run_pod_argv
 from localcluster.up import find
+from mesh.inject import PROXY_CONTAINER
 from mesh.kube import api_client
 
 EAST, WEST, CENTRAL = "fbeast", "fbwest", "fbcentral"
@@ -235,14 +236,14 @@ class Rig:
                    ) -> subprocess.Popen[bytes]:
         """`script` run by this interpreter in east's client pod; its stdin is a pipe, to
         be closed to end it."""
-        argv = netns.pod_command(find(EAST).network, f"default-{CLIENT}",
-                                 [sys.executable, "-c", script, *args])
+        argv = in_pod_argv(find(EAST), "default", CLIENT, [sys.executable, "-c", script,
+                                                            *args])
         self.load = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err,
                                      start_new_session=True)
         return self.load
 
     def client_proxy_log(self) -> Path:
-        return self.state(EAST) / "pods" / f"default-{CLIENT}" / "proxy.log"
+        return container_log(find(EAST), "default", CLIENT, PROXY_CONTAINER)
 
     # -- faults ---------------------------------------------------------------------------
 

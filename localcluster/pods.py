@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from localcluster import netns
@@ -86,25 +87,41 @@ def in_pod_argv(spec: ClusterSpec, namespace: str, pod: str, argv: Sequence[str]
     return netns.pod_command(spec.network, _sandbox(spec, namespace, pod), list(argv))
 
 
+def container_log(spec: ClusterSpec, namespace: str, pod: str, container: str) -> Path:
+    """The file the kubelet writes the container's current run's output to (CRI
+    format), for readers that follow it on this machine."""
+    from localcluster.kubelet.worker import pod_dir
+
+    found = _read_pod(spec, namespace, pod)
+    statuses = [*(found.status.init_container_statuses or []),
+                *(found.status.container_statuses or [])] if found.status else []
+    restarts = next((s.restart_count for s in statuses if s.name == container), 0)
+    return (pod_dir(spec.state_dir / "kubelet" / "pods", namespace, pod,
+                    str(found.metadata.uid)) / container / f"{restarts}.log")
+
+
 def _sandbox(spec: ClusterSpec, namespace: str, pod: str) -> str:
     """The pod's name in the cluster network: the kubelet's sandbox of the Pod, named
     after its uid."""
+    from localcluster.kubelet.worker import sandbox_key
+
+    return sandbox_key(namespace, pod, str(_read_pod(spec, namespace, pod).metadata.uid))
+
+
+def _read_pod(spec: ClusterSpec, namespace: str, pod: str) -> Any:
     from kubernetes import client as k8s
     from kubernetes.client.rest import ApiException
 
-    from localcluster.kubelet.worker import sandbox_key
     from mesh.kube import api_client
 
     with api_client(spec.kubeconfig) as api:
         try:
-            found = k8s.CoreV1Api(api).read_namespaced_pod(pod, namespace)
+            return k8s.CoreV1Api(api).read_namespaced_pod(pod, namespace)
         except ApiException as e:
             if e.status == 404:
                 raise ClusterError(f"cluster {spec.name!r} has no pod {namespace}/{pod}"
                                    ) from None
             raise
-    assert found.metadata is not None
-    return sandbox_key(namespace, pod, str(found.metadata.uid))
 
 
 def run_pod_argv(cluster: str, name: str, command: Sequence[str], *, service_account: str,
