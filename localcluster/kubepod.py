@@ -178,7 +178,20 @@ class KubePod:
         self.stopping.set()
 
     def _read(self) -> Any:
-        return self.core.read_namespaced_pod(self.req.name, self.req.namespace)
+        """The Pod; None once it is gone. ClusterError if the API server is away."""
+        from kubernetes.client.rest import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return self.core.read_namespaced_pod(self.req.name, self.req.namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise ClusterError(f"cannot read pod {self.req.namespace}/{self.req.name}: "
+                               f"{e.status} {e.reason}") from None
+        except (HTTPError, OSError) as e:
+            raise ClusterError(f"lost the API server of cluster {self.spec.name!r} while "
+                               f"pod {self.req.namespace}/{self.req.name} ran ({e})") from None
 
     def _wait(self) -> int:
         """Until the command's container has terminated: its exit code."""
@@ -188,6 +201,11 @@ class KubePod:
                 self._request_delete()  # the kubelet sends the command SIGTERM
                 deleted = True
             pod = self._read()
+            if pod is None:
+                if deleted:  # stopped before the command ran: as if it had been killed
+                    return 128 + signal.SIGTERM
+                raise ClusterError(f"pod {self.req.namespace}/{self.req.name} was deleted "
+                                   "before its command ended")
             self._follow_when_started(pod)
             code = exit_code(pod)
             if code is not None:
@@ -199,9 +217,6 @@ class KubePod:
             if not deleted and (why := not_startable(pod)) is not None:
                 raise ClusterError(f"pod {self.req.namespace}/{self.req.name}: the command "
                                    f"cannot start: {why}")
-            if deleted and pod.metadata.deletion_timestamp is None:
-                raise ClusterError(f"pod {self.req.namespace}/{self.req.name} was removed "
-                                   "before its command ended")
             self.stopping.wait(POLL)
 
     def _follow_when_started(self, pod: Any) -> None:
@@ -250,18 +265,25 @@ class KubePod:
         return "(it wrote nothing)"
 
     def _request_delete(self) -> None:
+        """Ask for the Pod's deletion (with its grace period); ClusterError if refused
+        or the API server is away."""
         from kubernetes.client.rest import ApiException
+        from urllib3.exceptions import HTTPError
 
         try:
             self.core.delete_namespaced_pod(self.req.name, self.req.namespace)
         except ApiException as e:
             if e.status != 404:
-                raise
+                raise ClusterError(f"cannot delete pod {self.req.namespace}/{self.req.name}"
+                                   f": {e.status} {e.reason}") from None
+        except (HTTPError, OSError) as e:
+            raise ClusterError(f"cannot delete pod {self.req.namespace}/{self.req.name}: "
+                               f"the API server of cluster {self.spec.name!r} is away "
+                               f"({e})") from None
 
     def _delete(self) -> None:
         """Delete the Pod and wait until the kubelet has removed it (its containers
         stopped, its sandbox gone)."""
-        from kubernetes.client.rest import ApiException
 
         if not self.created:
             return
@@ -269,16 +291,14 @@ class KubePod:
         self.pid_file.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.pid_file.parent.rmdir()
-        with contextlib.suppress(ApiException, OSError):
+        with contextlib.suppress(ClusterError):
             self._request_delete()
         deadline = self.clock() + GONE_TIMEOUT
         while self.clock() < deadline:
             try:
-                self._read()
-            except ApiException as e:
-                if e.status == 404:
+                if self._read() is None:
                     return
-            except OSError:
+            except ClusterError:
                 return  # the API server is gone: `cluster down` removes the rest
             time.sleep(POLL)
         log.warning("pod %s/%s still there after %.0fs", self.req.namespace, self.req.name,

@@ -156,6 +156,27 @@ def test_a_stopped_run_pod_leaves_no_pod_namespace_or_process(mc: Clusters,
     assert ps.stdout == ""
 
 
+def test_stopped_before_its_command_runs_run_pod_leaves_nothing(mc: Clusters) -> None:
+    before = pod_netns()
+    argv = run_pod_argv(NAME, "early", ("sleep", "7499"), service_account="default")
+    proc = subprocess.Popen(argv, env=mc.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        # As soon as the Pod exists (its init container may still be running).
+        wait_for(lambda: "pod/early" in pods(mc), timeout=40, interval=0.05,
+                 what="the Pod to exist")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "pod/early" not in pods(mc)
+    assert pod_netns() == before
+    assert subprocess.run(["pgrep", "-f", "sleep 7499"], capture_output=True).stdout == b""
+
+
 def test_a_pod_whose_proxy_fails_ends_run_pod_with_the_reason(mc: Clusters) -> None:
     before = pod_netns()
     # The control plane's own identity is never issued to a workload.
