@@ -35,9 +35,10 @@ from kubernetes.client.rest import ApiException
 from pyroute2 import netns as pyroute_netns
 from vmrig import Teardown, stop, wait_until
 
-from localcluster import netns, wanlink
-from localcluster.pods import run_pod_argv
+from localcluster import wanlink
+from localcluster.pods import container_log, in_pod_argv, run_pod_argv
 from localcluster.up import find
+from mesh.inject import PROXY_CONTAINER
 from mesh.kube import api_client
 
 EAST, WEST, CENTRAL = "fbeast", "fbwest", "fbcentral"
@@ -215,15 +216,15 @@ class Rig:
         return min(ready.values())
 
     def stop_web(self, cluster: str) -> None:
-        """SIGTERM each web pod of `cluster` (app, proxy and run-pod at once, as a kubelet
-        stops a pod) and wait until run-pod has removed it."""
+        """SIGTERM each web pod's run-pod, which deletes its Pod (the kubelet stops the
+        app and the proxy, as for `kubectl delete pod`), and wait until it is gone."""
         procs = [self.pods.pop((cluster, name)) for name in WEB_PODS[cluster]]
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-        # One SIGTERM each: run-pod forwards the first to its app, then cleans up (deletes
-        # the Pod, removes its namespace) with the default handler back, so a second one
-        # would end it half way, leaving a Pod object that still says Ready.
+        # One SIGTERM each: run-pod deletes the Pod and waits until the kubelet has
+        # removed it, with the default handler back only then, so a second one would end
+        # it half way.
         for proc in procs:
             try:
                 proc.wait(30)
@@ -235,14 +236,14 @@ class Rig:
                    ) -> subprocess.Popen[bytes]:
         """`script` run by this interpreter in east's client pod; its stdin is a pipe, to
         be closed to end it."""
-        argv = netns.pod_command(find(EAST).network, f"default-{CLIENT}",
-                                 [sys.executable, "-c", script, *args])
+        argv = in_pod_argv(find(EAST), "default", CLIENT, [sys.executable, "-c", script,
+                                                            *args])
         self.load = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err,
                                      start_new_session=True)
         return self.load
 
     def client_proxy_log(self) -> Path:
-        return self.state(EAST) / "pods" / f"default-{CLIENT}" / "proxy.log"
+        return container_log(find(EAST), "default", CLIENT, PROXY_CONTAINER)
 
     # -- faults ---------------------------------------------------------------------------
 

@@ -508,7 +508,7 @@ def add_pod(net: ClusterNetwork, pod: str, *, services_local: bool = True) -> Po
     pod that is fully there returns it; on failure nothing of the pod is left.
 
     `services_local`: the service CIDR is made local in the pod, for a proxy in it to
-    take (``cluster run-pod``); without, the pod reaches Services through the node's
+    take; without, the pod reaches Services through the node's
     service proxy (localcluster.serviceproxy), as the kubelet's pods do."""
     if not _LABEL.fullmatch(pod):
         raise ConfigError(f"pod name {pod!r} must be a DNS label (lower-case letters, "

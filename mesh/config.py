@@ -84,6 +84,12 @@ def _identity_pattern(value: str) -> str:
     return value
 
 
+def check_identity_pattern(value: str) -> str:
+    """`value` if it is an identity pattern a proxy accepts (a trusted gateway's); a
+    ValueError saying why not."""
+    return _identity_pattern(value)
+
+
 def _label_selector(value: str) -> str:
     """``key=value``: one label a Service must carry."""
     key, sep, label = value.partition("=")

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh import portlist
+from mesh.config import check_identity_pattern
 from mesh.discovery.index import INBOUND_PORT_ANNOTATION
 from mesh.errors import ConfigError
 from mesh.identity.names import DEFAULT_CONTROL_NS, SERVICE_AUDIENCE
@@ -77,6 +78,9 @@ ANNOTATIONS = {
                            "(meshgate-init routes them past the AnyIP route)",
     "skip-inbound-ports": "the pod's ports that callers reach directly, not through its "
                           "proxy (the control plane reads it from the pod)",
+    "trusted-gateways": "identities of multicluster gateways (comma-separated; '*.' and a "
+                        "suffix matches several) whose forwarded caller the proxy "
+                        "authorizes and counts instead of the gateway",
 }
 """The ``config.meshgate.io/<key>`` annotations a pod template may carry."""
 
@@ -237,6 +241,7 @@ class _Config:
     image: str | None = None
     opaque_ports: str | None = None
     skip_outbound_ports: str | None = None
+    trusted_gateways: tuple[str, ...] = ()
 
 
 def _read_config(annotations: dict[str, Any]) -> _Config:
@@ -262,7 +267,20 @@ def _read_config(annotations: dict[str, Any]) -> _Config:
     _ports(values, "skip-inbound-ports")  # checked here; mesh.discovery.index reads it
     return _Config(log_level=level, resources=tuple(resources), image=image,
                    opaque_ports=_ports(values, "opaque-ports"),
-                   skip_outbound_ports=_ports(values, "skip-outbound-ports"))
+                   skip_outbound_ports=_ports(values, "skip-outbound-ports"),
+                   trusted_gateways=_gateways(values))
+
+
+def _gateways(values: dict[str, str]) -> tuple[str, ...]:
+    key = "trusted-gateways"
+    names = tuple(n.strip() for n in values.get(key, "").split(",") if n.strip())
+    for name in names:
+        try:
+            check_identity_pattern(name)
+        except ValueError as e:
+            raise ConfigError(f"annotation {CONFIG_PREFIX}{key}={values[key]!r}: "
+                              f"{e}") from None
+    return names
 
 
 def _ports(values: dict[str, str], key: str) -> str | None:
@@ -352,6 +370,9 @@ def _proxy_env(settings: InjectSettings, config: _Config) -> list[Obj]:
         {"name": env.OUTBOUND_LISTEN_ADDR, "value": f"127.0.0.1:{OUTBOUND_PORT}"},
         {"name": env.ADMIN_LISTEN_ADDR, "value": f"0.0.0.0:{ADMIN_PORT}"},
     ]
+    if config.trusted_gateways:
+        out.append({"name": env.INBOUND_TRUSTED_GATEWAYS,
+                    "value": ",".join(config.trusted_gateways)})
     if config.opaque_ports is not None:
         out.append({"name": env.OUTBOUND_OPAQUE_PORTS,
                     "value": ",".join(map(str, portlist.ports(portlist.port_ranges(

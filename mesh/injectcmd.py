@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -166,15 +166,23 @@ def _uninject(args: argparse.Namespace) -> int:
 
 def settings_from(args: argparse.Namespace) -> InjectSettings:
     """The flags' settings, completed from the cluster when some are missing."""
+    return settings(args.kubeconfig, service_cidrs=args.service_cidr,
+                    identity_dir=args.identity_dir, trust_domain=args.trust_domain,
+                    cluster_domain=args.cluster_domain)
+
+
+def settings(kubeconfig: Path | None, *, service_cidrs: Sequence[str] = (),
+             identity_dir: Path | None = None, trust_domain: str | None = None,
+             cluster_domain: str | None = None) -> InjectSettings:
+    """The settings given, the others read from the cluster of `kubeconfig`."""
     from mesh.inject import InjectSettings
 
-    cidrs = [c.strip() for flag in args.service_cidr for c in flag.split(",") if c.strip()]
+    cidrs = [c.strip() for flag in service_cidrs for c in flag.split(",") if c.strip()]
     bundle_pem: str | None = None
-    if args.identity_dir is not None:
-        bundle_pem = _identity_dir_bundle(args.identity_dir)
-    cluster_domain = args.cluster_domain
+    if identity_dir is not None:
+        bundle_pem = _identity_dir_bundle(identity_dir)
     if not cidrs or bundle_pem is None:
-        cluster = ClusterSettings.from_kubeconfig(args.kubeconfig)
+        cluster = ClusterSettings.from_kubeconfig(kubeconfig)
         if bundle_pem is None:
             bundle_pem = cluster.trust_bundle()
         if not cidrs:
@@ -182,7 +190,7 @@ def settings_from(args: argparse.Namespace) -> InjectSettings:
         if cluster_domain is None:
             cluster_domain = cluster.cluster_domain()
     cluster_domain = cluster_domain or "cluster.local"
-    trust_domain = args.trust_domain or _trust_domain(bundle_pem)
+    trust_domain = trust_domain or _trust_domain(bundle_pem)
     try:
         check_trust_domain(trust_domain)
     except MeshError as e:

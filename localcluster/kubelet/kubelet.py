@@ -3,9 +3,8 @@ process: it registers the Node (and keeps its heartbeat), binds unscheduled
 Pods to it, and keeps one `PodWorker` per Pod bound to it. Store events only
 enqueue Pod keys; each reconcile reads the Pod as it is now.
 
-Pods that ``cluster run-pod`` runs itself carry kube's mirror-pod annotation
-(`MIRROR_ANNOTATION`), as a kubelet's static Pods do: the kubelet leaves them
-alone.
+Pods that carry kube's mirror-pod annotation (`MIRROR_ANNOTATION`), as a
+kubelet's static Pods do, run elsewhere: the kubelet leaves them alone.
 """
 
 from __future__ import annotations

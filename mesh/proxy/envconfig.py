@@ -41,6 +41,9 @@ OUTBOUND_LISTEN_ADDR = PREFIX + "OUTBOUND_LISTEN_ADDR"
 ADMIN_LISTEN_ADDR = PREFIX + "ADMIN_LISTEN_ADDR"
 OUTBOUND_OPAQUE_PORTS = PREFIX + "OUTBOUND_OPAQUE_PORTS"
 """Comma-separated ports relayed without protocol detection (in place of the default)."""
+INBOUND_TRUSTED_GATEWAYS = PREFIX + "INBOUND_TRUSTED_GATEWAYS"
+"""Comma-separated identities of gateways whose forwarded caller the inbound side
+authorizes (a multicluster gateway's)."""
 TRUST_BUNDLE_FILE = "trust-bundle.pem"
 
 _REQUIRED = (LOCAL_NAME, TRUST_ANCHORS, IDENTITY_DIR, TOKEN_FILE, IDENTITY_SVC_ADDR,
@@ -65,7 +68,7 @@ def proxy_config(env: Mapping[str, str]) -> tuple[ProxyConfig, str]:
                      "server": identity_server, "tokenFile": env[TOKEN_FILE].strip()},
         "destination": {"server": f"https://{env[DESTINATION_SVC_ADDR].strip()}"},
         "workload": {"namespace": env[POD_NAMESPACE].strip(), "pod": env[POD_NAME].strip()},
-        "inbound": _listen(env, INBOUND_LISTEN_ADDR),
+        "inbound": {**_listen(env, INBOUND_LISTEN_ADDR), **_gateways(env)},
         "outbound": {**_listen(env, OUTBOUND_LISTEN_ADDR), **_opaque(env)},
         "admin": _listen(env, ADMIN_LISTEN_ADDR),
     }
@@ -80,6 +83,11 @@ def proxy_config(env: Mapping[str, str]) -> tuple[ProxyConfig, str]:
 def _listen(env: Mapping[str, str], name: str) -> dict[str, str]:
     value = env.get(name, "").strip()
     return {"listen": value} if value else {}
+
+
+def _gateways(env: Mapping[str, str]) -> dict[str, list[str]]:
+    names = [n.strip() for n in env.get(INBOUND_TRUSTED_GATEWAYS, "").split(",") if n.strip()]
+    return {"trustedGateways": names} if names else {}
 
 
 def _opaque(env: Mapping[str, str]) -> dict[str, list[int]]:

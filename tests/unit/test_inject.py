@@ -274,6 +274,7 @@ def test_config_annotations_tune_the_proxy() -> None:
     ("opaque-ports", "5432,http", "'http' is not a port"),
     ("skip-outbound-ports", "70000", "is not a port"),
     ("skip-inbound-ports", "admin", "is not a port"),
+    ("trusted-gateways", "*", "after '\\*\\.' must come|write '\\*\\.' and a suffix"),
 ])
 def test_a_bad_config_annotation_is_refused_naming_it(annotation: str, value: str,
                                                       message: str) -> None:
@@ -283,6 +284,20 @@ def test_a_bad_config_annotation_is_refused_naming_it(annotation: str, value: st
     with pytest.raises(ConfigError, match=f"deployment/web: annotation config.meshgate.io/"
                        f"{annotation}={value!r}.*{message}"):
         inject(doc, SETTINGS)
+
+
+def test_trusted_gateways_reach_the_proxys_inbound_config() -> None:
+    gateway = "meshgate-gateway.meshgate.serviceaccount.identity.meshgate.example.org"
+    out, _ = inject(with_annotations(trusted_gateways=f"{gateway}, *.gw.example.org"),
+                    SETTINGS)
+    proxy = pod_spec(out)["initContainers"][1]
+    env = {e["name"]: e.get("value", "x") for e in proxy["env"]}
+    assert env[envconfig.INBOUND_TRUSTED_GATEWAYS] == f"{gateway},*.gw.example.org"
+    config, _ = envconfig.proxy_config(env)
+    assert config.inbound.trusted_gateways == [gateway, "*.gw.example.org"]
+    plain, _ = inject(WORKLOADS["Deployment"], SETTINGS)
+    assert envconfig.INBOUND_TRUSTED_GATEWAYS not in {
+        e["name"] for e in pod_spec(plain)["initContainers"][1]["env"]}
 
 
 def test_the_pod_lets_the_proxy_bind_service_ports_below_1024() -> None:
