@@ -45,10 +45,10 @@ def add_cluster_commands(commands: Any) -> None:
                     "up to ±J (2ms)")
     up.add_argument("--wan-loss", metavar="P%", help="with --multicluster: netem loss on "
                     "the node's WAN link, each way (0.5%%)")
-    up.add_argument("--control-plane", choices=("daemons", "manifests"), default="daemons",
-                    help="daemons (default): run the control plane, gateway and mirrors as "
-                    "processes of the node; manifests: install them with `meshgate install`'s "
-                    "manifests and let the kubelet run them as Deployments")
+    up.add_argument("--control-plane", choices=("manifests", "daemons"), default="manifests",
+                    help="manifests (default): install the control plane, gateway and mirror "
+                    "controller with `meshgate install`'s manifests and let the kubelet run "
+                    "them as Deployments; daemons: run them as processes of the node")
     up.set_defaults(func=_up)
 
     pod = commands.add_parser("run-pod", help="run a command as a meshed pod, in the "

@@ -41,6 +41,7 @@ class InstallError(MeshError):
 
 def install_manifests(kubeconfig: Path, identity_dir: Path, *,
                       control_addresses: Sequence[str] = (),
+                      control_args: Sequence[str] = (),
                       available_timeout: float = AVAILABLE_TIMEOUT,
                       clock: Callable[[], float] = time.monotonic,
                       sleep: Callable[[float], None] = time.sleep) -> list[str]:
@@ -49,13 +50,16 @@ def install_manifests(kubeconfig: Path, identity_dir: Path, *,
     `control_addresses` become the control plane Service's ``externalIPs``: the
     node's addresses, where `cluster run-pod`'s proxies (which take the whole service
     CIDR, so cannot use a ClusterIP) and VMs on the WAN reach the control plane, as
-    they reach the daemon of ``--control-plane=daemons``."""
+    they reach the daemon of ``--control-plane=daemons``. `control_args` go after the
+    control plane container's own (``--cluster-name``, ``--workload-heartbeat``: what
+    `cluster up` was asked for)."""
     from kubernetes.dynamic import DynamicClient
 
     from mesh.kube import api_client
 
     crds = manifests.build(manifests.CRDS)
     docs = install.render(IssuerDir(identity_dir))
+    add_control_args(docs, control_args)
     with api_client(kubeconfig) as api:
         first = DynamicClient(api)
         _apply(first, crds)
@@ -76,6 +80,15 @@ def install_manifests(kubeconfig: Path, identity_dir: Path, *,
     names = [d["metadata"]["name"] for d in deployments]
     log.info("meshgate installed from manifests deployments=%s", ",".join(names))
     return names
+
+
+def add_control_args(docs: list[dict[str, Any]], args: Sequence[str]) -> None:
+    """Append `args` to the control plane container's arguments, in place."""
+    for doc in docs:
+        if doc["kind"] == "Deployment" and doc["metadata"]["name"] == CONTROL_SERVICE:
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                if container["name"] == "control":
+                    container["args"] = [*container.get("args", []), *args]
 
 
 def _apply(client: Any, docs: Iterable[dict[str, Any]], *,

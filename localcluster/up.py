@@ -284,7 +284,7 @@ class UpRequest:
     wan_loss: str | None = None
     """"0.5%"."""
     workload_heartbeat: str = "10s"
-    control_plane: str = "daemons"
+    control_plane: str = "manifests"
 
 
 CONTROL_PLANES = ("daemons", "manifests")
@@ -439,7 +439,10 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
         from localcluster.manifestinstall import install_manifests
 
         install_manifests(spec.kubeconfig, spec.identity_dir, control_addresses=[
-            a for a in (spec.node_address, spec.wan_address) if a is not None])
+            a for a in (spec.node_address, spec.wan_address) if a is not None],
+            control_args=[f"--cluster-name={spec.name}", f"--cluster-domain="
+                          f"{spec.cluster_domain}",
+                          f"--workload-heartbeat={spec.workload_heartbeat}"])
         return
     from kubernetes import client as k8s
 
