@@ -1,9 +1,11 @@
 """Two clusters on one WAN, as a user runs them: `meshgate cluster up --multicluster`
 with a shared trust anchor, linked both ways with `meshgate multicluster link` and
 `kubectl apply`, and a pod in one calling the other's exported Service by its
-mirror's name, through the other cluster's gateway.
+mirror's name, through the other cluster's gateway. The control plane, gateway and
+mirror controller are meshgate's own manifests, run by each cluster's kubelet.
 
-    client (east pod) -> east node (masquerade) -> WAN -> west gateway -> web (west pod)
+    client (east pod) -> east node (masquerade) -> WAN -> west node (DNAT to the
+    gateway Pod) -> west gateway -> web (west pod)
 """
 
 from __future__ import annotations
@@ -105,6 +107,14 @@ def test_a_pod_calls_the_other_cluster_by_name_and_the_target_sees_it(mc: Cluste
     assert mc.metric(WEST, "web-1", "tcp_open_total", client_id=GATEWAY_ID) == 0
     # Linked the other way too: west's mirror Pod runs a mirror controller for east's Link.
     assert components.processes(find(WEST), "meshgate-mirror", argv_has=f"--link\0{EAST}\0")
+
+
+def test_link_finds_the_gateway_pod_at_its_wan_address(mc: Clusters) -> None:
+    # No address flags to `link`: the gateway's from its LoadBalancer Service, whose
+    # ingress the node's service proxy gave the node's WAN address.
+    link = mc.kubectl(EAST, "-n", "meshgate", "get", "link", WEST, "-o",
+                      "jsonpath={.spec.gatewayAddress}:{.spec.gatewayPort}")
+    assert link == f"{mc.wan_address(WEST)}:4143"
 
 
 def test_pod_networks_are_not_routed_on_the_wan(mc: Clusters) -> None:
