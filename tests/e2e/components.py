@@ -29,6 +29,12 @@ def pods(spec: ClusterSpec, deployment: str) -> list[client.V1Pod]:
             and p.status.phase == "Running" and p.status.pod_ip]
 
 
+def restarts(spec: ClusterSpec, deployment: str) -> int:
+    """The restart count of the Deployment's running Pod's first container."""
+    return sum(s.restart_count for p in pods(spec, deployment)
+               for s in (p.status.container_statuses or [])[:1])
+
+
 def processes(spec: ClusterSpec, deployment: str, *, argv_has: str = "") -> list[int]:
     """The pids of the processes in the Deployment's running Pods whose command line
     contains `argv_has` (NUL-separated arguments, as /proc/PID/cmdline has them)."""

@@ -197,8 +197,8 @@ def test_a_killed_gateway_is_restarted_by_the_kubelet(mc: Clusters) -> None:
                                                   argv_has="gateway\0run"))
              and not set(now) & set(killed), timeout=30, interval=0.2,
              what="the kubelet to start the gateway again")
-    assert components.pods(spec, "meshgate-gateway")[0].status.container_statuses[
-        0].restart_count >= 1
+    wait_for(lambda: components.restarts(spec, "meshgate-gateway") >= 1, timeout=10,
+             interval=0.2, what="the Pod's status to count the restart")
     wait_for(lambda: all(a.startswith("200") for a in calls(mc, 2)), timeout=30,
              interval=0.5, what="calls to pass through the restarted gateway")
 
