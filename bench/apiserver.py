@@ -15,11 +15,10 @@ up` and measures, with the pinned kubectl as a user would run it, the time from
 and from `kubectl delete` to the last Pod gone; then the kubelet's RSS and CPU (it runs
 in the API server's process) with 50 Pods running, over an idle minute.
 
-With `--control-planes` (root) it times `meshgate cluster up --multicluster` in both
-control-plane modes: daemons (the default) and manifests (meshgate's manifests run by
-the kubelet as Deployments): from the command's start to its return, and to the
-control plane's /ready answering; then the resident memory of the control plane and
-the gateway, as daemons and as Deployments' Pods.
+With `--control-planes` (root) it times `meshgate cluster up --multicluster`, which
+installs meshgate's manifests for the kubelet to run as Deployments: from the command's
+start to its return, and to the control plane's /ready answering; then the resident
+memory of the control plane's and the gateway's Pods.
 """
 
 from __future__ import annotations
@@ -323,10 +322,9 @@ def pod_pids(cluster: str, deployment: str) -> list[int]:
 
 
 def control_plane_bench() -> None:
-    """`cluster up --multicluster` to a ready control plane, daemons against manifests."""
+    """`cluster up --multicluster` to a ready control plane."""
     rows = []
-    for mode, cluster, wan in (("daemons", "mgbenchd", "mg-benchdwan"),
-                               ("manifests", "mgbenchm", "mg-benchmwan")):
+    for mode, cluster, wan in (("manifests", "mgbenchm", "mg-benchmwan"),):
         with tempfile.TemporaryDirectory(prefix="meshgate-bench-cp-") as tmp:
             base = Path(tmp)
             env = {**os.environ, "MESHGATE_RUN_DIR": str(base / "run")}
@@ -336,23 +334,18 @@ def control_plane_bench() -> None:
             subprocess.run([*meshgate, "cluster", "up", "--name", cluster, "--state-dir",
                             str(state), "--pod-cidr", "10.219.0.0/16", "--service-cidr",
                             "10.220.0.0/16", "--multicluster", "--wan", wan, "--wan-cidr",
-                            "172.31.237.0/24", f"--control-plane={mode}"], env=env,
+                            "172.31.237.0/24"], env=env,
                            check=True, capture_output=True, timeout=600)
             up_s = time.monotonic() - t
             try:
-                if mode == "daemons":
-                    address = "10.219.0.1"
-                    control = [int((state / "run" / "control.pid").read_text())]
-                    gateway = [int((state / "run" / "gateway.pid").read_text())]
-                else:
-                    kubectl = str(Path(sys.executable).parent / "kubectl")
-                    address = subprocess.run(
-                        [kubectl, "--kubeconfig", str(state / "kubeconfig"), "-n", "meshgate",
-                         "get", "pods", "-l", "app.kubernetes.io/name=meshgate-control", "-o",
-                         "jsonpath={.items[0].status.podIP}"], check=True, text=True,
-                        capture_output=True).stdout
-                    control = pod_pids(cluster, "meshgate-control")
-                    gateway = pod_pids(cluster, "meshgate-gateway")
+                kubectl = str(Path(sys.executable).parent / "kubectl")
+                address = subprocess.run(
+                    [kubectl, "--kubeconfig", str(state / "kubeconfig"), "-n", "meshgate",
+                     "get", "pods", "-l", "app.kubernetes.io/name=meshgate-control", "-o",
+                     "jsonpath={.items[0].status.podIP}"], check=True, text=True,
+                    capture_output=True).stdout
+                control = pod_pids(cluster, "meshgate-control")
+                gateway = pod_pids(cluster, "meshgate-gateway")
                 subprocess.run([*meshgate, "cluster", "exec", "--name", cluster, "--",
                                 sys.executable, "-c", READY, f"https://{address}:8086/ready"],
                                env=env, check=True, capture_output=True, timeout=600)
@@ -381,7 +374,7 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=60.0,
                         help="seconds over which the kubelet's idle CPU is measured")
     parser.add_argument("--control-planes", action="store_true",
-                        help="only time `cluster up` in both control-plane modes (needs root)")
+                        help="only time `cluster up` to a ready control plane (needs root)")
     args = parser.parse_args()
     if args.control_planes:
         control_plane_bench()

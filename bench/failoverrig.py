@@ -9,8 +9,9 @@ answer says which cluster served it: two in east, one in west, one in central.
 East's ``client`` pod is where the load runs (its proxy is the one that fails
 over). `Rig.down` removes whatever of it was made.
 
-Faults: east's web pods stopped and started again, west's gateway process killed
-and started again (`cluster up` again starts a cluster's missing daemons), west
+Faults: east's web pods stopped and started again, west's gateway taken down (its
+Deployment scaled to nothing) and brought back (`cluster up` again applies meshgate's
+manifests again, one replica), west
 partitioned and healed (localcluster.wanlink), and netem loss or delay on west's
 WAN link (localcluster.wanlink.set_link; refused on a kernel without netem).
 """
@@ -164,7 +165,8 @@ class Rig:
                        f"{EAST} to mirror {remote}'s web with a ready endpoint", interval=0.3)
 
     def cluster_up(self, cluster: str) -> None:
-        """`cluster up`; for a cluster that is up, it starts its missing daemons."""
+        """`cluster up`; for a cluster that is up, it applies meshgate's manifests again
+        (a Deployment scaled down is scaled back up)."""
         pods, services = CIDRS[cluster]
         self.meshgate("cluster", "up", "--name", cluster, "--state-dir",
                       str(self.state(cluster)), "--pod-cidr", pods, "--service-cidr",
@@ -248,8 +250,12 @@ class Rig:
     # -- faults ---------------------------------------------------------------------------
 
     def kill_gateway(self, cluster: str) -> None:
-        pid = int((self.state(cluster) / "run" / "gateway.pid").read_text().strip())
-        os.kill(pid, signal.SIGKILL)
+        """The gateway down until `cluster_up`: its Deployment scaled to nothing (a
+        killed process alone the kubelet would start again at once)."""
+        subprocess.run([str(Path(sys.executable).parent / "kubectl"), "--kubeconfig",
+                        str(self.kubeconfig(cluster)), "-n", "meshgate", "scale",
+                        "deploy/meshgate-gateway", "--replicas=0"], check=True,
+                       capture_output=True, timeout=30)
 
     def partition(self, cluster: str) -> None:
         wanlink.partition(WAN, f"cluster/{cluster}")

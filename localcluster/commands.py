@@ -45,10 +45,6 @@ def add_cluster_commands(commands: Any) -> None:
                     "up to ±J (2ms)")
     up.add_argument("--wan-loss", metavar="P%", help="with --multicluster: netem loss on "
                     "the node's WAN link, each way (0.5%%)")
-    up.add_argument("--control-plane", choices=("daemons", "manifests"), default="daemons",
-                    help="daemons (default): run the control plane, gateway and mirrors as "
-                    "processes of the node; manifests: install them with `meshgate install`'s "
-                    "manifests and let the kubelet run them as Deployments")
     up.set_defaults(func=_up)
 
     pod = commands.add_parser("run-pod", help="run a command as a meshed pod, in the "
@@ -166,15 +162,13 @@ def _up(args: argparse.Namespace) -> int:
                         multicluster=args.multicluster, wan=args.wan, wan_cidr=args.wan_cidr,
                         wan_address=args.wan_address, wan_delay=args.wan_delay,
                         wan_jitter=args.wan_jitter, wan_loss=args.wan_loss,
-                        workload_heartbeat=args.workload_heartbeat,
-                        control_plane=args.control_plane))
+                        workload_heartbeat=args.workload_heartbeat))
     print(f"cluster {spec.name} is up: node {spec.node_address} in network namespace "
           f"{spec.node_netns}, trust domain {spec.trust_domain}")
     print(f"kubeconfig: {spec.kubeconfig}")
     print(f"  kubectl --kubeconfig {spec.kubeconfig} get pods -A")
-    if spec.control_plane == "manifests":
-        print(f"control plane: meshgate's manifests, as Deployments: kubectl --kubeconfig "
-              f"{spec.kubeconfig} -n meshgate get deploy")
+    print(f"control plane: meshgate's manifests, as Deployments: kubectl --kubeconfig "
+          f"{spec.kubeconfig} -n meshgate get deploy")
     if spec.wan_address is not None:
         print(f"WAN {spec.wan}: {spec.wan_address} (API server :6443, control plane :8086, "
               "gateway :4143, probe :4191)")

@@ -1,6 +1,5 @@
-"""`cluster up --control-plane=manifests`: meshgate installed into the embedded
-cluster with the objects `meshgate install` renders, as on a real cluster, and run
-by the node's kubelet instead of as daemons of `cluster up`.
+"""`cluster up`: meshgate installed into the embedded cluster with the objects
+`meshgate install` renders, as on a real cluster, and run by the node's kubelet.
 
 In Linkerd's order: the CustomResourceDefinitions (``meshgate install --crds``)
 first, until each is Established; then the rest (``meshgate install
@@ -30,6 +29,17 @@ NODE_FIELD_MANAGER = "meshgate-cluster-up"
 """Who writes what the embedded cluster adds to the manifests (the control plane
 Service's externalIPs)."""
 CONTROL_SERVICE = "meshgate-control"
+JOIN_TOKENS_BINDING = {
+    "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+    "metadata": {"name": "meshgate-control-join-tokens",
+                 "labels": {"app.kubernetes.io/part-of": "meshgate"}},
+    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                "name": "meshgate-control-join-tokens"},
+    "subjects": [{"kind": "ServiceAccount", "name": "meshgate-control",
+                  "namespace": DEFAULT_CONTROL_NS}]}
+"""The manifests leave the join-token role unbound (an operator binds it in each VM
+namespace, deploy/rbac-control.yaml); the embedded cluster binds it everywhere, so
+that `vm join` works in any namespace, as a development cluster should."""
 ESTABLISH_TIMEOUT = 30.0
 AVAILABLE_TIMEOUT = 180.0
 POLL = 0.2
@@ -41,6 +51,7 @@ class InstallError(MeshError):
 
 def install_manifests(kubeconfig: Path, identity_dir: Path, *,
                       control_addresses: Sequence[str] = (),
+                      control_args: Sequence[str] = (),
                       available_timeout: float = AVAILABLE_TIMEOUT,
                       clock: Callable[[], float] = time.monotonic,
                       sleep: Callable[[float], None] = time.sleep) -> list[str]:
@@ -48,14 +59,17 @@ def install_manifests(kubeconfig: Path, identity_dir: Path, *,
 
     `control_addresses` become the control plane Service's ``externalIPs``: the
     node's addresses, where `cluster run-pod`'s proxies (which take the whole service
-    CIDR, so cannot use a ClusterIP) and VMs on the WAN reach the control plane, as
-    they reach the daemon of ``--control-plane=daemons``."""
+    CIDR, so cannot use a ClusterIP) and VMs on the WAN reach the control plane.
+    `control_args` go after the
+    control plane container's own (``--cluster-name``, ``--workload-heartbeat``: what
+    `cluster up` was asked for)."""
     from kubernetes.dynamic import DynamicClient
 
     from mesh.kube import api_client
 
     crds = manifests.build(manifests.CRDS)
     docs = install.render(IssuerDir(identity_dir))
+    add_control_args(docs, control_args)
     with api_client(kubeconfig) as api:
         first = DynamicClient(api)
         _apply(first, crds)
@@ -65,6 +79,7 @@ def install_manifests(kubeconfig: Path, identity_dir: Path, *,
         # A fresh client: discovery must see the kinds the CRDs just added.
         client = DynamicClient(api)
         _apply(client, docs)
+        _apply(client, [JOIN_TOKENS_BINDING], manager=NODE_FIELD_MANAGER)
         if control_addresses:
             _apply(client, [{"apiVersion": "v1", "kind": "Service", "metadata": {
                 "name": CONTROL_SERVICE, "namespace": DEFAULT_CONTROL_NS},
@@ -76,6 +91,15 @@ def install_manifests(kubeconfig: Path, identity_dir: Path, *,
     names = [d["metadata"]["name"] for d in deployments]
     log.info("meshgate installed from manifests deployments=%s", ",".join(names))
     return names
+
+
+def add_control_args(docs: list[dict[str, Any]], args: Sequence[str]) -> None:
+    """Append `args` to the control plane container's arguments, in place."""
+    for doc in docs:
+        if doc["kind"] == "Deployment" and doc["metadata"]["name"] == CONTROL_SERVICE:
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                if container["name"] == "control":
+                    container["args"] = [*container.get("args", []), *args]
 
 
 def _apply(client: Any, docs: Iterable[dict[str, Any]], *,

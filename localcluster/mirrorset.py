@@ -1,4 +1,4 @@
-"""One mirror controller per Link: what a Deployment does for a real cluster.
+"""One mirror controller per Link, as child processes of one supervisor.
 
 ``python -m localcluster.mirrorset --kubeconfig K --state-dir DIR`` watches the
 Links of the control namespace and keeps, for each, one child process running
@@ -10,9 +10,9 @@ reported in one line naming the Link, its exit status and the last line of its
 log, and started again with capped exponential backoff. Every child of a Link
 holds the Link's Lease under the same name, so a restarted child resumes at once.
 
-`cluster up --multicluster` runs it in the node namespace; children are started
-under ``setpriv --pdeathsig`` (util-linux) so that they end with it, and
-`cluster down` stops any that a killed supervisor left behind.
+It is the container of meshgate's mirror Deployment (deploy/mirror.yaml), which
+`cluster up` installs; children are started under ``setpriv --pdeathsig``
+(util-linux) so that they end with it.
 """
 
 from __future__ import annotations

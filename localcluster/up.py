@@ -1,20 +1,21 @@
 """A whole cluster on this machine: `cluster up` and `cluster down`.
 
-`up` builds the cluster's node network namespace (localcluster.netns) and
-starts its processes in the background, each with a pid file and a log under
-the state directory:
+`up` builds the cluster's node network namespace (localcluster.netns), starts
+two processes in the background, each with a pid file and a log under the state
+directory, and installs meshgate into the cluster:
 
 - the API server, on the host (for kubectl, at the address in ``DIR/kubeconfig``)
   and on the node's address (for the cluster), from one process: a socket keeps
-  the namespace it was created in;
-- the control plane (identity, destination, policy; the proxy injector webhook on
-  8443) and the cluster DNS, inside the node namespace, where pods reach them across
-  the bridge;
+  the namespace it was created in; it runs the node's kubelet and service proxy;
+- the cluster DNS, inside the node namespace, where pods reach it across the bridge;
+- meshgate's own manifests (localcluster.manifestinstall): the control plane
+  (identity, destination, policy, the proxy injector), the gateway and the mirror
+  controller, Deployments the kubelet runs; the control plane's Service answers at
+  the node's addresses;
 - with ``--multicluster``: the node joins the shared WAN (localcluster.wan), the
-  API server and the control plane also listen on the node's WAN address (for
-  VMs and other clusters, which reach the API server with ``DIR/kubeconfig.wan``),
-  and the gateway and the mirror supervisor (localcluster.multicluster,
-  localcluster.mirrorset) run in the node namespace.
+  API server also listens on the node's WAN address (for VMs and other clusters,
+  which reach it with ``DIR/kubeconfig.wan``), and the control plane and the
+  gateway's LoadBalancer Service answer there.
 
 `run-pod` is localcluster.pods.
 
@@ -39,12 +40,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from localcluster import controlservice, multicluster, namespaces, netns, wan, wanlink
+from localcluster import namespaces, netns, wan, wanlink
 from localcluster.kubelet.reap import kill_pod_processes
 from localcluster.rootless import meshgate_argv, run_dir
 from mesh.errors import ConfigError, MeshError
@@ -53,8 +53,6 @@ log = logging.getLogger(__name__)
 
 API_PORT = 6443
 CONTROL_PORT = 8086
-INJECTOR_PORT = 8443
-"""The proxy injector webhook, served by the control plane (mesh.injectorserver)."""
 DNS_PORT = 53
 START_TIMEOUT = 30.0
 
@@ -82,9 +80,6 @@ class ClusterSpec(BaseModel):
     wan: str | None = None
     """The WAN namespace the cluster is attached to; None: not multicluster."""
     wan_address: str | None = Field(None, alias="wanAddress")
-    control_plane: str = Field("daemons", alias="controlPlane")
-    """"daemons": control plane, gateway and mirrors run as processes of `up`;
-    "manifests": as Deployments of meshgate's manifests (localcluster.manifestinstall)."""
 
     @property
     def network(self) -> netns.ClusterNetwork:
@@ -284,12 +279,10 @@ class UpRequest:
     wan_loss: str | None = None
     """"0.5%"."""
     workload_heartbeat: str = "10s"
-    control_plane: str = "daemons"
 
 
-CONTROL_PLANES = ("daemons", "manifests")
-DAEMONS = ("apiserver", "control", "dns", "gateway", "mirrors")
-"""In start order; `down` stops them in reverse. The last two run only with --multicluster."""
+DAEMONS = ("apiserver", "dns")
+"""In start order; `down` stops them in reverse."""
 
 
 def up(req: UpRequest) -> ClusterSpec:
@@ -304,11 +297,6 @@ def up(req: UpRequest) -> ClusterSpec:
         other = Path(entry.read_text().strip())
         if other == state_dir and (state_dir / "cluster.json").exists():
             spec = load_spec(state_dir)
-            if spec.control_plane != req.control_plane:
-                raise ClusterError(f"cluster {req.name!r} runs its control plane as "
-                                   f"{spec.control_plane}; `meshgate cluster down --name "
-                                   f"{req.name}` to start it with --control-plane="
-                                   f"{req.control_plane}")
             if req.multicluster and spec.wan is None:
                 raise ClusterError(f"cluster {req.name!r} was started without --multicluster; "
                                    f"`meshgate cluster down --name {req.name}` and start it "
@@ -332,9 +320,6 @@ def up(req: UpRequest) -> ClusterSpec:
             cluster_domain=req.cluster_domain, netns_prefix=req.netns_prefix)
     except ValueError as e:
         raise ConfigError(f"--pod-cidr/--service-cidr: {e}") from e
-    if req.control_plane not in CONTROL_PLANES:
-        raise ConfigError(f"--control-plane {req.control_plane!r}: choose "
-                          f"{' or '.join(CONTROL_PLANES)}")
     wan_cidr, wan_address = _wan_request(req)
     netem = _wan_netem(req)
     trust_domain = _prepare_identity(state_dir / "identity", req)
@@ -343,8 +328,7 @@ def up(req: UpRequest) -> ClusterSpec:
                        trust_domain=trust_domain, node_netns=net.node_netns,
                        node_address=str(net.gateway.ip), netns_prefix=req.netns_prefix,
                        wan=req.wan if req.multicluster else None,
-                       workload_heartbeat=req.workload_heartbeat,
-                       control_plane=req.control_plane)
+                       workload_heartbeat=req.workload_heartbeat)
     entry.parent.mkdir(parents=True, exist_ok=True)
     entry.write_text(f"{state_dir}\n")
     (state_dir / "cluster.json").write_text(spec.model_dump_json(by_alias=True, indent=2))
@@ -434,41 +418,14 @@ def _start_cluster_processes(spec: ClusterSpec) -> None:
     node_kubeconfig = _node_kubeconfig(spec)
     if spec.wan_address is not None:
         write_wan_kubeconfig(spec)
-    if spec.control_plane == "manifests":
-        _start_dns(spec, node_kubeconfig)
-        from localcluster.manifestinstall import install_manifests
-
-        install_manifests(spec.kubeconfig, spec.identity_dir, control_addresses=[
-            a for a in (spec.node_address, spec.wan_address) if a is not None])
-        return
-    from kubernetes import client as k8s
-
-    from mesh.control.crds import install_crds
-    from mesh.kube import api_client
-    from mirror.crds import install_crds as install_multicluster_crds
-
-    with api_client(spec.kubeconfig) as api:
-        install_crds(api)
-        if spec.wan is not None:
-            install_multicluster_crds(api)
-        _ensure_namespace(k8s.CoreV1Api(api), "meshgate")
-        controlservice.publish_headless(api, spec.node_address)
-    if not _daemon_alive(d, "control"):
-        listen = [f"{node}:{CONTROL_PORT}"]
-        if spec.wan_address is not None:
-            listen.append(f"{spec.wan_address}:{CONTROL_PORT}")
-        _start_daemon(d, "control", _in_netns(spec.node_netns, meshgate_argv((
-            "control", "run", "--kubeconfig", str(node_kubeconfig),
-            "--identity-dir", str(spec.identity_dir), "--trust-domain", spec.trust_domain,
-            *(arg for a in listen for arg in ("--listen", a)),
-            "--cluster-domain", spec.cluster_domain, "--cluster-name", spec.name,
-            "--workload-heartbeat", spec.workload_heartbeat,
-            "--injector-listen", f"{node}:{INJECTOR_PORT}", "--service-cidr",
-            spec.service_cidr))),
-            ready="serving at")
     _start_dns(spec, node_kubeconfig)
-    if spec.wan_address is not None:
-        _start_multicluster_processes(spec, node_kubeconfig)
+    from localcluster.manifestinstall import install_manifests
+
+    install_manifests(spec.kubeconfig, spec.identity_dir, control_addresses=[
+        a for a in (spec.node_address, spec.wan_address) if a is not None],
+        control_args=[f"--cluster-name={spec.name}", f"--cluster-domain="
+                      f"{spec.cluster_domain}",
+                      f"--workload-heartbeat={spec.workload_heartbeat}"])
 
 
 def _start_dns(spec: ClusterSpec, node_kubeconfig: Path) -> None:
@@ -477,27 +434,6 @@ def _start_dns(spec: ClusterSpec, node_kubeconfig: Path) -> None:
             sys.executable, "-m", "localcluster.dns", "--kubeconfig", str(node_kubeconfig),
             "--listen", f"{spec.node_address}:{DNS_PORT}", "--cluster-domain",
             spec.cluster_domain]), ready="dns: serving")
-
-
-def _start_multicluster_processes(spec: ClusterSpec, node_kubeconfig: Path) -> None:
-    from kubernetes import client as k8s
-
-    from mesh.kube import api_client
-
-    d = spec.state_dir
-    assert spec.wan_address is not None
-    if not _daemon_alive(d, "gateway"):
-        with api_client(spec.kubeconfig) as api:
-            config = multicluster.gateway_config(
-                state_dir=d, kubeconfig=node_kubeconfig, control_url=spec.control_url,
-                trust_domain=spec.trust_domain, cluster_domain=spec.cluster_domain,
-                wan_address=spec.wan_address, core=k8s.CoreV1Api(api))
-            multicluster.publish_gateway_service(k8s.CoreV1Api(api), spec.wan_address)
-        _start_daemon(d, "gateway", _in_netns(spec.node_netns, multicluster.gateway_argv(
-            config)), ready=" listening on ")
-    if not _daemon_alive(d, "mirrors"):
-        _start_daemon(d, "mirrors", _in_netns(spec.node_netns, multicluster.mirrorset_argv(
-            kubeconfig=node_kubeconfig, state_dir=d)), ready="mirrorset: watching")
 
 
 def _node_kubeconfig(spec: ClusterSpec) -> Path:
@@ -528,17 +464,6 @@ def node_exec(name: str, argv: Sequence[str]) -> int:
     spec = find(name)
     env = dict(os.environ, KUBECONFIG=str(_node_kubeconfig(spec)))
     return subprocess.run(_in_netns(spec.node_netns, argv), env=env, check=False).returncode
-
-
-def _ensure_namespace(core: Any, name: str) -> None:
-    from kubernetes import client as k8s
-    from kubernetes.client.rest import ApiException
-
-    try:
-        core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
-    except ApiException as e:
-        if e.status != 409:
-            raise
 
 
 def _prepare_identity(directory: Path, req: UpRequest) -> str:
@@ -587,9 +512,6 @@ def _down(spec: ClusterSpec) -> None:
                 _terminate(pid, 10.0)
     for daemon in reversed(DAEMONS):
         _stop_daemon(spec.state_dir, daemon)
-    # Children a killed supervisor left behind (their pid files name them).
-    for pid_file in sorted((spec.state_dir / "run").glob("mirror-*.pid")):
-        _stop_daemon(spec.state_dir, pid_file.stem)
     kill_pod_processes(spec.network)  # what a killed kubelet could not stop
     netns.teardown(spec.state_dir)
     if spec.wan is not None:

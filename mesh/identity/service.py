@@ -47,6 +47,19 @@ AUDIENCE = SERVICE_AUDIENCE
 MAX_BODY = 64 * 1024
 
 
+def _join_token_unreadable(token: str, e: ApiException) -> Refusal:
+    """The cluster would not let the control plane read or spend a join token."""
+    namespace = jointoken.parse(token).namespace
+    if e.status == 403:
+        return Refusal(503, "join-tokens-forbidden", f"the control plane may not read join "
+                       f"tokens in namespace {namespace}: bind the ClusterRole "
+                       f"meshgate-control-join-tokens there (kubectl -n {namespace} create "
+                       "rolebinding meshgate-control-join-tokens --clusterrole=meshgate-"
+                       "control-join-tokens --serviceaccount=meshgate:meshgate-control)")
+    return Refusal(503, "cluster-unavailable", f"cannot read the join token from the "
+                   f"cluster: {e.status} {e.reason}")
+
+
 class Refusal(Exception):
     """A request the service will not honour: HTTP status, reason code, message."""
 
@@ -152,6 +165,11 @@ class IdentityService:
                                                     clock=self.clock)
                 except jointoken.JoinTokenRefused as e:
                     raise Refusal(401, e.reason, str(e)) from e
+                except ApiException as e:
+                    raise _join_token_unreadable(token, e) from e
+                except (HTTPError, OSError) as e:
+                    raise Refusal(503, "cluster-unavailable", "cannot read the join token "
+                                  f"from the cluster: {e}") from e
                 return Identity(grant.namespace, grant.service_account, self.trust_domain,
                                 self.control_ns), "join-token", grant
             return await self._review(token), "service-account-token", None

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import netns
 
@@ -195,21 +194,12 @@ def test_uninjected_workloads_run_without_the_proxy(cluster: Cluster) -> None:
 
 
 def test_a_deployment_of_an_annotated_namespace_comes_up_injected(cluster: Cluster) -> None:
-    """The control plane serves the injector on the node (`cluster up` runs it with
-    --injector-listen); its webhook configuration and Service are install's, their
-    endpoint the node's address (here the control plane is not a Deployment)."""
-    rendered = cluster.meshgate("install", "--identity-dir",
-                                str(cluster.base / "state" / "identity")).stdout
-    docs = [d for d in yaml.safe_load_all(rendered) if d]
-    hooks = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"
-             or (d["kind"] == "Service" and d["metadata"]["name"] == "meshgate-injector")]
-    spec = json.loads((cluster.base / "state" / "cluster.json").read_text())
-    hooks.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                  "metadata": {"name": "meshgate-injector-node", "namespace": "meshgate",
-                               "labels": {"kubernetes.io/service-name": "meshgate-injector"}},
-                  "addressType": "IPv4", "endpoints": [{"addresses": [spec["nodeAddress"]]}],
-                  "ports": [{"name": "injector", "port": 8443}]})
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(hooks))
+    """`cluster up` installs the injector as `meshgate install` renders it: its webhook
+    configuration, and its Service in front of the control plane's Pod, which serves it."""
+    hook = json.loads(cluster.kubectl("get", "mutatingwebhookconfiguration",
+                                      "meshgate-proxy-injector", "-o", "json").stdout)
+    assert hook["webhooks"][0]["clientConfig"]["service"] == {
+        "name": "meshgate-injector", "namespace": "meshgate", "path": "/inject", "port": 443}
     cluster.kubectl("create", "namespace", "shop")
     cluster.kubectl("annotate", "namespace", "shop", "meshgate.io/inject=enabled")
     plain = "".join(f"---\n{line}\n" for line in manifests().split("---\n")[1:3])

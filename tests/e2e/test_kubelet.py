@@ -579,16 +579,18 @@ def test_cluster_down_after_the_kubelet_was_killed(cluster: Cluster) -> None:
 
 
 def test_a_full_pod_network_is_reported_and_retried(tmp_path: Path) -> None:
-    """A /30 pod CIDR holds one Pod: the second waits with FailedCreatePodSandBox
-    naming the cause, and starts once the first is gone."""
+    """A /29 pod CIDR holds five Pods, meshgate's three (control plane, gateway, mirror
+    controller) and two more: the next waits with FailedCreatePodSandBox naming the
+    cause, and starts once one is gone."""
     env = {**os.environ, "MESHGATE_RUN_DIR": str(tmp_path / "run")}
     small = Cluster(tmp_path, env)
     name = f"{NAME}2"
     small.meshgate("cluster", "up", "--name", name, "--state-dir", str(tmp_path / "state"),
-                   "--pod-cidr", "10.221.0.0/30", "--service-cidr", "10.222.0.0/16")
+                   "--pod-cidr", "10.221.0.0/29", "--service-cidr", "10.222.0.0/16")
     try:
-        small.kubectl("run", "one", "--image=busybox", "--command", "--", "sleep", "600")
-        wait_for(lambda: _running_ready(small, "one"), timeout=30, what="one Running")
+        for pod in ("one", "filler"):
+            small.kubectl("run", pod, "--image=busybox", "--command", "--", "sleep", "600")
+            wait_for(lambda p=pod: _running_ready(small, p), timeout=30, what=f"{pod} Running")
         small.kubectl("run", "two", "--image=busybox", "--command", "--", "sleep", "600")
 
         def sandbox_failures() -> str:
@@ -596,7 +598,7 @@ def test_a_full_pod_network_is_reported_and_retried(tmp_path: Path) -> None:
                                  "involvedObject.name=two,reason=FailedCreatePodSandBox",
                                  "-o", "jsonpath={.items[*].message}").stdout
         message = wait_for(sandbox_failures, timeout=20, what="FailedCreatePodSandBox")
-        assert "pod CIDR 10.221.0.0/30 has no free address" in message
+        assert "pod CIDR 10.221.0.0/29 has no free address" in message
         small.kubectl("delete", "pod", "one", timeout=60)
         wait_for(lambda: _running_ready(small, "two"), timeout=60, what="two Running")
     finally:

@@ -1,4 +1,4 @@
-"""`cluster up --control-plane=manifests`: meshgate's own manifests (`meshgate install
+"""`cluster up`: meshgate's own manifests (`meshgate install
 --crds`, then `meshgate install --identity-dir`) applied to the embedded cluster and
 run by its kubelet as Deployments, as on a real cluster: each comes up Available,
 the control plane answers a pod's identity request at its Service, and the
@@ -46,7 +46,7 @@ UP: list[str] = []
 def mc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clusters]:
     with clusters(tmp_path_factory.mktemp("manifests"), TOPOLOGY) as c:
         try:
-            UP.append(c.up(NAME, "--control-plane=manifests").stdout)
+            UP.append(c.up(NAME).stdout)
             yield c
         finally:
             c.meshgate("cluster", "vm", "delete", "--name", VM, check=False)
@@ -61,9 +61,10 @@ def test_the_deployments_come_up_available_through_the_kubelet(mc: Clusters) -> 
         "meshgate-control", "meshgate-gateway", "meshgate-mirror")}
     pods = mc.kubectl(NAME, "-n", "meshgate", "get", "pods", "--no-headers").splitlines()
     assert len(pods) == 3 and all(p.split()[1:3] == ["1/1", "Running"] for p in pods)
-    # No daemon of `cluster up` runs them: their pid files are not there.
-    assert not [p.name for p in (mc.state(NAME) / "run").glob("*.pid")
-                if p.stem in ("control", "gateway", "mirrors")]
+    # No process of `cluster up` runs them: the kubelet does; `up` keeps pid files for
+    # the API server and the DNS only.
+    assert sorted(p.name for p in (mc.state(NAME) / "run").glob("*.pid")) == [
+        "apiserver.pid", "dns.pid"]
     # What `up` applied is what `meshgate install` renders (CRDs included).
     crds = set(mc.kubectl(NAME, "get", "crd", "-o", "name").split())
     assert {f"customresourcedefinition.apiextensions.k8s.io/{name}" for name in (
@@ -119,8 +120,8 @@ def test_the_gateway_and_the_control_plane_answer_at_the_wan_address(mc: Cluster
                          "jsonpath={.status.loadBalancer.ingress[0].ip}")
     assert ingress == wan
     mc.meshgate("cluster", "vm", "create", "--name", VM, "--wan", mc.wan)
-    # The control plane Service's externalIPs are the node's addresses, as VMs and
-    # `run-pod`'s proxies reach the daemon of --control-plane=daemons.
+    # The control plane Service's externalIPs are the node's addresses, where VMs and
+    # `run-pod`'s proxies reach it.
     external = mc.kubectl(NAME, "-n", "meshgate", "get", "service", "meshgate-control", "-o",
                           "jsonpath={.spec.externalIPs}")
     assert wan in external and "10.240.0.1" in external
@@ -135,18 +136,7 @@ def test_up_again_converges_and_changes_nothing(mc: Clusters) -> None:
         return mc.kubectl(NAME, "-n", "meshgate", "get", "deploy", "-o",
                           "jsonpath={.items[*].metadata.generation}")
     before = generations()
-    mc.up(NAME, "--control-plane=manifests")
+    mc.up(NAME)
     assert generations() == before
     assert len(mc.kubectl(NAME, "-n", "meshgate", "get", "pods", "-l",
                           "app.kubernetes.io/part-of=meshgate", "--no-headers").splitlines()) == 3
-
-
-def test_up_again_in_the_other_mode_is_refused(mc: Clusters) -> None:
-    proc = mc.meshgate("cluster", "up", "--name", NAME, "--state-dir", str(mc.state(NAME)),
-                       "--control-plane=daemons", check=False)
-    assert proc.returncode != 0
-    assert (f"cluster {NAME!r} runs its control plane as manifests; `meshgate cluster down "
-            f"--name {NAME}` to start it with --control-plane=daemons") in proc.stderr
-    bad = mc.meshgate("cluster", "up", "--name", "other", "--state-dir",
-                      str(mc.base / "other"), "--control-plane=pods", check=False)
-    assert bad.returncode == 2 and "invalid choice: 'pods'" in bad.stderr

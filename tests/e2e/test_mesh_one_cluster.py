@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from localcluster.pods import in_pod, run_pod_argv
 from localcluster.up import find
 from mesh.kube import api_client
 from tests.cluster import wait_for
+from tests.e2e import components
 from tests.e2e.pod_scripts import CALLS, GET
 
 NAME = "mge2e"
@@ -236,9 +236,13 @@ def test_scaling_down_removes_the_pod_from_the_clients_endpoints(mesh: Mesh) -> 
 
 def test_traffic_survives_a_control_plane_outage_and_a_restart_catches_up(
         mesh: Mesh) -> None:
-    pid_file = mesh.state_dir / "run" / "control.pid"
-    os.kill(int(pid_file.read_text()), signal.SIGKILL)
-    time.sleep(0.5)
+    # The outage: the control plane's Deployment scaled to nothing, its Pod gone.
+    kubectl = str(Path(sys.executable).parent / "kubectl")
+    subprocess.run([kubectl, "--kubeconfig", str(mesh.state_dir / "kubeconfig"), "-n",
+                    "meshgate", "scale", "deploy/meshgate-control", "--replicas=0"],
+                   check=True, capture_output=True, timeout=30)
+    wait_for(lambda: not components.pods(find(NAME), "meshgate-control"), timeout=30,
+             what="the control plane's Pod to be gone")
     web2 = f"{mesh.pod_ip('web-2')}:4143"
     try:
         answers = mesh.calls(10)
@@ -247,7 +251,9 @@ def test_traffic_survives_a_control_plane_outage_and_a_restart_catches_up(
         mesh.core().patch_namespaced_pod("web-2", "default",
                                          {"metadata": {"labels": {"app": "other"}}})
         assert web2 in mesh.endpoints("client", WEB)  # nobody told the client yet
+        # `up` again applies the manifests again: one replica.
         mesh.meshgate("cluster", "up", "--name", NAME, "--state-dir", str(mesh.state_dir))
+        assert len(components.pods(find(NAME), "meshgate-control")) == 1
         wait_for(lambda: web2 not in mesh.endpoints("client", WEB), timeout=30,
                  what="the restarted control plane to reach the client")
     finally:
@@ -257,6 +263,19 @@ def test_traffic_survives_a_control_plane_outage_and_a_restart_catches_up(
              what="web-2 to come back")
 
 
+def test_a_killed_control_plane_is_restarted_by_the_kubelet(mesh: Mesh) -> None:
+    spec = find(NAME)
+    killed = components.kill(spec, "meshgate-control", argv_has="control\0run")
+    wait_for(lambda: (now := components.processes(spec, "meshgate-control",
+                                                  argv_has="control\0run"))
+             and not set(now) & set(killed), timeout=30,
+             what="the kubelet to start the control plane again")
+    wait_for(lambda: components.restarts(spec, "meshgate-control") >= 1, timeout=10,
+             what="the Pod's status to count the restart")
+    wait_for(lambda: all(a.startswith("200") for a in mesh.calls(5)), timeout=30,
+             what="calls to pass")
+
+
 def test_a_pod_whose_identity_is_refused_fails_with_the_reason(mesh: Mesh) -> None:
     # The control plane's own identity is never issued to a workload.
     proc = mesh.meshgate("cluster", "run-pod", "--cluster", NAME, "--namespace", "meshgate",
@@ -264,7 +283,8 @@ def test_a_pod_whose_identity_is_refused_fails_with_the_reason(mesh: Mesh) -> No
                          "sleep", "60", check=False)
     assert proc.returncode == 2, proc.stderr
     assert "never issued to workloads" in proc.stderr, proc.stderr
-    assert not [p for p in mesh.core().list_namespaced_pod("meshgate").items]
+    assert not [p for p in mesh.core().list_namespaced_pod("meshgate").items
+                if p.metadata.name == "impostor"]
     assert not [n for n in netns.listnetns() if n.endswith("-meshgate-impostor")]
 
 

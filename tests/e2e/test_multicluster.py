@@ -1,15 +1,15 @@
 """Two clusters on one WAN, as a user runs them: `meshgate cluster up --multicluster`
 with a shared trust anchor, linked both ways with `meshgate multicluster link` and
 `kubectl apply`, and a pod in one calling the other's exported Service by its
-mirror's name, through the other cluster's gateway.
+mirror's name, through the other cluster's gateway. The control plane, gateway and
+mirror controller are meshgate's own manifests, run by each cluster's kubelet.
 
-    client (east pod) -> east node (masquerade) -> WAN -> west gateway -> web (west pod)
+    client (east pod) -> east node (masquerade) -> WAN -> west node (DNAT to the
+    gateway Pod) -> west gateway -> web (west pod)
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,8 +19,10 @@ import pytest
 from kubernetes import client
 from pyroute2 import netns
 
+from localcluster.up import find
 from mesh.kube import api_client
 from tests.cluster import wait_for
+from tests.e2e import components
 from tests.e2e.clusters import DEMO_APP, Clusters, Topology, clusters
 from tests.e2e.pod_scripts import CALLS
 
@@ -103,8 +105,16 @@ def test_a_pod_calls_the_other_cluster_by_name_and_the_target_sees_it(mc: Cluste
     assert mc.metric(WEST, "web-1", "inbound_gateway_forwarded_total",
                      gateway_id=GATEWAY_ID, client_id=CALLER) >= 1
     assert mc.metric(WEST, "web-1", "tcp_open_total", client_id=GATEWAY_ID) == 0
-    # Linked the other way too: west runs a mirror controller for east's Link.
-    assert (mc.state(WEST) / "run" / f"mirror-{EAST}.pid").exists()
+    # Linked the other way too: west's mirror Pod runs a mirror controller for east's Link.
+    assert components.processes(find(WEST), "meshgate-mirror", argv_has=f"--link\0{EAST}\0")
+
+
+def test_link_finds_the_gateway_pod_at_its_wan_address(mc: Clusters) -> None:
+    # No address flags to `link`: the gateway's from its LoadBalancer Service, whose
+    # ingress the node's service proxy gave the node's WAN address.
+    link = mc.kubectl(EAST, "-n", "meshgate", "get", "link", WEST, "-o",
+                      "jsonpath={.spec.gatewayAddress}:{.spec.gatewayPort}")
+    assert link == f"{mc.wan_address(WEST)}:4143"
 
 
 def test_pod_networks_are_not_routed_on_the_wan(mc: Clusters) -> None:
@@ -147,14 +157,18 @@ def test_an_unexported_service_has_no_mirror_and_the_gateway_refuses_it(
 
 
 def test_a_dead_mirror_controller_is_reported_and_restarted(mc: Clusters) -> None:
-    pid_file = mc.state(EAST) / "run" / f"mirror-{WEST}.pid"
-    pid = int(pid_file.read_text())
-    os.kill(pid, signal.SIGKILL)
-    log = mc.state(EAST) / "logs" / "mirrors.log"
-    wait_for(lambda: f"mirror exited link=meshgate/{WEST} status=-9" in log.read_text(),
+    spec, child = find(EAST), f"--link\0{WEST}\0"
+    killed = components.kill(spec, "meshgate-mirror", argv_has=child)
+    wait_for(lambda: f"mirror exited link=meshgate/{WEST} status=-9" in mirror_log(mc, EAST),
              timeout=10, interval=0.2, what="the supervisor to report the dead child")
-    wait_for(lambda: pid_file.exists() and int(pid_file.read_text()) != pid, timeout=15,
-             interval=0.2, what="the child to be started again")
+    wait_for(lambda: (now := components.processes(spec, "meshgate-mirror", argv_has=child))
+             and not set(now) & set(killed), timeout=15, interval=0.2,
+             what="the child to be started again")
+
+
+def mirror_log(mc: Clusters, cluster: str) -> str:
+    """What the mirror controller's Pod wrote (its supervisor's log)."""
+    return mc.kubectl(cluster, "-n", "meshgate", "logs", "deploy/meshgate-mirror")
 
 
 def test_check_and_gateways_on_a_healthy_link(mc: Clusters) -> None:
@@ -174,11 +188,29 @@ def test_check_and_gateways_on_a_healthy_link(mc: Clusters) -> None:
     assert rows[1].split()[:2] == [WEST, "True"], rows
 
 
+def test_a_killed_gateway_is_restarted_by_the_kubelet(mc: Clusters) -> None:
+    wait_for(lambda: mirror_ready(mc) == [True], timeout=30, interval=0.2,
+             what="the mirror to be ready")
+    spec = find(WEST)
+    killed = components.kill(spec, "meshgate-gateway", argv_has="gateway\0run")
+    wait_for(lambda: (now := components.processes(spec, "meshgate-gateway",
+                                                  argv_has="gateway\0run"))
+             and not set(now) & set(killed), timeout=30, interval=0.2,
+             what="the kubelet to start the gateway again")
+    wait_for(lambda: components.restarts(spec, "meshgate-gateway") >= 1, timeout=10,
+             interval=0.2, what="the Pod's status to count the restart")
+    wait_for(lambda: all(a.startswith("200") for a in calls(mc, 2)), timeout=30,
+             interval=0.5, what="calls to pass through the restarted gateway")
+
+
 def test_a_dead_gateway_turns_mirror_endpoints_not_ready_and_up_restores_them(
         mc: Clusters) -> None:
     wait_for(lambda: mirror_ready(mc) == [True], timeout=30, interval=0.2,
              what="the mirror to be ready")
-    os.kill(int((mc.state(WEST) / "run" / "gateway.pid").read_text()), signal.SIGKILL)
+    # Dead for good: the gateway's Deployment scaled to nothing, its Pod gone.
+    mc.kubectl(WEST, "-n", "meshgate", "scale", "deploy/meshgate-gateway", "--replicas=0")
+    wait_for(lambda: not components.pods(find(WEST), "meshgate-gateway"), timeout=30,
+             interval=0.2, what="west's gateway Pod to be gone")
     # probeSpec: every 3 s, 3 failures in a row; allow one period of jitter and a write.
     wait_for(lambda: mirror_ready(mc) == [False], timeout=30, interval=0.2,
              what="east to mark west's gateway not ready")
@@ -187,6 +219,7 @@ def test_a_dead_gateway_turns_mirror_endpoints_not_ready_and_up_restores_them(
     assert check.returncode == 1
     assert any(line.startswith("FAIL") and f"the gateway of cluster {WEST} is alive" in line
                for line in check.stdout.splitlines()), check.stdout
+    # `up` again applies the manifests again: one replica.
     mc.meshgate("cluster", "up", "--name", WEST, "--state-dir", str(mc.state(WEST)))
     wait_for(lambda: mirror_ready(mc) == [True], timeout=20, interval=0.2,
              what="east to mark west's gateway ready again")
@@ -195,14 +228,14 @@ def test_a_dead_gateway_turns_mirror_endpoints_not_ready_and_up_restores_them(
 
 
 def test_unlink_stops_the_links_mirror_controller(mc: Clusters) -> None:
-    pid_file = mc.state(WEST) / "run" / f"mirror-{EAST}.pid"
-    assert pid_file.exists()
+    spec, child = find(WEST), f"--link\0{EAST}\0"
+    assert components.processes(spec, "meshgate-mirror", argv_has=child)
     mc.meshgate("multicluster", "unlink", "--kubeconfig", str(mc.kubeconfig(WEST)),
                 "--cluster-name", EAST)
-    wait_for(lambda: not pid_file.exists(), timeout=15, interval=0.2,
+    wait_for(lambda: not components.processes(spec, "meshgate-mirror", argv_has=child),
+             timeout=15, interval=0.2,
              what="west's supervisor to stop the mirror controller of the deleted Link")
-    log = (mc.state(WEST) / "logs" / "mirrors.log").read_text()
-    assert f"mirror stopped link=meshgate/{EAST} cause=the Link is gone" in log
+    assert f"mirror stopped link=meshgate/{EAST} cause=the Link is gone" in mirror_log(mc, WEST)
 
 
 def test_a_wan_address_in_use_is_refused_in_one_line(mc: Clusters) -> None:

@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 
 from mesh.identity import ca, jointoken
 from mesh.identity.ca import IssuerDir
@@ -359,3 +360,23 @@ async def test_an_expired_held_certificate_says_to_join_again(
     with pytest.raises(CertificateExpired, match=r"expired.*must join again: run "
                        r"`meshgate vm leave`, then `meshgate vm join` with a new token"):
         await load_workload(cfg, CollectorRegistry())
+
+
+async def test_a_join_token_the_control_plane_may_not_read_names_the_binding(
+        cluster: Cluster, service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    ns = _sa(cluster, "vm")
+    token, _ = jointoken.mint(client.CoreV1Api(cluster.api()), namespace=ns, workload="w",
+                              service_account="vm", ttl=dt.timedelta(minutes=5))
+
+    def forbidden(*args: Any, **kwargs: Any) -> jointoken.Grant:
+        raise ApiException(status=403, reason="Forbidden")
+
+    # As on a cluster where the join-token role is not bound in the VM's namespace.
+    monkeypatch.setattr(jointoken, "redeem", forbidden)
+    status, body = await service.post({"csr": _csr(Identity(ns, "vm", DOMAIN))[0],
+                                       "token": token})
+    assert (status, body["error"]) == (503, "join-tokens-forbidden")
+    assert body["message"].startswith(f"the control plane may not read join tokens in "
+                                      f"namespace {ns}: bind the ClusterRole "
+                                      "meshgate-control-join-tokens there (kubectl -n "
+                                      f"{ns} create rolebinding")

@@ -1,14 +1,23 @@
-"""What `cluster up --control-plane=manifests` waits for after applying meshgate's
-manifests (localcluster.manifestinstall): CRDs Established, Deployments available,
-and a deadline that names what is not there yet."""
+"""What `cluster up` adds to meshgate's manifests and waits for after applying them
+(localcluster.manifestinstall): the cluster's own control plane flags, CRDs
+Established, Deployments available, and a deadline that names what is not there yet."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import pytest
 
-from localcluster.manifestinstall import InstallError, available, established, wait_until_none
+from localcluster.manifestinstall import (
+    InstallError,
+    add_control_args,
+    available,
+    established,
+    wait_until_none,
+)
+from mesh import install
+from mesh.identity.ca import IssuerDir
 
 
 def deployment(replicas: int, *, ready: bool, available_n: int, updated: int
@@ -48,3 +57,16 @@ def test_waiting_ends_when_nothing_is_pending_or_names_what_is_left() -> None:
     assert str(e.value) == (
         "timed out after 3s waiting for meshgate's Deployments to be Available: "
         "meshgate-gateway not yet; see `kubectl -n meshgate get pods,events`")
+
+
+def test_the_control_plane_gets_the_clusters_flags_after_its_own(tmp_path: Any) -> None:
+    IssuerDir(tmp_path).init("cluster.local", anchor_lifetime=dt.timedelta(days=1),
+                             issuer_lifetime=dt.timedelta(days=1),
+                             now=dt.datetime.now(dt.UTC))
+    docs = install.render(IssuerDir(tmp_path))
+    add_control_args(docs, ["--cluster-name=east", "--workload-heartbeat=1s"])
+    args = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["args"]
+            for d in docs if d["kind"] == "Deployment"}
+    assert args["meshgate-control"][:3] == ["--log-level=info", "control", "run"]
+    assert args["meshgate-control"][-2:] == ["--cluster-name=east", "--workload-heartbeat=1s"]
+    assert "--cluster-name=east" not in args["meshgate-gateway"]
