@@ -58,8 +58,8 @@ def install_manifests(kubeconfig: Path, identity_dir: Path, *,
     """Apply the CRDs, then the rest, and wait for the Deployments; their names.
 
     `control_addresses` become the control plane Service's ``externalIPs``: the
-    node's addresses, where `cluster run-pod`'s proxies (which take the whole service
-    CIDR, so cannot use a ClusterIP) and VMs on the WAN reach the control plane.
+    node's addresses, where VMs on the WAN reach the control plane (injected pods'
+    proxies, `cluster run-pod`'s among them, use its headless Service).
     `control_args` go after the
     control plane container's own (``--cluster-name``, ``--workload-heartbeat``: what
     `cluster up` was asked for)."""

@@ -120,8 +120,8 @@ def test_the_gateway_and_the_control_plane_answer_at_the_wan_address(mc: Cluster
                          "jsonpath={.status.loadBalancer.ingress[0].ip}")
     assert ingress == wan
     mc.meshgate("cluster", "vm", "create", "--name", VM, "--wan", mc.wan)
-    # The control plane Service's externalIPs are the node's addresses, where VMs and
-    # `run-pod`'s proxies reach it.
+    # The control plane Service's externalIPs are the node's addresses, where VMs
+    # reach it.
     external = mc.kubectl(NAME, "-n", "meshgate", "get", "service", "meshgate-control", "-o",
                           "jsonpath={.spec.externalIPs}")
     assert wan in external and "10.240.0.1" in external
