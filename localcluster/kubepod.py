@@ -202,7 +202,8 @@ class KubePod:
                 deleted = True
             pod = self._read()
             if pod is None:
-                if deleted:  # stopped before the command ran: as if it had been killed
+                if deleted:  # stopped, and gone before we saw its status: as if killed
+                    self._join_follower()  # what it wrote until then, all of it
                     return 128 + signal.SIGTERM
                 raise ClusterError(f"pod {self.req.namespace}/{self.req.name} was deleted "
                                    "before its command ended")

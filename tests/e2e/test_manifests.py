@@ -140,3 +140,42 @@ def test_up_again_converges_and_changes_nothing(mc: Clusters) -> None:
     assert generations() == before
     assert len(mc.kubectl(NAME, "-n", "meshgate", "get", "pods", "-l",
                           "app.kubernetes.io/part-of=meshgate", "--no-headers").splitlines()) == 3
+
+
+WEB = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+        - name: web
+          image: %s
+          command: [python, -m, http.server, "8080"]
+          ports: [{containerPort: 8080}]
+"""
+
+
+def test_check_passes_and_an_annotated_namespaces_pods_come_up_meshed(mc: Clusters) -> None:
+    """As on kind after install: `meshgate check` passes; a Deployment applied to a
+    namespace annotated meshgate.io/inject=enabled comes up with the proxy, through the
+    injector `cluster up` installed; `meshgate check --proxy` then passes too."""
+    from mesh.image import reference
+
+    kubeconfig = ("--kubeconfig", str(mc.kubeconfig(NAME)))
+    check = mc.meshgate("check", *kubeconfig, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.endswith("Status check results are \u221a\n")
+    mc.kubectl(NAME, "create", "namespace", "shop")
+    mc.kubectl(NAME, "annotate", "namespace", "shop", "meshgate.io/inject=enabled")
+    mc.kubectl(NAME, "apply", "-f", "-", input=WEB % reference())
+    mc.kubectl(NAME, "-n", "shop", "rollout", "status", "deployment/web", "--timeout=25s")
+    containers = mc.kubectl(NAME, "-n", "shop", "get", "pods", "-l", "app=web", "-o",
+                            "jsonpath={.items[0].spec.initContainers[*].name}")
+    assert containers.split() == ["meshgate-init", "meshgate-proxy"]
+    proxy = mc.meshgate("check", "--proxy", "-n", "shop", *kubeconfig, check=False)
+    assert proxy.returncode == 0, proxy.stdout + proxy.stderr
+    assert "\u00d7" not in proxy.stdout

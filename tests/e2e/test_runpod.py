@@ -45,7 +45,7 @@ spec:
 @pytest.fixture(scope="module")
 def mc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clusters]:
     with clusters(tmp_path_factory.mktemp("runpod"), TOPOLOGY) as c:
-        c.up(NAME, "--control-plane=manifests")
+        c.up(NAME)
         c.kubectl(NAME, "apply", "-f", "-", input=SERVICE)
         c.run_pod(NAME, "web-1", *DEMO_APP, sa="web", labels=("app=web",), port=8080)
         c.run_pod(NAME, "client", "sleep", "600", sa="client")
