@@ -164,14 +164,23 @@ class Load:
         return self.answers()
 
 
-def posts_served(c: Clusters) -> Counter[str]:
-    """How many times each POST id reached an app, counted at the apps."""
-    served: Counter[str] = Counter()
-    for cluster, pod in PODS.items():
-        log = c.log_of(cluster, pod)
-        if log.exists():
-            served.update(line.split()[-1] for line in log.read_text().splitlines()
-                          if line.startswith("served POST "))
+def posts_served(c: Clusters, answered: list[dict[str, Any]]) -> Counter[str]:
+    """How many times each POST id reached an app, counted at the apps. Their output
+    reaches run-pod's log through the kubelet's log stream a moment after they write
+    it, so this waits (bounded) until every POST answered 200 has shown up."""
+    def count() -> Counter[str]:
+        served: Counter[str] = Counter()
+        for cluster, pod in PODS.items():
+            log = c.log_of(cluster, pod)
+            if log.exists():
+                served.update(line.split()[-1] for line in log.read_text().splitlines()
+                              if line.startswith("served POST "))
+        return served
+
+    ok = {r["id"] for r in answered if r["method"] == "POST" and r["status"] == 200}
+    deadline = time.monotonic() + 10
+    while not ok <= set(served := count()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     return served
 
 
@@ -250,7 +259,8 @@ def moves(mesh: Clusters) -> Scenario:
             start_web(c, EAST)
     began = phases["both back"][0]
     east_first = min(r["t"] for r in answers if r["t"] >= began and r.get("pod") == PODS[EAST])
-    return Scenario(answers, phases, statuses, posts_served(c), c.metrics(EAST, "client"),
+    return Scenario(answers, phases, statuses, posts_served(c, answers),
+                    c.metrics(EAST, "client"),
                     east_first)
 
 
