@@ -10,10 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import netns
 
 from tests.cluster import wait_for
+from tests.e2e.onecluster import OneCluster
 from tests.e2e.pod_scripts import GET
 
 NAME = "mginject"
@@ -62,33 +61,7 @@ def manifests() -> str:
     return "".join("---\n" + json.dumps(d) + "\n" for d in docs)
 
 
-@dataclass
-class Cluster:
-    base: Path
-    env: dict[str, str]
-
-    @property
-    def kubeconfig(self) -> Path:
-        return self.base / "state" / "kubeconfig"
-
-    def run(self, argv: list[str], *, input: str | None = None, check: bool = True,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(argv, env=self.env, capture_output=True, text=True,
-                              input=input, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(argv[:4])} ({proc.returncode}):\n"
-                                 f"{proc.stdout}\n{proc.stderr}")
-        return proc
-
-    def meshgate(self, *args: str, input: str | None = None, check: bool = True
-                 ) -> subprocess.CompletedProcess[str]:
-        return self.run([sys.executable, "-m", "mesh.cli", *args], input=input, check=check)
-
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True
-                ) -> subprocess.CompletedProcess[str]:
-        return self.run([KUBECTL, "--kubeconfig", str(self.kubeconfig), *args], input=input,
-                        check=check)
-
+class Cluster(OneCluster):
     def pods(self, app: str) -> list[dict[str, Any]]:
         out = self.kubectl("get", "pods", "-l", f"app={app}", "-o", "json").stdout
         return [p for p in json.loads(out)["items"]

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from localcluster.kubelet.reap import processes_in
 from localcluster.workloads.nodes import node_name
 from mesh.kube import api_client
 from tests.cluster import wait_for
+from tests.e2e.onecluster import OneCluster
 
 NAME = "mgkubelet"
 KUBECTL = str(Path(sys.executable).parent / "kubectl")
@@ -38,31 +38,7 @@ PREFIX = f"mg-{NAME}-"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 
-@dataclass
-class Cluster:
-    base: Path
-    env: dict[str, str]
-
-    @property
-    def kubeconfig(self) -> Path:
-        return self.base / "state" / "kubeconfig"
-
-    def meshgate(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "mesh.cli", *args], env=self.env,
-                              capture_output=True, text=True, timeout=120)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"meshgate {' '.join(args)}: {proc.stdout}\n{proc.stderr}")
-        return proc
-
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 60
-                ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([KUBECTL, "--kubeconfig", str(self.kubeconfig), *args],
-                              capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} ({proc.returncode}):\n"
-                                 f"{proc.stdout}\n{proc.stderr}")
-        return proc
-
+class Cluster(OneCluster):
     def core(self) -> client.CoreV1Api:
         return client.CoreV1Api(api_client(self.kubeconfig))
 

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ import yaml
 from pyroute2 import netns
 
 from tests.cluster import wait_for
+from tests.e2e.onecluster import OneCluster
 
 NAME = "mgsvcproxy"
 PREFIX = f"mg-{NAME}-"
@@ -67,31 +67,7 @@ print(json.dumps(out))
 """
 
 
-@dataclass
-class Cluster:
-    base: Path
-    env: dict[str, str]
-
-    @property
-    def kubeconfig(self) -> Path:
-        return self.base / "state" / "kubeconfig"
-
-    def meshgate(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "mesh.cli", *args], env=self.env,
-                              capture_output=True, text=True, timeout=120)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"meshgate {' '.join(args)}: {proc.stdout}\n{proc.stderr}")
-        return proc
-
-    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None,
-                timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([KUBECTL, "--kubeconfig", str(self.kubeconfig), *args],
-                              capture_output=True, text=True, timeout=timeout, input=stdin)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} ({proc.returncode}):\n"
-                                 f"{proc.stdout}\n{proc.stderr}")
-        return proc
-
+class Cluster(OneCluster):
     def fetch(self, url: str, times: int = 1) -> set[str]:
         """What the unmeshed client pod gets from `url`, `times` connections."""
         out = self.kubectl("exec", "client", "--", sys.executable, "-c", FETCH, url,
@@ -128,7 +104,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         c.kubectl("run", "client", "--image=busybox", "--command", "--", sys.executable,
                   "-c", "import time; time.sleep(3600)")
-        c.kubectl("apply", "-f", "-", stdin=_deployment("echo"))
+        c.kubectl("apply", "-f", "-", input=_deployment("echo"))
         c.kubectl("wait", "--for=condition=Ready", "pod/client", "--timeout=60s", timeout=90)
         c.kubectl("rollout", "status", "deployment/echo", "--timeout=60s", timeout=90)
         yield c
