@@ -73,6 +73,9 @@ class ControlState:
     injector_service: Got
     injector_slices: Got
     """An EndpointSliceList of the injector's Service."""
+    injector_answer: Got
+    """`probe_pod()` as the API server admitted it in a dry run (the injector's answer
+    applied, or not); Got(None) when there was nothing to ask in."""
 
 
 def checks(state: ControlState, expected: Expected, *, now: datetime) -> Iterator[Result]:
@@ -81,7 +84,7 @@ def checks(state: ControlState, expected: Expected, *, now: datetime) -> Iterato
     yield from version_checks(state.deployments)
     yield from identity_checks(state.issuer, state.roots, now=now)
     yield from injector_checks(state.webhook, state.injector_service, state.injector_slices,
-                               now=now)
+                               state.injector_answer, now=now)
 
 
 def crd_checks(read: Mapping[str, Got], shipped: Sequence[Obj]) -> Iterator[Result]:
@@ -249,8 +252,24 @@ def _chains(chain: Sequence[x509.Certificate], bundle: TrustBundle) -> bool:
     return bundle.contains(chain[-1]) or bundle.signer_of(chain[-1]) is not None
 
 
-def injector_checks(webhook: Got, service: Got, slices: Got, *, now: datetime
-                    ) -> Iterator[Result]:
+PROBE_NAMESPACE = "default"
+
+
+def probe_pod() -> Obj:
+    """A Pod asking for injection, created only as a dry run (nothing is stored or run):
+    the API server calls the injector for it, so what comes back shows whether the
+    injector answers."""
+    from mesh.image import reference
+    from mesh.inject import INJECT_ANNOTATION
+
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "meshgate-check-injector-probe",
+                         "annotations": {INJECT_ANNOTATION: "enabled"}},
+            "spec": {"containers": [{"name": "probe", "image": reference()}]}}
+
+
+def injector_checks(webhook: Got, service: Got, slices: Got, answer: Got, *,
+                    now: datetime) -> Iterator[Result]:
     title = f"proxy injector MutatingWebhookConfiguration {INJECTOR_WEBHOOK} exists"
     fix = ("install a meshgate that ships the proxy injector: meshgate install "
            "--identity-dir DIR | kubectl apply -f -")
@@ -293,6 +312,30 @@ def injector_checks(webhook: Got, service: Got, slices: Got, *, now: datetime
                             "endpoints, " + down,
                             f"kubectl -n {NS} get pods -l app.kubernetes.io/name="
                             f"{CONTROL_DEPLOYMENT} (the control plane serves the injector)")
+        return
+    yield INJECTOR.ok(title)
+    yield from _answer_check(answer, policies)
+
+
+def _answer_check(answer: Got, policies: list[str]) -> Iterator[Result]:
+    title = "proxy injector answers the API server"
+    fix = (f"kubectl -n {NS} logs deploy/{CONTROL_DEPLOYMENT} (it serves the injector), and "
+           f"check that the API server reaches the Service {NS}/{INJECTOR_SERVICE}:443")
+    if answer.error:
+        yield INJECTOR.fail(title, "a dry-run Pod asking for injection in namespace "
+                            f"{PROBE_NAMESPACE} was refused: {answer.error}", fix)
+        return
+    if answer.obj is None:  # 404: no namespace to ask in
+        yield INJECTOR.warn(title, f"there is no namespace {PROBE_NAMESPACE} to ask the "
+                            "injector for a dry-run Pod in", fix)
+        return
+    inits = [c.get("name") for c in (answer.obj.get("spec") or {}).get("initContainers") or []]
+    if "meshgate-proxy" not in inits:
+        yield INJECTOR.fail(title, "a dry-run Pod asking for injection in namespace "
+                            f"{PROBE_NAMESPACE} came back without the proxy: the injector did "
+                            "not answer" + (" (failurePolicy Ignore admits pods without it)"
+                                            if "Ignore" in policies else "")
+                            + ", or the webhook's selectors leave that namespace out", fix)
         return
     yield INJECTOR.ok(title)
 

@@ -130,7 +130,9 @@ def read_control(conn: Connection, expected: control.Expected) -> control.Contro
             names.INJECTOR_SERVICE, NS, **_opts())),
         injector_slices=read(lambda: discovery.list_namespaced_endpoint_slice(
             NS, label_selector=f"kubernetes.io/service-name={names.INJECTOR_SERVICE}",
-            **_opts())))
+            **_opts())),
+        injector_answer=read(lambda: core.create_namespaced_pod(
+            control.PROBE_NAMESPACE, control.probe_pod(), dry_run="All", **_opts())))
 
 
 def read_pods(conn: Connection, namespace: str | None) -> tuple[Got, Got | None]:

@@ -210,6 +210,15 @@ def injector(*, policy: str = "Ignore", ready: bool | None = True,
         {"items": [{"endpoints": endpoints}]})
 
 
+def answered(*, injected: bool = True) -> Got:
+    """The dry-run probe Pod as the API server gives it back."""
+    pod = control.probe_pod()
+    if injected:
+        pod["spec"]["initContainers"] = [{"name": "meshgate-init"},
+                                         {"name": "meshgate-proxy", "restartPolicy": "Always"}]
+    return Got(pod)
+
+
 def control_state(**changes: Any) -> control.ControlState:
     expected = control.Expected.rendered()
     secret, roots = identity()
@@ -220,7 +229,7 @@ def control_state(**changes: Any) -> control.ControlState:
         "deployments": {d["metadata"]["name"]: deployment(d["metadata"]["name"])
                         for d in expected.deployments},
         "issuer": secret, "roots": roots, "webhook": webhook, "injector_service": service,
-        "injector_slices": slices}
+        "injector_slices": slices, "injector_answer": answered()}
     fields.update(changes)
     return control.ControlState(**fields)
 
@@ -378,6 +387,42 @@ def test_an_endpoint_without_a_ready_condition_is_ready() -> None:
                               injector_slices=slices)
     assert results["proxy injector Service meshgate-injector has ready endpoints"].status \
         is Status.OK
+
+
+ANSWERS = "proxy injector answers the API server"
+
+
+def test_the_probe_pod_asks_for_injection_and_is_only_a_dry_run_away() -> None:
+    probe = control.probe_pod()
+    assert probe["metadata"]["annotations"] == {"meshgate.io/inject": "enabled"}
+    assert control.PROBE_NAMESPACE == "default"
+    assert control_results()[ANSWERS].status is Status.OK
+
+
+def test_a_probe_back_without_the_proxy_means_the_injector_did_not_answer() -> None:
+    result = control_results(injector_answer=answered(injected=False))[ANSWERS]
+    assert result.status is Status.FAIL
+    assert result.error == (
+        "a dry-run Pod asking for injection in namespace default came back without the "
+        "proxy: the injector did not answer (failurePolicy Ignore admits pods without it), "
+        "or the webhook's selectors leave that namespace out")
+    assert "kubectl -n meshgate logs deploy/meshgate-control" in result.hint
+
+
+def test_a_refused_probe_names_the_refusal_and_no_namespace_warns() -> None:
+    refused = control_results(injector_answer=Got(error="Internal error occurred: failed "
+                                                        "calling webhook"))[ANSWERS]
+    assert refused.status is Status.FAIL
+    assert refused.error.endswith("was refused: Internal error occurred: failed calling "
+                                  "webhook")
+    assert control_results(injector_answer=Got(None))[ANSWERS].status is Status.WARN
+
+
+def test_the_probe_is_asked_only_once_the_injector_has_endpoints() -> None:
+    webhook, service, slices = injector(ready=False)
+    results = control_results(webhook=webhook, injector_service=service,
+                              injector_slices=slices, injector_answer=answered(injected=False))
+    assert ANSWERS not in results
 
 
 # -- data plane ----------------------------------------------------------------------------
